@@ -1,0 +1,177 @@
+//! API keys as presented by clients ([`ApiKey`], which never prints itself) and as stored in
+//! config ([`KeyDigest`], `sha256:<64 hex>`), plus key generation for `tollgate gen-key`.
+
+use std::fmt;
+
+use rand::Rng;
+use sha2::{Digest, Sha256};
+
+/// A plaintext API key. Its `Debug` and `Display` are redacted, so it cannot leak into logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    /// Wraps a presented key.
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    /// The key's SHA-256 digest, the only form tollgate stores or compares.
+    pub fn digest(&self) -> KeyDigest {
+        KeyDigest::of(self.0.as_bytes())
+    }
+
+    /// The plaintext, for the one place that must print it: `tollgate gen-key`.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+impl fmt::Display for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// The SHA-256 digest of an API key, written `sha256:<64 lowercase hex>` in config.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyDigest([u8; 32]);
+
+/// Why a `key = "..."` value is not a digest. Never carries the value itself.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DigestError {
+    /// Not `sha256:` + 64 hex characters at all; may be a plaintext key pasted by mistake.
+    #[error(
+        "key must be a digest \"sha256:<64 hex>\", not the key itself; produce it with `tollgate hash-key` (the value is not shown)"
+    )]
+    NotADigest,
+    /// Right prefix, wrong body.
+    #[error("key digest must be \"sha256:\" followed by 64 hex characters")]
+    BadHex,
+}
+
+impl KeyDigest {
+    /// Hashes raw key bytes (sha2 uses the CPU's SHA extensions where present).
+    pub fn of(bytes: &[u8]) -> Self {
+        Self(Sha256::digest(bytes).into())
+    }
+
+    /// The 32 digest bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// Parses `sha256:<64 hex>` (hex case is ignored).
+    pub fn parse(text: &str) -> Result<Self, DigestError> {
+        let hex = text
+            .strip_prefix("sha256:")
+            .ok_or(DigestError::NotADigest)?;
+        if hex.len() != 64 {
+            return Err(DigestError::BadHex);
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in hex.as_bytes().chunks_exact(2).enumerate() {
+            let hi = hex_value(pair[0]).ok_or(DigestError::BadHex)?;
+            let lo = hex_value(pair[1]).ok_or(DigestError::BadHex)?;
+            out[i] = hi << 4 | lo;
+        }
+        Ok(Self(out))
+    }
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+impl fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("sha256:")?;
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The base62 alphabet used for generated keys and request IDs.
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// Base62 characters in a generated key: 43 * log2(62) = 256 bits of entropy.
+pub const GENERATED_KEY_CHARS: usize = 43;
+
+/// A new random key: `prefix` + 43 base62 characters from the OS-seeded CSPRNG.
+pub fn generate(prefix: &str) -> ApiKey {
+    let mut rng = rand::rng();
+    let mut key = String::with_capacity(prefix.len() + GENERATED_KEY_CHARS);
+    key.push_str(prefix);
+    for _ in 0..GENERATED_KEY_CHARS {
+        key.push(BASE62[rng.random_range(0..BASE62.len())] as char);
+    }
+    ApiKey(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn digest_matches_known_vector() {
+        // sha256("test"), the digest in SPEC.md's example.
+        let d = ApiKey::new("test").digest();
+        assert_eq!(
+            d.to_string(),
+            "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+        );
+        assert_eq!(KeyDigest::parse(&d.to_string()).unwrap(), d);
+        assert_eq!(
+            KeyDigest::parse(&d.to_string().to_uppercase().replace("SHA256", "sha256")).unwrap(),
+            d
+        );
+    }
+
+    #[test]
+    fn bad_digests() {
+        assert_eq!(
+            KeyDigest::parse("tg_live_abc"),
+            Err(DigestError::NotADigest)
+        );
+        assert_eq!(KeyDigest::parse("sha256:abc"), Err(DigestError::BadHex));
+        assert_eq!(
+            KeyDigest::parse(&format!("sha256:{}", "g".repeat(64))),
+            Err(DigestError::BadHex)
+        );
+    }
+
+    #[test]
+    fn api_key_never_prints_itself() {
+        let k = ApiKey::new("tg_live_secret");
+        assert!(!format!("{k:?} {k}").contains("secret"));
+    }
+
+    #[test]
+    fn generated_keys_are_base62_and_distinct() {
+        let a = generate("tg_live_");
+        let b = generate("tg_live_");
+        assert_ne!(a, b);
+        let body = a.expose().strip_prefix("tg_live_").unwrap();
+        assert_eq!(body.len(), GENERATED_KEY_CHARS);
+        assert!(body.bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+}

@@ -1,0 +1,181 @@
+//! The bodies that flow through the gateway, without boxing.
+//!
+//! [`RequestBody`] is the client's body on its way upstream: it enforces `max_body_bytes`
+//! while streaming and fails a body that stalls for `body_read_timeout`. [`ResponseBody`] is
+//! what the client receives: a fixed body tollgate wrote, or the upstream's body streamed.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+/// The boxed error type bodies share with hyper.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a request body could not be forwarded.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// More than `max_body_bytes` arrived.
+    #[error("request body exceeds {limit} bytes")]
+    TooLarge {
+        /// The limit.
+        limit: u64,
+    },
+    /// No data for `body_read_timeout`.
+    #[error("request body stalled")]
+    Stalled,
+    /// The client connection failed.
+    #[error("client body error: {0}")]
+    Client(#[from] hyper::Error),
+}
+
+impl RequestBodyError {
+    /// Finds a `RequestBodyError` in an error's source chain (hyper wraps body errors).
+    pub fn find<'a>(
+        mut error: &'a (dyn std::error::Error + 'static),
+    ) -> Option<&'a RequestBodyError> {
+        loop {
+            if let Some(found) = error.downcast_ref::<RequestBodyError>() {
+                return Some(found);
+            }
+            error = error.source()?;
+        }
+    }
+}
+
+/// A client request body with a size limit and a stall timeout.
+pub struct RequestBody {
+    inner: Incoming,
+    limit: u64,
+    seen: u64,
+    stall: Duration,
+    /// Armed the first time the body waits; boxed so the body stays `Unpin` for the client.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl RequestBody {
+    /// Wraps `inner`: at most `limit` bytes, no gap longer than `stall` between frames.
+    pub fn new(inner: Incoming, limit: u64, stall: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            seen: 0,
+            stall,
+            timer: None,
+        }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = RequestBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.seen += data.len() as u64;
+                    if this.seen > this.limit {
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge {
+                            limit: this.limit,
+                        })));
+                    }
+                }
+                if let Some(timer) = this.timer.as_mut() {
+                    timer.as_mut().reset(Instant::now() + this.stall);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let stall = this.stall;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                ready!(timer.as_mut().poll(cx));
+                Poll::Ready(Some(Err(RequestBodyError::Stalled)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A response body: fixed bytes from tollgate, or the upstream's body.
+    #[project = ResponseBodyProj]
+    pub enum ResponseBody {
+        /// Written by tollgate (errors, fixed responses).
+        Full { #[pin] body: Full<Bytes> },
+        /// Streamed from the upstream.
+        Upstream { #[pin] body: Incoming },
+    }
+}
+
+impl ResponseBody {
+    /// A complete body.
+    pub fn full(bytes: impl Into<Bytes>) -> Self {
+        ResponseBody::Full {
+            body: Full::new(bytes.into()),
+        }
+    }
+
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    /// The upstream's body, streamed.
+    pub fn upstream(body: Incoming) -> Self {
+        ResponseBody::Upstream { body }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.project() {
+            ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
+            // An upstream error mid-body propagates, so hyper aborts the client stream
+            // instead of ending it cleanly.
+            ResponseBodyProj::Upstream { body } => body.poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Full { body } => body.is_end_stream(),
+            ResponseBody::Upstream { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Full { body } => body.size_hint(),
+            ResponseBody::Upstream { body } => body.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,226 @@
+//! The config file as written: serde structs that mirror the TOML of SPEC.md one to one.
+//!
+//! First stage of the two-stage config (see `validate.rs` for the second). Everything here is
+//! `deny_unknown_fields`, and values that need checking beyond their TOML type (durations,
+//! sizes, URLs, CIDRs, cross references) are kept as [`Spanned`] raw values so that
+//! validation can point at the exact line and column, and report every mistake at once.
+//! Runtime code never sees these types.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A raw string value with its location in the file.
+pub type SpannedStr = Spanned<String>;
+
+/// The whole file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// `[server]`: listeners and client-facing limits.
+    #[serde(default)]
+    pub server: ServerFile,
+    /// `[admin]`: health and metrics listener.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// `[errors]`: error body style.
+    #[serde(default)]
+    pub errors: ErrorsFile,
+    /// `[auth]`: where API keys are read from.
+    #[serde(default)]
+    pub auth: AuthFile,
+    /// `[limits]`: rate limiter backend and throttles.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// `[plans.<name>]`: per-plan limits.
+    #[serde(default)]
+    pub plans: BTreeMap<String, Spanned<PlanFile>>,
+    /// `[[keys]]`: API keys, by digest.
+    #[serde(default)]
+    pub keys: Vec<KeyFile>,
+    /// `[[upstreams]]`: backends.
+    #[serde(default)]
+    pub upstreams: Vec<UpstreamFile>,
+    /// `[[routes]]`: path prefixes to upstreams or fixed responses.
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+/// The `auth.keys_file`: only `[[keys]]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysFile {
+    /// `[[keys]]`.
+    #[serde(default)]
+    pub keys: Vec<KeyFile>,
+}
+
+/// One address or a list of them. (Untagged enums lose inner spans, so the span is outside.)
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    /// `listen = "0.0.0.0:8080"`
+    One(String),
+    /// `listen = ["0.0.0.0:8080", "[::]:8080"]`
+    Many(Vec<String>),
+}
+
+/// A size: bytes as an integer, or a string such as `"16KiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum SizeFile {
+    /// Plain bytes.
+    Bytes(i64),
+    /// `"16KiB"`, `"10MiB"`, `"512B"`.
+    Text(String),
+}
+
+/// `[server]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerFile {
+    pub listen: Option<Spanned<OneOrMany>>,
+    pub workers: Option<usize>,
+    pub watch: Option<bool>,
+    pub header_read_timeout: Option<SpannedStr>,
+    pub body_read_timeout: Option<SpannedStr>,
+    pub idle_timeout: Option<SpannedStr>,
+    pub max_header_bytes: Option<Spanned<SizeFile>>,
+    pub max_body_bytes: Option<Spanned<SizeFile>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub shutdown_grace: Option<SpannedStr>,
+    pub trusted_proxies: Option<Vec<SpannedStr>>,
+    pub tls: Option<TlsFile>,
+}
+
+/// `[server.tls]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub cert: SpannedStr,
+    pub key: SpannedStr,
+}
+
+/// `[admin]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub listen: Option<SpannedStr>,
+}
+
+/// `[errors]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorsFile {
+    pub style: Option<SpannedStr>,
+    pub normalize_upstream_5xx: Option<bool>,
+    pub fields: Option<Spanned<BTreeMap<String, toml::Value>>>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthFile {
+    pub header: Option<SpannedStr>,
+    pub bearer: Option<bool>,
+    pub query_param: Option<SpannedStr>,
+    pub forward_key: Option<bool>,
+    pub keys_file: Option<SpannedStr>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    pub backend: Option<SpannedStr>,
+    pub redis_url: Option<SpannedStr>,
+    pub backend_timeout: Option<SpannedStr>,
+    pub on_backend_error: Option<SpannedStr>,
+    pub headers: Option<SpannedStr>,
+    pub mode: Option<SpannedStr>,
+    pub ip_throttle: Option<IpThrottleFile>,
+    pub failed_auth: Option<FailedAuthFile>,
+}
+
+/// `[limits.ip_throttle]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpThrottleFile {
+    pub rejections: Option<Spanned<i64>>,
+    pub window: Option<SpannedStr>,
+    pub block_for: Option<SpannedStr>,
+}
+
+/// `[limits.failed_auth]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedAuthFile {
+    pub attempts: Option<Spanned<i64>>,
+    pub window: Option<SpannedStr>,
+    pub block_for: Option<SpannedStr>,
+}
+
+/// `[plans.<name>]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanFile {
+    pub requests_per_minute: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+    pub requests_per_hour: Option<Spanned<i64>>,
+    pub requests_per_day: Option<Spanned<i64>>,
+}
+
+/// `[[keys]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    pub id: SpannedStr,
+    pub key: SpannedStr,
+    pub plan: SpannedStr,
+    #[serde(default)]
+    pub scopes: Vec<SpannedStr>,
+    pub requests_per_minute: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    pub name: SpannedStr,
+    pub url: SpannedStr,
+    pub connect_timeout: Option<SpannedStr>,
+    pub timeout: Option<SpannedStr>,
+    pub max_inflight: Option<Spanned<i64>>,
+    #[serde(default)]
+    pub maintenance: bool,
+    pub retry_after: Option<SpannedStr>,
+    pub ca_file: Option<SpannedStr>,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub prefix: SpannedStr,
+    pub upstream: Option<SpannedStr>,
+    #[serde(default)]
+    pub scopes: Vec<SpannedStr>,
+    pub methods: Option<Vec<SpannedStr>>,
+    pub auth: Option<bool>,
+    #[serde(default)]
+    pub strip_prefix: bool,
+    pub respond: Option<Spanned<RespondFile>>,
+}
+
+/// `respond = { status = 200, body = "ok", content_type = "text/plain" }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondFile {
+    pub status: Spanned<i64>,
+    #[serde(default)]
+    pub body: String,
+    pub content_type: Option<String>,
+}

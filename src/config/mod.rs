@@ -1,0 +1,448 @@
+//! Configuration: the TOML file of SPEC.md, validated into the types the gateway runs on.
+//!
+//! Two stages, as in Sōzu: [`file`] holds serde structs that mirror the file exactly
+//! (`deny_unknown_fields`), and [`validate`] turns them into the [`Config`] below, collecting
+//! every mistake with its file, line and column. Runtime code only sees [`Config`].
+
+pub mod file;
+mod schema;
+pub mod units;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method, StatusCode, Uri};
+use ipnet::IpNet;
+
+use crate::auth::KeyDigest;
+
+/// Default listen address of the gateway.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default admin listen address.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Default `server.header_read_timeout`.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `server.body_read_timeout`.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `server.idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default `server.max_header_bytes` (16 KiB).
+pub const DEFAULT_MAX_HEADER_BYTES: u64 = 16 * 1024;
+/// Default `server.max_body_bytes` (10 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
+/// Default `server.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default `server.shutdown_grace`.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Longest request target accepted before 414 (8 KiB, as SPEC.md fixes it).
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Default `auth.header`.
+pub const DEFAULT_AUTH_HEADER: &str = "x-api-key";
+/// Default `limits.redis_url`.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default `limits.backend_timeout`.
+pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_millis(20);
+/// Default `limits.ip_throttle.rejections`.
+pub const DEFAULT_IP_THROTTLE_REJECTIONS: u32 = 100;
+/// Default `limits.ip_throttle.window`.
+pub const DEFAULT_IP_THROTTLE_WINDOW: Duration = Duration::from_secs(60);
+/// Default `limits.ip_throttle.block_for`.
+pub const DEFAULT_IP_THROTTLE_BLOCK: Duration = Duration::from_secs(5 * 60);
+/// Default `limits.failed_auth.attempts`.
+pub const DEFAULT_FAILED_AUTH_ATTEMPTS: u32 = 20;
+/// Default `limits.failed_auth.window`.
+pub const DEFAULT_FAILED_AUTH_WINDOW: Duration = Duration::from_secs(60);
+/// Default `limits.failed_auth.block_for`.
+pub const DEFAULT_FAILED_AUTH_BLOCK: Duration = Duration::from_secs(15 * 60);
+/// Built-in plans, present unless the config redefines them: (name, requests per minute).
+pub const BUILTIN_PLANS: [(&str, u32); 3] = [("free", 60), ("pro", 300), ("enterprise", 3000)];
+/// Default `upstreams.connect_timeout`.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `upstreams.timeout`.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `upstreams.max_inflight`.
+pub const DEFAULT_MAX_INFLIGHT: u32 = 1024;
+/// Default `upstreams.retry_after`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Default `respond.content_type`.
+pub const DEFAULT_RESPOND_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[admin]`.
+    pub admin: AdminConfig,
+    /// `[errors]`.
+    pub errors: ErrorsConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
+    /// `[limits]`.
+    pub limits: LimitsConfig,
+    /// `[plans.*]`, built-ins included, by name.
+    pub plans: BTreeMap<PlanName, Plan>,
+    /// `[[keys]]` from the config and `auth.keys_file` together.
+    pub keys: Vec<KeyConfig>,
+    /// `[[upstreams]]`, in file order.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// `[[routes]]`, in file order (the router sorts them).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: listeners and the limits every client connection gets.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Addresses to listen on. Default `0.0.0.0:8080`.
+    pub listen: Vec<SocketAddr>,
+    /// Tokio worker threads; 0 = one per core. Default 0.
+    pub workers: usize,
+    /// Reload when the config or keys file changes. Default false.
+    pub watch: bool,
+    /// The whole request head must arrive within this. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// A request body that stalls this long fails. Default 30 s.
+    pub body_read_timeout: Duration,
+    /// Keep-alive connections idle this long are closed. Default 60 s.
+    pub idle_timeout: Duration,
+    /// Largest request head (bytes) before 431. Default 16 KiB.
+    pub max_header_bytes: u64,
+    /// Largest request body (bytes) before 413. Default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Connections served at once; more wait in the backlog. Default 10000.
+    pub max_connections: NonZeroU32,
+    /// How long in-flight requests may take to finish on shutdown. Default 30 s.
+    pub shutdown_grace: Duration,
+    /// Peers whose `X-Forwarded-For` is believed. Default none.
+    pub trusted_proxies: Vec<IpNet>,
+    /// TLS termination, when configured.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Where `/healthz`, `/readyz` and `/metrics` are served. Default `127.0.0.1:9901`.
+    pub listen: SocketAddr,
+}
+
+/// Shape of every error body tollgate writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorStyle {
+    /// `{"success":false,"error":{"code","message"},"request_id","timestamp"}` (default).
+    Envelope,
+    /// `{"detail","code","request_id"}`.
+    Detail,
+    /// `{"error","code","success":false,"request_id"}`.
+    Simple,
+}
+
+/// `[errors]`.
+#[derive(Debug, Clone)]
+pub struct ErrorsConfig {
+    /// Body style. Default `envelope`.
+    pub style: ErrorStyle,
+    /// Rewrite upstream 502/503/504 bodies into the envelope. Default true.
+    pub normalize_upstream_5xx: bool,
+    /// Static fields added to every error body. Default none.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `[auth]`.
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// Header the key is read from. Default `X-API-Key`.
+    pub header: HeaderName,
+    /// Also accept `Authorization: Bearer <key>`. Default true.
+    pub bearer: bool,
+    /// Query parameter the key may be read from. Default off.
+    pub query_param: Option<String>,
+    /// Forward the credential to the upstream. Default false.
+    pub forward_key: bool,
+    /// A second file holding `[[keys]]`. Default none.
+    pub keys_file: Option<PathBuf>,
+}
+
+/// Where rate-limit state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBackend {
+    /// In this process (default).
+    Local,
+    /// In Redis, shared by every instance.
+    Redis,
+}
+
+/// What to do when the Redis backend errors or is slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorPolicy {
+    /// Fall back to the in-process limiter (default).
+    Local,
+    /// Admit the request.
+    Allow,
+    /// Answer 503.
+    Deny,
+}
+
+/// Which rate-limit headers are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateLimitHeaders {
+    /// `X-RateLimit-*` (default).
+    XRateLimit,
+    /// `RateLimit-Policy` / `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
+    Ietf,
+    /// Both sets.
+    Both,
+}
+
+/// Whether rate-limit decisions reject requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitMode {
+    /// Reject with 429 (default).
+    Enforce,
+    /// Decide, log and count, never reject.
+    Shadow,
+}
+
+/// A per-client-IP tripwire: `count` events within `window` block the IP for `block_for`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tripwire {
+    /// Events (429s or 401s) that trip it.
+    pub count: NonZeroU32,
+    /// Window the events are counted in.
+    pub window: Duration,
+    /// How long the IP is blocked once tripped.
+    pub block_for: Duration,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone)]
+pub struct LimitsConfig {
+    /// Default `local`.
+    pub backend: LimitBackend,
+    /// Default `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// A Redis answer slower than this is a backend error. Default 20 ms.
+    pub backend_timeout: Duration,
+    /// Default `local`.
+    pub on_backend_error: BackendErrorPolicy,
+    /// Default `x-ratelimit`.
+    pub headers: RateLimitHeaders,
+    /// Default `enforce`.
+    pub mode: LimitMode,
+    /// Repeated 429s from one IP. Default 100 in 60 s blocks for 5 min.
+    pub ip_throttle: Tripwire,
+    /// Repeated 401s from one IP. Default 20 in 60 s blocks for 15 min.
+    pub failed_auth: Tripwire,
+}
+
+/// A plan's name (`free`, `pro`, ...).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PlanName(pub Arc<str>);
+
+impl fmt::Display for PlanName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A key's public identifier, safe for logs, metrics and headers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub Arc<str>);
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// `[plans.<name>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// Refill rate, requests per minute.
+    pub requests_per_minute: NonZeroU32,
+    /// Bucket capacity. Default `requests_per_minute`.
+    pub burst: NonZeroU32,
+    /// Optional hourly bucket.
+    pub requests_per_hour: Option<NonZeroU32>,
+    /// Optional daily bucket.
+    pub requests_per_day: Option<NonZeroU32>,
+}
+
+/// `[[keys]]`.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// Public id.
+    pub id: KeyId,
+    /// SHA-256 of the key.
+    pub digest: KeyDigest,
+    /// Plan name (exists in [`Config::plans`]).
+    pub plan: PlanName,
+    /// Scopes held.
+    pub scopes: Vec<String>,
+    /// Per-key override of the plan's rate.
+    pub requests_per_minute: Option<NonZeroU32>,
+    /// Revoked: answered like an unknown key.
+    pub disabled: bool,
+}
+
+/// `[[upstreams]]`.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// Name routes refer to.
+    pub name: String,
+    /// Base URL: scheme, authority and an optional path prefix.
+    pub url: Uri,
+    /// Refused or unreachable within this: 502. Default 2 s.
+    pub connect_timeout: Duration,
+    /// No response head within this: 504. Default 30 s.
+    pub timeout: Duration,
+    /// Concurrent requests before 503. Default 1024.
+    pub max_inflight: NonZeroU32,
+    /// Answer every request with 503. Default false.
+    pub maintenance: bool,
+    /// `Retry-After` on this upstream's 503s. Default 30 s.
+    pub retry_after: Duration,
+    /// Extra CA certificate (PEM) for `https` upstreams.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What a route does with a request.
+#[derive(Debug, Clone)]
+pub enum RouteTarget {
+    /// Forward to the upstream at this index of [`Config::upstreams`].
+    Upstream(usize),
+    /// Answer with a fixed response.
+    Respond(FixedResponse),
+}
+
+/// `respond = { status, body, content_type }`.
+#[derive(Debug, Clone)]
+pub struct FixedResponse {
+    /// Status code.
+    pub status: StatusCode,
+    /// Body bytes.
+    pub body: bytes::Bytes,
+    /// Content type. Default `text/plain; charset=utf-8`.
+    pub content_type: http::HeaderValue,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix; the longest matching prefix wins.
+    pub prefix: String,
+    /// Upstream or fixed response.
+    pub target: RouteTarget,
+    /// Scopes the key must all hold.
+    pub scopes: Vec<String>,
+    /// Methods allowed; `None` allows all.
+    pub methods: Option<Vec<Method>>,
+    /// Whether a key is required. Default true.
+    pub auth: bool,
+    /// Remove the prefix before forwarding. Default false.
+    pub strip_prefix: bool,
+}
+
+/// One mistake in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// The file it is in.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column (in characters).
+    pub column: usize,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{}: cannot read config: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read but has mistakes; every one found is listed.
+    #[error("{}", render_issues(.0))]
+    Invalid(Vec<ConfigIssue>),
+}
+
+fn render_issues(issues: &[ConfigIssue]) -> String {
+    let mut out = String::new();
+    for (i, issue) in issues.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        out.push_str(&issue.to_string());
+    }
+    out
+}
+
+impl ConfigError {
+    /// Every issue, or the read error as one issue-less message.
+    pub fn issues(&self) -> &[ConfigIssue] {
+        match self {
+            ConfigError::Invalid(issues) => issues,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates the config at `path` (and its `auth.keys_file`).
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        validate::load(path, &text, read)
+    }
+
+    /// Parses and validates config text; `path` is used in messages and `keys_file` is read
+    /// from disk.
+    pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        validate::load(path, text, read)
+    }
+
+    /// The upstream a route forwards to.
+    pub fn upstream(&self, index: usize) -> &UpstreamConfig {
+        &self.upstreams[index]
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}

@@ -1,0 +1,924 @@
+//! Second stage of config loading: file structs -> [`Config`], every mistake collected.
+//!
+//! Each check that fails records a [`ConfigIssue`] at the offending value and substitutes a
+//! default so validation can go on; the caller gets all issues, sorted by file and line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, StatusCode, Uri};
+use ipnet::IpNet;
+use toml::Spanned;
+use toml::de::DeTable;
+
+use super::file::*;
+use super::schema::strip_unknown;
+use super::units::{parse_duration, parse_size};
+use super::*;
+use crate::auth::KeyDigest;
+
+/// Error body keys that `errors.fields` may not overwrite.
+const RESERVED_ERROR_FIELDS: [&str; 6] = [
+    "success",
+    "error",
+    "request_id",
+    "timestamp",
+    "detail",
+    "code",
+];
+
+/// A file's text, to turn byte spans into line and column.
+struct Source<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn issue(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigIssue {
+        let start = span.start.min(self.text.len());
+        let before = &self.text[..start];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = before[line_start..].chars().count() + 1;
+        ConfigIssue {
+            file: self.path.to_owned(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses one TOML file into `T`, reporting syntax errors, every unknown key, and the first
+/// type error. `root` names the schema (`""` for the main config, `"keys_file"`).
+fn parse<T: serde::de::DeserializeOwned>(
+    src: &Source<'_>,
+    root: &str,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    let mut doc = match DeTable::parse(src.text) {
+        Ok(doc) => doc,
+        Err(e) => {
+            issues.push(src.issue(e.span().unwrap_or(0..0), e.message().trim()));
+            return None;
+        }
+    };
+    for unknown in strip_unknown(doc.get_mut(), root) {
+        issues.push(src.issue(unknown.span, unknown.message));
+    }
+    match T::deserialize(toml::de::Deserializer::from(doc)) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            issues.push(src.issue(e.span().unwrap_or(0..0), e.message().trim()));
+            None
+        }
+    }
+}
+
+/// Loads the main config text and, if it names one, the keys file (through `read`).
+pub(super) fn load(
+    path: &Path,
+    text: &str,
+    read: fn(&Path) -> Result<String, ConfigError>,
+) -> Result<Config, ConfigError> {
+    let src = Source { path, text };
+    let mut issues = Vec::new();
+    let Some(file) = parse::<FileConfig>(&src, "", &mut issues) else {
+        return Err(ConfigError::Invalid(issues));
+    };
+    let mut v = Validator {
+        src: &src,
+        issues: &mut issues,
+        keys_file_span: None,
+    };
+    let mut config = v.config(file.server, file.admin, file.errors, file.auth, file.limits);
+    config.plans = v.plans(&file.plans);
+    config.upstreams = v.upstreams(&file.upstreams);
+    config.routes = v.routes(&file.routes, &config.upstreams);
+
+    let mut keys = Vec::new();
+    let mut seen = KeySeen::default();
+    v.keys(&file.keys, &config.plans, &mut seen, &mut keys);
+
+    let keys_file_text;
+    if let Some(keys_path) = config.auth.keys_file.clone() {
+        match read(&keys_path) {
+            Ok(text) => {
+                keys_file_text = text;
+                let ksrc = Source {
+                    path: &keys_path,
+                    text: &keys_file_text,
+                };
+                if let Some(kf) = parse::<KeysFile>(&ksrc, "keys_file", v.issues) {
+                    let mut kv = Validator {
+                        src: &ksrc,
+                        issues: v.issues,
+                        keys_file_span: None,
+                    };
+                    kv.keys(&kf.keys, &config.plans, &mut seen, &mut keys);
+                }
+            }
+            Err(e) => {
+                let span = v.keys_file_span.clone().unwrap_or(0..0);
+                let issue = src.issue(span, format!("cannot read auth.keys_file: {e}"));
+                v.issues.push(issue);
+            }
+        }
+    }
+    config.keys = keys;
+
+    if issues.is_empty() {
+        Ok(config)
+    } else {
+        issues.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
+        issues.dedup();
+        Err(ConfigError::Invalid(issues))
+    }
+}
+
+/// Ids and digests already defined, across the config and the keys file.
+#[derive(Default)]
+struct KeySeen {
+    ids: HashMap<String, String>,
+    digests: HashMap<KeyDigest, String>,
+}
+
+struct Validator<'s, 'i> {
+    src: &'s Source<'s>,
+    issues: &'i mut Vec<ConfigIssue>,
+    /// Where `auth.keys_file` was set, for a "cannot read" message.
+    keys_file_span: Option<std::ops::Range<usize>>,
+}
+
+impl Validator<'_, '_> {
+    fn error(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        let issue = self.src.issue(span, message);
+        self.issues.push(issue);
+    }
+
+    fn duration(&mut self, value: &Option<SpannedStr>, default: Duration, name: &str) -> Duration {
+        let Some(value) = value else { return default };
+        match parse_duration(value.get_ref()) {
+            Ok(d) if d.is_zero() && name != "server.shutdown_grace" => {
+                self.error(value.span(), format!("{name} must be greater than zero"));
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.error(value.span(), format!("{name}: {e}"));
+                default
+            }
+        }
+    }
+
+    fn size(&mut self, value: &Option<Spanned<SizeFile>>, default: u64, name: &str) -> u64 {
+        let Some(value) = value else { return default };
+        let parsed = match value.get_ref() {
+            SizeFile::Bytes(n) if *n > 0 => Ok(*n as u64),
+            SizeFile::Bytes(_) => Err("must be greater than zero".to_owned()),
+            SizeFile::Text(t) => parse_size(t).and_then(|n| {
+                if n == 0 {
+                    Err("must be greater than zero".to_owned())
+                } else {
+                    Ok(n)
+                }
+            }),
+        };
+        parsed.unwrap_or_else(|e| {
+            self.error(value.span(), format!("{name}: {e}"));
+            default
+        })
+    }
+
+    fn positive(&mut self, value: &Spanned<i64>, name: &str) -> Option<NonZeroU32> {
+        match u32::try_from(*value.get_ref())
+            .ok()
+            .and_then(NonZeroU32::new)
+        {
+            Some(n) => Some(n),
+            None => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{name} must be a whole number from 1 to {}, got {}",
+                        u32::MAX,
+                        value.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
+    fn positive_or(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        default: u32,
+        name: &str,
+    ) -> NonZeroU32 {
+        let default = NonZeroU32::new(default).expect("defaults are non-zero");
+        value
+            .as_ref()
+            .and_then(|v| self.positive(v, name))
+            .unwrap_or(default)
+    }
+
+    fn socket_addr(
+        &mut self,
+        value: &str,
+        span: std::ops::Range<usize>,
+        name: &str,
+    ) -> Option<SocketAddr> {
+        match value.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.error(
+                    span,
+                    format!("{name}: \"{value}\" is not an address like \"0.0.0.0:8080\" or \"[::1]:8080\""),
+                );
+                None
+            }
+        }
+    }
+
+    fn enumeration<T: Copy>(
+        &mut self,
+        value: &Option<SpannedStr>,
+        choices: &[(&str, T)],
+        default: T,
+        name: &str,
+    ) -> T {
+        let Some(value) = value else { return default };
+        if let Some((_, t)) = choices.iter().find(|(s, _)| *s == value.get_ref()) {
+            return *t;
+        }
+        let names: Vec<String> = choices.iter().map(|(s, _)| format!("\"{s}\"")).collect();
+        self.error(
+            value.span(),
+            format!(
+                "{name} must be one of {}, got \"{}\"",
+                names.join(", "),
+                value.get_ref()
+            ),
+        );
+        default
+    }
+
+    fn existing_file(&mut self, value: &SpannedStr, name: &str) -> PathBuf {
+        let path = PathBuf::from(value.get_ref());
+        if !path.is_file() {
+            self.error(
+                value.span(),
+                format!("{name}: file \"{}\" does not exist", path.display()),
+            );
+        }
+        path
+    }
+
+    fn config(
+        &mut self,
+        server: ServerFile,
+        admin: AdminFile,
+        errors: ErrorsFile,
+        auth: AuthFile,
+        limits: LimitsFile,
+    ) -> Config {
+        Config {
+            server: self.server(server),
+            admin: self.admin(admin),
+            errors: self.errors(errors),
+            auth: self.auth(auth),
+            limits: self.limits(limits),
+            plans: BTreeMap::new(),
+            keys: Vec::new(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
+        }
+    }
+
+    fn server(&mut self, s: ServerFile) -> ServerConfig {
+        let listen = match &s.listen {
+            None => vec![DEFAULT_LISTEN.parse().expect("valid default")],
+            Some(spanned) => {
+                let addrs: Vec<String> = match spanned.get_ref() {
+                    OneOrMany::One(a) => vec![a.clone()],
+                    OneOrMany::Many(list) => list.clone(),
+                };
+                if addrs.is_empty() {
+                    self.error(
+                        spanned.span(),
+                        "server.listen must name at least one address",
+                    );
+                }
+                addrs
+                    .iter()
+                    .filter_map(|a| self.socket_addr(a, spanned.span(), "server.listen"))
+                    .collect()
+            }
+        };
+        let trusted_proxies = s
+            .trusted_proxies
+            .iter()
+            .flatten()
+            .filter_map(|cidr| {
+                let text = cidr.get_ref().trim();
+                let parsed = text
+                    .parse::<IpNet>()
+                    .or_else(|_| text.parse::<std::net::IpAddr>().map(IpNet::from));
+                match parsed {
+                    Ok(net) => Some(net),
+                    Err(_) => {
+                        self.error(
+                            cidr.span(),
+                            format!("server.trusted_proxies: \"{text}\" is not a CIDR like \"10.0.0.0/8\" or an IP address"),
+                        );
+                        None
+                    }
+                }
+            })
+            .collect();
+        let tls = s.tls.as_ref().map(|t| TlsConfig {
+            cert: self.existing_file(&t.cert, "server.tls.cert"),
+            key: self.existing_file(&t.key, "server.tls.key"),
+        });
+        ServerConfig {
+            listen,
+            workers: s.workers.unwrap_or(0),
+            watch: s.watch.unwrap_or(false),
+            header_read_timeout: self.duration(
+                &s.header_read_timeout,
+                DEFAULT_HEADER_READ_TIMEOUT,
+                "server.header_read_timeout",
+            ),
+            body_read_timeout: self.duration(
+                &s.body_read_timeout,
+                DEFAULT_BODY_READ_TIMEOUT,
+                "server.body_read_timeout",
+            ),
+            idle_timeout: self.duration(
+                &s.idle_timeout,
+                DEFAULT_IDLE_TIMEOUT,
+                "server.idle_timeout",
+            ),
+            max_header_bytes: self.size(
+                &s.max_header_bytes,
+                DEFAULT_MAX_HEADER_BYTES,
+                "server.max_header_bytes",
+            ),
+            max_body_bytes: self.size(
+                &s.max_body_bytes,
+                DEFAULT_MAX_BODY_BYTES,
+                "server.max_body_bytes",
+            ),
+            max_connections: self.positive_or(
+                &s.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+                "server.max_connections",
+            ),
+            shutdown_grace: self.duration(
+                &s.shutdown_grace,
+                DEFAULT_SHUTDOWN_GRACE,
+                "server.shutdown_grace",
+            ),
+            trusted_proxies,
+            tls,
+        }
+    }
+
+    fn admin(&mut self, a: AdminFile) -> AdminConfig {
+        let default = DEFAULT_ADMIN_LISTEN.parse().expect("valid default");
+        let listen = a
+            .listen
+            .as_ref()
+            .and_then(|l| self.socket_addr(l.get_ref(), l.span(), "admin.listen"))
+            .unwrap_or(default);
+        AdminConfig { listen }
+    }
+
+    fn errors(&mut self, e: ErrorsFile) -> ErrorsConfig {
+        let style = self.enumeration(
+            &e.style,
+            &[
+                ("envelope", ErrorStyle::Envelope),
+                ("detail", ErrorStyle::Detail),
+                ("simple", ErrorStyle::Simple),
+            ],
+            ErrorStyle::Envelope,
+            "errors.style",
+        );
+        let mut fields = serde_json::Map::new();
+        if let Some(spanned) = &e.fields {
+            for (name, value) in spanned.get_ref() {
+                if RESERVED_ERROR_FIELDS.contains(&name.as_str()) {
+                    self.error(
+                        spanned.span(),
+                        format!("errors.fields: \"{name}\" is a field tollgate writes itself; choose another name"),
+                    );
+                    continue;
+                }
+                match serde_json::to_value(value) {
+                    Ok(json) => {
+                        fields.insert(name.clone(), json);
+                    }
+                    Err(err) => self.error(spanned.span(), format!("errors.fields.{name}: {err}")),
+                }
+            }
+        }
+        ErrorsConfig {
+            style,
+            normalize_upstream_5xx: e.normalize_upstream_5xx.unwrap_or(true),
+            fields,
+        }
+    }
+
+    fn auth(&mut self, a: AuthFile) -> AuthConfig {
+        let header = match &a.header {
+            None => HeaderName::from_static(DEFAULT_AUTH_HEADER),
+            Some(h) => HeaderName::from_bytes(h.get_ref().trim().as_bytes()).unwrap_or_else(|_| {
+                self.error(
+                    h.span(),
+                    format!(
+                        "auth.header: \"{}\" is not a valid header name",
+                        h.get_ref()
+                    ),
+                );
+                HeaderName::from_static(DEFAULT_AUTH_HEADER)
+            }),
+        };
+        let query_param = a.query_param.as_ref().and_then(|q| {
+            let q_text = q.get_ref().trim();
+            if q_text.is_empty() {
+                None
+            } else if !q_text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+            {
+                self.error(
+                    q.span(),
+                    "auth.query_param may only hold letters, digits, '_', '-' and '.'",
+                );
+                None
+            } else {
+                Some(q_text.to_owned())
+            }
+        });
+        let keys_file = a.keys_file.as_ref().and_then(|k| {
+            self.keys_file_span = Some(k.span());
+            let path = k.get_ref().trim();
+            (!path.is_empty()).then(|| PathBuf::from(path))
+        });
+        AuthConfig {
+            header,
+            bearer: a.bearer.unwrap_or(true),
+            query_param,
+            forward_key: a.forward_key.unwrap_or(false),
+            keys_file,
+        }
+    }
+
+    fn tripwire(
+        &mut self,
+        count: &Option<Spanned<i64>>,
+        window: &Option<SpannedStr>,
+        block_for: &Option<SpannedStr>,
+        defaults: (u32, Duration, Duration),
+        name: &str,
+    ) -> Tripwire {
+        Tripwire {
+            count: self.positive_or(count, defaults.0, name),
+            window: self.duration(window, defaults.1, &format!("{name}.window")),
+            block_for: self.duration(block_for, defaults.2, &format!("{name}.block_for")),
+        }
+    }
+
+    fn limits(&mut self, l: LimitsFile) -> LimitsConfig {
+        let redis_url = match &l.redis_url {
+            None => DEFAULT_REDIS_URL.to_owned(),
+            Some(u) => {
+                let text = u.get_ref().trim();
+                let ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|p| text.starts_with(p) && text.len() > p.len());
+                if !ok {
+                    self.error(
+                        u.span(),
+                        format!("limits.redis_url: \"{text}\" is not a URL like \"redis://127.0.0.1:6379\""),
+                    );
+                }
+                text.to_owned()
+            }
+        };
+        let ip_throttle = l.ip_throttle.as_ref().map(|t| {
+            self.tripwire(
+                &t.rejections,
+                &t.window,
+                &t.block_for,
+                (
+                    DEFAULT_IP_THROTTLE_REJECTIONS,
+                    DEFAULT_IP_THROTTLE_WINDOW,
+                    DEFAULT_IP_THROTTLE_BLOCK,
+                ),
+                "limits.ip_throttle.rejections",
+            )
+        });
+        let failed_auth = l.failed_auth.as_ref().map(|t| {
+            self.tripwire(
+                &t.attempts,
+                &t.window,
+                &t.block_for,
+                (
+                    DEFAULT_FAILED_AUTH_ATTEMPTS,
+                    DEFAULT_FAILED_AUTH_WINDOW,
+                    DEFAULT_FAILED_AUTH_BLOCK,
+                ),
+                "limits.failed_auth.attempts",
+            )
+        });
+        let nz = |n| NonZeroU32::new(n).expect("defaults are non-zero");
+        LimitsConfig {
+            backend: self.enumeration(
+                &l.backend,
+                &[
+                    ("local", LimitBackend::Local),
+                    ("redis", LimitBackend::Redis),
+                ],
+                LimitBackend::Local,
+                "limits.backend",
+            ),
+            redis_url,
+            backend_timeout: self.duration(
+                &l.backend_timeout,
+                DEFAULT_BACKEND_TIMEOUT,
+                "limits.backend_timeout",
+            ),
+            on_backend_error: self.enumeration(
+                &l.on_backend_error,
+                &[
+                    ("local", BackendErrorPolicy::Local),
+                    ("allow", BackendErrorPolicy::Allow),
+                    ("deny", BackendErrorPolicy::Deny),
+                ],
+                BackendErrorPolicy::Local,
+                "limits.on_backend_error",
+            ),
+            headers: self.enumeration(
+                &l.headers,
+                &[
+                    ("x-ratelimit", RateLimitHeaders::XRateLimit),
+                    ("ietf", RateLimitHeaders::Ietf),
+                    ("both", RateLimitHeaders::Both),
+                ],
+                RateLimitHeaders::XRateLimit,
+                "limits.headers",
+            ),
+            mode: self.enumeration(
+                &l.mode,
+                &[
+                    ("enforce", LimitMode::Enforce),
+                    ("shadow", LimitMode::Shadow),
+                ],
+                LimitMode::Enforce,
+                "limits.mode",
+            ),
+            ip_throttle: ip_throttle.unwrap_or(Tripwire {
+                count: nz(DEFAULT_IP_THROTTLE_REJECTIONS),
+                window: DEFAULT_IP_THROTTLE_WINDOW,
+                block_for: DEFAULT_IP_THROTTLE_BLOCK,
+            }),
+            failed_auth: failed_auth.unwrap_or(Tripwire {
+                count: nz(DEFAULT_FAILED_AUTH_ATTEMPTS),
+                window: DEFAULT_FAILED_AUTH_WINDOW,
+                block_for: DEFAULT_FAILED_AUTH_BLOCK,
+            }),
+        }
+    }
+
+    fn plans(&mut self, plans: &BTreeMap<String, Spanned<PlanFile>>) -> BTreeMap<PlanName, Plan> {
+        let mut out = BTreeMap::new();
+        for (name, rpm) in BUILTIN_PLANS {
+            let rpm = NonZeroU32::new(rpm).expect("built-in plans are non-zero");
+            out.insert(
+                PlanName(Arc::from(name)),
+                Plan {
+                    requests_per_minute: rpm,
+                    burst: rpm,
+                    requests_per_hour: None,
+                    requests_per_day: None,
+                },
+            );
+        }
+        for (name, plan) in plans {
+            if !valid_identifier(name, 64) {
+                self.error(
+                    plan.span(),
+                    format!("plan name \"{name}\" may only hold letters, digits, '_', '-', '.' and ':' (1-64 characters)"),
+                );
+            }
+            let p = plan.get_ref();
+            let field = |f: &str| format!("plans.{name}.{f}");
+            let rpm = self.positive(&p.requests_per_minute, &field("requests_per_minute"));
+            let burst = p
+                .burst
+                .as_ref()
+                .and_then(|b| self.positive(b, &field("burst")));
+            let per_hour = p
+                .requests_per_hour
+                .as_ref()
+                .and_then(|b| self.positive(b, &field("requests_per_hour")));
+            let per_day = p
+                .requests_per_day
+                .as_ref()
+                .and_then(|b| self.positive(b, &field("requests_per_day")));
+            if let Some(rpm) = rpm {
+                out.insert(
+                    PlanName(Arc::from(name.as_str())),
+                    Plan {
+                        requests_per_minute: rpm,
+                        burst: burst.unwrap_or(rpm),
+                        requests_per_hour: per_hour,
+                        requests_per_day: per_day,
+                    },
+                );
+            }
+        }
+        out
+    }
+
+    fn keys(
+        &mut self,
+        keys: &[KeyFile],
+        plans: &BTreeMap<PlanName, Plan>,
+        seen: &mut KeySeen,
+        out: &mut Vec<KeyConfig>,
+    ) {
+        for k in keys {
+            let id = k.id.get_ref().trim();
+            if !valid_identifier(id, 128) {
+                self.error(
+                    k.id.span(),
+                    "key id may only hold letters, digits, '_', '-', '.' and ':' (1-128 characters)",
+                );
+            }
+            let here = format!(
+                "{}:{}",
+                self.src.path.display(),
+                self.src.issue(k.id.span(), "").line
+            );
+            if let Some(first) = seen.ids.insert(id.to_owned(), here.clone()) {
+                self.error(
+                    k.id.span(),
+                    format!("duplicate key id \"{id}\" (first defined at {first})"),
+                );
+            }
+            // The message never repeats the value: it may be a plaintext key pasted by mistake.
+            let digest = match KeyDigest::parse(k.key.get_ref().trim()) {
+                Ok(d) => {
+                    if let Some(first) = seen.digests.insert(d, here) {
+                        self.error(
+                            k.key.span(),
+                            format!("key \"{id}\" has the same digest as the key at {first}; each key must be distinct"),
+                        );
+                    }
+                    Some(d)
+                }
+                Err(e) => {
+                    self.error(k.key.span(), format!("key \"{id}\": {e}"));
+                    None
+                }
+            };
+            let plan = PlanName(Arc::from(k.plan.get_ref().trim()));
+            if !plans.contains_key(&plan) {
+                let known: Vec<&str> = plans.keys().map(|p| &*p.0).collect();
+                self.error(
+                    k.plan.span(),
+                    format!(
+                        "key \"{id}\": plan \"{plan}\" is not defined; defined plans: {}",
+                        known.join(", ")
+                    ),
+                );
+            }
+            let rpm = k
+                .requests_per_minute
+                .as_ref()
+                .and_then(|r| self.positive(r, &format!("key \"{id}\": requests_per_minute")));
+            let scopes = self.scopes(&k.scopes);
+            if let Some(digest) = digest {
+                out.push(KeyConfig {
+                    id: KeyId(Arc::from(id)),
+                    digest,
+                    plan,
+                    scopes,
+                    requests_per_minute: rpm,
+                    disabled: k.disabled,
+                });
+            }
+        }
+    }
+
+    fn scopes(&mut self, scopes: &[SpannedStr]) -> Vec<String> {
+        scopes
+            .iter()
+            .filter_map(|s| {
+                let text = s.get_ref().trim();
+                if text.is_empty() || text.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    self.error(s.span(), "a scope must be non-empty and hold no spaces");
+                    None
+                } else {
+                    Some(text.to_owned())
+                }
+            })
+            .collect()
+    }
+
+    fn upstreams(&mut self, upstreams: &[UpstreamFile]) -> Vec<UpstreamConfig> {
+        let mut names: HashMap<&str, ()> = HashMap::new();
+        let mut out = Vec::new();
+        for u in upstreams {
+            let name = u.name.get_ref().trim();
+            if !valid_identifier(name, 64) {
+                self.error(
+                    u.name.span(),
+                    "upstream name may only hold letters, digits, '_', '-', '.' and ':' (1-64 characters)",
+                );
+            }
+            if names.insert(name, ()).is_some() {
+                self.error(u.name.span(), format!("duplicate upstream name \"{name}\""));
+            }
+            let url = match u.url.get_ref().trim().parse::<Uri>() {
+                Ok(url)
+                    if matches!(url.scheme_str(), Some("http" | "https"))
+                        && url.authority().is_some_and(|a| !a.host().is_empty())
+                        && url.query().is_none() =>
+                {
+                    Some(url)
+                }
+                _ => {
+                    self.error(
+                        u.url.span(),
+                        format!(
+                            "upstream \"{name}\": url \"{}\" must be an http:// or https:// URL with a host, like \"http://127.0.0.1:3000\"",
+                            u.url.get_ref()
+                        ),
+                    );
+                    None
+                }
+            };
+            let field = |f: &str| format!("upstream \"{name}\": {f}");
+            let cfg = UpstreamConfig {
+                name: name.to_owned(),
+                url: url.unwrap_or_else(|| Uri::from_static("http://invalid.invalid")),
+                connect_timeout: self.duration(
+                    &u.connect_timeout,
+                    DEFAULT_CONNECT_TIMEOUT,
+                    &field("connect_timeout"),
+                ),
+                timeout: self.duration(&u.timeout, DEFAULT_UPSTREAM_TIMEOUT, &field("timeout")),
+                max_inflight: self.positive_or(
+                    &u.max_inflight,
+                    DEFAULT_MAX_INFLIGHT,
+                    &field("max_inflight"),
+                ),
+                maintenance: u.maintenance,
+                retry_after: self.duration(
+                    &u.retry_after,
+                    DEFAULT_RETRY_AFTER,
+                    &field("retry_after"),
+                ),
+                ca_file: u
+                    .ca_file
+                    .as_ref()
+                    .map(|c| self.existing_file(c, &field("ca_file"))),
+            };
+            out.push(cfg);
+        }
+        out
+    }
+
+    fn routes(&mut self, routes: &[RouteFile], upstreams: &[UpstreamConfig]) -> Vec<RouteConfig> {
+        let mut prefixes: HashMap<&str, ()> = HashMap::new();
+        let mut out = Vec::new();
+        for r in routes {
+            let prefix = r.prefix.get_ref().as_str();
+            if !prefix.starts_with('/')
+                || prefix
+                    .bytes()
+                    .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
+            {
+                self.error(r.prefix.span(), format!("route prefix \"{prefix}\" must start with '/' and hold no spaces, '?' or '#'"));
+            }
+            if prefixes.insert(prefix, ()).is_some() {
+                self.error(
+                    r.prefix.span(),
+                    format!("duplicate route prefix \"{prefix}\""),
+                );
+            }
+            let target = match (&r.upstream, &r.respond) {
+                (Some(_), Some(respond)) => {
+                    self.error(
+                        respond.span(),
+                        format!("route \"{prefix}\": set either upstream or respond, not both"),
+                    );
+                    None
+                }
+                (None, None) => {
+                    self.error(
+                        r.prefix.span(),
+                        format!("route \"{prefix}\" needs an upstream or a respond"),
+                    );
+                    None
+                }
+                (Some(up), None) => {
+                    let wanted = up.get_ref().trim();
+                    match upstreams.iter().position(|u| u.name == wanted) {
+                        Some(i) => Some(RouteTarget::Upstream(i)),
+                        None => {
+                            let known: Vec<&str> =
+                                upstreams.iter().map(|u| u.name.as_str()).collect();
+                            self.error(
+                                up.span(),
+                                format!(
+                                    "route \"{prefix}\": upstream \"{wanted}\" is not defined; defined upstreams: {}",
+                                    if known.is_empty() { "none".to_owned() } else { known.join(", ") }
+                                ),
+                            );
+                            None
+                        }
+                    }
+                }
+                (None, Some(respond)) => self.respond(respond, prefix).map(RouteTarget::Respond),
+            };
+            let methods = r.methods.as_ref().map(|methods| {
+                let mut parsed = Vec::new();
+                for m in methods {
+                    let text = m.get_ref().trim();
+                    match Method::from_bytes(text.as_bytes()) {
+                        Ok(method) if text.bytes().all(|b| b.is_ascii_uppercase()) => parsed.push(method),
+                        _ => self.error(m.span(), format!("route \"{prefix}\": \"{text}\" is not an HTTP method like \"GET\" (upper case)")),
+                    }
+                }
+                if parsed.is_empty() && methods.is_empty() {
+                    self.error(r.prefix.span(), format!("route \"{prefix}\": methods is empty, so nothing could match; remove it to allow every method"));
+                }
+                parsed
+            });
+            let scopes = self.scopes(&r.scopes);
+            if let Some(target) = target {
+                out.push(RouteConfig {
+                    prefix: prefix.to_owned(),
+                    target,
+                    scopes,
+                    methods,
+                    auth: r.auth.unwrap_or(true),
+                    strip_prefix: r.strip_prefix,
+                });
+            }
+        }
+        out
+    }
+
+    fn respond(&mut self, respond: &Spanned<RespondFile>, prefix: &str) -> Option<FixedResponse> {
+        let r = respond.get_ref();
+        let status = u16::try_from(*r.status.get_ref())
+            .ok()
+            .filter(|s| (200..=599).contains(s))
+            .and_then(|s| StatusCode::from_u16(s).ok());
+        let Some(status) = status else {
+            self.error(
+                r.status.span(),
+                format!(
+                    "route \"{prefix}\": respond.status must be 200-599, got {}",
+                    r.status.get_ref()
+                ),
+            );
+            return None;
+        };
+        let content_type = r
+            .content_type
+            .as_deref()
+            .unwrap_or(DEFAULT_RESPOND_CONTENT_TYPE);
+        let Ok(content_type) = HeaderValue::from_str(content_type) else {
+            self.error(
+                respond.span(),
+                format!("route \"{prefix}\": respond.content_type is not a valid header value"),
+            );
+            return None;
+        };
+        Some(FixedResponse {
+            status,
+            body: bytes::Bytes::from(r.body.clone()),
+            content_type,
+        })
+    }
+}
+
+/// `[A-Za-z0-9._:-]{1,max}`: ids that are safe in logs, metrics labels and headers.
+fn valid_identifier(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+}

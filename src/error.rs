@@ -1,0 +1,397 @@
+//! Every rejection and failure on the way through the gateway, and the one place that turns
+//! them into a response.
+//!
+//! [`GatewayError`] says what happened and whose fault it is (client: 4xx, upstream: 502/503/504,
+//! tollgate itself: 500). [`ErrorRenderer`] writes it as JSON in the configured
+//! [`ErrorStyle`], always with the request ID, plus the static `errors.fields`.
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Method, Response, StatusCode};
+
+use crate::body::ResponseBody;
+use crate::config::{ErrorStyle, ErrorsConfig};
+use crate::observability::RequestId;
+
+/// The finer kind of an upstream or backend failure, for logs and metrics (like Envoy's
+/// response flags). Clients only ever see the status and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The upstream refused the connection or was unreachable (DNS included).
+    ConnectRefused,
+    /// No connection within `connect_timeout`.
+    ConnectTimeout,
+    /// The connection was reset or closed before a complete response head.
+    Reset,
+    /// The upstream sent something that is not HTTP.
+    InvalidResponse,
+    /// No response head within `timeout`.
+    Timeout,
+    /// `max_inflight` reached.
+    Overloaded,
+    /// The upstream is in maintenance.
+    Maintenance,
+    /// The rate-limit backend is down and the policy is `deny`.
+    BackendDown,
+}
+
+impl FailureKind {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::ConnectRefused => "connect_refused",
+            FailureKind::ConnectTimeout => "connect_timeout",
+            FailureKind::Reset => "reset",
+            FailureKind::InvalidResponse => "invalid_response",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Overloaded => "overloaded",
+            FailureKind::Maintenance => "maintenance",
+            FailureKind::BackendDown => "backend_down",
+        }
+    }
+}
+
+/// Everything that can stop a request from getting its upstream's answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum GatewayError {
+    /// The request is malformed in a way tollgate will not forward.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    /// No API key was presented.
+    #[error("missing API key")]
+    MissingApiKey,
+    /// The key is unknown, malformed, disabled, or two different keys were presented.
+    #[error("invalid API key")]
+    InvalidApiKey,
+    /// The key lacks a scope the route requires.
+    #[error("scope {scope} denied")]
+    ScopeDenied {
+        /// The first missing scope.
+        scope: String,
+    },
+    /// No route matches the path.
+    #[error("no route")]
+    NoRoute,
+    /// The route does not allow the method.
+    #[error("method {method} not allowed")]
+    MethodNotAllowed {
+        /// The method used.
+        method: Method,
+        /// The `Allow` header value.
+        allow: HeaderValue,
+    },
+    /// The body is larger than `server.max_body_bytes`.
+    #[error("payload too large")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// The request body stalled for `server.body_read_timeout`.
+    #[error("request body timed out")]
+    RequestTimeout,
+    /// The request target is longer than 8 KiB.
+    #[error("URI too long")]
+    UriTooLong {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The request head is larger than `server.max_header_bytes`.
+    #[error("headers too large")]
+    HeadersTooLarge {
+        /// The limit in bytes.
+        limit: u64,
+    },
+    /// A bug in tollgate (a panic caught at the connection).
+    #[error("internal error")]
+    Internal,
+    /// The upstream refused, reset, was unreachable or answered garbage.
+    #[error("bad gateway ({})", kind.as_str())]
+    BadGateway {
+        /// What exactly failed.
+        kind: FailureKind,
+    },
+    /// The upstream is overloaded or in maintenance, or the limiter backend is down.
+    #[error("service unavailable ({})", kind.as_str())]
+    ServiceUnavailable {
+        /// What exactly failed.
+        kind: FailureKind,
+        /// Sent as `Retry-After`.
+        retry_after: Duration,
+    },
+    /// The upstream did not answer in time.
+    #[error("gateway timeout ({})", kind.as_str())]
+    GatewayTimeout {
+        /// What exactly failed.
+        kind: FailureKind,
+    },
+}
+
+impl GatewayError {
+    /// The HTTP status the client sees.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::ScopeDenied { .. } => StatusCode::FORBIDDEN,
+            GatewayError::NoRoute => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
+            GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The stable machine-readable code of SPEC.md's table.
+    pub fn code(&self) -> &'static str {
+        match self {
+            GatewayError::BadRequest(_) => "bad_request",
+            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::ScopeDenied { .. } => "permission_denied",
+            GatewayError::NoRoute => "not_found",
+            GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
+            GatewayError::PayloadTooLarge { .. } => "payload_too_large",
+            GatewayError::RequestTimeout => "request_timeout",
+            GatewayError::UriTooLong { .. } => "uri_too_long",
+            GatewayError::HeadersTooLarge { .. } => "headers_too_large",
+            GatewayError::Internal => "internal_error",
+            GatewayError::BadGateway { .. } => "bad_gateway",
+            GatewayError::ServiceUnavailable { .. } => "service_unavailable",
+            GatewayError::GatewayTimeout { .. } => "gateway_timeout",
+        }
+    }
+
+    /// The failure kind, for upstream and backend failures.
+    pub fn failure_kind(&self) -> Option<FailureKind> {
+        match self {
+            GatewayError::BadGateway { kind }
+            | GatewayError::ServiceUnavailable { kind, .. }
+            | GatewayError::GatewayTimeout { kind } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// A short, human, actionable message. Never the key, an internal address or an
+    /// upstream body.
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            GatewayError::BadRequest(why) => Cow::Owned(format!("Malformed request: {why}.")),
+            GatewayError::MissingApiKey => Cow::Borrowed("API key is required"),
+            GatewayError::InvalidApiKey => Cow::Borrowed("Invalid or revoked API key"),
+            GatewayError::ScopeDenied { scope } => {
+                Cow::Owned(format!("This API key lacks the required scope '{scope}'."))
+            }
+            GatewayError::NoRoute => Cow::Borrowed("No route matches this path."),
+            GatewayError::MethodNotAllowed { method, allow } => Cow::Owned(format!(
+                "Method {method} is not allowed here. Allowed: {}.",
+                allow.to_str().unwrap_or("")
+            )),
+            GatewayError::PayloadTooLarge { limit } => {
+                Cow::Owned(format!("Request body exceeds the limit of {limit} bytes."))
+            }
+            GatewayError::RequestTimeout => {
+                Cow::Borrowed("The request body was not received in time.")
+            }
+            GatewayError::UriTooLong { limit } => {
+                Cow::Owned(format!("Request URI exceeds the limit of {limit} bytes."))
+            }
+            GatewayError::HeadersTooLarge { limit } => Cow::Owned(format!(
+                "Request headers exceed the limit of {limit} bytes."
+            )),
+            GatewayError::Internal => {
+                Cow::Borrowed("Internal error in the gateway. Please report the request_id.")
+            }
+            GatewayError::BadGateway { .. } => Cow::Borrowed(
+                "The upstream service is momentarily unavailable. Retry with backoff.",
+            ),
+            GatewayError::ServiceUnavailable { retry_after, .. } => Cow::Owned(format!(
+                "The service is temporarily unavailable. Retry after {}s.",
+                retry_after_secs(*retry_after)
+            )),
+            GatewayError::GatewayTimeout { .. } => {
+                Cow::Borrowed("The upstream service did not respond in time. Retry with backoff.")
+            }
+        }
+    }
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Writes error bodies in the configured style. Built once per config load.
+#[derive(Debug, Clone)]
+pub struct ErrorRenderer {
+    style: ErrorStyle,
+    /// `errors.fields` pre-rendered as `,"name":value...`, appended before the closing brace.
+    fields: String,
+}
+
+const APPLICATION_JSON: HeaderValue = HeaderValue::from_static("application/json");
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+impl ErrorRenderer {
+    /// A renderer for `[errors]`.
+    pub fn new(config: &ErrorsConfig) -> Self {
+        let mut fields = String::new();
+        for (name, value) in &config.fields {
+            fields.push(',');
+            fields.push_str(&serde_json::Value::String(name.clone()).to_string());
+            fields.push(':');
+            fields.push_str(&value.to_string());
+        }
+        Self {
+            style: config.style,
+            fields,
+        }
+    }
+
+    /// The complete error response: status, JSON body, and the error's own headers
+    /// (`Allow`, `Retry-After`). The server adds `X-Request-Id`.
+    pub fn render(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
+        let body = self.body(error.code(), &error.message(), request_id);
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+        *response.status_mut() = error.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, APPLICATION_JSON);
+        headers.insert(CACHE_CONTROL, NO_STORE);
+        match error {
+            GatewayError::MethodNotAllowed { allow, .. } => {
+                headers.insert(ALLOW, allow.clone());
+            }
+            GatewayError::ServiceUnavailable { retry_after, .. } => {
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(*retry_after)),
+                );
+            }
+            _ => {}
+        }
+        response
+    }
+
+    /// The JSON body for `code` and `message` in this renderer's style.
+    pub fn body(&self, code: &str, message: &str, request_id: &RequestId) -> Vec<u8> {
+        let mut out = Vec::with_capacity(160 + message.len() + self.fields.len());
+        let id = request_id.as_str();
+        match self.style {
+            ErrorStyle::Envelope => {
+                out.extend_from_slice(b"{\"success\":false,\"error\":{\"code\":");
+                push_json_str(&mut out, code);
+                out.extend_from_slice(b",\"message\":");
+                push_json_str(&mut out, message);
+                out.extend_from_slice(b"},\"request_id\":");
+                push_json_str(&mut out, id);
+                out.extend_from_slice(b",\"timestamp\":\"");
+                out.extend_from_slice(
+                    humantime::format_rfc3339_seconds(SystemTime::now())
+                        .to_string()
+                        .as_bytes(),
+                );
+                out.push(b'"');
+            }
+            ErrorStyle::Detail => {
+                out.extend_from_slice(b"{\"detail\":");
+                push_json_str(&mut out, message);
+                out.extend_from_slice(b",\"code\":");
+                push_json_str(&mut out, code);
+                out.extend_from_slice(b",\"request_id\":");
+                push_json_str(&mut out, id);
+            }
+            ErrorStyle::Simple => {
+                out.extend_from_slice(b"{\"error\":");
+                push_json_str(&mut out, message);
+                out.extend_from_slice(b",\"code\":");
+                push_json_str(&mut out, code);
+                out.extend_from_slice(b",\"success\":false,\"request_id\":");
+                push_json_str(&mut out, id);
+            }
+        }
+        out.extend_from_slice(self.fields.as_bytes());
+        out.push(b'}');
+        out
+    }
+}
+
+fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(&mut *out, s).expect("writing a str to a Vec cannot fail");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn renderer(style: ErrorStyle, fields: &[(&str, serde_json::Value)]) -> ErrorRenderer {
+        ErrorRenderer::new(&ErrorsConfig {
+            style,
+            normalize_upstream_5xx: true,
+            fields: fields
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+        })
+    }
+
+    fn parse(r: &ErrorRenderer, e: &GatewayError) -> serde_json::Value {
+        let id = RequestId::parse("abc-123").unwrap();
+        serde_json::from_slice(&r.body(e.code(), &e.message(), &id)).unwrap()
+    }
+
+    #[test]
+    fn envelope_style() {
+        let r = renderer(ErrorStyle::Envelope, &[("powered_by", "Acme".into())]);
+        let v = parse(&r, &GatewayError::NoRoute);
+        assert_eq!(v["success"], false);
+        assert_eq!(v["error"]["code"], "not_found");
+        assert_eq!(v["error"]["message"], "No route matches this path.");
+        assert_eq!(v["request_id"], "abc-123");
+        assert_eq!(v["powered_by"], "Acme");
+        let ts = v["timestamp"].as_str().unwrap();
+        assert!(humantime::parse_rfc3339(ts).is_ok(), "{ts}");
+        assert!(ts.ends_with('Z') && ts.len() == 20, "{ts}");
+    }
+
+    #[test]
+    fn detail_and_simple_styles() {
+        let d = parse(
+            &renderer(ErrorStyle::Detail, &[]),
+            &GatewayError::MissingApiKey,
+        );
+        assert_eq!(d["detail"], "API key is required");
+        assert_eq!(d["code"], "authentication_error");
+        assert_eq!(d["request_id"], "abc-123");
+        let s = parse(
+            &renderer(ErrorStyle::Simple, &[("n", 1.into())]),
+            &GatewayError::Internal,
+        );
+        assert_eq!(s["code"], "internal_error");
+        assert_eq!(s["success"], false);
+        assert_eq!(s["n"], 1);
+        assert!(s["error"].as_str().unwrap().contains("request_id"));
+    }
+
+    #[test]
+    fn messages_escape_json() {
+        let e = GatewayError::ScopeDenied {
+            scope: "a\"b".to_owned(),
+        };
+        let v = parse(&renderer(ErrorStyle::Envelope, &[]), &e);
+        assert!(v["error"]["message"].as_str().unwrap().contains("a\"b"));
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1500)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(30)), 30);
+    }
+}

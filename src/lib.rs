@@ -1,0 +1,30 @@
+//! tollgate: a rate-limiting reverse proxy / API gateway.
+//!
+//! A request's path through the gateway, one module per box:
+//!
+//! ```text
+//! accept (server/) -> request id + trace span -> route match -> auth -> rate limit -> proxy -> upstream
+//!                     (observability/)          (route.rs)    (auth/)   (limit/)     (proxy/)
+//! every rejection or failure on the way -> error.rs (one GatewayError -> one envelope renderer)
+//! config/ (file structs -> validated Config, hot-swapped)     admin.rs (/healthz /readyz)
+//! ```
+//!
+//! [`stack`] is the one place the pipeline is assembled; [`server`] hands it every request.
+
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod auth;
+pub mod body;
+pub mod config;
+pub mod error;
+pub mod observability;
+pub mod proxy;
+pub mod route;
+pub mod server;
+pub mod stack;
+
+pub use config::Config;
+pub use error::GatewayError;
+pub use server::{Handler, RequestContext, Server};
+pub use stack::Gateway;

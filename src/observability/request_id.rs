@@ -1,0 +1,116 @@
+//! Request IDs: kept from the client when well-formed, otherwise `req_` + 24 base62 chars.
+
+use std::fmt;
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use rand::Rng;
+
+use crate::auth::key::BASE62;
+
+/// `X-Request-Id`.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest client-supplied ID that is kept.
+pub const MAX_LEN: usize = 128;
+
+/// Random base62 characters after `req_` in a generated ID (~143 bits).
+const GENERATED_CHARS: usize = 24;
+
+/// The ID of one request: in the response header, the upstream request, every log line and
+/// the error body. Holds a validated `HeaderValue`, so cloning is a reference-count bump.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RequestId(HeaderValue);
+
+impl RequestId {
+    /// The client's `X-Request-Id` if it is 1-128 chars of `[A-Za-z0-9._:-]`, else a new one.
+    pub fn from_headers(headers: &HeaderMap) -> Self {
+        headers
+            .get(&X_REQUEST_ID)
+            .filter(|v| is_valid(v.as_bytes()))
+            .map(|v| Self(v.clone()))
+            .unwrap_or_else(Self::generate)
+    }
+
+    /// Parses a string under the same rules (for tests and tools).
+    pub fn parse(s: &str) -> Option<Self> {
+        is_valid(s.as_bytes()).then(|| Self(HeaderValue::from_str(s).expect("validated")))
+    }
+
+    /// A fresh `req_` + 24 base62 characters.
+    pub fn generate() -> Self {
+        let mut buf = [0u8; 4 + GENERATED_CHARS];
+        buf[..4].copy_from_slice(b"req_");
+        let mut rng = rand::rng();
+        for b in &mut buf[4..] {
+            *b = BASE62[rng.random_range(0..BASE62.len())];
+        }
+        Self(HeaderValue::from_bytes(&buf).expect("base62 is a valid header value"))
+    }
+
+    /// The ID as text.
+    pub fn as_str(&self) -> &str {
+        // Only ever built from validated ASCII.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    /// The ID as a header value.
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.0
+    }
+}
+
+/// Whether a client-supplied ID is kept.
+pub fn is_valid(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_LEN
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RequestId({})", self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity() {
+        assert!(is_valid(b"abc-123_x.y:z"));
+        assert!(is_valid(&[b'a'; 128]));
+        assert!(!is_valid(&[b'a'; 129]));
+        assert!(!is_valid(b""));
+        assert!(!is_valid(b"has space"));
+        assert!(!is_valid(b"semi;colon"));
+        assert!(!is_valid("ünï".as_bytes()));
+    }
+
+    #[test]
+    fn generated_ids() {
+        let a = RequestId::generate();
+        let b = RequestId::generate();
+        assert_ne!(a, b);
+        assert_eq!(a.as_str().len(), 28);
+        assert!(a.as_str().starts_with("req_"));
+        assert!(a.as_str()[4..].bytes().all(|c| c.is_ascii_alphanumeric()));
+    }
+
+    #[test]
+    fn kept_or_replaced() {
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-id-1"));
+        assert_eq!(RequestId::from_headers(&h).as_str(), "client-id-1");
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("bad id"));
+        assert!(RequestId::from_headers(&h).as_str().starts_with("req_"));
+    }
+}

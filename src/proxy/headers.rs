@@ -1,0 +1,62 @@
+//! Header rewriting between client and upstream: hop-by-hop headers go, `X-Forwarded-*` and
+//! `X-Request-Id` are set.
+
+use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::ClientInfo;
+use crate::observability::RequestId;
+use crate::observability::request_id::X_REQUEST_ID;
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Removes hop-by-hop headers, including any named in `Connection` (RFC 9110 7.6.1).
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [&CONNECTION, &TE, &TRAILER, &TRANSFER_ENCODING, &UPGRADE] {
+        headers.remove(name);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+}
+
+/// Rewrites a client request's headers for the upstream.
+pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo, request_id: &RequestId) {
+    remove_hop_by_hop(headers);
+    // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
+    let host = headers.remove(HOST);
+    let ip = HeaderValue::from_str(&client.ip.to_string()).expect("an IP is a valid header value");
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(existing) => {
+            HeaderValue::from_str(&format!("{existing}, {}", client.ip)).unwrap_or(ip)
+        }
+        None => ip,
+    };
+    headers.insert(&X_FORWARDED_FOR, xff);
+    headers.insert(
+        &X_FORWARDED_PROTO,
+        HeaderValue::from_static(if client.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(&X_FORWARDED_HOST, host);
+    }
+    headers.insert(&X_REQUEST_ID, request_id.header_value().clone());
+}
+
+/// Rewrites an upstream response's headers for the client.
+pub fn prepare_response(headers: &mut HeaderMap) {
+    remove_hop_by_hop(headers);
+}

@@ -1,0 +1,274 @@
+//! Accepting clients: listeners, connection limits, HTTP/1.1 + h2c, header timeouts, the
+//! per-request ID and span, panic containment, and graceful shutdown.
+//!
+//! The first box of the flow. Every request is handed to a [`Handler`] (the [`Gateway`]
+//! pipeline in production) inside a span that carries its request ID; whatever the handler
+//! does, even panic, the client gets a response with `X-Request-Id`.
+//!
+//! [`Gateway`]: crate::stack::Gateway
+
+pub mod signals;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use futures_util::FutureExt;
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::admin;
+use crate::body::ResponseBody;
+use crate::config::{Config, MAX_URI_BYTES, ServerConfig};
+use crate::error::GatewayError;
+use crate::observability::RequestId;
+use crate::observability::request_id::X_REQUEST_ID;
+
+/// hyper's read buffer never goes below this, so oversized heads still reach our own checks
+/// (and get a JSON 431/414) unless they are far over the limit.
+const MIN_READ_BUFFER: usize = 64 * 1024;
+
+/// Pause after an accept error (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What the server knows about a request before the pipeline sees it.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    /// The request's ID (kept or generated).
+    pub request_id: RequestId,
+    /// The TCP peer.
+    pub peer: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+}
+
+/// Turns a request into a response. Implementations never fail: every error is a response.
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request.
+    fn handle(
+        &self,
+        request: Request<Incoming>,
+        ctx: &RequestContext,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send;
+
+    /// Renders an error produced outside the handler (a caught panic) in the current style.
+    fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody>;
+}
+
+/// Bound listeners, ready to serve.
+pub struct Server<H> {
+    handler: Arc<H>,
+    listeners: Vec<TcpListener>,
+    admin: TcpListener,
+    settings: ServerConfig,
+    ready: Arc<AtomicBool>,
+}
+
+impl<H: Handler> Server<H> {
+    /// Binds every `server.listen` address and the admin address of `config`.
+    pub async fn bind(config: &Config, handler: Arc<H>) -> io::Result<Self> {
+        let mut listeners = Vec::with_capacity(config.server.listen.len());
+        for addr in &config.server.listen {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+            listeners.push(listener);
+        }
+        let admin_addr = config.admin.listen;
+        let admin = TcpListener::bind(admin_addr).await.map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot listen on admin address {admin_addr}: {e}"),
+            )
+        })?;
+        Ok(Self {
+            handler,
+            listeners,
+            admin,
+            settings: config.server.clone(),
+            ready: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("bound listener has an address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests up
+    /// to `server.shutdown_grace` to finish.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let builder = Arc::new(connection_builder(&self.settings));
+        let limit = Arc::new(Semaphore::new(self.settings.max_connections.get() as usize));
+        let graceful = Arc::new(GracefulShutdown::new());
+        let (stop_tx, stop_rx) = watch::channel(false);
+
+        let mut accept_loops = JoinSet::new();
+        for listener in self.listeners {
+            tracing::info!(addr = %listener.local_addr()?, "listening");
+            accept_loops.spawn(accept_loop(
+                listener,
+                builder.clone(),
+                self.handler.clone(),
+                limit.clone(),
+                graceful.clone(),
+                stop_rx.clone(),
+            ));
+        }
+        tracing::info!(addr = %self.admin.local_addr()?, "admin listening");
+        let admin_task = tokio::spawn(admin::serve(self.admin, self.ready.clone()));
+        self.ready.store(true, Ordering::SeqCst);
+
+        shutdown.await;
+        tracing::info!(grace = ?self.settings.shutdown_grace, "shutting down: no new connections, draining in-flight requests");
+        self.ready.store(false, Ordering::SeqCst);
+        let _ = stop_tx.send(true);
+        while accept_loops.join_next().await.is_some() {}
+        let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
+        match tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("drained, exiting"),
+            Err(_) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
+        }
+        admin_task.abort();
+        Ok(())
+    }
+}
+
+fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
+    let head_limit = settings.max_header_bytes as usize + MAX_URI_BYTES;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout)
+        .max_buf_size(MIN_READ_BUFFER.max(2 * head_limit))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(2 * head_limit).unwrap_or(u32::MAX));
+    builder
+}
+
+async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    limit: Arc<Semaphore>,
+    graceful: Arc<GracefulShutdown>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        // Over max_connections, stop accepting: new clients wait in the kernel backlog.
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => permit.expect("semaphore is never closed"),
+            _ = stop.changed() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, Infallible>(respond(&*handler, request, peer, false).await) }
+        });
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Runs one request through `handler` inside its span, turning a panic into a 500 envelope,
+/// and stamps `X-Request-Id` on whatever comes back.
+async fn respond<H: Handler>(
+    handler: &H,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+) -> Response<ResponseBody> {
+    let started = Instant::now();
+    let ctx = RequestContext {
+        request_id: RequestId::from_headers(request.headers()),
+        peer,
+        tls,
+    };
+    let span = tracing::info_span!("request", request_id = %ctx.request_id);
+    let access = tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
+        .then(|| (request.method().clone(), request.uri().path().to_owned()));
+
+    let outcome = AssertUnwindSafe(handler.handle(request, &ctx))
+        .catch_unwind()
+        .instrument(span.clone())
+        .await;
+    let mut response = match outcome {
+        Ok(response) => response,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("non-string panic payload");
+            span.in_scope(|| tracing::error!(panic = message, "request handler panicked"));
+            handler.render_error(&GatewayError::Internal, &ctx.request_id)
+        }
+    };
+    response
+        .headers_mut()
+        .insert(&X_REQUEST_ID, ctx.request_id.header_value().clone());
+    if let Some((method, path)) = access {
+        span.in_scope(|| {
+            tracing::info!(
+                target: "tollgate::access",
+                client_ip = %peer.ip(),
+                %method,
+                path,
+                status = response.status().as_u16(),
+                latency_us = started.elapsed().as_micros() as u64,
+                "request"
+            )
+        });
+    }
+    response
+}
