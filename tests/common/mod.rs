@@ -1,0 +1,292 @@
+//! Test harness: the real server on 127.0.0.1:0, a small real upstream, and a raw HTTP/1.1
+//! client that shows exactly what a client sees on the wire.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::{Config, Gateway, Handler, Server};
+
+/// A config whose listeners are on loopback port 0, with `server_extra` lines added to
+/// `[server]` and `rest` appended.
+pub fn config(server_extra: &str, rest: &str) -> Config {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n[admin]\nlisten = \"127.0.0.1:0\"\n{rest}"
+    );
+    Config::from_text(Path::new("test.toml"), &text)
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}\n---\n{text}"))
+}
+
+/// A gateway running in this process.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl TestGateway {
+    /// Starts the real gateway pipeline.
+    pub async fn start(config: Config) -> Self {
+        let gateway = Arc::new(Gateway::new(config.clone()));
+        Self::start_with(config, gateway.clone(), gateway).await
+    }
+
+    /// Starts the server with a custom handler (`gateway` is kept for reloads).
+    pub async fn start_with<H: Handler>(
+        config: Config,
+        gateway: Arc<Gateway>,
+        handler: Arc<H>,
+    ) -> Self {
+        let server = Server::bind(&config, handler).await.expect("bind");
+        let addr = server.local_addrs()[0];
+        let admin = server.admin_addr();
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.serve(async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            admin,
+            gateway,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Triggers a graceful shutdown and returns the serve task.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<io::Result<()>> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.task.take().expect("shutdown once")
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// A parsed HTTP response as the client received it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Writes `request` as is, reads to EOF, parses the (first) response.
+pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    // The server may answer and close before the whole request is written (413, 431).
+    let _ = stream.write_all(request).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
+        .await
+        .expect("response within 10s");
+    parse_reply(&buf).unwrap_or_else(|| {
+        panic!(
+            "no complete response in {:?}",
+            String::from_utf8_lossy(&buf)
+        )
+    })
+}
+
+/// Parses one HTTP/1.1 response from `buf` (Content-Length, chunked, or to EOF).
+pub fn parse_reply(buf: &[u8]) -> Option<Reply> {
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(buf).ok()? {
+        httparse::Status::Complete(n) => n,
+        httparse::Status::Partial => return None,
+    };
+    let status = response.code?;
+    let headers: Vec<(String, String)> = response
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_owned(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let rest = &buf[head_len..];
+    let find = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    let body = if find("transfer-encoding").is_some_and(|v| v.contains("chunked")) {
+        decode_chunked(rest)?
+    } else if let Some(len) = find("content-length") {
+        let len: usize = len.trim().parse().ok()?;
+        rest.get(..len)?.to_vec()
+    } else {
+        rest.to_vec()
+    };
+    Some(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn decode_chunked(mut data: &[u8]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n")?;
+        let size_text = std::str::from_utf8(&data[..line_end]).ok()?;
+        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return Some(out);
+        }
+        out.extend_from_slice(data.get(..size)?);
+        data = data.get(size + 2..)?;
+    }
+}
+
+/// `GET path` with extra headers and `Connection: close`.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    request(addr, "GET", path, headers, b"").await
+}
+
+/// Any method, with a body (Content-Length set when the body is non-empty).
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Reply {
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: gateway.test\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    send_raw(addr, &bytes).await
+}
+
+/// A small real upstream on 127.0.0.1:0 answering with `handler`.
+pub async fn upstream<F, Fut>(handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind upstream");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An upstream that answers 200 with a JSON echo of what it received (method, path, query,
+/// headers, body length), after reading the whole body.
+pub async fn echo_upstream() -> SocketAddr {
+    upstream(|req: Request<Incoming>| async move {
+        let (parts, body) = req.into_parts();
+        let body = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => Bytes::new(),
+        };
+        let headers: serde_json::Map<String, serde_json::Value> = parts
+            .headers
+            .iter()
+            .map(|(n, v)| {
+                (
+                    n.as_str().to_owned(),
+                    serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+                )
+            })
+            .collect();
+        let echo = serde_json::json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body_len": body.len(),
+        });
+        Response::builder()
+            .header("content-type", "application/json")
+            .header("connection", "keep-alive, x-upstream-hop")
+            .header("x-upstream-hop", "secret-hop")
+            .body(Full::new(Bytes::from(echo.to_string())))
+            .expect("response")
+    })
+    .await
+}
+
+/// Asserts a `req_` + 24 base62 request ID.
+pub fn assert_generated_id(id: &str) {
+    assert!(id.starts_with("req_"), "{id}");
+    assert_eq!(id.len(), 28, "{id}");
+    assert!(id[4..].bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
+}

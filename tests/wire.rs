@@ -1,0 +1,497 @@
+//! Wire behaviour of SPEC.md, proven over loopback sockets against the real server.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tollgate::body::ResponseBody;
+use tollgate::observability::RequestId;
+use tollgate::{Gateway, GatewayError, Handler, RequestContext};
+
+const ROUTES: &str = r#"
+[[routes]]
+prefix = "/status"
+auth = false
+methods = ["GET"]
+respond = { status = 200, body = "up", content_type = "text/plain" }
+
+[[routes]]
+prefix = "/fixed/"
+respond = { status = 201, body = "made" }
+"#;
+
+fn styled(style: &str, server_extra: &str) -> tollgate::Config {
+    config(
+        server_extra,
+        &format!("[errors]\nstyle = \"{style}\"\nfields = {{ powered_by = \"Acme\" }}\n{ROUTES}"),
+    )
+}
+
+/// Checks an error body in the given style and returns its request ID.
+fn assert_error(reply: &Reply, style: &str, status: u16, code: &str) -> String {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let v = reply.json();
+    let header_id = reply
+        .header("x-request-id")
+        .expect("X-Request-Id")
+        .to_owned();
+    let (body_code, message) = match style {
+        "envelope" => {
+            assert_eq!(v["success"], false);
+            let ts = v["timestamp"].as_str().expect("timestamp");
+            assert!(humantime::parse_rfc3339(ts).is_ok(), "timestamp {ts}");
+            (&v["error"]["code"], &v["error"]["message"])
+        }
+        "detail" => (&v["code"], &v["detail"]),
+        "simple" => {
+            assert_eq!(v["success"], false);
+            (&v["code"], &v["error"])
+        }
+        _ => unreachable!(),
+    };
+    assert_eq!(body_code, code, "{v}");
+    assert!(
+        message.as_str().is_some_and(|m| !m.is_empty()),
+        "message in {v}"
+    );
+    assert_eq!(
+        v["request_id"],
+        header_id.as_str(),
+        "same ID in header and body"
+    );
+    assert_eq!(v["powered_by"], "Acme", "errors.fields in {v}");
+    header_id
+}
+
+#[tokio::test]
+async fn client_errors_in_all_three_styles() {
+    for style in ["envelope", "detail", "simple"] {
+        let gw = TestGateway::start(styled(
+            style,
+            "max_header_bytes = \"1KiB\"\nmax_body_bytes = \"1KiB\"",
+        ))
+        .await;
+
+        let r = get(gw.addr, "/nowhere", &[]).await;
+        assert_error(&r, style, 404, "not_found");
+
+        let r = request(gw.addr, "POST", "/status", &[], b"x").await;
+        assert_error(&r, style, 405, "method_not_allowed");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"));
+
+        let big = vec![b'a'; 2048];
+        let r = request(gw.addr, "POST", "/fixed/x", &[], &big).await;
+        assert_error(&r, style, 413, "payload_too_large");
+
+        let long_path = format!("/status/{}", "a".repeat(9000));
+        let r = get(gw.addr, &long_path, &[]).await;
+        assert_error(&r, style, 414, "uri_too_long");
+
+        let big_header = "h".repeat(2000);
+        let r = get(gw.addr, "/status", &[("X-Big", &big_header)]).await;
+        assert_error(&r, style, 431, "headers_too_large");
+
+        // Just under the limits is fine.
+        let r = request(gw.addr, "POST", "/fixed/x", &[], &vec![b'a'; 1024]).await;
+        assert_eq!(r.status, 201);
+        assert_eq!(r.text(), "made");
+    }
+}
+
+#[tokio::test]
+async fn body_over_limit_while_streaming_is_413() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "max_body_bytes = \"1KiB\"",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+    // Chunked: no Content-Length to check up front.
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    for _ in 0..4 {
+        req.extend_from_slice(b"200\r\n");
+        req.extend_from_slice(&[b'z'; 0x200]);
+        req.extend_from_slice(b"\r\n");
+    }
+    req.extend_from_slice(b"0\r\n\r\n");
+    let r = send_raw(gw.addr, &req).await;
+    assert_error_plain(&r, 413);
+    assert_eq!(r.json()["error"]["code"], "payload_too_large");
+
+    // Under the limit, chunked passes through.
+    let mut req = b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_vec();
+    req.extend_from_slice(b"100\r\n");
+    req.extend_from_slice(&[b'z'; 0x100]);
+    req.extend_from_slice(b"\r\n0\r\n\r\n");
+    let r = send_raw(gw.addr, &req).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["body_len"], 256);
+}
+
+#[tokio::test]
+async fn request_ids_kept_replaced_generated() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!("{ROUTES}\n[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+
+    // Generated when absent.
+    let r = get(gw.addr, "/status", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_generated_id(r.header("x-request-id").unwrap());
+
+    // Kept when well-formed, up to 128 characters.
+    let good = "client-abc.1:2_3";
+    let r = get(gw.addr, "/status", &[("X-Request-Id", good)]).await;
+    assert_eq!(r.header("x-request-id"), Some(good));
+    let max = "a".repeat(128);
+    let r = get(gw.addr, "/status", &[("X-Request-Id", &max)]).await;
+    assert_eq!(r.header("x-request-id"), Some(max.as_str()));
+
+    // Replaced when malformed or too long.
+    for bad in ["has space", "semi;colon", "quote\"", &"b".repeat(129)] {
+        let r = get(gw.addr, "/status", &[("X-Request-Id", bad)]).await;
+        let id = r.header("x-request-id").unwrap();
+        assert_generated_id(id);
+    }
+
+    // The same ID in header and error body, kept or generated.
+    let r = get(gw.addr, "/nope", &[("X-Request-Id", good)]).await;
+    assert_eq!(assert_error_plain(&r, 404), good);
+    let r = get(gw.addr, "/nope", &[("X-Request-Id", "bad id")]).await;
+    assert_generated_id(&assert_error_plain(&r, 404));
+
+    // The same ID reaches the upstream, and a client's copy cannot replace it when invalid.
+    let r = get(gw.addr, "/v1/echo", &[("X-Request-Id", good)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["headers"]["x-request-id"], good);
+    let r = get(gw.addr, "/v1/echo", &[("X-Request-Id", "bad id")]).await;
+    let id = r.header("x-request-id").unwrap().to_owned();
+    assert_generated_id(&id);
+    assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
+}
+
+fn assert_error_plain(reply: &Reply, status: u16) -> String {
+    assert_eq!(reply.status, status);
+    let v = reply.json();
+    let id = reply.header("x-request-id").unwrap();
+    assert_eq!(v["request_id"], id);
+    id.to_owned()
+}
+
+/// The real pipeline, except `/panic` panics inside the handler.
+struct PanicsOnPath(Arc<Gateway>);
+
+impl Handler for PanicsOnPath {
+    async fn handle(
+        &self,
+        request: Request<Incoming>,
+        ctx: &RequestContext,
+    ) -> Response<ResponseBody> {
+        if request.uri().path() == "/panic" {
+            panic!("deliberate test panic");
+        }
+        self.0.handle(request, ctx).await
+    }
+
+    fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
+        self.0.render_error(error, request_id)
+    }
+}
+
+#[tokio::test]
+async fn a_panic_becomes_a_500_envelope_and_the_connection_survives() {
+    let cfg = styled("envelope", "");
+    let gateway = Arc::new(Gateway::new(cfg.clone()));
+    let gw = TestGateway::start_with(cfg, gateway.clone(), Arc::new(PanicsOnPath(gateway))).await;
+
+    let r = get(gw.addr, "/panic", &[("X-Request-Id", "panic-1")]).await;
+    let id = assert_error(&r, "envelope", 500, "internal_error");
+    assert_eq!(id, "panic-1");
+    assert!(
+        !r.text().contains("deliberate"),
+        "panic message leaked: {}",
+        r.text()
+    );
+
+    // Keep-alive: a panic on one request does not take the connection down.
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /panic HTTP/1.1\r\nHost: t\r\n\r\nGET /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 500"), "{text}");
+    assert!(
+        text.contains("HTTP/1.1 200"),
+        "second response after the panic: {text}"
+    );
+    assert!(text.ends_with("up"), "{text}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_drains_an_in_flight_request() {
+    let (entered_tx, entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let entered = entered_tx.clone();
+        async move {
+            let _ = entered.send(());
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            Response::new(Full::new(Bytes::from_static(b"slow but complete")))
+        }
+    })
+    .await;
+    let mut gw = TestGateway::start(config(
+        "shutdown_grace = \"10s\"",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+    let addr = gw.addr;
+    let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    let mut entered_rx = entered_rx;
+    entered_rx.recv().await.expect("upstream got the request");
+
+    let started = Instant::now();
+    let serve = gw.begin_shutdown();
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "slow but complete");
+    serve
+        .await
+        .unwrap()
+        .expect("serve returns Ok after draining");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Listeners are closed: new clients are refused.
+    assert!(TcpStream::connect(addr).await.is_err());
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_the_drain() {
+    let up = upstream(|_req: Request<Incoming>| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        Response::new(Full::new(Bytes::new()))
+    })
+    .await;
+    let mut gw = TestGateway::start(config(
+        "shutdown_grace = \"300ms\"",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+    let addr = gw.addr;
+    let _stuck = tokio::spawn(async move { get(addr, "/stuck", &[]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    gw.begin_shutdown().await.unwrap().unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn proxies_to_the_upstream_with_forwarding_headers() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n\
+             [[routes]]\nprefix = \"/strip/\"\nupstream = \"up\"\nstrip_prefix = true\n"
+        ),
+    ))
+    .await;
+    let r = get(
+        gw.addr,
+        "/v1/users?limit=5",
+        &[
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("Connection", "close, x-client-hop"),
+            ("X-Client-Hop", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let echo = r.json();
+    assert_eq!(echo["method"], "GET");
+    assert_eq!(echo["path"], "/v1/users");
+    assert_eq!(echo["query"], "limit=5");
+    let h = &echo["headers"];
+    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-host"], "gateway.test");
+    assert_eq!(h["host"], up.to_string());
+    assert!(
+        h.get("x-client-hop").is_none(),
+        "hop-by-hop header forwarded: {h}"
+    );
+    assert!(
+        r.header("x-upstream-hop").is_none(),
+        "upstream hop-by-hop header returned"
+    );
+
+    let r = get(gw.addr, "/strip/a/b", &[]).await;
+    assert_eq!(r.json()["path"], "/a/b");
+}
+
+#[tokio::test]
+async fn upstream_refused_is_a_502_envelope() {
+    // Bind and drop to get a port nobody listens on.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let gw = TestGateway::start(config(
+        "",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{dead}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+    let r = get(gw.addr, "/x", &[]).await;
+    assert_error_plain(&r, 502);
+    assert_eq!(r.json()["error"]["code"], "bad_gateway");
+    assert!(
+        !r.text().contains(&dead.port().to_string()),
+        "upstream address leaked"
+    );
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let gw = TestGateway::start(styled("envelope", "")).await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = Request::get(format!("http://{}/status", gw.addr))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    assert_eq!(resp.status(), 200);
+    assert_generated_id(resp.headers()["x-request-id"].to_str().unwrap());
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"up");
+
+    let req = Request::get(format!("http://{}/missing", gw.addr))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn header_read_timeout_closes_slow_heads() {
+    let gw = TestGateway::start(styled("envelope", "header_read_timeout = \"300ms\"")).await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection not closed within 5s");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250),
+        "closed too early: {took:?}"
+    );
+    // Whatever was written (if anything) is not a success.
+    assert!(!String::from_utf8_lossy(&buf).contains(" 200 "));
+}
+
+#[tokio::test]
+async fn max_connections_holds_extra_clients_in_the_backlog() {
+    let gw = TestGateway::start(styled("envelope", "max_connections = 1")).await;
+    // First connection: a keep-alive request, then it stays open.
+    let mut first = TcpStream::connect(gw.addr).await.unwrap();
+    first
+        .write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // Second connection: connected by the kernel, but not served while the first is open.
+    let mut second = TcpStream::connect(gw.addr).await.unwrap();
+    second
+        .write_all(b"GET /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let waited =
+        tokio::time::timeout(Duration::from_millis(400), second.read_to_end(&mut out)).await;
+    assert!(
+        waited.is_err(),
+        "second connection served while at max_connections"
+    );
+
+    drop(first);
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut out))
+        .await
+        .expect("served once the first connection closed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn admin_health_and_readiness() {
+    let gw = TestGateway::start(styled("envelope", "")).await;
+    assert_eq!(get(gw.admin, "/healthz", &[]).await.status, 200);
+    assert_eq!(get(gw.admin, "/readyz", &[]).await.status, 200);
+    assert_eq!(get(gw.admin, "/other", &[]).await.status, 404);
+}
+
+#[tokio::test]
+async fn fixed_responses_and_head() {
+    let gw = TestGateway::start(styled("envelope", "")).await;
+    let r = get(gw.addr, "/fixed/anything", &[]).await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
+    assert_eq!(r.text(), "made");
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"HEAD /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("\r\n\r\n"),
+        "HEAD response has no body: {text:?}"
+    );
+}
+
+#[tokio::test]
+async fn reload_swaps_routes_for_new_requests() {
+    let gw = TestGateway::start(styled("envelope", "")).await;
+    assert_eq!(get(gw.addr, "/later", &[]).await.status, 404);
+    gw.gateway.reload(config(
+        "",
+        "[[routes]]\nprefix = \"/later\"\nrespond = { status = 200, body = \"new\" }\n",
+    ));
+    let r = get(gw.addr, "/later", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "new");
+}
