@@ -176,7 +176,7 @@ fn unknown_message(key: &str, path: &str, allowed: &[&str]) -> String {
         "" => "at the top level".to_owned(),
         "plans.*" => "in a [plans.<name>] table".to_owned(),
         p if p.ends_with("[]") => format!("in [[{}]]", p.trim_end_matches("[]")),
-        p => format!("in [{p}]"),
+        p => format!("in [{}]", p.replace("[]", "")),
     };
     let suggestion = allowed
         .iter()

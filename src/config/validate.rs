@@ -922,3 +922,440 @@ fn valid_identifier(s: &str, max: usize) -> bool {
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn issues(text: &str) -> Vec<ConfigIssue> {
+        match load(Path::new("t.toml"), text, |p| {
+            Err(ConfigError::Read {
+                path: p.to_owned(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            })
+        }) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.issues().to_vec(),
+        }
+    }
+
+    /// One snippet per kind of mistake: (TOML, expected line, fragment of the message).
+    const MISTAKES: &[(&str, usize, &str)] = &[
+        (
+            "[server]\nlisen = \"x\"",
+            2,
+            "unknown key `lisen` in [server] (did you mean `listen`?)",
+        ),
+        ("bogus = 1", 1, "unknown key `bogus` at the top level"),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 200, colour = 1 }",
+            3,
+            "unknown key `colour` in [routes.respond]",
+        ),
+        (
+            "[server]\nlisten = \"nowhere\"",
+            2,
+            "server.listen: \"nowhere\" is not an address",
+        ),
+        ("[server]\nheader_read_timeout = \"10\"", 2, "has no unit"),
+        (
+            "[server]\nidle_timeout = \"soon\"",
+            2,
+            "invalid duration \"soon\"",
+        ),
+        (
+            "[server]\nbody_read_timeout = \"0s\"",
+            2,
+            "must be greater than zero",
+        ),
+        (
+            "[server]\nmax_body_bytes = \"10 parsecs\"",
+            2,
+            "invalid size unit",
+        ),
+        (
+            "[server]\nmax_header_bytes = 0",
+            2,
+            "must be greater than zero",
+        ),
+        (
+            "[server]\nmax_connections = 0",
+            2,
+            "server.max_connections must be a whole number from 1",
+        ),
+        (
+            "[server]\ntrusted_proxies = [\"10.0.0.0/40\"]",
+            2,
+            "is not a CIDR",
+        ),
+        (
+            "[server.tls]\ncert = \"/nonexistent/c.pem\"\nkey = \"/nonexistent/k.pem\"",
+            2,
+            "server.tls.cert: file",
+        ),
+        ("[admin]\nlisten = \"9901\"", 2, "admin.listen"),
+        (
+            "[errors]\nstyle = \"fancy\"",
+            2,
+            "errors.style must be one of",
+        ),
+        (
+            "[errors]\nfields = { code = 1 }",
+            2,
+            "\"code\" is a field tollgate writes itself",
+        ),
+        (
+            "[auth]\nheader = \"bad header\"",
+            2,
+            "not a valid header name",
+        ),
+        ("[auth]\nquery_param = \"a b\"", 2, "auth.query_param"),
+        (
+            "[auth]\nkeys_file = \"/nonexistent/keys.toml\"",
+            2,
+            "cannot read auth.keys_file",
+        ),
+        (
+            "[limits]\nbackend = \"memcached\"",
+            2,
+            "limits.backend must be one of",
+        ),
+        ("[limits]\nredis_url = \"http://x\"", 2, "limits.redis_url"),
+        (
+            "[limits]\non_backend_error = \"panic\"",
+            2,
+            "limits.on_backend_error",
+        ),
+        ("[limits]\nheaders = \"all\"", 2, "limits.headers"),
+        ("[limits]\nmode = \"yolo\"", 2, "limits.mode"),
+        (
+            "[limits.ip_throttle]\nrejections = 0",
+            2,
+            "limits.ip_throttle.rejections must be",
+        ),
+        (
+            "[limits.failed_auth]\nwindow = \"x\"",
+            2,
+            "limits.failed_auth.attempts.window",
+        ),
+        (
+            "[plans.free]\nrequests_per_minute = 0",
+            2,
+            "plans.free.requests_per_minute must be a whole number from 1",
+        ),
+        (
+            "[plans.gold]\nrequests_per_minute = 10\nburst = -1",
+            3,
+            "plans.gold.burst",
+        ),
+        (
+            "[plans.\"bad name\"]\nrequests_per_minute = 10",
+            1,
+            "plan name \"bad name\"",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"gold\"",
+            4,
+            "plan \"gold\" is not defined",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"tg_live_plaintext\"\nplan = \"free\"",
+            3,
+            "not the key itself",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:abc\"\nplan = \"free\"",
+            3,
+            "64 hex characters",
+        ),
+        (
+            "[[keys]]\nid = \"a b\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"",
+            2,
+            "key id may only hold",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"\n[[keys]]\nid = \"a\"\nkey = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\"\nplan = \"free\"",
+            6,
+            "duplicate key id \"a\" (first defined at t.toml:2)",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"\n[[keys]]\nid = \"b\"\nkey = \"sha256:9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08\"\nplan = \"free\"",
+            7,
+            "same digest as the key at t.toml:2",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"\nrequests_per_minute = 0",
+            5,
+            "requests_per_minute must be a whole number from 1",
+        ),
+        (
+            "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"\nscopes = [\"a b\"]",
+            5,
+            "a scope must be non-empty",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"ftp://x\"",
+            3,
+            "must be an http:// or https:// URL",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"not a url\"",
+            3,
+            "must be an http:// or https:// URL",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[[upstreams]]\nname = \"u\"\nurl = \"http://b\"",
+            5,
+            "duplicate upstream name \"u\"",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nmax_inflight = 0",
+            4,
+            "max_inflight must be",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nca_file = \"/nonexistent/ca.pem\"",
+            4,
+            "ca_file: file",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"\nupstream = \"core\"",
+            3,
+            "upstream \"core\" is not defined",
+        ),
+        (
+            "[[routes]]\nprefix = \"v1\"\nrespond = { status = 200 }",
+            2,
+            "must start with '/'",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"",
+            2,
+            "needs an upstream or a respond",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }",
+            5,
+            "duplicate route prefix",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 99 }",
+            3,
+            "respond.status must be 200-599",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\nmethods = [\"get\"]",
+            4,
+            "is not an HTTP method",
+        ),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\nmethods = []",
+            2,
+            "methods is empty",
+        ),
+        (
+            "[server]\nworkers = \"two\"",
+            2,
+            "invalid type: string \"two\"",
+        ),
+        ("[server\nlisten = 1", 1, ""),
+    ];
+
+    #[test]
+    fn every_mistake_is_reported_at_its_line() {
+        for (text, line, fragment) in MISTAKES {
+            let found = issues(text);
+            assert!(
+                found
+                    .iter()
+                    .any(|i| i.line == *line && i.message.contains(fragment)),
+                "expected line {line} with {fragment:?} for:\n{text}\ngot: {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn plaintext_keys_are_never_echoed() {
+        let found = issues("[[keys]]\nid = \"a\"\nkey = \"tg_live_TOPSECRET\"\nplan = \"free\"");
+        assert_eq!(found.len(), 1);
+        assert!(
+            !found[0].message.contains("TOPSECRET"),
+            "{}",
+            found[0].message
+        );
+    }
+
+    #[test]
+    fn every_error_of_a_file_at_once() {
+        let text =
+            "[server]\nlisne = 1\nidle_timeout = \"x\"\n[errors]\nstyle = \"y\"\nbogus = 2\n";
+        let found = issues(text);
+        let lines: Vec<usize> = found.iter().map(|i| i.line).collect();
+        assert_eq!(lines, vec![2, 3, 5, 6], "{found:#?}");
+        assert!(found.iter().all(|i| i.file == Path::new("t.toml")));
+    }
+
+    #[test]
+    fn columns_point_at_the_value() {
+        let found = issues("[server]\nidle_timeout   = \"x\"");
+        assert_eq!((found[0].line, found[0].column), (2, 18));
+    }
+
+    /// Every key the schema walk allows deserializes (file structs are `deny_unknown_fields`,
+    /// so a key missing from either list fails here).
+    #[test]
+    fn the_schema_and_the_file_structs_agree() {
+        let dir = std::env::temp_dir().join(format!("tollgate-schema-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pem = dir.join("x.pem");
+        std::fs::write(&pem, "x").unwrap();
+        let keys = dir.join("keys.toml");
+        std::fs::write(
+            &keys,
+            "[[keys]]\nid = \"k2\"\nkey = \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\nplan = \"free\"\n",
+        )
+        .unwrap();
+        let pem = pem.display();
+        let text = format!(
+            r#"
+[server]
+listen = ["127.0.0.1:0"]
+workers = 1
+watch = true
+header_read_timeout = "1s"
+body_read_timeout = "1s"
+idle_timeout = "1s"
+max_header_bytes = 8192
+max_body_bytes = "1MiB"
+max_connections = 5
+shutdown_grace = "0s"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+[server.tls]
+cert = "{pem}"
+key = "{pem}"
+[admin]
+listen = "127.0.0.1:0"
+[errors]
+style = "simple"
+normalize_upstream_5xx = false
+fields = {{ powered_by = "Acme", version = 2, nested = {{ a = [1, 2] }} }}
+[auth]
+header = "X-Key"
+bearer = false
+query_param = "api_key"
+forward_key = true
+keys_file = "{keys}"
+[limits]
+backend = "redis"
+redis_url = "redis://127.0.0.1:6380"
+backend_timeout = "5ms"
+on_backend_error = "deny"
+headers = "both"
+mode = "shadow"
+[limits.ip_throttle]
+rejections = 3
+window = "10s"
+block_for = "1m"
+[limits.failed_auth]
+attempts = 4
+window = "10s"
+block_for = "2m"
+[plans.gold]
+requests_per_minute = 100
+burst = 200
+requests_per_hour = 1000
+requests_per_day = 10000
+[[keys]]
+id = "k1"
+key = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+plan = "gold"
+scopes = ["a:read"]
+requests_per_minute = 50
+disabled = true
+[[upstreams]]
+name = "core"
+url = "https://core.internal:8443/base"
+connect_timeout = "1s"
+timeout = "2s"
+max_inflight = 10
+maintenance = true
+retry_after = "5s"
+ca_file = "{pem}"
+[[routes]]
+prefix = "/v1/"
+upstream = "core"
+scopes = ["a:read"]
+methods = ["GET", "POST"]
+auth = false
+strip_prefix = true
+[[routes]]
+prefix = "/ok"
+respond = {{ status = 204, body = "", content_type = "text/plain" }}
+"#,
+            keys = keys.display()
+        );
+        let config = load(Path::new("full.toml"), &text, |p| {
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            config.keys.len(),
+            2,
+            "keys from the config and the keys file"
+        );
+        assert_eq!(config.errors.fields["nested"]["a"][1], 2);
+        assert_eq!(config.limits.failed_auth.count.get(), 4);
+        assert_eq!(config.plans[&PlanName(Arc::from("gold"))].burst.get(), 200);
+        assert_eq!(config.upstreams[0].url.path(), "/base");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn keys_file_errors_name_the_keys_file_and_duplicates_span_both_files() {
+        let dir = std::env::temp_dir().join(format!("tollgate-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let keys = dir.join("keys.toml");
+        std::fs::write(
+            &keys,
+            "[[keys]]\nid = \"main\"\nkey = \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\nplan = \"free\"\nextra = 1\n",
+        )
+        .unwrap();
+        let text = format!(
+            "[auth]\nkeys_file = \"{}\"\n[[keys]]\nid = \"main\"\nkey = \"sha256:2222222222222222222222222222222222222222222222222222222222222222\"\nplan = \"free\"\n",
+            keys.display()
+        );
+        let err = load(Path::new("main.toml"), &text, |p| {
+            std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })
+        })
+        .unwrap_err();
+        let issues = err.issues();
+        assert!(
+            issues.iter().any(|i| i.file == keys
+                && i.line == 5
+                && i.message.contains("unknown key `extra` in [[keys]]")),
+            "{issues:#?}"
+        );
+        assert!(
+            issues.iter().any(|i| i.file == keys
+                && i.line == 2
+                && i.message
+                    .contains("duplicate key id \"main\" (first defined at main.toml:4)")),
+            "{issues:#?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.toml");
+        let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert!(!config.routes.is_empty());
+        assert!(config.keys.iter().all(|k| k.id.0.as_ref() != ""));
+    }
+}

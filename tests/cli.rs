@@ -1,0 +1,296 @@
+//! The `tollgate` binary: `check`, `hash-key`, `gen-key`, and the running process's signals.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+
+fn tollgate() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+}
+
+fn temp_config(name: &str, text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let out = tollgate()
+        .args(["check", "--config"])
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config/tollgate.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+}
+
+#[test]
+fn check_lists_every_mistake_with_file_line_and_column() {
+    let text = r#"[server]
+listen = "0.0.0.0:8080"
+header_read_timout = "10s"
+body_read_timeout = "ten"
+max_body_bytes = "10 MB please"
+trusted_proxies = ["10.0.0.0/33"]
+
+[plans.free]
+requests_per_minute = 0
+
+[[keys]]
+id = "acme"
+key = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+plan = "platinum"
+
+[[keys]]
+id = "acme"
+key = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+plan = "free"
+
+[[upstreams]]
+name = "core"
+url = "localhost:3000"
+
+[[routes]]
+prefix = "/v1/"
+upstream = "cor"
+"#;
+    let (_dir, path) = temp_config("bad.toml", text);
+    let out = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let p = path.display();
+    for expected in [
+        format!(
+            "{p}:3:1: unknown key `header_read_timout` in [server] (did you mean `header_read_timeout`?)"
+        ),
+        format!("{p}:4:21: server.body_read_timeout: invalid duration \"ten\""),
+        format!("{p}:5:18: server.max_body_bytes: invalid size unit"),
+        format!("{p}:6:20: server.trusted_proxies: \"10.0.0.0/33\" is not a CIDR"),
+        format!("{p}:9:23: plans.free.requests_per_minute must be a whole number from 1"),
+        format!("{p}:14:8: key \"acme\": plan \"platinum\" is not defined"),
+        format!("{p}:17:6: duplicate key id \"acme\" (first defined at {p}:12)"),
+        format!("{p}:18:7: key \"acme\" has the same digest as the key at {p}:12"),
+        format!(
+            "{p}:23:7: upstream \"core\": url \"localhost:3000\" must be an http:// or https:// URL"
+        ),
+        format!(
+            "{p}:27:12: route \"/v1/\": upstream \"cor\" is not defined; defined upstreams: core"
+        ),
+        format!("{p}: 10 errors"),
+    ] {
+        assert!(
+            stderr.contains(&expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn running_with_an_invalid_config_exits_1_with_the_errors() {
+    let (_dir, path) = temp_config("bad.toml", "[server]\nlisten = 5\n");
+    let out = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "human"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:10"));
+}
+
+#[test]
+fn hash_key_prints_the_sha256_digest() {
+    let mut child = tollgate()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"test\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    );
+}
+
+#[test]
+fn gen_key_prints_a_base62_key_and_its_hash() {
+    let out = tollgate()
+        .args(["gen-key", "--prefix", "tg_live_"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key:  "))
+        .unwrap();
+    let hash = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("hash: "))
+        .unwrap();
+    let body = key.strip_prefix("tg_live_").unwrap();
+    assert!(
+        body.len() >= 43 && body.bytes().all(|b| b.is_ascii_alphanumeric()),
+        "{key}"
+    );
+
+    let mut child = tollgate()
+        .arg("hash-key")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(key.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// Starts the binary and waits for its "listening" log line.
+fn spawn_gateway(path: &std::path::Path) -> std::process::Child {
+    let mut child = tollgate()
+        .arg("--config")
+        .arg(path)
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut sent = false;
+        for line in lines.by_ref() {
+            let line = line.unwrap_or_default();
+            if !sent && line.contains("admin listening") {
+                let _ = tx.send(());
+                sent = true;
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("gateway started");
+    child
+}
+
+fn signal(child: &std::process::Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let up = upstream(move |_req: Request<Incoming>| {
+        let entered = entered_tx.clone();
+        async move {
+            let _ = entered.send(());
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            Response::new(Full::new(Bytes::from_static(b"finished")))
+        }
+    })
+    .await;
+    let addr = free_port();
+    let admin = free_port();
+    let (_dir, path) = temp_config(
+        "gw.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"
+        ),
+    );
+    let mut child = spawn_gateway(&path);
+    let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    entered_rx.recv().await.unwrap();
+    signal(&child, "-TERM");
+
+    let reply = in_flight.await.unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "finished");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "did not exit");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
+    let addr = free_port();
+    let admin = free_port();
+    let base = format!("[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n");
+    let with_body = |body: &str| {
+        format!(
+            "{base}[[routes]]\nprefix = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+        )
+    };
+    let (_dir, path) = temp_config("gw.toml", &with_body("one"));
+    let mut child = spawn_gateway(&path);
+    assert_eq!(get(addr, "/", &[]).await.text(), "one");
+
+    std::fs::write(&path, with_body("two")).unwrap();
+    signal(&child, "-HUP");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = get(addr, "/", &[]).await.text();
+        if seen == "two" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, "two");
+
+    std::fs::write(&path, format!("{base}[[routes]]\nprefix = 5\n")).unwrap();
+    signal(&child, "-HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        get(addr, "/", &[]).await.text(),
+        "two",
+        "broken file keeps the old config"
+    );
+
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
