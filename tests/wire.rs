@@ -495,3 +495,26 @@ async fn reload_swaps_routes_for_new_requests() {
     assert_eq!(r.status, 200);
     assert_eq!(r.text(), "new");
 }
+
+#[tokio::test]
+async fn a_stalled_request_body_gets_408() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "body_read_timeout = \"300ms\"",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-part")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+        .await
+        .expect("answered within 5s")
+        .unwrap();
+    let reply = parse_reply(&buf).expect("a response");
+    assert_eq!(reply.status, 408, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "request_timeout");
+}
