@@ -72,6 +72,12 @@ pub enum GatewayError {
         /// The first missing scope.
         scope: String,
     },
+    /// The client IP is blocked (repeated failed auth or repeated 429s).
+    #[error("client IP throttled")]
+    IpThrottled {
+        /// How much longer the block lasts; sent as `Retry-After`.
+        retry_after: Duration,
+    },
     /// No route matches the path.
     #[error("no route")]
     NoRoute,
@@ -136,6 +142,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ScopeDenied { .. } => StatusCode::FORBIDDEN,
+            GatewayError::IpThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -155,6 +162,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
             GatewayError::ScopeDenied { .. } => "permission_denied",
+            GatewayError::IpThrottled { .. } => "ip_throttled",
             GatewayError::NoRoute => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
@@ -188,6 +196,10 @@ impl GatewayError {
             GatewayError::ScopeDenied { scope } => {
                 Cow::Owned(format!("This API key lacks the required scope '{scope}'."))
             }
+            GatewayError::IpThrottled { retry_after } => Cow::Owned(format!(
+                "Too many failed or rejected requests from your IP address. Retry after {}s.",
+                retry_after_secs(*retry_after)
+            )),
             GatewayError::NoRoute => Cow::Borrowed("No route matches this path."),
             GatewayError::MethodNotAllowed { method, allow } => Cow::Owned(format!(
                 "Method {method} is not allowed here. Allowed: {}.",

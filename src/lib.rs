@@ -18,6 +18,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod limit;
 pub mod observability;
 pub mod proxy;
 pub mod route;

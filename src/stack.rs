@@ -1,26 +1,36 @@
 //! The request pipeline: the one place that shows, in order, what happens to a request.
 //!
 //! ```text
-//! request id + span (server/) -> head limits -> route -> method -> [auth] -> [limit] -> target
+//! request id + span (server/) -> head limits -> client IP guard -> route -> method
+//!   -> auth + scopes -> [limit] -> identity headers -> target (fixed response or upstream)
 //! ```
 //! Each step either passes the request on or answers with a [`GatewayError`]; nothing here
-//! returns `Err` to hyper. Auth and rate limiting slot in where marked.
+//! returns `Err` to hyper. Rate limiting slots in where marked.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{Request, Response};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, Request, Response, Uri};
 use hyper::body::Incoming;
 
+use crate::auth::extract::{bearer_token, query_without};
+use crate::auth::{Identity, KeyStore};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, MAX_URI_BYTES, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
+use crate::limit::IpTripwire;
 use crate::observability::RequestId;
 use crate::proxy::{ClientInfo, Upstream};
 use crate::route::Router;
+use crate::server::client_ip::client_ip;
 use crate::server::{Handler, RequestContext};
+
+/// Identity headers tollgate sets for the upstream; client copies are always removed.
+static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
+static X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
 
 /// Everything derived from one loaded config. Swapped whole on reload; a request keeps the
 /// snapshot it started with.
@@ -32,6 +42,8 @@ pub struct Snapshot {
     pub router: Router,
     /// Error body writer for `[errors]`.
     pub renderer: ErrorRenderer,
+    /// API keys by digest.
+    pub keys: KeyStore,
     /// One pooled client per upstream, by index in `config.upstreams`.
     pub upstreams: Vec<Upstream>,
 }
@@ -42,6 +54,7 @@ impl Snapshot {
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
+            keys: KeyStore::new(&config.keys),
             upstreams: config.upstreams.iter().map(Upstream::new).collect(),
             config,
         }
@@ -52,6 +65,8 @@ impl Snapshot {
 #[derive(Debug)]
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
+    /// `limits.failed_auth`: per client IP, survives reloads.
+    failed_auth: IpTripwire,
 }
 
 impl Gateway {
@@ -59,6 +74,7 @@ impl Gateway {
     pub fn new(config: Config) -> Self {
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+            failed_auth: IpTripwire::default(),
         }
     }
 
@@ -74,7 +90,7 @@ impl Gateway {
 
     async fn pipeline(
         &self,
-        request: Request<Incoming>,
+        mut request: Request<Incoming>,
         ctx: &RequestContext,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let snapshot = self.snapshot.load_full();
@@ -112,6 +128,13 @@ impl Gateway {
             });
         }
 
+        // Key guessing: a blocked IP is answered before any key is looked at.
+        let now = Instant::now();
+        let client = client_ip(ctx.peer, request.headers(), &server.trusted_proxies);
+        if let Some(wait) = self.failed_auth.blocked(client, now) {
+            return Err(GatewayError::IpThrottled { retry_after: wait });
+        }
+
         let route = snapshot
             .router
             .find(request.uri().path())
@@ -126,8 +149,24 @@ impl Gateway {
             });
         }
 
-        // [auth]: authentication and scopes land here (issue 3).
-        // [limit]: the key's token bucket is charged here (issue 4).
+        let auth = &snapshot.config.auth;
+        let identity = crate::auth::authenticate(
+            request.headers(),
+            request.uri(),
+            auth,
+            &snapshot.keys,
+            route.config.auth,
+            &route.config.scopes,
+        )
+        .inspect_err(|error| self.count_failed_auth(error, client, now, &snapshot))?;
+        if let Some(identity) = &identity {
+            tracing::Span::current().record("key_id", &*identity.record.id.0);
+        }
+
+        // [limit]: the key's token bucket is charged here (limits issue); 401/403 never are.
+
+        strip_credentials(&mut request, auth);
+        set_identity_headers(request.headers_mut(), identity.as_ref());
 
         match &route.config.target {
             RouteTarget::Respond(fixed) => {
@@ -154,7 +193,8 @@ impl Gateway {
                     RequestBody::new(body, server.max_body_bytes, server.body_read_timeout)
                 });
                 let client = ClientInfo {
-                    ip: ctx.peer.ip(),
+                    peer: ctx.peer.ip(),
+                    ip: client,
                     tls: ctx.tls,
                 };
                 upstream
@@ -162,6 +202,68 @@ impl Gateway {
                     .await
             }
         }
+    }
+}
+
+impl Gateway {
+    /// Counts a 401 against the client IP for `limits.failed_auth`.
+    fn count_failed_auth(
+        &self,
+        error: &GatewayError,
+        client: IpAddr,
+        now: Instant,
+        snapshot: &Snapshot,
+    ) {
+        if error.status() != http::StatusCode::UNAUTHORIZED {
+            return;
+        }
+        let rule = &snapshot.config.limits.failed_auth;
+        if self.failed_auth.record(client, now, rule) {
+            tracing::warn!(client_ip = %client, block_for = ?rule.block_for, "failed-auth guard tripped: client IP blocked");
+        }
+    }
+}
+
+/// Removes the credential before forwarding, unless `auth.forward_key`: the key header, a
+/// Bearer `Authorization`, and the query parameter.
+fn strip_credentials<B>(request: &mut Request<B>, auth: &crate::config::AuthConfig) {
+    if auth.forward_key {
+        return;
+    }
+    let headers = request.headers_mut();
+    headers.remove(&auth.header);
+    if auth.bearer
+        && headers
+            .get(AUTHORIZATION)
+            .is_some_and(|v| bearer_token(v.as_bytes()).is_some())
+    {
+        headers.remove(AUTHORIZATION);
+    }
+    if let (Some(param), Some(query)) = (&auth.query_param, request.uri().query()) {
+        // Only rebuild the URI when the parameter is actually there.
+        if crate::auth::extract::query_pairs(query).any(|(k, _)| k == param.as_bytes()) {
+            let path = request.uri().path();
+            let rebuilt = match query_without(query, param) {
+                Some(rest) => format!("{path}?{rest}"),
+                None => path.to_owned(),
+            };
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = rebuilt.parse().ok();
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+}
+
+/// Sets `X-Tollgate-Key-Id` and `X-Tollgate-Plan` for an authenticated request, after removing
+/// any copy the client sent (so they cannot be spoofed).
+fn set_identity_headers(headers: &mut HeaderMap, identity: Option<&Identity>) {
+    headers.remove(&X_TOLLGATE_KEY_ID);
+    headers.remove(&X_TOLLGATE_PLAN);
+    if let Some(identity) = identity {
+        headers.insert(&X_TOLLGATE_KEY_ID, identity.record.id_header.clone());
+        headers.insert(&X_TOLLGATE_PLAN, identity.record.plan_header.clone());
     }
 }
 

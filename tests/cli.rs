@@ -181,8 +181,18 @@ fn free_port() -> SocketAddr {
         .unwrap()
 }
 
-/// Starts the binary and waits for its "listening" log line.
-fn spawn_gateway(path: &std::path::Path) -> std::process::Child {
+/// A gateway process that is killed if the test fails before stopping it.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the binary and waits for its "admin listening" log line.
+fn spawn_gateway(path: &std::path::Path) -> ChildGuard {
     let mut child = tollgate()
         .arg("--config")
         .arg(path)
@@ -203,14 +213,15 @@ fn spawn_gateway(path: &std::path::Path) -> std::process::Child {
             }
         }
     });
+    let guard = ChildGuard(child);
     rx.recv_timeout(Duration::from_secs(20))
         .expect("gateway started");
-    child
+    guard
 }
 
-fn signal(child: &std::process::Child, sig: &str) {
+fn signal(child: &ChildGuard, sig: &str) {
     let status = Command::new("kill")
-        .args([sig, &child.id().to_string()])
+        .args([sig, &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
@@ -234,7 +245,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
         "gw.toml",
         &format!(
             "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
         ),
     );
     let mut child = spawn_gateway(&path);
@@ -247,7 +258,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     assert_eq!(reply.text(), "finished");
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "did not exit");
@@ -263,7 +274,7 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
     let base = format!("[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n");
     let with_body = |body: &str| {
         format!(
-            "{base}[[routes]]\nprefix = \"/\"\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+            "{base}[[routes]]\nprefix = \"/\"\nauth = false\nrespond = {{ status = 200, body = \"{body}\" }}\n"
         )
     };
     let (_dir, path) = temp_config("gw.toml", &with_body("one"));
@@ -292,5 +303,5 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
     );
 
     signal(&child, "-TERM");
-    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }

@@ -25,6 +25,7 @@ respond = { status = 200, body = "up", content_type = "text/plain" }
 
 [[routes]]
 prefix = "/fixed/"
+auth = false
 respond = { status = 201, body = "made" }
 "#;
 
@@ -112,7 +113,7 @@ async fn body_over_limit_while_streaming_is_413() {
     let up = echo_upstream().await;
     let gw = TestGateway::start(config(
         "max_body_bytes = \"1KiB\"",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
     // Chunked: no Content-Length to check up front.
@@ -142,7 +143,7 @@ async fn request_ids_kept_replaced_generated() {
     let up = echo_upstream().await;
     let gw = TestGateway::start(config(
         "",
-        &format!("{ROUTES}\n[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n"),
+        &format!("{ROUTES}\n[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
 
@@ -256,7 +257,7 @@ async fn graceful_shutdown_drains_an_in_flight_request() {
     .await;
     let mut gw = TestGateway::start(config(
         "shutdown_grace = \"10s\"",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
     let addr = gw.addr;
@@ -287,7 +288,7 @@ async fn shutdown_grace_bounds_the_drain() {
     .await;
     let mut gw = TestGateway::start(config(
         "shutdown_grace = \"300ms\"",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
     let addr = gw.addr;
@@ -309,8 +310,8 @@ async fn proxies_to_the_upstream_with_forwarding_headers() {
         "",
         &format!(
             "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n\
-             [[routes]]\nprefix = \"/strip/\"\nupstream = \"up\"\nstrip_prefix = true\n"
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\nauth = false\n\
+             [[routes]]\nprefix = \"/strip/\"\nupstream = \"up\"\nstrip_prefix = true\nauth = false\n"
         ),
     ))
     .await;
@@ -356,7 +357,7 @@ async fn upstream_refused_is_a_502_envelope() {
         .unwrap();
     let gw = TestGateway::start(config(
         "",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{dead}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{dead}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
     let r = get(gw.addr, "/x", &[]).await;
@@ -489,7 +490,7 @@ async fn reload_swaps_routes_for_new_requests() {
     assert_eq!(get(gw.addr, "/later", &[]).await.status, 404);
     gw.gateway.reload(config(
         "",
-        "[[routes]]\nprefix = \"/later\"\nrespond = { status = 200, body = \"new\" }\n",
+        "[[routes]]\nprefix = \"/later\"\nauth = false\nrespond = { status = 200, body = \"new\" }\n",
     ));
     let r = get(gw.addr, "/later", &[]).await;
     assert_eq!(r.status, 200);
@@ -501,7 +502,7 @@ async fn a_stalled_request_body_gets_408() {
     let up = echo_upstream().await;
     let gw = TestGateway::start(config(
         "body_read_timeout = \"300ms\"",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"),
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();

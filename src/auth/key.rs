@@ -40,8 +40,18 @@ impl fmt::Display for ApiKey {
 }
 
 /// The SHA-256 digest of an API key, written `sha256:<64 lowercase hex>` in config.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct KeyDigest([u8; 32]);
+
+impl std::hash::Hash for KeyDigest {
+    /// The digest is uniformly distributed already: its first 8 bytes are hash enough
+    /// (see [`crate::auth::store::DigestHasher`]).
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
 
 /// Why a `key = "..."` value is not a digest. Never carries the value itself.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]

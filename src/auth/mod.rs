@@ -1,7 +1,62 @@
-//! Authentication: API keys, their digests and (from the auth issue) the key store and scopes.
+//! Authentication: who is calling. Sits after route matching in the flow.
 //!
-//! Sits after route matching in the flow. Keys are only ever held as SHA-256 digests.
+//! [`extract`] finds the one credential of a request, [`store`] maps its SHA-256 digest to a
+//! key record (id, plan, scopes), and [`authenticate`] applies the route's rules: a key is
+//! required unless the route is public, and it must hold every scope the route lists.
+//! Plaintext keys are never stored, logged or echoed; config holds digests only.
 
+pub mod extract;
 pub mod key;
+pub mod store;
+
+use std::sync::Arc;
 
 pub use key::{ApiKey, KeyDigest};
+pub use store::{KeyRecord, KeyStore};
+
+use extract::{CredentialSource, Presented};
+use http::{HeaderMap, Uri};
+
+use crate::config::AuthConfig;
+use crate::error::GatewayError;
+
+/// Who a request authenticated as.
+#[derive(Debug)]
+pub struct Identity {
+    /// The key's record.
+    pub record: Arc<KeyRecord>,
+    /// Where the key was found (to remove it before forwarding).
+    pub source: CredentialSource,
+}
+
+/// Authenticates a request for a route that requires a key (`required`) or is public.
+/// `Ok(None)` only on a public route with no key.
+pub fn authenticate(
+    headers: &HeaderMap,
+    uri: &Uri,
+    config: &AuthConfig,
+    store: &KeyStore,
+    required: bool,
+    required_scopes: &[String],
+) -> Result<Option<Identity>, GatewayError> {
+    let presented: Option<Presented<'_>> = extract::extract(headers, uri, config)?;
+    let Some(presented) = presented else {
+        return if required {
+            Err(GatewayError::MissingApiKey)
+        } else {
+            Ok(None)
+        };
+    };
+    let record = store
+        .lookup(&presented.key)
+        .ok_or(GatewayError::InvalidApiKey)?;
+    if let Some(scope) = record.missing_scope(required_scopes) {
+        return Err(GatewayError::ScopeDenied {
+            scope: scope.to_owned(),
+        });
+    }
+    Ok(Some(Identity {
+        record: record.clone(),
+        source: presented.source,
+    }))
+}

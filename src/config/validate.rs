@@ -486,12 +486,12 @@ impl Validator<'_, '_> {
         window: &Option<SpannedStr>,
         block_for: &Option<SpannedStr>,
         defaults: (u32, Duration, Duration),
-        name: &str,
+        (table, count_name): (&str, &str),
     ) -> Tripwire {
         Tripwire {
-            count: self.positive_or(count, defaults.0, name),
-            window: self.duration(window, defaults.1, &format!("{name}.window")),
-            block_for: self.duration(block_for, defaults.2, &format!("{name}.block_for")),
+            count: self.positive_or(count, defaults.0, &format!("{table}.{count_name}")),
+            window: self.duration(window, defaults.1, &format!("{table}.window")),
+            block_for: self.duration(block_for, defaults.2, &format!("{table}.block_for")),
         }
     }
 
@@ -522,7 +522,7 @@ impl Validator<'_, '_> {
                     DEFAULT_IP_THROTTLE_WINDOW,
                     DEFAULT_IP_THROTTLE_BLOCK,
                 ),
-                "limits.ip_throttle.rejections",
+                ("limits.ip_throttle", "rejections"),
             )
         });
         let failed_auth = l.failed_auth.as_ref().map(|t| {
@@ -535,7 +535,7 @@ impl Validator<'_, '_> {
                     DEFAULT_FAILED_AUTH_WINDOW,
                     DEFAULT_FAILED_AUTH_BLOCK,
                 ),
-                "limits.failed_auth.attempts",
+                ("limits.failed_auth", "attempts"),
             )
         });
         let nz = |n| NonZeroU32::new(n).expect("defaults are non-zero");
@@ -1036,7 +1036,7 @@ mod tests {
         (
             "[limits.failed_auth]\nwindow = \"x\"",
             2,
-            "limits.failed_auth.attempts.window",
+            "limits.failed_auth.window: invalid duration",
         ),
         (
             "[plans.free]\nrequests_per_minute = 0",

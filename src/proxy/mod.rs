@@ -34,7 +34,9 @@ pub struct Upstream {
 /// What the proxy needs to know about the client side of a request.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientInfo {
-    /// The client's address (already resolved through trusted proxies).
+    /// The TCP peer (appended to `X-Forwarded-For`).
+    pub peer: std::net::IpAddr,
+    /// The client's address (resolved through trusted proxies).
     pub ip: std::net::IpAddr,
     /// Whether the client connection is TLS.
     pub tls: bool,

@@ -7,6 +7,7 @@
 //!
 //! [`Gateway`]: crate::stack::Gateway
 
+pub mod client_ip;
 pub mod signals;
 
 use std::convert::Infallible;
@@ -234,7 +235,11 @@ async fn respond<H: Handler>(
         peer,
         tls,
     };
-    let span = tracing::info_span!("request", request_id = %ctx.request_id);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %ctx.request_id,
+        key_id = tracing::field::Empty
+    );
     let access = tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
         .then(|| (request.method().clone(), request.uri().path().to_owned()));
 

@@ -1,0 +1,143 @@
+//! The key store: SHA-256 digest -> key record, built once per config load.
+//!
+//! A presented key is hashed exactly once (SHA-256, with the CPU's SHA extensions where
+//! present); the digest is already uniformly distributed, so the map uses its first 8 bytes as
+//! the hash instead of hashing it a second time.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::Arc;
+
+use http::HeaderValue;
+
+use crate::auth::KeyDigest;
+use crate::config::{KeyConfig, KeyId, PlanName};
+
+/// What tollgate knows about a key.
+#[derive(Debug)]
+pub struct KeyRecord {
+    /// Public id.
+    pub id: KeyId,
+    /// Plan.
+    pub plan: PlanName,
+    /// Scopes held.
+    pub scopes: Box<[String]>,
+    /// Revoked keys are answered like unknown ones.
+    pub disabled: bool,
+    /// `X-Tollgate-Key-Id` value, built once.
+    pub id_header: HeaderValue,
+    /// `X-Tollgate-Plan` value, built once.
+    pub plan_header: HeaderValue,
+}
+
+impl KeyRecord {
+    /// The first scope of `required` this key lacks.
+    pub fn missing_scope<'r>(&self, required: &'r [String]) -> Option<&'r str> {
+        required
+            .iter()
+            .find(|scope| !self.scopes.contains(scope))
+            .map(String::as_str)
+    }
+}
+
+/// Uses the first 8 bytes of a digest as its hash.
+#[derive(Default)]
+pub struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for non-digest keys; fold so it stays a valid hasher.
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(buf);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+/// All keys of the running config, by digest.
+#[derive(Debug, Default)]
+pub struct KeyStore {
+    by_digest: HashMap<KeyDigest, Arc<KeyRecord>, BuildHasherDefault<DigestHasher>>,
+}
+
+impl KeyStore {
+    /// Builds the store from validated keys.
+    pub fn new(keys: &[KeyConfig]) -> Self {
+        let mut by_digest =
+            HashMap::with_capacity_and_hasher(keys.len(), BuildHasherDefault::default());
+        for key in keys {
+            let record = KeyRecord {
+                id: key.id.clone(),
+                plan: key.plan.clone(),
+                scopes: key.scopes.clone().into_boxed_slice(),
+                disabled: key.disabled,
+                id_header: HeaderValue::from_str(&key.id.0).expect("key ids are validated"),
+                plan_header: HeaderValue::from_str(&key.plan.0).expect("plan names are validated"),
+            };
+            by_digest.insert(key.digest, Arc::new(record));
+        }
+        Self { by_digest }
+    }
+
+    /// The enabled record for a presented key, if any.
+    pub fn lookup(&self, presented: &[u8]) -> Option<&Arc<KeyRecord>> {
+        self.by_digest
+            .get(&KeyDigest::of(presented))
+            .filter(|record| !record.disabled)
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.by_digest.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::ApiKey;
+
+    fn key(id: &str, secret: &str, scopes: &[&str], disabled: bool) -> KeyConfig {
+        KeyConfig {
+            id: KeyId(Arc::from(id)),
+            digest: ApiKey::new(secret).digest(),
+            plan: PlanName(Arc::from("pro")),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            requests_per_minute: None,
+            disabled,
+        }
+    }
+
+    #[test]
+    fn lookup_by_presented_key() {
+        let store = KeyStore::new(&[
+            key("a", "secret-a", &["x:read"], false),
+            key("b", "secret-b", &[], true),
+        ]);
+        let a = store.lookup(b"secret-a").unwrap();
+        assert_eq!(&*a.id.0, "a");
+        assert_eq!(a.id_header, "a");
+        assert_eq!(a.plan_header, "pro");
+        assert!(store.lookup(b"secret-b").is_none(), "disabled");
+        assert!(store.lookup(b"secret-c").is_none());
+        assert_eq!(a.missing_scope(&["x:read".to_owned()]), None);
+        assert_eq!(
+            a.missing_scope(&["x:read".to_owned(), "x:write".to_owned()]),
+            Some("x:write")
+        );
+    }
+}

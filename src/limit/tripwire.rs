@@ -1,0 +1,189 @@
+//! A per-client-IP tripwire: `count` events (401s, or 429s) within `window` block the IP for
+//! `block_for`. Backs `limits.failed_auth` and `limits.ip_throttle`.
+//!
+//! Memory is bounded: at most [`MAX_TRACKED_IPS`] entries. Expired entries are swept at most
+//! once a second when the table is full; if it is still full, new IPs are not tracked until
+//! room frees up (IPs already blocked stay blocked). Time is passed in, so tests use synthetic
+//! instants and never sleep.
+
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::config::Tripwire;
+
+/// Most client IPs one tripwire tracks at once (about 100 bytes each).
+pub const MAX_TRACKED_IPS: usize = 100_000;
+
+/// Shortest gap between two sweeps of a full table.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    window_start: Instant,
+    count: u32,
+    blocked_until: Option<Instant>,
+}
+
+/// Counts events per IP and blocks IPs that trip.
+#[derive(Debug)]
+pub struct IpTripwire {
+    entries: DashMap<IpAddr, Entry>,
+    capacity: usize,
+    last_sweep: Mutex<Option<Instant>>,
+}
+
+impl Default for IpTripwire {
+    fn default() -> Self {
+        Self::with_capacity(MAX_TRACKED_IPS)
+    }
+}
+
+impl IpTripwire {
+    /// A tripwire tracking at most `capacity` IPs.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            entries: DashMap::new(),
+            capacity,
+            last_sweep: Mutex::new(None),
+        }
+    }
+
+    /// How much longer `ip` is blocked, if it is.
+    pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let entry = self.entries.get(&ip)?;
+        let until = entry.blocked_until?;
+        (until > now).then(|| until - now)
+    }
+
+    /// Records one event from `ip`; returns true if this event tripped the block.
+    pub fn record(&self, ip: IpAddr, now: Instant, rule: &Tripwire) -> bool {
+        if !self.entries.contains_key(&ip) && self.entries.len() >= self.capacity {
+            self.sweep_if_due(now, rule);
+            if self.entries.len() >= self.capacity {
+                return false;
+            }
+        }
+        let mut entry = self.entries.entry(ip).or_insert(Entry {
+            window_start: now,
+            count: 0,
+            blocked_until: None,
+        });
+        if entry.blocked_until.is_some_and(|until| until > now) {
+            return false;
+        }
+        if now.saturating_duration_since(entry.window_start) >= rule.window
+            || entry.blocked_until.is_some()
+        {
+            *entry = Entry {
+                window_start: now,
+                count: 0,
+                blocked_until: None,
+            };
+        }
+        entry.count += 1;
+        if entry.count >= rule.count.get() {
+            entry.blocked_until = Some(now + rule.block_for);
+            return true;
+        }
+        false
+    }
+
+    /// Drops entries whose window and block have both passed.
+    pub fn sweep(&self, now: Instant, rule: &Tripwire) {
+        self.entries.retain(|_, e| {
+            e.blocked_until.is_some_and(|until| until > now)
+                || now.saturating_duration_since(e.window_start) < rule.window
+        });
+        *self.last_sweep.lock().expect("not poisoned") = Some(now);
+    }
+
+    fn sweep_if_due(&self, now: Instant, rule: &Tripwire) {
+        let due = self
+            .last_sweep
+            .lock()
+            .expect("not poisoned")
+            .is_none_or(|last| now.saturating_duration_since(last) >= SWEEP_INTERVAL);
+        if due {
+            self.sweep(now, rule);
+        }
+    }
+
+    /// IPs tracked now.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no IP is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn rule(count: u32) -> Tripwire {
+        Tripwire {
+            count: NonZeroU32::new(count).unwrap(),
+            window: Duration::from_secs(60),
+            block_for: Duration::from_secs(300),
+        }
+    }
+
+    fn ip(n: u32) -> IpAddr {
+        IpAddr::from(n.to_be_bytes())
+    }
+
+    #[test]
+    fn trips_after_count_within_window_and_expires() {
+        let t = IpTripwire::default();
+        let r = rule(3);
+        let t0 = Instant::now();
+        assert!(!t.record(ip(1), t0, &r));
+        assert!(!t.record(ip(1), t0 + Duration::from_secs(1), &r));
+        assert_eq!(t.blocked(ip(1), t0 + Duration::from_secs(1)), None);
+        assert!(t.record(ip(1), t0 + Duration::from_secs(2), &r));
+        assert_eq!(
+            t.blocked(ip(1), t0 + Duration::from_secs(2)),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(t.blocked(ip(2), t0), None, "other IPs are unaffected");
+        assert_eq!(
+            t.blocked(ip(1), t0 + Duration::from_secs(302)),
+            None,
+            "block expires"
+        );
+        // After the block, counting starts over.
+        assert!(!t.record(ip(1), t0 + Duration::from_secs(303), &r));
+    }
+
+    #[test]
+    fn events_outside_the_window_do_not_add_up() {
+        let t = IpTripwire::default();
+        let r = rule(2);
+        let t0 = Instant::now();
+        assert!(!t.record(ip(1), t0, &r));
+        assert!(!t.record(ip(1), t0 + Duration::from_secs(61), &r));
+        assert!(t.record(ip(1), t0 + Duration::from_secs(62), &r));
+    }
+
+    #[test]
+    fn memory_is_bounded_and_swept() {
+        let t = IpTripwire::with_capacity(100);
+        let r = rule(5);
+        let t0 = Instant::now();
+        for n in 0..1000 {
+            t.record(ip(n), t0, &r);
+        }
+        assert_eq!(t.len(), 100);
+        // Once their window passed, old entries make room.
+        let later = t0 + Duration::from_secs(61);
+        t.record(ip(5000), later, &r);
+        assert_eq!(t.len(), 1);
+    }
+}

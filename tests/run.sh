@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The test command of tollgate: formatting, lints, every test, doc tests.
+# Works on a fresh Debian machine as root: installs what the tests need, then runs them.
+# Usage: tests/run.sh   (from anywhere; CI runs it through .ci/run)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Installs Debian package PKG when command BIN is missing.
+need_pkg() {
+    local bin="$1" pkg="$2"
+    if ! command -v "$bin" >/dev/null 2>&1; then
+        step "installing $pkg (for $bin)"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$pkg"
+    fi
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "tests/run.sh: cargo not found. Install Rust (https://rustup.rs), e.g.:" >&2
+    echo "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y && . \"\$HOME/.cargo/env\"" >&2
+    exit 1
+fi
+
+# Installs rustup component COMPONENT when `cargo SUBCOMMAND --version` fails.
+need_component() {
+    local subcommand="$1" component="$2"
+    if ! cargo "$subcommand" --version >/dev/null 2>&1; then
+        if ! command -v rustup >/dev/null 2>&1; then
+            echo "tests/run.sh: 'cargo $subcommand' is missing and there is no rustup to add $component" >&2
+            exit 1
+        fi
+        step "installing the $component component"
+        rustup component add "$component"
+    fi
+}
+need_component fmt rustfmt
+need_component clippy clippy
+
+# Packages the build and tests need. cargo links through `cc`, which rustup does not install.
+need_pkg cc build-essential
+# The Redis limiter tests will add:
+# need_pkg redis-server redis-server
+
+step "cargo fmt --all -- --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+
+if cargo nextest --version >/dev/null 2>&1; then
+    step "cargo nextest run --all-targets"
+    cargo nextest run --all-targets
+else
+    step "cargo test --all-targets"
+    cargo test --all-targets
+fi
+
+step "cargo test --doc"
+cargo test --doc
+
+step "all checks passed"
