@@ -280,7 +280,8 @@ impl ErrorRenderer {
             GatewayError::MethodNotAllowed { allow, .. } => {
                 headers.insert(ALLOW, allow.clone());
             }
-            GatewayError::ServiceUnavailable { retry_after, .. } => {
+            GatewayError::ServiceUnavailable { retry_after, .. }
+            | GatewayError::IpThrottled { retry_after } => {
                 headers.insert(
                     RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*retry_after)),

@@ -305,3 +305,89 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
     signal(&child, "-TERM");
     assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_keys_never_reach_the_logs() {
+    const VALID: &str = "tg_live_LOGCHECKvalid0123456789abcdefghijk";
+    const WRONG: &str = "tg_live_LOGCHECKwrong0123456789abcdefghijk";
+    let up = echo_upstream().await;
+    let addr = free_port();
+    let admin = free_port();
+    let dead = free_port();
+    let digest = tollgate::auth::ApiKey::new(VALID).digest();
+    let (_dir, path) = temp_config(
+        "gw.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n\
+             [auth]\nquery_param = \"api_key\"\n\
+             [[keys]]\nid = \"logcheck\"\nkey = \"{digest}\"\nplan = \"free\"\nscopes = [\"a\"]\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n\
+             [[routes]]\nprefix = \"/scoped/\"\nupstream = \"up\"\nscopes = [\"b\"]\n\
+             [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\n"
+        ),
+    );
+    let mut child = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "json", "--log-level", "trace"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut all);
+        all
+    });
+    let guard = ChildGuard(child);
+    // Wait for the listener.
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for key in [VALID, WRONG] {
+        let bearer = format!("Bearer {key}");
+        for path in ["/v1/x", "/scoped/x", "/dead/x", "/nowhere"] {
+            let replies = [
+                get(addr, path, &[("X-API-Key", key)]).await,
+                get(addr, path, &[("Authorization", &bearer)]).await,
+                get(addr, &format!("{path}?api_key={key}"), &[]).await,
+            ];
+            for reply in replies {
+                assert!(
+                    !reply.text().contains(key),
+                    "a key was echoed in a response body"
+                );
+                assert!(
+                    reply.headers.iter().all(|(_, v)| !v.contains(key)),
+                    "a key was echoed in a response header"
+                );
+            }
+        }
+    }
+    signal(&guard, "-TERM");
+    let logs = collected.join().unwrap();
+    assert!(
+        logs.contains("\"key_id\":\"logcheck\""),
+        "requests were logged with their key id"
+    );
+    assert!(
+        logs.contains("upstream failure"),
+        "the failing upstream was logged"
+    );
+    // Not `{logs}` in the message: a failure must not print the key either.
+    assert!(
+        !logs.contains("LOGCHECKvalid"),
+        "the valid plaintext key appeared in the logs"
+    );
+    assert!(
+        !logs.contains("LOGCHECKwrong"),
+        "a wrong plaintext key appeared in the logs"
+    );
+}

@@ -38,12 +38,14 @@ pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo, request_id: 
     remove_hop_by_hop(headers);
     // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
     let host = headers.remove(HOST);
-    let ip = HeaderValue::from_str(&client.ip.to_string()).expect("an IP is a valid header value");
+    // Like nginx's $proxy_add_x_forwarded_for: the chain so far, plus the peer we saw.
+    let peer =
+        HeaderValue::from_str(&client.peer.to_string()).expect("an IP is a valid header value");
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(existing) => {
-            HeaderValue::from_str(&format!("{existing}, {}", client.ip)).unwrap_or(ip)
+            HeaderValue::from_str(&format!("{existing}, {}", client.peer)).unwrap_or(peer)
         }
-        None => ip,
+        None => peer,
     };
     headers.insert(&X_FORWARDED_FOR, xff);
     headers.insert(

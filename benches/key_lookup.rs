@@ -1,0 +1,61 @@
+//! Key lookup: a presented API key -> its record, with 10, 10k and 1M keys in the store.
+//!
+//! One lookup is one SHA-256 of the presented key (CPU SHA extensions where present) plus one
+//! map probe keyed by the digest's first 8 bytes. `sha256_only` shows how much of it is the hash.
+//!
+//! Run: `cargo bench --bench key_lookup -- --warm-up-time 1 --measurement-time 3`
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use tollgate::auth::{ApiKey, KeyDigest, KeyStore};
+use tollgate::config::{KeyConfig, KeyId, PlanName};
+
+fn key_text(n: usize) -> String {
+    format!("tg_live_{n:043}")
+}
+
+fn store(size: usize) -> KeyStore {
+    let plan = PlanName(Arc::from("pro"));
+    let keys: Vec<KeyConfig> = (0..size)
+        .map(|n| KeyConfig {
+            id: KeyId(Arc::from(format!("key-{n}").as_str())),
+            digest: ApiKey::new(key_text(n)).digest(),
+            plan: plan.clone(),
+            scopes: vec!["campaigns:read".to_owned()],
+            requests_per_minute: None,
+            disabled: false,
+        })
+        .collect();
+    KeyStore::new(&keys)
+}
+
+fn lookup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key_lookup");
+    for size in [10usize, 10_000, 1_000_000] {
+        let store = store(size);
+        // Spread probes over the store so the 1M case is not one hot cache line.
+        let probes: Vec<String> = (0..1024).map(|i| key_text((i * 7919) % size)).collect();
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::new("hit", size), &size, |b, _| {
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                black_box(store.lookup(black_box(probes[i].as_bytes())))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("miss", size), &size, |b, _| {
+            b.iter(|| {
+                black_box(store.lookup(black_box(b"tg_live_not_a_key_0000000000000000000000000")))
+            })
+        });
+    }
+    group.bench_function("sha256_only", |b| {
+        let key = key_text(1);
+        b.iter(|| black_box(KeyDigest::of(black_box(key.as_bytes()))))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, lookup);
+criterion_main!(benches);

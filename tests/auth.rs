@@ -1,0 +1,365 @@
+//! API key authentication and scopes over the wire (SPEC.md, Authentication).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tollgate::auth::ApiKey;
+
+const GOOD: &str = "tg_test_good_0123456789abcdefghij";
+const READER: &str = "tg_test_reader_0123456789abcdefgh";
+const REVOKED: &str = "tg_test_revoked_0123456789abcdefg";
+
+fn digest(key: &str) -> String {
+    ApiKey::new(key).digest().to_string()
+}
+
+/// Keys, an echo upstream, a scoped route, a public route.
+async fn setup(
+    server_extra: &str,
+    auth: &str,
+    limits: &str,
+) -> (TestGateway, std::net::SocketAddr) {
+    let up = echo_upstream().await;
+    let text = format!(
+        r#"
+[auth]
+{auth}
+{limits}
+[[keys]]
+id = "acme-prod"
+key = "{good}"
+plan = "pro"
+scopes = ["campaigns:read", "campaigns:write"]
+
+[[keys]]
+id = "reader"
+key = "{reader}"
+plan = "free"
+scopes = ["campaigns:read"]
+
+[[keys]]
+id = "revoked"
+key = "{revoked}"
+plan = "free"
+disabled = true
+
+[[upstreams]]
+name = "up"
+url = "http://{up}"
+
+[[routes]]
+prefix = "/v1/"
+upstream = "up"
+
+[[routes]]
+prefix = "/v1/campaigns/write"
+upstream = "up"
+scopes = ["campaigns:write"]
+
+[[routes]]
+prefix = "/public/"
+upstream = "up"
+auth = false
+"#,
+        good = digest(GOOD),
+        reader = digest(READER),
+        revoked = digest(REVOKED),
+    );
+    let gw = TestGateway::start(config(server_extra, &text)).await;
+    (gw, up)
+}
+
+fn assert_401(reply: &Reply, message: &str) {
+    assert_eq!(reply.status, 401, "{}", reply.text());
+    let v = reply.json();
+    assert_eq!(v["error"]["code"], "authentication_error");
+    assert_eq!(v["error"]["message"], message);
+    assert_eq!(v["request_id"], reply.header("x-request-id").unwrap());
+}
+
+const REQUIRED: &str = "API key is required";
+const INVALID: &str = "Invalid or revoked API key";
+
+#[tokio::test]
+async fn missing_unknown_disabled_and_empty_keys_are_401() {
+    let (gw, _) = setup("", "", "").await;
+    assert_401(&get(gw.addr, "/v1/x", &[]).await, REQUIRED);
+    assert_401(&get(gw.addr, "/v1/x", &[("X-API-Key", "")]).await, REQUIRED);
+    assert_401(
+        &get(gw.addr, "/v1/x", &[("X-API-Key", "tg_test_unknown")]).await,
+        INVALID,
+    );
+    assert_401(
+        &get(gw.addr, "/v1/x", &[("X-API-Key", REVOKED)]).await,
+        INVALID,
+    );
+    // A digest is not a key: presenting the config's value does not authenticate.
+    assert_401(
+        &get(gw.addr, "/v1/x", &[("X-API-Key", &digest(GOOD))]).await,
+        INVALID,
+    );
+    let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_the_key_header_is_a_401() {
+    let (gw, _) = setup("", "", "").await;
+    let mut req =
+        b"GET /v1/x HTTP/1.1\r\nHost: t\r\nConnection: close\r\nX-API-Key: \xff\xfe\x80abc\r\n\r\n"
+            .to_vec();
+    let r = send_raw(gw.addr, &req).await;
+    assert_401(&r, INVALID);
+    req.clear();
+}
+
+#[tokio::test]
+async fn bearer_and_query_param() {
+    let (gw, _) = setup("", "query_param = \"api_key\"", "").await;
+    let bearer = format!("Bearer {GOOD}");
+    let r = get(gw.addr, "/v1/x", &[("Authorization", &bearer)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = get(gw.addr, &format!("/v1/x?a=1&api_key={GOOD}&b=2"), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The query parameter is removed before forwarding, other parameters stay.
+    assert_eq!(r.json()["query"], "a=1&b=2");
+    // Another Authorization scheme is not a key.
+    assert_401(
+        &get(gw.addr, "/v1/x", &[("Authorization", "Basic dXNlcjpwYXNz")]).await,
+        REQUIRED,
+    );
+}
+
+#[tokio::test]
+async fn query_param_and_bearer_when_off() {
+    let (gw, _) = setup("", "bearer = false", "").await;
+    assert_401(
+        &get(gw.addr, &format!("/v1/x?api_key={GOOD}"), &[]).await,
+        REQUIRED,
+    );
+    let bearer = format!("Bearer {GOOD}");
+    let r = get(gw.addr, "/v1/x", &[("Authorization", &bearer)]).await;
+    assert_401(&r, REQUIRED);
+}
+
+#[tokio::test]
+async fn two_different_credentials_are_401_and_the_same_twice_is_fine() {
+    let (gw, _) = setup("", "query_param = \"api_key\"", "").await;
+    let bearer_reader = format!("Bearer {READER}");
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("Authorization", &bearer_reader)],
+    )
+    .await;
+    assert_401(&r, INVALID);
+    let r = get(
+        gw.addr,
+        &format!("/v1/x?api_key={READER}"),
+        &[("X-API-Key", GOOD)],
+    )
+    .await;
+    assert_401(&r, INVALID);
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("X-API-Key", READER)],
+    )
+    .await;
+    assert_401(&r, INVALID);
+    let bearer_good = format!("Bearer {GOOD}");
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("Authorization", &bearer_good)],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn missing_scope_is_403_naming_the_scope() {
+    let (gw, _) = setup("", "", "").await;
+    let r = get(gw.addr, "/v1/campaigns/write/1", &[("X-API-Key", READER)]).await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "permission_denied");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("campaigns:write"),
+        "{v}"
+    );
+    let r = get(gw.addr, "/v1/campaigns/write/1", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn public_routes_need_no_key_but_check_one_if_given() {
+    let (gw, _) = setup("", "", "").await;
+    let r = get(gw.addr, "/public/x", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r.json()["headers"].get("x-tollgate-key-id").is_none());
+    assert_401(
+        &get(gw.addr, "/public/x", &[("X-API-Key", "tg_test_wrong")]).await,
+        INVALID,
+    );
+    let r = get(gw.addr, "/public/x", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.json()["headers"]["x-tollgate-key-id"], "acme-prod");
+}
+
+#[tokio::test]
+async fn credentials_are_stripped_and_identity_headers_cannot_be_spoofed() {
+    let (gw, _) = setup("", "", "").await;
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[
+            ("X-API-Key", GOOD),
+            ("X-Tollgate-Key-Id", "admin"),
+            ("X-Tollgate-Plan", "enterprise"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let h = &r.json()["headers"];
+    assert!(h.get("x-api-key").is_none(), "credential forwarded: {h}");
+    assert_eq!(h["x-tollgate-key-id"], "acme-prod");
+    assert_eq!(h["x-tollgate-plan"], "pro");
+    assert!(!r.text().contains(GOOD));
+
+    let bearer = format!("Bearer {GOOD}");
+    let r = get(gw.addr, "/v1/x", &[("Authorization", &bearer)]).await;
+    assert!(r.json()["headers"].get("authorization").is_none());
+
+    // On a public route without a key, client copies are removed and nothing is set.
+    let r = get(
+        gw.addr,
+        "/public/x",
+        &[
+            ("X-Tollgate-Key-Id", "admin"),
+            ("X-Tollgate-Plan", "enterprise"),
+        ],
+    )
+    .await;
+    let h = &r.json()["headers"];
+    assert!(
+        h.get("x-tollgate-key-id").is_none() && h.get("x-tollgate-plan").is_none(),
+        "{h}"
+    );
+}
+
+#[tokio::test]
+async fn forward_key_keeps_the_credential() {
+    let (gw, _) = setup("", "forward_key = true", "").await;
+    let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.json()["headers"]["x-api-key"], GOOD);
+}
+
+const GUARD: &str = "[limits.failed_auth]\nattempts = 3\nwindow = \"10s\"\nblock_for = \"1s\"";
+
+#[tokio::test]
+async fn failed_auth_guard_trips_then_expires() {
+    let (gw, _) = setup("", "", GUARD).await;
+    for _ in 0..3 {
+        assert_401(
+            &get(gw.addr, "/v1/x", &[("X-API-Key", "guess")]).await,
+            INVALID,
+        );
+    }
+    // Blocked: even the right key is not looked at.
+    let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "ip_throttled");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.json()["request_id"], r.header("x-request-id").unwrap());
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
+    assert_eq!(r.status, 200, "block expired: {}", r.text());
+}
+
+#[tokio::test]
+async fn scope_denials_do_not_count_as_failed_auth() {
+    let (gw, _) = setup("", "", GUARD).await;
+    for _ in 0..5 {
+        let r = get(gw.addr, "/v1/campaigns/write/1", &[("X-API-Key", READER)]).await;
+        assert_eq!(r.status, 403);
+    }
+    assert_eq!(
+        get(gw.addr, "/v1/x", &[("X-API-Key", READER)]).await.status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn x_forwarded_for_is_believed_only_from_trusted_peers() {
+    // Trusted loopback peer: each XFF client is counted on its own.
+    let (gw, _) = setup("trusted_proxies = [\"127.0.0.1/32\"]", "", GUARD).await;
+    for _ in 0..3 {
+        get(
+            gw.addr,
+            "/v1/x",
+            &[("X-API-Key", "guess"), ("X-Forwarded-For", "203.0.113.1")],
+        )
+        .await;
+    }
+    let blocked = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("X-Forwarded-For", "203.0.113.1")],
+    )
+    .await;
+    assert_eq!(blocked.status, 429);
+    let other = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("X-Forwarded-For", "203.0.113.2")],
+    )
+    .await;
+    assert_eq!(
+        other.status, 200,
+        "another client behind the same proxy is not blocked"
+    );
+    // A spoofed left-most hop does not move the client: the right-most untrusted hop counts.
+    let spoofed = get(
+        gw.addr,
+        "/v1/x",
+        &[
+            ("X-API-Key", GOOD),
+            ("X-Forwarded-For", "198.51.100.5, 203.0.113.1"),
+        ],
+    )
+    .await;
+    assert_eq!(spoofed.status, 429);
+    // The upstream sees the chain plus the peer.
+    assert_eq!(
+        other.json()["headers"]["x-forwarded-for"],
+        "203.0.113.2, 127.0.0.1"
+    );
+
+    // Untrusted peer: XFF is ignored, the socket peer is the client.
+    let (gw, _) = setup("", "", GUARD).await;
+    for n in 0..3 {
+        let xff = format!("203.0.113.{n}");
+        get(
+            gw.addr,
+            "/v1/x",
+            &[("X-API-Key", "guess"), ("X-Forwarded-For", &xff)],
+        )
+        .await;
+    }
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[("X-API-Key", GOOD), ("X-Forwarded-For", "203.0.113.99")],
+    )
+    .await;
+    assert_eq!(
+        r.status, 429,
+        "rotating XFF from an untrusted peer does not escape the guard"
+    );
+}
