@@ -72,6 +72,16 @@ pub enum GatewayError {
         /// The first missing scope.
         scope: String,
     },
+    /// The key's (or anonymous client's) token bucket is empty.
+    #[error("rate limited")]
+    RateLimited {
+        /// The limit of the bucket that rejected.
+        limit: u32,
+        /// Its window.
+        window: crate::limit::Window,
+        /// Wait until one request will be admitted; sent as `Retry-After`.
+        retry_after: Duration,
+    },
     /// The client IP is blocked (repeated failed auth or repeated 429s).
     #[error("client IP throttled")]
     IpThrottled {
@@ -142,7 +152,9 @@ impl GatewayError {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ScopeDenied { .. } => StatusCode::FORBIDDEN,
-            GatewayError::IpThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::RateLimited { .. } | GatewayError::IpThrottled { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -162,6 +174,7 @@ impl GatewayError {
             GatewayError::BadRequest(_) => "bad_request",
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
             GatewayError::ScopeDenied { .. } => "permission_denied",
+            GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::IpThrottled { .. } => "ip_throttled",
             GatewayError::NoRoute => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -196,6 +209,15 @@ impl GatewayError {
             GatewayError::ScopeDenied { scope } => {
                 Cow::Owned(format!("This API key lacks the required scope '{scope}'."))
             }
+            GatewayError::RateLimited {
+                limit,
+                window,
+                retry_after,
+            } => Cow::Owned(format!(
+                "Rate limit of {limit} requests per {} exceeded. Retry after {}s.",
+                window.name(),
+                retry_after_secs(*retry_after)
+            )),
             GatewayError::IpThrottled { retry_after } => Cow::Owned(format!(
                 "Too many failed or rejected requests from your IP address. Retry after {}s.",
                 retry_after_secs(*retry_after)
@@ -281,7 +303,8 @@ impl ErrorRenderer {
                 headers.insert(ALLOW, allow.clone());
             }
             GatewayError::ServiceUnavailable { retry_after, .. }
-            | GatewayError::IpThrottled { retry_after } => {
+            | GatewayError::IpThrottled { retry_after }
+            | GatewayError::RateLimited { retry_after, .. } => {
                 headers.insert(
                     RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*retry_after)),

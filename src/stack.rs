@@ -9,7 +9,8 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -20,8 +21,11 @@ use crate::auth::extract::{bearer_token, query_without};
 use crate::auth::{Identity, KeyStore};
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::{Config, MAX_URI_BYTES, RouteTarget};
+use crate::config::{LimitMode, PlanName};
 use crate::error::{ErrorRenderer, GatewayError};
-use crate::limit::IpTripwire;
+use crate::limit::bucket::buckets_for;
+use crate::limit::headers::PolicyHeaders;
+use crate::limit::{Decision, IpTripwire, KeyedLimiter};
 use crate::observability::RequestId;
 use crate::proxy::{ClientInfo, Upstream};
 use crate::route::Router;
@@ -46,19 +50,52 @@ pub struct Snapshot {
     pub keys: KeyStore,
     /// One pooled client per upstream, by index in `config.upstreams`.
     pub upstreams: Vec<Upstream>,
+    /// Per-client-IP buckets for public routes (`plans.anonymous`), when that plan exists.
+    pub anonymous: Option<Arc<Anonymous>>,
 }
 
+/// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
+#[derive(Debug)]
+pub struct Anonymous {
+    /// Buckets per client IP.
+    pub limiter: KeyedLimiter<IpAddr>,
+    /// Header parts.
+    pub policy: Arc<PolicyHeaders>,
+}
+
+/// The plan public routes are limited by, per client IP.
+pub const ANONYMOUS_PLAN: &str = "anonymous";
+
 impl Snapshot {
-    /// Builds the runtime state for `config`.
-    pub fn new(config: Config) -> Self {
+    /// Builds the runtime state for `config`, carrying bucket state over from `previous`
+    /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
+    pub fn new(config: Config, previous: Option<&Snapshot>) -> Self {
+        let anonymous = config
+            .plans
+            .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
+            .map(|plan| buckets_for(plan, None))
+            .map(|specs| match previous.and_then(|p| p.anonymous.as_ref()) {
+                Some(prev) if prev.limiter.specs() == specs.as_slice() => prev.clone(),
+                _ => Arc::new(Anonymous {
+                    limiter: KeyedLimiter::new(&specs, Default::default()),
+                    policy: Arc::new(PolicyHeaders::new(ANONYMOUS_PLAN, &specs)),
+                }),
+            });
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
-            keys: KeyStore::new(&config.keys),
+            keys: KeyStore::new(&config.keys, &config.plans, previous.map(|p| &p.keys)),
             upstreams: config.upstreams.iter().map(Upstream::new).collect(),
+            anonymous,
             config,
         }
     }
+}
+
+/// The rate-limit decision of a request and the header parts to report it with.
+struct RateInfo {
+    decision: Decision,
+    policy: Arc<PolicyHeaders>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -67,14 +104,20 @@ pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     /// `limits.failed_auth`: per client IP, survives reloads.
     failed_auth: IpTripwire,
+    /// `limits.ip_throttle`: per client IP, survives reloads.
+    ip_throttle: IpTripwire,
+    /// Requests that shadow mode would have rejected.
+    would_limit: AtomicU64,
 }
 
 impl Gateway {
     /// A gateway running `config`.
     pub fn new(config: Config) -> Self {
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::new(config)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
             failed_auth: IpTripwire::default(),
+            ip_throttle: IpTripwire::default(),
+            would_limit: AtomicU64::new(0),
         }
     }
 
@@ -85,13 +128,21 @@ impl Gateway {
 
     /// Replaces the config for new requests; in-flight requests finish on the old one.
     pub fn reload(&self, config: Config) {
-        self.snapshot.store(Arc::new(Snapshot::new(config)));
+        let previous = self.snapshot.load_full();
+        self.snapshot
+            .store(Arc::new(Snapshot::new(config, Some(&previous))));
+    }
+
+    /// Requests shadow mode let through that enforce mode would have rejected.
+    pub fn would_limit_count(&self) -> u64 {
+        self.would_limit.load(Ordering::Relaxed)
     }
 
     async fn pipeline(
         &self,
         mut request: Request<Incoming>,
         ctx: &RequestContext,
+        rate: &mut Option<RateInfo>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let snapshot = self.snapshot.load_full();
         let server = &snapshot.config.server;
@@ -131,7 +182,11 @@ impl Gateway {
         // Key guessing: a blocked IP is answered before any key is looked at.
         let now = Instant::now();
         let client = client_ip(ctx.peer, request.headers(), &server.trusted_proxies);
-        if let Some(wait) = self.failed_auth.blocked(client, now) {
+        if let Some(wait) = self
+            .failed_auth
+            .blocked(client, now)
+            .or_else(|| self.ip_throttle.blocked(client, now))
+        {
             return Err(GatewayError::IpThrottled { retry_after: wait });
         }
 
@@ -163,7 +218,23 @@ impl Gateway {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
         }
 
-        // [limit]: the key's token bucket is charged here (limits issue); 401/403 never are.
+        // Only now is a bucket charged: 401/403 never cost a token.
+        *rate = match (&identity, &snapshot.anonymous) {
+            (Some(identity), _) => Some(RateInfo {
+                decision: identity.record.limiter.check(),
+                policy: identity.record.policy.clone(),
+            }),
+            (None, Some(anonymous)) => Some(RateInfo {
+                decision: anonymous.limiter.check(&client),
+                policy: anonymous.policy.clone(),
+            }),
+            (None, None) => None,
+        };
+        if let Some(info) = rate.as_ref()
+            && !info.decision.allowed
+        {
+            self.over_limit(&info.decision, client, now, &snapshot)?;
+        }
 
         strip_credentials(&mut request, auth);
         set_identity_headers(request.headers_mut(), identity.as_ref());
@@ -206,6 +277,35 @@ impl Gateway {
 }
 
 impl Gateway {
+    /// A request over its limit: rejected (and counted towards `ip_throttle`), or in shadow
+    /// mode let through, logged and counted.
+    fn over_limit(
+        &self,
+        decision: &Decision,
+        client: IpAddr,
+        now: Instant,
+        snapshot: &Snapshot,
+    ) -> Result<(), GatewayError> {
+        let limits = &snapshot.config.limits;
+        if limits.mode == LimitMode::Shadow {
+            self.would_limit.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(
+                decision = "would_limit",
+                window = decision.spec.window.name(),
+                "shadow mode: over the limit, let through"
+            );
+            return Ok(());
+        }
+        if self.ip_throttle.record(client, now, &limits.ip_throttle) {
+            tracing::warn!(client_ip = %client, block_for = ?limits.ip_throttle.block_for, "ip throttle tripped: client IP blocked after repeated 429s");
+        }
+        Err(GatewayError::RateLimited {
+            limit: decision.spec.limit.get(),
+            window: decision.spec.window,
+            retry_after: decision.retry_after,
+        })
+    }
+
     /// Counts a 401 against the client IP for `limits.failed_auth`.
     fn count_failed_auth(
         &self,
@@ -273,13 +373,9 @@ impl Handler for Gateway {
         request: Request<Incoming>,
         ctx: &RequestContext,
     ) -> Response<ResponseBody> {
-        let started = Instant::now();
-        let method = request.method().clone();
-        match self.pipeline(request, ctx).await {
-            Ok(response) => {
-                tracing::debug!(%method, status = response.status().as_u16(), elapsed_us = started.elapsed().as_micros() as u64, "proxied");
-                response
-            }
+        let mut rate = None;
+        let mut response = match self.pipeline(request, ctx, &mut rate).await {
+            Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.failure_kind() {
                     tracing::warn!(
@@ -290,10 +386,32 @@ impl Handler for Gateway {
                 }
                 self.render_error(&error, &ctx.request_id)
             }
+        };
+        // Every response to a charged request reports the bucket, errors included.
+        if let Some(info) = rate {
+            let unix_now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default();
+            let style = self.snapshot.load().config.limits.headers;
+            info.policy
+                .apply(response.headers_mut(), style, &info.decision, unix_now);
         }
+        response
     }
 
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
         self.snapshot.load().renderer.render(error, request_id)
+    }
+
+    fn tick(&self) {
+        let snapshot = self.snapshot.load();
+        let now = Instant::now();
+        if let Some(anonymous) = &snapshot.anonymous {
+            anonymous.limiter.evict_idle();
+        }
+        self.failed_auth
+            .sweep(now, &snapshot.config.limits.failed_auth);
+        self.ip_throttle
+            .sweep(now, &snapshot.config.limits.ip_throttle);
     }
 }

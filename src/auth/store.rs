@@ -4,14 +4,17 @@
 //! present); the digest is already uniformly distributed, so the map uses its first 8 bytes as
 //! the hash instead of hashing it a second time.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use http::HeaderValue;
 
 use crate::auth::KeyDigest;
-use crate::config::{KeyConfig, KeyId, PlanName};
+use crate::config::{KeyConfig, KeyId, Plan, PlanName};
+use crate::limit::Limiter;
+use crate::limit::bucket::buckets_for;
+use crate::limit::headers::PolicyHeaders;
 
 /// What tollgate knows about a key.
 #[derive(Debug)]
@@ -28,6 +31,10 @@ pub struct KeyRecord {
     pub id_header: HeaderValue,
     /// `X-Tollgate-Plan` value, built once.
     pub plan_header: HeaderValue,
+    /// The key's token buckets; carried over across reloads while its limits are unchanged.
+    pub limiter: Arc<Limiter>,
+    /// The per-key parts of the rate-limit headers.
+    pub policy: Arc<PolicyHeaders>,
 }
 
 impl KeyRecord {
@@ -70,12 +77,33 @@ pub struct KeyStore {
 }
 
 impl KeyStore {
-    /// Builds the store from validated keys.
-    pub fn new(keys: &[KeyConfig]) -> Self {
+    /// Builds the store from validated keys. A key that was in `previous` (same id) with the
+    /// same limits keeps its buckets, so a reload hands nobody a fresh burst.
+    pub fn new(
+        keys: &[KeyConfig],
+        plans: &BTreeMap<PlanName, Plan>,
+        previous: Option<&KeyStore>,
+    ) -> Self {
+        let old: HashMap<&KeyId, &Arc<KeyRecord>> = previous
+            .map(|p| p.by_digest.values().map(|r| (&r.id, r)).collect())
+            .unwrap_or_default();
         let mut by_digest =
             HashMap::with_capacity_and_hasher(keys.len(), BuildHasherDefault::default());
         for key in keys {
+            let plan = plans.get(&key.plan).expect("key plans are validated");
+            let specs = buckets_for(plan, key.requests_per_minute);
+            let (limiter, policy) = match old.get(&key.id) {
+                Some(prev) if prev.limiter.specs() == specs.as_slice() && prev.plan == key.plan => {
+                    (prev.limiter.clone(), prev.policy.clone())
+                }
+                _ => (
+                    Arc::new(Limiter::new(&specs, Default::default())),
+                    Arc::new(PolicyHeaders::new(&key.plan.0, &specs)),
+                ),
+            };
             let record = KeyRecord {
+                limiter,
+                policy,
                 id: key.id.clone(),
                 plan: key.plan.clone(),
                 scopes: key.scopes.clone().into_boxed_slice(),
@@ -122,12 +150,50 @@ mod tests {
         }
     }
 
+    fn plans() -> BTreeMap<PlanName, Plan> {
+        let rpm = std::num::NonZeroU32::new(300).unwrap();
+        [(
+            PlanName(Arc::from("pro")),
+            Plan {
+                requests_per_minute: rpm,
+                burst: rpm,
+                requests_per_hour: None,
+                requests_per_day: None,
+            },
+        )]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn reload_keeps_buckets_of_unchanged_keys() {
+        let first = KeyStore::new(&[key("a", "secret-a", &[], false)], &plans(), None);
+        let again = KeyStore::new(&[key("a", "secret-a", &[], false)], &plans(), Some(&first));
+        assert!(Arc::ptr_eq(
+            &first.lookup(b"secret-a").unwrap().limiter,
+            &again.lookup(b"secret-a").unwrap().limiter
+        ));
+        let mut custom = key("a", "secret-a", &[], false);
+        custom.requests_per_minute = std::num::NonZeroU32::new(5);
+        let changed = KeyStore::new(&[custom], &plans(), Some(&again));
+        assert_eq!(
+            changed.lookup(b"secret-a").unwrap().limiter.specs()[0]
+                .limit
+                .get(),
+            5
+        );
+    }
+
     #[test]
     fn lookup_by_presented_key() {
-        let store = KeyStore::new(&[
-            key("a", "secret-a", &["x:read"], false),
-            key("b", "secret-b", &[], true),
-        ]);
+        let store = KeyStore::new(
+            &[
+                key("a", "secret-a", &["x:read"], false),
+                key("b", "secret-b", &[], true),
+            ],
+            &plans(),
+            None,
+        );
         let a = store.lookup(b"secret-a").unwrap();
         assert_eq!(&*a.id.0, "a");
         assert_eq!(a.id_header, "a");

@@ -67,7 +67,13 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Renders an error produced outside the handler (a caught panic) in the current style.
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody>;
+
+    /// Housekeeping, called every [`TICK_INTERVAL`] while serving (evicting idle per-IP state).
+    fn tick(&self) {}
 }
+
+/// How often [`Handler::tick`] runs.
+pub const TICK_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Bound listeners, ready to serve.
 pub struct Server<H> {
@@ -141,6 +147,19 @@ impl<H: Handler> Server<H> {
         }
         tracing::info!(addr = %self.admin.local_addr()?, "admin listening");
         let admin_task = tokio::spawn(admin::serve(self.admin, self.ready.clone()));
+        let ticker = {
+            let handler = self.handler.clone();
+            tokio::spawn(async move {
+                let mut interval = tokio::time::interval(TICK_INTERVAL);
+                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    interval.tick().await;
+                    // Sweeping large tables must not stall a worker thread.
+                    let handler = handler.clone();
+                    let _ = tokio::task::spawn_blocking(move || handler.tick()).await;
+                }
+            })
+        };
         self.ready.store(true, Ordering::SeqCst);
 
         shutdown.await;
@@ -154,6 +173,7 @@ impl<H: Handler> Server<H> {
             Err(_) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
         }
         admin_task.abort();
+        ticker.abort();
         Ok(())
     }
 }

@@ -1,0 +1,436 @@
+//! Token buckets (GCRA) through `governor`, behind our own [`Limiter`] (one key's buckets) and
+//! [`KeyedLimiter`] (per client IP, governor over dashmap). Both are generic over the clock, so
+//! tests use governor's `FakeRelativeClock` and never sleep.
+//!
+//! A bucket has capacity `burst` and refills one token every `window / limit`. A plan may have a
+//! minute bucket plus optional hourly and daily ones; every bucket is charged, and the decision
+//! reports the bucket closest to empty (or the one that rejected). Buckets are checked smallest
+//! window first, so the common rejection (per minute) charges nothing else.
+
+use std::hash::Hash;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{NotUntil, Quota, RateLimiter};
+
+use crate::config::Plan;
+
+/// The window a bucket's limit is stated in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// `requests_per_minute`.
+    Minute,
+    /// `requests_per_hour`.
+    Hour,
+    /// `requests_per_day`.
+    Day,
+}
+
+impl Window {
+    /// Length in seconds.
+    pub fn seconds(self) -> u64 {
+        match self {
+            Window::Minute => 60,
+            Window::Hour => 3_600,
+            Window::Day => 86_400,
+        }
+    }
+
+    /// "minute", "hour", "day".
+    pub fn name(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Hour => "hour",
+            Window::Day => "day",
+        }
+    }
+}
+
+/// One bucket's parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketSpec {
+    /// The window the limit is stated in.
+    pub window: Window,
+    /// Requests per window (the refill rate).
+    pub limit: NonZeroU32,
+    /// Capacity.
+    pub burst: NonZeroU32,
+}
+
+impl BucketSpec {
+    /// Time to earn one token back.
+    pub fn interval(&self) -> Duration {
+        Duration::from_nanos(
+            (Duration::from_secs(self.window.seconds()).as_nanos() / u128::from(self.limit.get()))
+                as u64,
+        )
+    }
+
+    fn quota(&self) -> Quota {
+        Quota::with_period(self.interval().max(Duration::from_nanos(1)))
+            .expect("interval is non-zero")
+            .allow_burst(self.burst)
+    }
+
+    /// An admitted request, from governor's view of the bucket after charging it.
+    fn admitted(&self, bucket: usize, state: &StateSnapshot) -> Decision {
+        let remaining = state.remaining_burst_capacity().min(self.burst.get());
+        Decision {
+            allowed: true,
+            spec: *self,
+            bucket,
+            remaining,
+            // governor exposes whole tokens only, so this rounds the refill of the partial
+            // token up: the reported time is never early, and at most one interval late.
+            reset_after: self.interval() * (self.burst.get() - remaining),
+            retry_after: Duration::ZERO,
+        }
+    }
+
+    /// A rejected request: `wait` until one token; the bucket is full `burst - 1` intervals later.
+    fn rejected(&self, bucket: usize, wait: Duration) -> Decision {
+        Decision {
+            allowed: false,
+            spec: *self,
+            bucket,
+            remaining: 0,
+            reset_after: wait + self.interval() * (self.burst.get() - 1),
+            retry_after: wait,
+        }
+    }
+}
+
+/// The buckets of a plan (or of a key with a custom rate).
+pub fn buckets_for(plan: &Plan, custom_per_minute: Option<NonZeroU32>) -> Vec<BucketSpec> {
+    let minute = match custom_per_minute {
+        // A custom rate gets a bucket as deep as one minute of it.
+        Some(rate) => BucketSpec {
+            window: Window::Minute,
+            limit: rate,
+            burst: rate,
+        },
+        None => BucketSpec {
+            window: Window::Minute,
+            limit: plan.requests_per_minute,
+            burst: plan.burst,
+        },
+    };
+    let mut specs = vec![minute];
+    for (window, limit) in [
+        (Window::Hour, plan.requests_per_hour),
+        (Window::Day, plan.requests_per_day),
+    ] {
+        if let Some(limit) = limit {
+            specs.push(BucketSpec {
+                window,
+                limit,
+                burst: limit,
+            });
+        }
+    }
+    specs
+}
+
+/// The outcome of charging a request, with what the rate-limit headers need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether every bucket had a token.
+    pub allowed: bool,
+    /// The bucket reported: the one that rejected, or the one closest to empty.
+    pub spec: BucketSpec,
+    /// Its index in the limiter's buckets.
+    pub bucket: usize,
+    /// Whole tokens left in that bucket after this request.
+    pub remaining: u32,
+    /// Time until that bucket is full again.
+    pub reset_after: Duration,
+    /// Time until one request will be admitted (zero when allowed).
+    pub retry_after: Duration,
+}
+
+/// Folds per-bucket outcomes (smallest window first) into one decision.
+fn combine<P: governor::clock::Reference>(
+    specs: &[BucketSpec],
+    now: P,
+    mut check: impl FnMut(usize) -> Result<StateSnapshot, NotUntil<P>>,
+) -> Decision {
+    let mut report: Option<Decision> = None;
+    for (i, spec) in specs.iter().enumerate() {
+        match check(i) {
+            Ok(state) => {
+                let decision = spec.admitted(i, &state);
+                if report.is_none_or(|r| decision.remaining < r.remaining) {
+                    report = Some(decision);
+                }
+            }
+            Err(not_until) => return spec.rejected(i, not_until.wait_time_from(now)),
+        }
+    }
+    report.expect("a limiter has at least one bucket")
+}
+
+type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+type KeyedGcra<K, C> = RateLimiter<K, DashMapStateStore<K>, C, StateInformationMiddleware>;
+
+/// One key's buckets.
+pub struct Limiter<C: Clock = DefaultClock> {
+    specs: Box<[BucketSpec]>,
+    gcras: Box<[DirectGcra<C>]>,
+    clock: C,
+}
+
+impl<C: Clock + Clone> Limiter<C> {
+    /// Full buckets for `specs` (at least one) on `clock`.
+    pub fn new(specs: &[BucketSpec], clock: C) -> Self {
+        assert!(!specs.is_empty(), "a limiter needs a bucket");
+        Self {
+            specs: specs.into(),
+            gcras: specs
+                .iter()
+                .map(|s| RateLimiter::direct_with_clock(s.quota(), clock.clone()).with_middleware())
+                .collect(),
+            clock,
+        }
+    }
+
+    /// Charges one request to every bucket.
+    pub fn check(&self) -> Decision {
+        let now = self.clock.now();
+        combine(&self.specs, now, |i| self.gcras[i].check())
+    }
+
+    /// The bucket parameters.
+    pub fn specs(&self) -> &[BucketSpec] {
+        &self.specs
+    }
+}
+
+impl<C: Clock> std::fmt::Debug for Limiter<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Limiter")
+            .field("specs", &self.specs)
+            .finish()
+    }
+}
+
+/// Buckets per key of type `K` (client IPs), created on first use and evicted once full again.
+pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
+    specs: Box<[BucketSpec]>,
+    gcras: Box<[KeyedGcra<K, C>]>,
+    clock: C,
+}
+
+impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
+    /// Empty tables for `specs` (at least one) on `clock`.
+    pub fn new(specs: &[BucketSpec], clock: C) -> Self {
+        assert!(!specs.is_empty(), "a limiter needs a bucket");
+        Self {
+            specs: specs.into(),
+            gcras: specs
+                .iter()
+                .map(|s| {
+                    RateLimiter::dashmap_with_clock(s.quota(), clock.clone()).with_middleware()
+                })
+                .collect(),
+            clock,
+        }
+    }
+
+    /// Charges one request from `key` to every bucket.
+    pub fn check(&self, key: &K) -> Decision {
+        let now = self.clock.now();
+        combine(&self.specs, now, |i| self.gcras[i].check_key(key))
+    }
+
+    /// Drops keys whose buckets are full again (idle), and returns how many keys remain.
+    pub fn evict_idle(&self) -> usize {
+        for gcra in self.gcras.iter() {
+            gcra.retain_recent();
+            gcra.shrink_to_fit();
+        }
+        self.len()
+    }
+
+    /// Keys tracked (in the largest table).
+    pub fn len(&self) -> usize {
+        self.gcras.iter().map(|g| g.len()).max().unwrap_or(0)
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bucket parameters.
+    pub fn specs(&self) -> &[BucketSpec] {
+        &self.specs
+    }
+}
+
+impl<K: Hash + Eq + Clone, C: Clock> std::fmt::Debug for KeyedLimiter<K, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyedLimiter")
+            .field("specs", &self.specs)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use governor::clock::FakeRelativeClock;
+
+    fn spec(limit: u32, burst: u32) -> BucketSpec {
+        BucketSpec {
+            window: Window::Minute,
+            limit: NonZeroU32::new(limit).unwrap(),
+            burst: NonZeroU32::new(burst).unwrap(),
+        }
+    }
+
+    const SEC: Duration = Duration::from_secs(1);
+
+    #[test]
+    fn full_bucket_then_empty() {
+        let clock = FakeRelativeClock::default();
+        // 60/min: one token a second, 3 deep.
+        let l = Limiter::new(&[spec(60, 3)], clock.clone());
+        let d = l.check();
+        assert!(d.allowed);
+        assert_eq!(
+            (d.remaining, d.reset_after),
+            (2, SEC),
+            "first of a full bucket"
+        );
+        let d = l.check();
+        assert_eq!((d.remaining, d.reset_after), (1, 2 * SEC));
+        let d = l.check();
+        assert_eq!((d.remaining, d.reset_after), (0, 3 * SEC), "last token");
+        let d = l.check();
+        assert!(!d.allowed, "empty");
+        assert_eq!(d.remaining, 0);
+        assert_eq!(d.retry_after, SEC, "one token after one interval");
+        assert_eq!(d.reset_after, 3 * SEC, "full after burst intervals");
+    }
+
+    #[test]
+    fn fractional_refill() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::new(&[spec(60, 2)], clock.clone());
+        assert!(l.check().allowed);
+        assert!(l.check().allowed);
+        clock.advance(Duration::from_millis(400));
+        let d = l.check();
+        assert!(!d.allowed, "0.4 of a token is not a token");
+        assert_eq!(d.retry_after, Duration::from_millis(600));
+        assert_eq!(d.reset_after, Duration::from_millis(1600));
+        clock.advance(Duration::from_millis(600));
+        let d = l.check();
+        assert!(d.allowed, "exactly at retry_after one request is admitted");
+        assert_eq!(d.remaining, 0);
+        // Rejections do not charge: after one more interval there is a token again.
+        assert!(!l.check().allowed);
+        clock.advance(SEC);
+        assert!(l.check().allowed);
+    }
+
+    #[test]
+    fn burst_larger_and_smaller_than_rate() {
+        let clock = FakeRelativeClock::default();
+        // 6/min (one per 10s) but 5 deep.
+        let l = Limiter::new(&[spec(6, 5)], clock.clone());
+        for left in (0..5).rev() {
+            assert_eq!(l.check().remaining, left);
+        }
+        let d = l.check();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, 10 * SEC);
+        assert_eq!(d.reset_after, 50 * SEC);
+        // 600/min (one per 100ms) but only 1 deep.
+        let l = Limiter::new(&[spec(600, 1)], clock.clone());
+        let d = l.check();
+        assert_eq!(
+            (d.allowed, d.remaining, d.reset_after),
+            (true, 0, Duration::from_millis(100))
+        );
+        let d = l.check();
+        assert_eq!(
+            (d.allowed, d.retry_after),
+            (false, Duration::from_millis(100))
+        );
+        clock.advance(Duration::from_millis(100));
+        assert!(l.check().allowed);
+    }
+
+    #[test]
+    fn partly_refilled_reset_is_never_early() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::new(&[spec(60, 3)], clock.clone());
+        for _ in 0..3 {
+            l.check();
+        }
+        clock.advance(Duration::from_millis(2500));
+        // 2.5 tokens back; this request takes one, leaving 1.5: whole tokens 1.
+        let d = l.check();
+        assert_eq!(d.remaining, 1);
+        // Exactly full after 1.5 s; reported 2 s (rounded up to the whole token).
+        assert_eq!(d.reset_after, 2 * SEC);
+        clock.advance(Duration::from_millis(1500));
+        for _ in 0..3 {
+            assert!(
+                l.check().allowed,
+                "full at the true reset, so also at the reported one"
+            );
+        }
+    }
+
+    #[test]
+    fn several_buckets_report_the_closest_to_empty() {
+        let clock = FakeRelativeClock::default();
+        let plan = Plan {
+            requests_per_minute: NonZeroU32::new(10).unwrap(),
+            burst: NonZeroU32::new(10).unwrap(),
+            requests_per_hour: None,
+            requests_per_day: Some(NonZeroU32::new(3).unwrap()),
+        };
+        let l = Limiter::new(&buckets_for(&plan, None), clock.clone());
+        let d = l.check();
+        assert_eq!((d.spec.window, d.remaining), (Window::Day, 2));
+        l.check();
+        l.check();
+        let d = l.check();
+        assert!(!d.allowed);
+        assert_eq!(d.spec.window, Window::Day, "the daily bucket rejected");
+        assert_eq!(d.retry_after, Duration::from_secs(86_400 / 3));
+    }
+
+    #[test]
+    fn custom_rate_overrides_the_plan() {
+        let plan = Plan {
+            requests_per_minute: NonZeroU32::new(300).unwrap(),
+            burst: NonZeroU32::new(300).unwrap(),
+            requests_per_hour: None,
+            requests_per_day: None,
+        };
+        let specs = buckets_for(&plan, NonZeroU32::new(1200));
+        assert_eq!(specs, vec![spec(1200, 1200)]);
+    }
+
+    #[test]
+    fn keyed_buckets_are_per_key_and_evicted_when_full() {
+        let clock = FakeRelativeClock::default();
+        let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 2)], clock.clone());
+        assert!(l.check(&1).allowed);
+        assert!(l.check(&1).allowed);
+        assert!(!l.check(&1).allowed);
+        assert!(l.check(&2).allowed, "another key has its own bucket");
+        assert_eq!(l.evict_idle(), 2);
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(l.evict_idle(), 0, "full buckets are forgotten");
+        assert!(l.check(&1).allowed);
+    }
+}

@@ -1,0 +1,197 @@
+//! Rate-limit response headers: `X-RateLimit-Limit/Remaining/Reset`, and with
+//! `limits.headers = "ietf" | "both"` the `RateLimit-Policy` / `RateLimit` fields of
+//! draft-ietf-httpapi-ratelimit-headers. Everything that does not change per request is built
+//! once per key at config load; per request only the numbers are written.
+
+use std::io::Write;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+use super::bucket::{BucketSpec, Decision, Window};
+use crate::config::RateLimitHeaders;
+
+static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// The per-key parts of the headers, built once.
+#[derive(Debug, Clone)]
+pub struct PolicyHeaders {
+    /// `X-RateLimit-Limit` per bucket.
+    limits: Box<[HeaderValue]>,
+    /// `"pro";r=` per bucket (the IETF `RateLimit` prefix).
+    ietf_prefixes: Box<[Bytes]>,
+    /// `RateLimit-Policy`, all buckets.
+    ietf_policy: HeaderValue,
+}
+
+impl PolicyHeaders {
+    /// Headers for a plan named `name` with these buckets. The minute bucket's policy is named
+    /// after the plan; hourly and daily ones get `-hour` / `-day`.
+    pub fn new(name: &str, specs: &[BucketSpec]) -> Self {
+        let policy_name = |spec: &BucketSpec| match spec.window {
+            Window::Minute => name.to_owned(),
+            other => format!("{name}-{}", other.name()),
+        };
+        let limits = specs
+            .iter()
+            .map(|s| HeaderValue::from(s.limit.get()))
+            .collect();
+        let ietf_prefixes = specs
+            .iter()
+            .map(|s| Bytes::from(format!("\"{}\";r=", policy_name(s))))
+            .collect();
+        let policy = specs
+            .iter()
+            .map(|s| {
+                format!(
+                    "\"{}\";q={};w={}",
+                    policy_name(s),
+                    s.limit,
+                    s.window.seconds()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        Self {
+            limits,
+            ietf_prefixes,
+            ietf_policy: HeaderValue::from_str(&policy).expect("plan names are header-safe"),
+        }
+    }
+
+    /// Writes the headers for `decision` at wall-clock time `unix_now` (since the epoch).
+    pub fn apply(
+        &self,
+        headers: &mut HeaderMap,
+        style: RateLimitHeaders,
+        decision: &Decision,
+        unix_now: Duration,
+    ) {
+        if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
+            headers.insert(&X_RATELIMIT_LIMIT, self.limits[decision.bucket].clone());
+            headers.insert(
+                &X_RATELIMIT_REMAINING,
+                HeaderValue::from(decision.remaining),
+            );
+            headers.insert(
+                &X_RATELIMIT_RESET,
+                HeaderValue::from(ceil_secs(unix_now + decision.reset_after)),
+            );
+        }
+        if matches!(style, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
+            headers.insert(&RATELIMIT_POLICY, self.ietf_policy.clone());
+            let t = if decision.allowed {
+                ceil_secs(decision.reset_after)
+            } else {
+                ceil_secs(decision.retry_after).max(1)
+            };
+            // `"pro";r=12;t=3` in a stack buffer: no String per request.
+            let prefix = &self.ietf_prefixes[decision.bucket];
+            let mut buf = [0u8; 160];
+            let mut cursor = std::io::Cursor::new(&mut buf[..]);
+            let written = cursor
+                .write_all(prefix)
+                .and_then(|()| write!(cursor, "{};t={}", decision.remaining, t))
+                .is_ok();
+            let len = cursor.position() as usize;
+            if written && let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
+                headers.insert(&RATELIMIT, value);
+            }
+        }
+    }
+}
+
+/// Whole seconds, rounded up.
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn specs() -> Vec<BucketSpec> {
+        vec![
+            BucketSpec {
+                window: Window::Minute,
+                limit: NonZeroU32::new(300).unwrap(),
+                burst: NonZeroU32::new(300).unwrap(),
+            },
+            BucketSpec {
+                window: Window::Day,
+                limit: NonZeroU32::new(1000).unwrap(),
+                burst: NonZeroU32::new(1000).unwrap(),
+            },
+        ]
+    }
+
+    fn decision(
+        allowed: bool,
+        bucket: usize,
+        remaining: u32,
+        reset_ms: u64,
+        retry_ms: u64,
+    ) -> Decision {
+        Decision {
+            allowed,
+            spec: specs()[bucket],
+            bucket,
+            remaining,
+            reset_after: Duration::from_millis(reset_ms),
+            retry_after: Duration::from_millis(retry_ms),
+        }
+    }
+
+    #[test]
+    fn x_ratelimit_headers() {
+        let p = PolicyHeaders::new("pro", &specs());
+        let mut h = HeaderMap::new();
+        let now = Duration::from_millis(1_706_140_799_500);
+        p.apply(
+            &mut h,
+            RateLimitHeaders::XRateLimit,
+            &decision(true, 0, 299, 200, 0),
+            now,
+        );
+        assert_eq!(h["x-ratelimit-limit"], "300");
+        assert_eq!(h["x-ratelimit-remaining"], "299");
+        assert_eq!(
+            h["x-ratelimit-reset"], "1706140800",
+            "rounded up to the second"
+        );
+        assert!(h.get("ratelimit").is_none());
+    }
+
+    #[test]
+    fn ietf_headers() {
+        let p = PolicyHeaders::new("pro", &specs());
+        let mut h = HeaderMap::new();
+        p.apply(
+            &mut h,
+            RateLimitHeaders::Ietf,
+            &decision(false, 0, 0, 60_000, 200),
+            Duration::ZERO,
+        );
+        assert_eq!(
+            h["ratelimit-policy"],
+            "\"pro\";q=300;w=60, \"pro-day\";q=1000;w=86400"
+        );
+        assert_eq!(h["ratelimit"], "\"pro\";r=0;t=1");
+        assert!(h.get("x-ratelimit-limit").is_none());
+        let mut h = HeaderMap::new();
+        p.apply(
+            &mut h,
+            RateLimitHeaders::Both,
+            &decision(true, 1, 7, 2_500, 0),
+            Duration::ZERO,
+        );
+        assert_eq!(h["ratelimit"], "\"pro-day\";r=7;t=3");
+        assert_eq!(h["x-ratelimit-limit"], "1000");
+    }
+}
