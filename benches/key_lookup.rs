@@ -6,11 +6,12 @@
 //! Run: `cargo bench --bench key_lookup -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tollgate::auth::{ApiKey, KeyDigest, KeyStore};
-use tollgate::config::{KeyConfig, KeyId, PlanName};
+use tollgate::config::{KeyConfig, KeyId, Plan, PlanName};
 
 fn key_text(n: usize) -> String {
     format!("tg_live_{n:043}")
@@ -28,12 +29,30 @@ fn store(size: usize) -> KeyStore {
             disabled: false,
         })
         .collect();
-    KeyStore::new(&keys)
+    let rpm = NonZeroU32::new(300).unwrap();
+    let plans = [(
+        plan,
+        Plan {
+            requests_per_minute: rpm,
+            burst: rpm,
+            requests_per_hour: None,
+            requests_per_day: None,
+        },
+    )]
+    .into_iter()
+    .collect();
+    KeyStore::new(&keys, &plans, None)
 }
 
 fn lookup(c: &mut Criterion) {
     let mut group = c.benchmark_group("key_lookup");
-    for size in [10usize, 10_000, 1_000_000] {
+    // `cargo test --benches` runs each bench once: skip building the 1M store there.
+    let sizes: &[usize] = if std::env::args().any(|a| a == "--bench") {
+        &[10, 10_000, 1_000_000]
+    } else {
+        &[10, 10_000]
+    };
+    for &size in sizes {
         let store = store(size);
         // Spread probes over the store so the 1M case is not one hot cache line.
         let probes: Vec<String> = (0..1024).map(|i| key_text((i * 7919) % size)).collect();
