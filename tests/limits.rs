@@ -1,0 +1,342 @@
+//! Rate limits over the wire (SPEC.md, Rate limits): exactness under concurrency, headers,
+//! 429s, retry loops, IP throttling, shadow mode, reloads.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use tollgate::auth::ApiKey;
+
+const KEY_A: &str = "tg_test_limits_a_0123456789abcdefgh";
+const KEY_B: &str = "tg_test_limits_b_0123456789abcdefgh";
+
+fn digest(key: &str) -> String {
+    ApiKey::new(key).digest().to_string()
+}
+
+/// Two keys on plan `tight` (given rpm and burst), an upstream route and a dead one.
+async fn setup(rpm: u32, burst: u32, limits: &str, extra: &str) -> (TestGateway, tollgate::Config) {
+    let up = echo_upstream().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let text = format!(
+        r#"
+[limits]
+{limits}
+[plans.tight]
+requests_per_minute = {rpm}
+burst = {burst}
+[[keys]]
+id = "a"
+key = "{a}"
+plan = "tight"
+scopes = ["read"]
+[[keys]]
+id = "b"
+key = "{b}"
+plan = "tight"
+[[upstreams]]
+name = "up"
+url = "http://{up}"
+[[upstreams]]
+name = "dead"
+url = "http://{dead}"
+[[routes]]
+prefix = "/v1/"
+upstream = "up"
+[[routes]]
+prefix = "/scoped/"
+upstream = "up"
+scopes = ["write"]
+[[routes]]
+prefix = "/dead/"
+upstream = "dead"
+{extra}
+"#,
+        a = digest(KEY_A),
+        b = digest(KEY_B),
+    );
+    let cfg = config("", &text);
+    (TestGateway::start(cfg.clone()).await, cfg)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+async fn with_key(addr: SocketAddr, path: &str, key: &str) -> Reply {
+    get(addr, path, &[("X-API-Key", key)]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn of_n_concurrent_requests_exactly_capacity_pass() {
+    // Capacity 25, refilled once a minute: nothing refills during the test.
+    let (gw, _) = setup(1, 25, "", "").await;
+    let addr = gw.addr;
+    let mut tasks = Vec::new();
+    for _ in 0..48 {
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..2 {
+                statuses.push(with_key(addr, "/v1/x", KEY_A).await);
+            }
+            statuses
+        }));
+    }
+    let mut replies = Vec::new();
+    for t in tasks {
+        replies.extend(t.await.unwrap());
+    }
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let limited: Vec<&Reply> = replies.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(replies.len(), 96);
+    assert_eq!(ok, 25, "exactly the capacity is admitted");
+    assert_eq!(limited.len(), 96 - 25, "every other request is a 429");
+
+    let r = limited[0];
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        v["error"]["message"],
+        format!("Rate limit of 1 requests per minute exceeded. Retry after {retry}s.")
+    );
+    assert_eq!(r.header("x-ratelimit-limit"), Some("1"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(v["request_id"], r.header("x-request-id").unwrap());
+
+    // The other key's bucket is untouched.
+    assert_eq!(with_key(addr, "/v1/x", KEY_B).await.status, 200);
+}
+
+#[tokio::test]
+async fn after_the_retry_after_wait_a_request_is_admitted_again() {
+    // One token a second, one deep.
+    let (gw, _) = setup(60, 1, "", "").await;
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 429);
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(retry, 1);
+    tokio::time::sleep(Duration::from_secs(retry)).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+#[tokio::test]
+async fn headers_on_every_response_to_an_authenticated_request() {
+    let (gw, _) = setup(60, 5, "", "").await;
+    let before = unix_now();
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-limit"), Some("60"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
+    let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    assert!(
+        reset >= before + 1 && reset <= unix_now() + 2,
+        "reset {reset}"
+    );
+    assert!(r.header("retry-after").is_none());
+
+    // Upstream failures were charged and say so.
+    let r = with_key(gw.addr, "/dead/x", KEY_A).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("3"));
+
+    // A 404 on no route happens before auth: nothing to report.
+    let r = with_key(gw.addr, "/nowhere", KEY_A).await;
+    assert_eq!(r.status, 404);
+    assert!(r.header("x-ratelimit-remaining").is_none());
+}
+
+#[tokio::test]
+async fn rejected_401_and_403_are_never_charged() {
+    let (gw, _) = setup(60, 2, "", "").await;
+    for _ in 0..5 {
+        assert_eq!(with_key(gw.addr, "/scoped/x", KEY_A).await.status, 403);
+        assert_eq!(with_key(gw.addr, "/v1/x", "tg_wrong").await.status, 401);
+    }
+    assert_eq!(
+        with_key(gw.addr, "/v1/x", KEY_A)
+            .await
+            .header("x-ratelimit-remaining"),
+        Some("1")
+    );
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 429);
+}
+
+#[tokio::test]
+async fn a_client_that_sleeps_until_reset_succeeds_on_its_first_retry() {
+    // 600/min: a token every 100 ms, 5 deep.
+    let (gw, _) = setup(600, 5, "", "").await;
+    let mut reply = with_key(gw.addr, "/v1/x", KEY_A).await;
+    let mut sent = 1;
+    while reply.status == 200 {
+        reply = with_key(gw.addr, "/v1/x", KEY_A).await;
+        sent += 1;
+        assert!(sent < 50, "never limited");
+    }
+    assert_eq!(reply.status, 429);
+    let reset: u64 = reply.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let wait = Duration::from_secs(reset).saturating_sub(now);
+    assert!(wait <= Duration::from_secs(2), "reset {wait:?} away");
+    tokio::time::sleep(wait).await;
+    let retry = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(retry.status, 200, "first retry after X-RateLimit-Reset");
+    assert_eq!(
+        retry.header("x-ratelimit-remaining"),
+        Some("4"),
+        "the bucket is full again"
+    );
+}
+
+#[tokio::test]
+async fn ietf_headers() {
+    let (gw, _) = setup(60, 2, "headers = \"both\"", "").await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.header("ratelimit-policy"), Some("\"tight\";q=60;w=60"));
+    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=1;t=1"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
+    with_key(gw.addr, "/v1/x", KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=0;t=1"));
+
+    let (gw, _) = setup(60, 2, "headers = \"ietf\"", "").await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert!(r.header("ratelimit").is_some());
+    assert!(r.header("x-ratelimit-limit").is_none());
+}
+
+#[tokio::test]
+async fn a_daily_bucket_is_reported_when_closest_to_empty_and_named_on_429() {
+    let up = echo_upstream().await;
+    let cfg = config(
+        "",
+        &format!(
+            "[plans.daily]\nrequests_per_minute = 100\nrequests_per_day = 2\n\
+             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"daily\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\n",
+            digest(KEY_A)
+        ),
+    );
+    let gw = TestGateway::start(cfg).await;
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
+    with_key(gw.addr, "/x", KEY_A).await;
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.status, 429);
+    let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.starts_with("Rate limit of 2 requests per day exceeded."),
+        "{message}"
+    );
+    assert_eq!(r.header("retry-after"), Some("43200"));
+}
+
+#[tokio::test]
+async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
+    let (gw, _) = setup(
+        60,
+        1,
+        "[limits.ip_throttle]\nrejections = 3\nwindow = \"60s\"\nblock_for = \"5m\"",
+        "",
+    )
+    .await;
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    for _ in 0..3 {
+        let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+        assert_eq!(r.json()["error"]["code"], "rate_limited");
+    }
+    let r = with_key(gw.addr, "/v1/x", KEY_B).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "ip_throttled");
+    assert_eq!(r.header("retry-after"), Some("300"));
+}
+
+#[tokio::test]
+async fn shadow_mode_lets_everything_through_and_counts_would_limit() {
+    let (gw, _) = setup(60, 2, "mode = \"shadow\"", "").await;
+    for _ in 0..5 {
+        let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+        assert_eq!(r.status, 200);
+    }
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some("0"),
+        "the decision is still reported"
+    );
+    assert_eq!(gw.gateway.would_limit_count(), 4);
+}
+
+#[tokio::test]
+async fn reload_keeps_drained_buckets_and_applies_new_keys_and_limits() {
+    let (gw, cfg) = setup(60, 2, "", "").await;
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 429);
+
+    // Same config again: the drained key stays drained.
+    gw.gateway.reload(cfg.clone());
+    assert_eq!(
+        with_key(gw.addr, "/v1/x", KEY_A).await.status,
+        429,
+        "no fresh burst on reload"
+    );
+
+    // A new plan limit applies at once.
+    let up = gw.gateway.snapshot().config.upstreams[0].url.clone();
+    let text = format!(
+        "[plans.tight]\nrequests_per_minute = 120\nburst = 3\n\
+         [[keys]]\nid = \"b\"\nkey = \"{}\"\nplan = \"tight\"\n\
+         [[upstreams]]\nname = \"up\"\nurl = \"{up}\"\n[[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n",
+        digest(KEY_B)
+    );
+    gw.gateway.reload(config("", &text));
+    let r = with_key(gw.addr, "/v1/x", KEY_B).await;
+    assert_eq!(r.header("x-ratelimit-limit"), Some("120"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    // The removed key is now unknown.
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 401);
+}
+
+#[tokio::test]
+async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
+    let up = echo_upstream().await;
+    let cfg = config(
+        "trusted_proxies = [\"127.0.0.1/32\"]",
+        &format!(
+            "[plans.anonymous]\nrequests_per_minute = 60\nburst = 2\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/public/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    );
+    let gw = TestGateway::start(cfg).await;
+    let from = |ip: &'static str| [("X-Forwarded-For", ip)];
+    assert_eq!(
+        get(gw.addr, "/public/x", &from("203.0.113.1")).await.status,
+        200
+    );
+    let r = get(gw.addr, "/public/x", &from("203.0.113.1")).await;
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    let r = get(gw.addr, "/public/x", &from("203.0.113.1")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert_eq!(
+        get(gw.addr, "/public/x", &from("203.0.113.2")).await.status,
+        200,
+        "per IP"
+    );
+}
