@@ -92,10 +92,11 @@ impl Snapshot {
     }
 }
 
-/// The rate-limit decision of a request and the header parts to report it with.
-struct RateInfo {
+/// The rate-limit decision of a request and the header parts to report it with, borrowed
+/// from the request's snapshot (no reference counting per request).
+struct RateInfo<'s> {
     decision: Decision,
-    policy: Arc<PolicyHeaders>,
+    policy: &'s PolicyHeaders,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -138,13 +139,13 @@ impl Gateway {
         self.would_limit.load(Ordering::Relaxed)
     }
 
-    async fn pipeline(
+    async fn pipeline<'s>(
         &self,
+        snapshot: &'s Snapshot,
         mut request: Request<Incoming>,
         ctx: &RequestContext,
-        rate: &mut Option<RateInfo>,
+        rate: &mut Option<RateInfo<'s>>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let snapshot = self.snapshot.load_full();
         let server = &snapshot.config.server;
 
         // Head limits first: nothing about an oversized request is worth routing.
@@ -213,7 +214,7 @@ impl Gateway {
             route.config.auth,
             &route.config.scopes,
         )
-        .inspect_err(|error| self.count_failed_auth(error, client, now, &snapshot))?;
+        .inspect_err(|error| self.count_failed_auth(error, client, now, snapshot))?;
         if let Some(identity) = &identity {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
         }
@@ -222,18 +223,18 @@ impl Gateway {
         *rate = match (&identity, &snapshot.anonymous) {
             (Some(identity), _) => Some(RateInfo {
                 decision: identity.record.limiter.check(),
-                policy: identity.record.policy.clone(),
+                policy: &identity.record.policy,
             }),
             (None, Some(anonymous)) => Some(RateInfo {
                 decision: anonymous.limiter.check(&client),
-                policy: anonymous.policy.clone(),
+                policy: &anonymous.policy,
             }),
             (None, None) => None,
         };
         if let Some(info) = rate.as_ref()
             && !info.decision.allowed
         {
-            self.over_limit(&info.decision, client, now, &snapshot)?;
+            self.over_limit(&info.decision, client, now, snapshot)?;
         }
 
         strip_credentials(&mut request, auth);
@@ -373,8 +374,11 @@ impl Handler for Gateway {
         request: Request<Incoming>,
         ctx: &RequestContext,
     ) -> Response<ResponseBody> {
+        // One snapshot for the whole request, however long it takes: a reload mid-request does
+        // not change its config, and everything per-request borrows from it.
+        let snapshot = self.snapshot.load_full();
         let mut rate = None;
-        let mut response = match self.pipeline(request, ctx, &mut rate).await {
+        let mut response = match self.pipeline(&snapshot, request, ctx, &mut rate).await {
             Ok(response) => response,
             Err(error) => {
                 if let Some(kind) = error.failure_kind() {
@@ -392,7 +396,7 @@ impl Handler for Gateway {
             let unix_now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
-            let style = self.snapshot.load().config.limits.headers;
+            let style = snapshot.config.limits.headers;
             info.policy
                 .apply(response.headers_mut(), style, &info.decision, unix_now);
         }

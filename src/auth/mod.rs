@@ -9,8 +9,6 @@ pub mod extract;
 pub mod key;
 pub mod store;
 
-use std::sync::Arc;
-
 pub use key::{ApiKey, KeyDigest};
 pub use store::{KeyRecord, KeyStore};
 
@@ -20,25 +18,25 @@ use http::{HeaderMap, Uri};
 use crate::config::AuthConfig;
 use crate::error::GatewayError;
 
-/// Who a request authenticated as.
+/// Who a request authenticated as, borrowed from the key store of the request's snapshot.
 #[derive(Debug)]
-pub struct Identity {
+pub struct Identity<'s> {
     /// The key's record.
-    pub record: Arc<KeyRecord>,
+    pub record: &'s KeyRecord,
     /// Where the key was found (to remove it before forwarding).
     pub source: CredentialSource,
 }
 
 /// Authenticates a request for a route that requires a key (`required`) or is public.
 /// `Ok(None)` only on a public route with no key.
-pub fn authenticate(
+pub fn authenticate<'s>(
     headers: &HeaderMap,
     uri: &Uri,
     config: &AuthConfig,
-    store: &KeyStore,
+    store: &'s KeyStore,
     required: bool,
     required_scopes: &[String],
-) -> Result<Option<Identity>, GatewayError> {
+) -> Result<Option<Identity<'s>>, GatewayError> {
     let presented: Option<Presented<'_>> = extract::extract(headers, uri, config)?;
     let Some(presented) = presented else {
         return if required {
@@ -56,7 +54,7 @@ pub fn authenticate(
         });
     }
     Ok(Some(Identity {
-        record: record.clone(),
+        record,
         source: presented.source,
     }))
 }

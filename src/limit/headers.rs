@@ -3,7 +3,9 @@
 //! draft-ietf-httpapi-ratelimit-headers. Everything that does not change per request is built
 //! once per key at config load; per request only the numbers are written.
 
+use std::cell::RefCell;
 use std::io::Write;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,13 +76,10 @@ impl PolicyHeaders {
     ) {
         if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
             headers.insert(&X_RATELIMIT_LIMIT, self.limits[decision.bucket].clone());
-            headers.insert(
-                &X_RATELIMIT_REMAINING,
-                HeaderValue::from(decision.remaining),
-            );
+            headers.insert(&X_RATELIMIT_REMAINING, small_number(decision.remaining));
             headers.insert(
                 &X_RATELIMIT_RESET,
-                HeaderValue::from(ceil_secs(unix_now + decision.reset_after)),
+                reset_value(ceil_secs(unix_now + decision.reset_after)),
             );
         }
         if matches!(style, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
@@ -104,6 +103,44 @@ impl PolicyHeaders {
             }
         }
     }
+}
+
+/// `Remaining` values below this come from a table built once, so the common case costs no
+/// allocation (the values are static; cloning one is a copy).
+const SMALL_NUMBERS: u32 = 4096;
+
+static SMALL: LazyLock<Box<[HeaderValue]>> = LazyLock::new(|| {
+    (0..SMALL_NUMBERS)
+        .map(|n| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+        .collect()
+});
+
+fn small_number(n: u32) -> HeaderValue {
+    SMALL
+        .get(n as usize)
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
+}
+
+/// Slots in the per-thread cache of recent `Reset` values (Unix seconds cluster around now).
+const RESET_CACHE_SLOTS: usize = 256;
+
+thread_local! {
+    static RESET_CACHE: RefCell<Vec<(u64, HeaderValue)>> = RefCell::new(
+        vec![(u64::MAX, HeaderValue::from_static("")); RESET_CACHE_SLOTS]
+    );
+}
+
+/// The `X-RateLimit-Reset` value for `unix_secs`, built at most once per second per slot.
+fn reset_value(unix_secs: u64) -> HeaderValue {
+    RESET_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        let slot = &mut cache[(unix_secs % RESET_CACHE_SLOTS as u64) as usize];
+        if slot.0 != unix_secs {
+            *slot = (unix_secs, HeaderValue::from(unix_secs));
+        }
+        slot.1.clone()
+    })
 }
 
 /// Whole seconds, rounded up.

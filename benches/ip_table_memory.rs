@@ -1,0 +1,45 @@
+//! Memory of the per-client-IP table (`plans.anonymous`, governor over dashmap): RSS before
+//! and after 1M distinct client IPs each make one request. Not a criterion bench: it prints
+//! the measured RSS growth.
+//!
+//! Run: `cargo bench --bench ip_table_memory`   (under `cargo test` it uses 10k IPs)
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
+
+use tollgate::limit::{BucketSpec, KeyedLimiter, Window};
+
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS line")
+}
+
+fn main() {
+    let ips: u32 = if std::env::args().any(|a| a == "--bench") {
+        1_000_000
+    } else {
+        10_000
+    };
+    let spec = BucketSpec {
+        window: Window::Minute,
+        limit: NonZeroU32::new(30).unwrap(),
+        burst: NonZeroU32::new(30).unwrap(),
+    };
+    let before = rss_kib();
+    let table: KeyedLimiter<IpAddr> = KeyedLimiter::new(&[spec], Default::default());
+    for n in 0..ips {
+        let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n));
+        assert!(table.check(&ip).allowed);
+    }
+    let after = rss_kib();
+    assert_eq!(table.len(), ips as usize);
+    let grown = after.saturating_sub(before);
+    println!(
+        "ip_table_memory: {ips} client IPs, RSS {before} KiB -> {after} KiB: +{grown} KiB ({:.0} bytes per IP)",
+        grown as f64 * 1024.0 / f64::from(ips)
+    );
+}
