@@ -119,19 +119,24 @@ fn running_with_an_invalid_config_exits_1_with_the_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:10"));
 }
 
-#[test]
-fn hash_key_prints_the_sha256_digest() {
+/// Runs `tollgate hash-key` with `input` on stdin; returns its trimmed stdout.
+fn hash_key(input: &[u8]) -> String {
     let mut child = tollgate()
         .arg("hash-key")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(b"test\n").unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn hash_key_prints_the_sha256_digest() {
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        hash_key(b"test\n"),
         "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
 }
@@ -157,21 +162,7 @@ fn gen_key_prints_a_base62_key_and_its_hash() {
         body.len() >= 43 && body.bytes().all(|b| b.is_ascii_alphanumeric()),
         "{key}"
     );
-
-    let mut child = tollgate()
-        .arg("hash-key")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(key.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), hash);
+    assert_eq!(hash_key(key.as_bytes()), hash);
 }
 
 fn free_port() -> SocketAddr {
