@@ -140,10 +140,7 @@ async fn headers_on_every_response_to_an_authenticated_request() {
     assert_eq!(r.header("x-ratelimit-limit"), Some("60"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
     let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
-    assert!(
-        reset > before && reset <= unix_now() + 2,
-        "reset {reset}"
-    );
+    assert!(reset > before && reset <= unix_now() + 2, "reset {reset}");
     assert!(r.header("retry-after").is_none());
 
     // Upstream failures were charged and say so.
