@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 /// The boxed error type bodies share with hyper.
@@ -52,7 +53,8 @@ impl RequestBodyError {
 
 /// A client request body with a size limit and a stall timeout.
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` for a body known to be empty (a replayed request, see [`RequestBody::empty`]).
+    inner: Option<Incoming>,
     limit: u64,
     seen: u64,
     stall: Duration,
@@ -64,10 +66,22 @@ impl RequestBody {
     /// Wraps `inner`: at most `limit` bytes, no gap longer than `stall` between frames.
     pub fn new(inner: Incoming, limit: u64, stall: Duration) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
             limit,
             seen: 0,
             stall,
+            timer: None,
+        }
+    }
+
+    /// A body with no bytes. Unlike a client's stream, it can be made again, so a request
+    /// carrying it can be replayed on a fresh connection.
+    pub fn empty() -> Self {
+        Self {
+            inner: None,
+            limit: 0,
+            seen: 0,
+            stall: Duration::ZERO,
             timer: None,
         }
     }
@@ -82,7 +96,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;
@@ -111,11 +128,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -126,7 +145,14 @@ pin_project! {
         /// Written by tollgate (errors, fixed responses).
         Full { #[pin] body: Full<Bytes> },
         /// Streamed from the upstream.
-        Upstream { #[pin] body: Incoming },
+        Upstream {
+            #[pin] body: Incoming,
+            // The upstream's `max_inflight` slot: held until the body is fully streamed or
+            // dropped (client gone), not just until the head arrived.
+            permit: Option<OwnedSemaphorePermit>,
+            // The request's span, so an abort mid-body is logged with its request ID.
+            span: tracing::Span,
+        },
     }
 }
 
@@ -143,9 +169,14 @@ impl ResponseBody {
         Self::full(Bytes::new())
     }
 
-    /// The upstream's body, streamed.
-    pub fn upstream(body: Incoming) -> Self {
-        ResponseBody::Upstream { body }
+    /// The upstream's body, streamed, holding `permit` until it ends or is dropped.
+    /// Call inside the request's span.
+    pub fn upstream(body: Incoming, permit: Option<OwnedSemaphorePermit>) -> Self {
+        ResponseBody::Upstream {
+            body,
+            permit,
+            span: tracing::Span::current(),
+        }
     }
 }
 
@@ -159,23 +190,43 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
-            // An upstream error mid-body propagates, so hyper aborts the client stream
-            // instead of ending it cleanly.
-            ResponseBodyProj::Upstream { body } => body.poll_frame(cx).map_err(Into::into),
+            ResponseBodyProj::Upstream { body, permit, span } => {
+                let polled = ready!(body.poll_frame(cx));
+                match &polled {
+                    // An upstream error mid-body propagates, so hyper aborts the client
+                    // stream (no terminating chunk, or a short Content-Length body) instead of
+                    // ending it cleanly.
+                    Some(Err(error)) => {
+                        span.in_scope(|| {
+                            tracing::warn!(
+                                kind = crate::error::FailureKind::Reset.as_str(),
+                                error = %error,
+                                "upstream failure after the response head: client stream aborted"
+                            )
+                        });
+                        permit.take();
+                    }
+                    None => {
+                        permit.take();
+                    }
+                    Some(Ok(_)) => {}
+                }
+                Poll::Ready(polled.map(|frame| frame.map_err(Into::into)))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Full { body } => body.is_end_stream(),
-            ResponseBody::Upstream { body } => body.is_end_stream(),
+            ResponseBody::Upstream { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ResponseBody::Full { body } => body.size_hint(),
-            ResponseBody::Upstream { body } => body.size_hint(),
+            ResponseBody::Upstream { body, .. } => body.size_hint(),
         }
     }
 }

@@ -52,6 +52,12 @@ impl FailureKind {
             FailureKind::BackendDown => "backend_down",
         }
     }
+
+    /// Whether the failure is the upstream's (or its gates'), as opposed to the limiter
+    /// backend's.
+    pub fn is_upstream(self) -> bool {
+        !matches!(self, FailureKind::BackendDown)
+    }
 }
 
 /// Everything that can stop a request from getting its upstream's answer.
@@ -143,6 +149,15 @@ pub enum GatewayError {
         /// What exactly failed.
         kind: FailureKind,
     },
+    /// The upstream answered 502, 503 or 504 itself and `errors.normalize_upstream_5xx` is on:
+    /// its body is replaced by an envelope so nothing of the upstream leaks.
+    #[error("upstream answered {status}")]
+    UpstreamStatus {
+        /// The upstream's status, kept (502, 503 or 504).
+        status: StatusCode,
+        /// The upstream's `Retry-After`, kept as sent.
+        retry_after: Option<HeaderValue>,
+    },
 }
 
 impl GatewayError {
@@ -165,6 +180,7 @@ impl GatewayError {
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::GatewayTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::UpstreamStatus { status, .. } => *status,
         }
     }
 
@@ -186,6 +202,11 @@ impl GatewayError {
             GatewayError::BadGateway { .. } => "bad_gateway",
             GatewayError::ServiceUnavailable { .. } => "service_unavailable",
             GatewayError::GatewayTimeout { .. } => "gateway_timeout",
+            GatewayError::UpstreamStatus { status, .. } => match *status {
+                StatusCode::SERVICE_UNAVAILABLE => "service_unavailable",
+                StatusCode::GATEWAY_TIMEOUT => "gateway_timeout",
+                _ => "bad_gateway",
+            },
         }
     }
 
@@ -252,6 +273,15 @@ impl GatewayError {
             GatewayError::GatewayTimeout { .. } => {
                 Cow::Borrowed("The upstream service did not respond in time. Retry with backoff.")
             }
+            GatewayError::UpstreamStatus { status, .. } => Cow::Borrowed(match *status {
+                StatusCode::SERVICE_UNAVAILABLE => {
+                    "The upstream service is temporarily unavailable. Retry with backoff."
+                }
+                StatusCode::GATEWAY_TIMEOUT => {
+                    "The upstream service did not respond in time. Retry with backoff."
+                }
+                _ => "The upstream service is momentarily unavailable. Retry with backoff.",
+            }),
         }
     }
 }
@@ -309,6 +339,12 @@ impl ErrorRenderer {
                     RETRY_AFTER,
                     HeaderValue::from(retry_after_secs(*retry_after)),
                 );
+            }
+            GatewayError::UpstreamStatus {
+                retry_after: Some(retry_after),
+                ..
+            } => {
+                headers.insert(RETRY_AFTER, retry_after.clone());
             }
             _ => {}
         }
@@ -422,6 +458,34 @@ mod tests {
         };
         let v = parse(&renderer(ErrorStyle::Envelope, &[]), &e);
         assert!(v["error"]["message"].as_str().unwrap().contains("a\"b"));
+    }
+
+    #[test]
+    fn upstream_gateway_errors_keep_status_and_retry_after() {
+        let r = renderer(ErrorStyle::Simple, &[]);
+        let id = RequestId::parse("abc-123").unwrap();
+        let e = GatewayError::UpstreamStatus {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            retry_after: Some(HeaderValue::from_static("120")),
+        };
+        let response = r.render(&e, &id);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "120");
+        assert_eq!(response.headers()[CONTENT_TYPE], "application/json");
+        assert_eq!(parse(&r, &e)["code"], "service_unavailable");
+        assert_eq!(
+            e.failure_kind(),
+            None,
+            "the upstream's own answer, not a failure kind"
+        );
+        for (status, code) in [(502, "bad_gateway"), (504, "gateway_timeout")] {
+            let e = GatewayError::UpstreamStatus {
+                status: StatusCode::from_u16(status).unwrap(),
+                retry_after: None,
+            };
+            assert_eq!(e.code(), code);
+            assert!(r.render(&e, &id).headers().get(RETRY_AFTER).is_none());
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 
 use crate::auth::extract::{bearer_token, query_without};
 use crate::auth::{Identity, KeyStore};
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::ResponseBody;
 use crate::config::{Config, MAX_URI_BYTES, RouteTarget};
 use crate::config::{LimitMode, PlanName};
 use crate::error::{ErrorRenderer, GatewayError};
@@ -27,7 +27,7 @@ use crate::limit::bucket::buckets_for;
 use crate::limit::headers::PolicyHeaders;
 use crate::limit::{Decision, IpTripwire, KeyedLimiter};
 use crate::observability::RequestId;
-use crate::proxy::{ClientInfo, Upstream};
+use crate::proxy::{ClientInfo, Forward, Upstream};
 use crate::route::Router;
 use crate::server::client_ip::client_ip;
 use crate::server::{Handler, RequestContext};
@@ -85,7 +85,15 @@ impl Snapshot {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
             keys: KeyStore::new(&config.keys, &config.plans, previous.map(|p| &p.keys)),
-            upstreams: config.upstreams.iter().map(Upstream::new).collect(),
+            upstreams: config
+                .upstreams
+                .iter()
+                .map(|u| {
+                    let old =
+                        previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
+                    Upstream::new(u, old)
+                })
+                .collect(),
             anonymous,
             config,
         }
@@ -261,17 +269,49 @@ impl Gateway {
                 } else {
                     request.uri().path().to_owned()
                 };
-                let request = request.map(|body| {
-                    RequestBody::new(body, server.max_body_bytes, server.body_read_timeout)
-                });
-                let client = ClientInfo {
-                    peer: ctx.peer.ip(),
-                    ip: client,
-                    tls: ctx.tls,
+                let forward = Forward {
+                    path: &path,
+                    client: ClientInfo {
+                        peer: ctx.peer.ip(),
+                        ip: client,
+                        tls: ctx.tls,
+                    },
+                    request_id: &ctx.request_id,
+                    max_body_bytes: server.max_body_bytes,
+                    body_read_timeout: server.body_read_timeout,
+                    normalize_5xx: snapshot.config.errors.normalize_upstream_5xx,
                 };
+                // Logged here, where the upstream is known; inside the request's span, so the
+                // line carries the request ID.
                 upstream
-                    .forward(request, &path, client, &ctx.request_id)
+                    .forward(request, forward)
                     .await
+                    .inspect_err(|error| log_upstream_failure(error, upstream))
+            }
+        }
+    }
+}
+
+/// One warning per upstream failure: kind (like Envoy's response flags), status, upstream.
+fn log_upstream_failure(error: &GatewayError, upstream: &Upstream) {
+    let status = error.status().as_u16();
+    let name = upstream.config.name.as_str();
+    match error {
+        GatewayError::UpstreamStatus { .. } => {
+            tracing::info!(
+                status,
+                upstream = name,
+                "upstream answered with a gateway error; body replaced by an envelope"
+            )
+        }
+        _ => {
+            if let Some(kind) = error.failure_kind() {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    status,
+                    upstream = name,
+                    "upstream failure"
+                );
             }
         }
     }
@@ -381,7 +421,8 @@ impl Handler for Gateway {
         let mut response = match self.pipeline(&snapshot, request, ctx, &mut rate).await {
             Ok(response) => response,
             Err(error) => {
-                if let Some(kind) = error.failure_kind() {
+                // Upstream failures were logged by the pipeline, with the upstream's name.
+                if let Some(kind) = error.failure_kind().filter(|kind| !kind.is_upstream()) {
                     tracing::warn!(
                         kind = kind.as_str(),
                         status = error.status().as_u16(),

@@ -1,32 +1,53 @@
-//! Forwarding to upstreams: a pooled keep-alive client per upstream, header rewriting, and the
-//! classification of upstream failures into [`GatewayError`]s.
+//! Forwarding to upstreams: a pooled keep-alive client per upstream, the `max_inflight` and
+//! `maintenance` gates, header rewriting, upgrades, one replay of idempotent requests that
+//! could not connect, and the classification of upstream failures into [`GatewayError`]s.
 //!
-//! The last box of the flow. Bodies stream both ways; nothing is buffered whole.
+//! The last box of the flow. Bodies stream both ways; nothing is buffered whole. Module map:
+//! [`tls`] builds the connector (TCP + rustls), [`headers`] rewrites heads, [`classify`] turns
+//! client errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
 
+pub mod classify;
 pub mod headers;
+pub mod tls;
+pub mod upgrade;
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use http::header::RETRY_AFTER;
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, Uri};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 
-use crate::body::{RequestBody, RequestBodyError, ResponseBody};
+use crate::body::{RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
+use classify::{Failure, classify, error_chain};
+use tls::Connector;
+
+pub use classify::may_retry;
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One upstream with its connection pool.
+/// One upstream: its connection pool and its in-flight gate.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// Its validated config.
     pub config: UpstreamConfig,
-    client: Client<HttpConnector, RequestBody>,
+    /// Pooled keep-alive client; h2 when an https upstream negotiates it by ALPN.
+    client: Client<Connector, RequestBody>,
+    /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
+    /// `Upgrade`. The same client as `client` for plain-http upstreams.
+    upgrade_client: Client<Connector, RequestBody>,
+    /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
+    inflight: Arc<Semaphore>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
     base_path: String,
 }
@@ -42,49 +63,160 @@ pub struct ClientInfo {
     pub tls: bool,
 }
 
+/// Everything about one request that [`Upstream::forward`] needs besides the request itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Forward<'a> {
+    /// The path to request upstream (the route may have stripped its prefix).
+    pub path: &'a str,
+    /// The client side.
+    pub client: ClientInfo,
+    /// Sent upstream as `X-Request-Id`.
+    pub request_id: &'a RequestId,
+    /// `server.max_body_bytes`, enforced while the body streams.
+    pub max_body_bytes: u64,
+    /// `server.body_read_timeout`: a body that stalls this long fails.
+    pub body_read_timeout: Duration,
+    /// `errors.normalize_upstream_5xx`.
+    pub normalize_5xx: bool,
+}
+
 impl Upstream {
-    /// Builds the client for one upstream.
-    pub fn new(config: &UpstreamConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        connector.enforce_http(false);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .build(connector);
-        let base_path = config.url.path().trim_end_matches('/').to_owned();
+    /// Builds the client for one upstream. The connection pool and the in-flight count of
+    /// `previous` (the same upstream in the config being replaced) are kept when the settings
+    /// they depend on did not change, so a reload neither drops warm connections nor resets
+    /// `max_inflight` accounting.
+    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Self {
+        let same_connection = |p: &&Upstream| {
+            p.config.url == config.url
+                && p.config.connect_timeout == config.connect_timeout
+                && p.config.ca_file == config.ca_file
+        };
+        let (client, upgrade_client) = match previous.filter(same_connection) {
+            Some(p) => (p.client.clone(), p.upgrade_client.clone()),
+            None => {
+                let client = build_client(tls::connector(config, true));
+                let upgrade_client = if config.url.scheme() == Some(&Scheme::HTTPS) {
+                    build_client(tls::connector(config, false))
+                } else {
+                    client.clone()
+                };
+                (client, upgrade_client)
+            }
+        };
+        let inflight = match previous.filter(|p| p.config.max_inflight == config.max_inflight) {
+            Some(p) => p.inflight.clone(),
+            None => Arc::new(Semaphore::new(config.max_inflight.get() as usize)),
+        };
         Self {
             config: config.clone(),
             client,
-            base_path,
+            upgrade_client,
+            inflight,
+            base_path: config.url.path().trim_end_matches('/').to_owned(),
         }
     }
 
-    /// Forwards `request` (its URI path already chosen by the route) and returns the upstream's
-    /// response with its body streaming, or the classified failure.
+    /// Requests to this upstream in flight right now (heads or bodies still streaming).
+    pub fn in_flight(&self) -> usize {
+        self.config.max_inflight.get() as usize - self.inflight.available_permits()
+    }
+
+    /// Forwards `request` and returns the upstream's response with its body streaming, or
+    /// the failure the client gets instead.
     pub async fn forward(
         &self,
-        mut request: Request<RequestBody>,
-        path: &str,
-        client: ClientInfo,
-        request_id: &RequestId,
+        mut request: Request<Incoming>,
+        cx: Forward<'_>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        *request.uri_mut() = self.upstream_uri(path, request.uri())?;
-        headers::prepare_request(request.headers_mut(), client, request_id);
-        if let Some(version) = upstream_version(&request) {
-            *request.version_mut() = version;
+        // Neither gate may touch the upstream.
+        if self.config.maintenance {
+            return Err(GatewayError::ServiceUnavailable {
+                kind: FailureKind::Maintenance,
+                retry_after: self.config.retry_after,
+            });
         }
-        let response = tokio::time::timeout(self.config.timeout, self.client.request(request))
-            .await
-            .map_err(|_| GatewayError::GatewayTimeout {
-                kind: FailureKind::Timeout,
-            })?
-            .map_err(classify)?;
-        let (mut parts, body) = response.into_parts();
-        headers::prepare_response(&mut parts.headers);
-        Ok(Response::from_parts(parts, ResponseBody::upstream(body)))
+        let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
+            GatewayError::ServiceUnavailable {
+                kind: FailureKind::Overloaded,
+                retry_after: self.config.retry_after,
+            }
+        })?;
+
+        // The client's upgrade handle lives in the request's extensions: take it before the
+        // request is taken apart.
+        let upgrade = upgrade::requested(&request)
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
+        let (mut parts, incoming) = request.into_parts();
+        parts.uri = self.upstream_uri(cx.path, &parts.uri)?;
+        // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
+        parts.version = Version::HTTP_11;
+        headers::prepare_request(&mut parts.headers, cx.client, cx.request_id);
+        let client = match &upgrade {
+            Some((protocol, _)) => {
+                upgrade::restore_headers(&mut parts.headers, protocol.clone());
+                &self.upgrade_client
+            }
+            None => &self.client,
+        };
+
+        let body_empty = incoming.is_end_stream();
+        let body = if body_empty {
+            RequestBody::empty()
+        } else {
+            RequestBody::new(incoming, cx.max_body_bytes, cx.body_read_timeout)
+        };
+        // Keep a copy of the head only when a replay could be allowed (see `may_retry`).
+        let replay = classify::replayable(&parts.method, body_empty).then(|| replay_of(&parts));
+        // One deadline for both attempts: a retry never stretches `timeout`.
+        let deadline = Instant::now() + self.config.timeout;
+        let mut outcome = attempt(client, Request::from_parts(parts, body), deadline).await;
+        if let (Err(failure), Some(replay)) = (&outcome, replay)
+            && may_retry(replay.method(), true, *failure)
+        {
+            tracing::debug!(
+                failed = ?failure,
+                "could not connect to the upstream; retrying once on a fresh connection"
+            );
+            outcome = attempt(client, replay, deadline).await;
+        }
+        let mut response = outcome.map_err(Failure::into_error)?;
+
+        if let Some((_, client_upgrade)) = upgrade
+            && upgrade::accepted(&response)
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            let (mut head, _) = response.into_parts();
+            let protocol = head.headers.get(http::header::UPGRADE).cloned();
+            headers::prepare_response(&mut head.headers);
+            if let Some(protocol) = protocol {
+                upgrade::restore_headers(&mut head.headers, protocol);
+            }
+            upgrade::tunnel(client_upgrade, upstream_upgrade, Some(permit));
+            return Ok(Response::from_parts(head, ResponseBody::empty()));
+        }
+
+        let status = response.status();
+        if cx.normalize_5xx
+            && matches!(
+                status,
+                StatusCode::BAD_GATEWAY
+                    | StatusCode::SERVICE_UNAVAILABLE
+                    | StatusCode::GATEWAY_TIMEOUT
+            )
+        {
+            // The upstream's page is dropped unread (its connection is not reused): it may
+            // name internal hosts, versions or stack traces.
+            return Err(GatewayError::UpstreamStatus {
+                status,
+                retry_after: response.headers().get(RETRY_AFTER).cloned(),
+            });
+        }
+        let (mut head, body) = response.into_parts();
+        headers::prepare_response(&mut head.headers);
+        Ok(Response::from_parts(
+            head,
+            ResponseBody::upstream(body, Some(permit)),
+        ))
     }
 
     fn upstream_uri(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
@@ -108,71 +240,40 @@ impl Upstream {
     }
 }
 
-/// Upstream requests always go out as HTTP/1.1 unless the pool negotiates h2.
-fn upstream_version<B>(request: &Request<B>) -> Option<http::Version> {
-    (request.version() == http::Version::HTTP_2).then_some(http::Version::HTTP_11)
+fn build_client(connector: Connector) -> Client<Connector, RequestBody> {
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        // A pooled connection the upstream closed before reading our request: hyper-util
+        // resends on another connection (nothing was sent, any method is safe).
+        .retry_canceled_requests(true)
+        .build(connector)
 }
 
-/// Maps a client error to the failure the client sees.
-fn classify(error: hyper_util::client::legacy::Error) -> GatewayError {
-    if let Some(body_error) = RequestBodyError::find(&error) {
-        return match body_error {
-            RequestBodyError::TooLarge { limit } => GatewayError::PayloadTooLarge { limit: *limit },
-            RequestBodyError::Stalled => GatewayError::RequestTimeout,
-            RequestBodyError::Client(_) => GatewayError::BadRequest("the request body was cut off"),
-        };
-    }
-    let kind = if error.is_connect() {
-        if source_io_kind(&error) == Some(std::io::ErrorKind::TimedOut)
-            || error.to_string().contains("timed out")
-            || format!("{error:?}").contains("ConnectTimeout")
-        {
-            FailureKind::ConnectTimeout
-        } else {
-            FailureKind::ConnectRefused
+/// A bodiless copy of a request head, to replay after a connect failure.
+fn replay_of(parts: &http::request::Parts) -> Request<RequestBody> {
+    let mut replay = Request::new(RequestBody::empty());
+    *replay.method_mut() = parts.method.clone();
+    *replay.uri_mut() = parts.uri.clone();
+    *replay.version_mut() = parts.version;
+    *replay.headers_mut() = parts.headers.clone();
+    replay
+}
+
+/// One try: the response head by `deadline`, or the classified failure.
+async fn attempt(
+    client: &Client<Connector, RequestBody>,
+    request: Request<RequestBody>,
+    deadline: Instant,
+) -> Result<Response<Incoming>, Failure> {
+    match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Ok(Ok(response)) => Ok(response),
+        Ok(Err(error)) => {
+            let failure = classify(&error);
+            tracing::debug!(error = %error_chain(&error), ?failure, "upstream request failed");
+            Err(failure)
         }
-    } else if find_hyper(&error).is_some_and(|h| h.is_parse() || h.is_parse_status()) {
-        FailureKind::InvalidResponse
-    } else {
-        FailureKind::Reset
-    };
-    tracing::debug!(error = %error_chain(&error), kind = kind.as_str(), "upstream request failed");
-    match kind {
-        FailureKind::ConnectTimeout => GatewayError::GatewayTimeout { kind },
-        _ => GatewayError::BadGateway { kind },
+        Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
     }
-}
-
-fn source_io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io.kind());
-        }
-        current = e.source();
-    }
-    None
-}
-
-fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            return Some(h);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// An error and its sources on one line, for logs.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = error.to_string();
-    let mut current = error.source();
-    while let Some(e) = current {
-        out.push_str(": ");
-        out.push_str(&e.to_string());
-        current = e.source();
-    }
-    out
 }

@@ -1,0 +1,210 @@
+//! Upstream failures: which [`FailureKind`] an error of the pooled client is, what the client
+//! sees for it, and whether the request may be tried again.
+
+use http::Method;
+use hyper_util::client::legacy::Error as ClientError;
+
+use crate::body::RequestBodyError;
+use crate::error::{FailureKind, GatewayError};
+
+/// What went wrong with one attempt, before it is turned into a response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The client's own body failed (too large, stalled, cut off): a 4xx, never retried.
+    ClientBody(ClientBodyFailure),
+    /// The upstream failed.
+    Upstream(FailureKind),
+}
+
+/// The ways a request body can fail on the way up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientBodyFailure {
+    /// Over `max_body_bytes`.
+    TooLarge(u64),
+    /// No data for `body_read_timeout`.
+    Stalled,
+    /// The client connection broke mid-body.
+    CutOff,
+}
+
+/// Classifies an error of the pooled client.
+pub fn classify(error: &ClientError) -> Failure {
+    if let Some(body_error) = RequestBodyError::find(error) {
+        return Failure::ClientBody(match body_error {
+            RequestBodyError::TooLarge { limit } => ClientBodyFailure::TooLarge(*limit),
+            RequestBodyError::Stalled => ClientBodyFailure::Stalled,
+            RequestBodyError::Client(_) => ClientBodyFailure::CutOff,
+        });
+    }
+    let kind = if error.is_connect() {
+        // Refused, unreachable, DNS and TLS handshake failures all mean "could not connect";
+        // only the connector's own timer is a timeout.
+        if source_io_kind(error) == Some(std::io::ErrorKind::TimedOut) {
+            FailureKind::ConnectTimeout
+        } else {
+            FailureKind::ConnectRefused
+        }
+    } else if find_hyper(error).is_some_and(|h| h.is_parse() || h.is_parse_status()) {
+        FailureKind::InvalidResponse
+    } else {
+        // Closed or reset after connecting, before a complete response head.
+        FailureKind::Reset
+    };
+    Failure::Upstream(kind)
+}
+
+impl Failure {
+    /// The response the client gets.
+    pub fn into_error(self) -> GatewayError {
+        match self {
+            Failure::ClientBody(ClientBodyFailure::TooLarge(limit)) => {
+                GatewayError::PayloadTooLarge { limit }
+            }
+            Failure::ClientBody(ClientBodyFailure::Stalled) => GatewayError::RequestTimeout,
+            Failure::ClientBody(ClientBodyFailure::CutOff) => {
+                GatewayError::BadRequest("the request body was cut off")
+            }
+            Failure::Upstream(kind @ (FailureKind::ConnectTimeout | FailureKind::Timeout)) => {
+                GatewayError::GatewayTimeout { kind }
+            }
+            Failure::Upstream(kind) => GatewayError::BadGateway { kind },
+        }
+    }
+}
+
+/// Whether a request may be replayed once on a fresh connection (SPEC: "idempotent requests
+/// that failed to connect may be retried once; nothing else is retried").
+///
+/// Only when all hold:
+/// - the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE);
+/// - the request body is empty: a streamed client body cannot be read twice, so a PUT with a
+///   body is never replayed;
+/// - the attempt failed while connecting (refused, unreachable, DNS, TLS handshake, connect
+///   timeout), so no byte of the request reached the upstream.
+///
+/// Failures on a reused pooled connection that the server closed before reading the request
+/// are already retried by hyper-util (`retry_canceled_requests`).
+pub fn may_retry(method: &Method, body_empty: bool, failure: Failure) -> bool {
+    replayable(method, body_empty)
+        && matches!(
+            failure,
+            Failure::Upstream(FailureKind::ConnectRefused | FailureKind::ConnectTimeout)
+        )
+}
+
+/// The part of [`may_retry`] known before sending: worth keeping a copy of the head for.
+pub fn replayable(method: &Method, body_empty: bool) -> bool {
+    body_empty
+        && matches!(
+            *method,
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
+        )
+}
+
+fn source_io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            // The connector wraps its timer's `Elapsed` in a TimedOut io::Error; a refusal
+            // is ConnectionRefused. The first io::Error in the chain decides.
+            return Some(io.kind());
+        }
+        current = e.source();
+    }
+    None
+}
+
+fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            return Some(h);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// An error and its sources on one line, for logs.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = error.to_string();
+    let mut current = error.source();
+    while let Some(e) = current {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        current = e.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REFUSED: Failure = Failure::Upstream(FailureKind::ConnectRefused);
+
+    #[test]
+    fn only_idempotent_bodiless_connect_failures_are_retried() {
+        for method in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(may_retry(&method, true, REFUSED), "{method}");
+            assert!(
+                may_retry(
+                    &method,
+                    true,
+                    Failure::Upstream(FailureKind::ConnectTimeout)
+                ),
+                "{method}"
+            );
+            assert!(!may_retry(&method, false, REFUSED), "{method} with a body");
+        }
+        for method in [Method::POST, Method::PATCH, Method::CONNECT, Method::TRACE] {
+            assert!(!may_retry(&method, true, REFUSED), "{method}");
+        }
+        // Bytes may have reached the upstream: never again.
+        for kind in [
+            FailureKind::Reset,
+            FailureKind::InvalidResponse,
+            FailureKind::Timeout,
+        ] {
+            assert!(!may_retry(&Method::GET, true, Failure::Upstream(kind)));
+        }
+        assert!(!may_retry(
+            &Method::GET,
+            true,
+            Failure::ClientBody(ClientBodyFailure::Stalled)
+        ));
+    }
+
+    #[test]
+    fn failures_map_to_the_spec_statuses() {
+        use http::StatusCode;
+        let status = |f: Failure| f.into_error().status();
+        assert_eq!(status(REFUSED), StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            status(Failure::Upstream(FailureKind::Reset)),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status(Failure::Upstream(FailureKind::InvalidResponse)),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(
+            status(Failure::Upstream(FailureKind::ConnectTimeout)),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status(Failure::Upstream(FailureKind::Timeout)),
+            StatusCode::GATEWAY_TIMEOUT
+        );
+        assert_eq!(
+            status(Failure::ClientBody(ClientBodyFailure::TooLarge(5))),
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+    }
+}
