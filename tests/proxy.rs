@@ -1,0 +1,917 @@
+//! Proxying and upstream failures (SPEC.md "Proxying", "Error envelopes"), over real sockets
+//! against fault upstreams written here with raw tokio sockets: each failure's status, code,
+//! request ID, and that nothing of the upstream leaks.
+
+mod common;
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+
+/// A gateway with one upstream `up` at `url` (plus `upstream_extra` lines) behind a public
+/// catch-all route.
+async fn gateway(url: &str, upstream_extra: &str, server_extra: &str) -> TestGateway {
+    TestGateway::start(config(
+        server_extra,
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"{url}\"\n{upstream_extra}\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await
+}
+
+/// An address nothing listens on.
+fn closed_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// A raw upstream: every accepted connection is handed to `behave`; returns its address and
+/// the number of connections accepted so far.
+async fn fault_upstream<F, Fut>(behave: F) -> (SocketAddr, Arc<AtomicUsize>)
+where
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(behave(stream));
+        }
+    });
+    (addr, accepted)
+}
+
+/// Reads one request head (up to the blank line).
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// Text only the upstream knows; it must never reach the client in an error.
+const UPSTREAM_SECRET: &str = "db-primary.internal stack trace";
+
+/// Checks an upstream-failure envelope and returns its request ID: status, code, JSON, the
+/// same ID in header and body, and nothing of the upstream (its body, its address).
+fn assert_failure(reply: &Reply, status: u16, code: &str, upstream: SocketAddr) -> String {
+    assert_eq!(reply.status, status, "{}", reply.text());
+    assert_eq!(reply.header("content-type"), Some("application/json"));
+    let v = reply.json();
+    assert_eq!(v["success"], false, "{v}");
+    assert_eq!(v["error"]["code"], code, "{v}");
+    let id = reply
+        .header("x-request-id")
+        .expect("X-Request-Id")
+        .to_owned();
+    assert_eq!(v["request_id"], id.as_str(), "same ID in header and body");
+    let text = reply.text();
+    for leak in [
+        UPSTREAM_SECRET,
+        "<html",
+        &upstream.ip().to_string(),
+        &format!(":{}", upstream.port()),
+    ] {
+        assert!(!text.contains(leak), "{leak:?} leaked in {text}");
+        for (name, value) in &reply.headers {
+            assert!(!value.contains(leak), "{leak:?} leaked in header {name}");
+        }
+    }
+    id
+}
+
+#[tokio::test]
+async fn refused_upstream_is_502_bad_gateway() {
+    let dead = closed_port();
+    let gw = gateway(&format!("http://{dead}"), "", "").await;
+    let reply = get(gw.addr, "/v1/x", &[]).await;
+    assert_failure(&reply, 502, "bad_gateway", dead);
+}
+
+#[tokio::test]
+async fn accept_and_hang_is_504_after_timeout() {
+    let (up, accepted) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
+    let started = Instant::now();
+    let reply = get(gw.addr, "/v1/x", &[]).await;
+    let took = started.elapsed();
+    assert_failure(&reply, 504, "gateway_timeout", up);
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "a timeout is not retried"
+    );
+}
+
+#[tokio::test]
+async fn slow_head_past_timeout_is_504() {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Ty").await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let _ = stream
+            .write_all(b"pe: text/plain\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_failure(&reply, 504, "gateway_timeout", up);
+}
+
+#[tokio::test]
+async fn reset_or_close_before_the_head_is_502() {
+    // Reset: a zero SO_LINGER makes the close send RST.
+    let (reset, reset_count) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream.set_zero_linger();
+        drop(stream);
+    })
+    .await;
+    // Plain close (FIN) after reading the request.
+    let (closed, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        drop(stream);
+    })
+    .await;
+    for (up, method) in [(reset, "GET"), (closed, "GET"), (reset, "POST")] {
+        let gw = gateway(&format!("http://{up}"), "", "").await;
+        let reply = request(gw.addr, method, "/", &[], b"").await;
+        assert_failure(&reply, 502, "bad_gateway", up);
+    }
+    // The request bytes reached the upstream: never replayed, whatever the method.
+    assert_eq!(reset_count.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn garbage_instead_of_http_is_502() {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"SSH-2.0-OpenSSH_9.6 db-primary.internal stack trace\r\n\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_failure(&reply, 502, "bad_gateway", up);
+}
+
+/// Sends a GET with `Connection: close` and returns everything the client received until
+/// the gateway closed the connection.
+async fn raw_exchange(gw: SocketAddr, path: &str) -> Vec<u8> {
+    let mut stream = TcpStream::connect(gw).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the gateway closes the connection");
+    buf
+}
+
+#[tokio::test]
+async fn reset_mid_body_aborts_the_client_stream() {
+    // Content-Length 1000, then 10 bytes, then the upstream goes away.
+    let (sized, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await;
+    let gw = gateway(&format!("http://{sized}"), "", "").await;
+    let raw = raw_exchange(gw.addr, "/").await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("content-length: 1000"),
+        "{text}"
+    );
+    assert!(
+        parse_reply(&raw).is_none(),
+        "the client must see a short body, not a complete one: {text}"
+    );
+    let body = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    assert!(body.len() < 1000, "{} body bytes", body.len());
+
+    // Chunked: one chunk, then the upstream goes away. The client's stream must end without
+    // the terminating zero-length chunk.
+    let (chunked, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await;
+    let gw = gateway(&format!("http://{chunked}"), "", "").await;
+    let raw = raw_exchange(gw.addr, "/").await;
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.contains("first"),
+        "the first chunk was forwarded: {text}"
+    );
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a clean end was faked: {text:?}"
+    );
+    assert!(parse_reply(&raw).is_none(), "{text:?}");
+}
+
+#[tokio::test]
+async fn upstream_gateway_errors_get_the_envelope_others_pass_through() {
+    let page = |status: &str, extra: &str| {
+        let body = format!("<html><body><h1>{status}</h1>{UPSTREAM_SECRET}</body></html>");
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: text/html\r\nServer: nginx/1.2.3 ({UPSTREAM_SECRET})\r\n\
+             {extra}Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    let (up, _) = fault_upstream(move |mut stream| async move {
+        loop {
+            let head = read_head(&mut stream).await;
+            if head.is_empty() {
+                return;
+            }
+            let path = head.split(' ').nth(1).unwrap_or("/").to_owned();
+            let response = match path.as_str() {
+                "/502" => page("502 Bad Gateway", ""),
+                "/503" => page("503 Service Unavailable", "Retry-After: 120\r\n"),
+                "/504" => page("504 Gateway Timeout", ""),
+                "/500" => page("500 Internal Server Error", ""),
+                _ => page("404 Not Found", ""),
+            };
+            if stream.write_all(response.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    for (path, status, code) in [
+        ("/502", 502, "bad_gateway"),
+        ("/503", 503, "service_unavailable"),
+        ("/504", 504, "gateway_timeout"),
+    ] {
+        let reply = get(gw.addr, path, &[]).await;
+        assert_failure(&reply, status, code, up);
+        assert!(
+            reply.header("server").is_none(),
+            "upstream Server header kept"
+        );
+        let expected_retry = (status == 503).then_some("120");
+        assert_eq!(reply.header("retry-after"), expected_retry, "{path}");
+    }
+    for (path, status) in [("/500", 500), ("/404", 404)] {
+        let reply = get(gw.addr, path, &[]).await;
+        assert_eq!(reply.status, status);
+        assert_eq!(reply.header("content-type"), Some("text/html"));
+        assert!(
+            reply.text().contains(UPSTREAM_SECRET),
+            "{path} passed through"
+        );
+    }
+
+    // Turned off, the upstream's own pages pass through too.
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[errors]\nnormalize_upstream_5xx = false\n[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    let reply = get(gw.addr, "/503", &[]).await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.text().contains("<html>"));
+}
+
+#[tokio::test]
+async fn a_chunked_body_streams_chunk_by_chunk() {
+    let (release_tx, release_rx) = mpsc::unbounded_channel::<()>();
+    let release_rx = Arc::new(tokio::sync::Mutex::new(release_rx));
+    let (up, _) = fault_upstream(move |mut stream| {
+        let release = release_rx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                .await;
+            // The last chunk only exists once the client has read the first.
+            let _ = release.lock().await.recv().await;
+            let _ = stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(b"GET /stream HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !String::from_utf8_lossy(&seen).contains("first") {
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut chunk))
+            .await
+            .expect("the first chunk arrives before the last is produced")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(!String::from_utf8_lossy(&seen).contains("last"));
+    release_tx.send(()).unwrap();
+    client.read_to_end(&mut seen).await.unwrap();
+    let reply = parse_reply(&seen).expect("complete chunked response");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "firstlast");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_upload_streams_through() {
+    const SIZE: usize = 50 * 1024 * 1024;
+    let received = Arc::new(AtomicUsize::new(0));
+    let counter = received.clone();
+    let up = upstream(move |req: Request<Incoming>| {
+        let counter = counter.clone();
+        async move {
+            let mut body = req.into_body();
+            let mut total = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map(|f| f.into_data()) {
+                    let len = data.map_or(0, |d| d.len());
+                    total += len;
+                    counter.fetch_add(len, Ordering::SeqCst);
+                }
+            }
+            Response::new(Full::new(Bytes::from(total.to_string())))
+        }
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "max_body_bytes = \"64MiB\"").await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "PUT /upload HTTP/1.1\r\nHost: gw\r\nConnection: close\r\nContent-Length: {SIZE}\r\n\r\n"
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    let block = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    let mut saw_streaming = false;
+    while sent < SIZE {
+        client.write_all(&block).await.unwrap();
+        sent += block.len();
+        // Streaming, not buffering: the upstream has bytes before the client is done.
+        if !saw_streaming && sent >= SIZE / 2 {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while received.load(Ordering::SeqCst) == 0 {
+                assert!(Instant::now() < deadline, "nothing reached the upstream");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            saw_streaming = true;
+        }
+    }
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(60), client.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let reply = parse_reply(&buf).unwrap();
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), SIZE.to_string());
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_as_a_byte_stream() {
+    let (heads_tx, mut heads_rx) = mpsc::unbounded_channel::<String>();
+    let (up, _) = fault_upstream(move |mut stream| {
+        let heads = heads_tx.clone();
+        async move {
+            let head = read_head(&mut stream).await;
+            let _ = heads.send(head);
+            let _ = stream
+                .write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                )
+                .await;
+            // Echo until the client goes away.
+            let (mut r, mut w) = stream.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut client))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let lower = head.to_ascii_lowercase();
+    assert!(lower.contains("upgrade: websocket"), "{head}");
+    assert!(lower.contains("connection: upgrade"), "{head}");
+    assert!(lower.contains("sec-websocket-accept"), "{head}");
+    let upstream_head = heads_rx.recv().await.unwrap().to_ascii_lowercase();
+    assert!(
+        upstream_head.contains("upgrade: websocket"),
+        "{upstream_head}"
+    );
+    assert!(
+        upstream_head.contains("connection: upgrade"),
+        "{upstream_head}"
+    );
+    assert!(
+        upstream_head.contains("sec-websocket-key"),
+        "{upstream_head}"
+    );
+
+    for message in [&b"hello"[..], b"\x81\x05bytes", &[0u8; 3000]] {
+        client.write_all(message).await.unwrap();
+        let mut back = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut back))
+            .await
+            .expect("echo within 5s")
+            .unwrap();
+        assert_eq!(back, message);
+    }
+}
+
+#[tokio::test]
+async fn keep_alive_connections_to_the_upstream_are_reused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    for _ in 0..100 {
+        let reply = get(gw.addr, "/", &[]).await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.text(), "ok");
+    }
+    let n = accepted.load(Ordering::SeqCst);
+    assert!(
+        n <= 3,
+        "100 sequential requests opened {n} upstream connections"
+    );
+}
+
+#[tokio::test]
+async fn max_inflight_answers_503_with_retry_after_until_the_body_is_done() {
+    let (entered_tx, mut entered_rx) = mpsc::unbounded_channel::<()>();
+    let (release_tx, release_rx) = mpsc::unbounded_channel::<()>();
+    let release_rx = Arc::new(tokio::sync::Mutex::new(release_rx));
+    let (up, accepted) = fault_upstream(move |mut stream| {
+        let entered = entered_tx.clone();
+        let release = release_rx.clone();
+        async move {
+            let _ = read_head(&mut stream).await;
+            // The head goes out at once; the body's end waits for the test.
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                .await;
+            let _ = entered.send(());
+            let _ = release.lock().await.recv().await;
+            let _ = stream.write_all(b"0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let gw = gateway(
+        &format!("http://{up}"),
+        "max_inflight = 1\nretry_after = \"7s\"",
+        "",
+    )
+    .await;
+    let addr = gw.addr;
+    let slow = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    entered_rx.recv().await.unwrap();
+    // The first response's head has been sent, but its body is still streaming: the slot
+    // is still taken.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let reply = get(gw.addr, "/second", &[]).await;
+    assert_failure(&reply, 503, "service_unavailable", up);
+    assert_eq!(reply.header("retry-after"), Some("7"));
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "overload never reaches the upstream"
+    );
+
+    release_tx.send(()).unwrap();
+    let first = slow.await.unwrap();
+    assert_eq!(first.status, 200);
+    assert_eq!(first.text(), "first");
+    // The slot is free again once the body has ended.
+    let again = tokio::spawn(async move { get(addr, "/third", &[]).await });
+    entered_rx.recv().await.unwrap();
+    release_tx.send(()).unwrap();
+    assert_eq!(again.await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn maintenance_answers_503_without_contacting_the_upstream() {
+    let (up, accepted) = fault_upstream(|_stream| async {}).await;
+    let gw = gateway(
+        &format!("http://{up}"),
+        "maintenance = true\nretry_after = \"90s\"",
+        "",
+    )
+    .await;
+    for method in ["GET", "POST"] {
+        let reply = request(gw.addr, method, "/", &[], b"payload").await;
+        assert_failure(&reply, 503, "service_unavailable", up);
+        assert_eq!(reply.header("retry-after"), Some("90"));
+        assert!(
+            reply.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("90s")
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 0);
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so a connect hangs
+/// until the connector's `connect_timeout`.
+async fn blackhole() -> (TcpListener, Vec<TcpStream>) {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fillers = Vec::new();
+    // Fill the queue: connects that complete without an accept. Stop at the first that hangs.
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => fillers.push(stream),
+            _ => break,
+        }
+    }
+    (listener, fillers)
+}
+
+#[tokio::test]
+async fn connect_timeout_is_504() {
+    let (listener, _fillers) = blackhole().await;
+    let up = listener.local_addr().unwrap();
+    let gw = gateway(
+        &format!("http://{up}"),
+        "connect_timeout = \"200ms\"\ntimeout = \"5s\"",
+        "",
+    )
+    .await;
+    let started = Instant::now();
+    let reply = request(gw.addr, "POST", "/", &[], b"x").await;
+    assert_failure(&reply, 504, "gateway_timeout", up);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "{took:?}: connect_timeout, not timeout"
+    );
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost, and its PEM in a file.
+struct TestCert {
+    config: Arc<rustls::ServerConfig>,
+    _dir: tempfile::TempDir,
+    pem_path: std::path::PathBuf,
+}
+
+fn test_cert() -> TestCert {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let pem_path = dir.path().join("upstream-ca.pem");
+    std::fs::write(&pem_path, certified.cert.pem()).unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(certified.signing_key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![certified.cert.der().clone()], key)
+    .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TestCert {
+        config: Arc::new(config),
+        _dir: dir,
+        pem_path,
+    }
+}
+
+/// An https upstream (HTTP/1.1 and h2 by ALPN) answering with the HTTP version it saw.
+/// The first `drop_first` connections are closed before the TLS handshake completes.
+async fn tls_upstream(cert: &TestCert, drop_first: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(cert.config.clone());
+    let (addr, accepted) = fault_upstream(move |stream| {
+        let acceptor = acceptor.clone();
+        async move {
+            let Ok(tls) = acceptor.accept(stream).await else {
+                return;
+            };
+            let service = service_fn(|req: Request<Incoming>| async move {
+                let version = format!("{:?}", req.version());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(version))))
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        }
+    })
+    .await;
+    if drop_first == 0 {
+        return (addr, accepted);
+    }
+    // Put a gate in front: the first connections are closed at once (a failed handshake,
+    // no request byte sent), later ones are relayed to the TLS server.
+    let gate = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate_addr = gate.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counter = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = gate.accept().await {
+            if counter.fetch_add(1, Ordering::SeqCst) < drop_first {
+                drop(stream);
+                continue;
+            }
+            tokio::spawn(async move {
+                if let Ok(mut inner) = TcpStream::connect(addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut stream, &mut inner).await;
+                }
+            });
+        }
+    });
+    (gate_addr, seen)
+}
+
+#[tokio::test]
+async fn https_upstream_with_ca_file_negotiates_h2() {
+    let cert = test_cert();
+    let (up, _) = tls_upstream(&cert, 0).await;
+    let ca = cert.pem_path.display().to_string();
+    let gw = gateway(
+        &format!("https://127.0.0.1:{}", up.port()),
+        &format!("ca_file = \"{ca}\""),
+        "",
+    )
+    .await;
+    for _ in 0..3 {
+        let reply = get(gw.addr, "/", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.text(), "HTTP/2.0", "h2 negotiated by ALPN");
+    }
+    // An upgrade needs HTTP/1.1: it goes over a connection that offered only that.
+    let reply = get(
+        gw.addr,
+        "/",
+        &[("Connection", "upgrade"), ("Upgrade", "websocket")],
+    )
+    .await;
+    assert_eq!(reply.text(), "HTTP/1.1");
+
+    // Without the CA the certificate is not trusted: 502, nothing leaked.
+    let gw = gateway(&format!("https://127.0.0.1:{}", up.port()), "", "").await;
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_failure(&reply, 502, "bad_gateway", up);
+}
+
+#[tokio::test]
+async fn idempotent_requests_are_retried_once_after_a_connect_failure() {
+    // The upstream's first connection fails during the TLS handshake: no request byte was
+    // sent, so the GET is replayed on a fresh connection.
+    let cert = test_cert();
+    let ca = cert.pem_path.display().to_string();
+    for (method, status, connections) in [
+        ("GET", 200, 2),
+        ("DELETE", 200, 2),
+        ("POST", 502, 1),
+        ("PATCH", 502, 1),
+    ] {
+        let (up, seen) = tls_upstream(&cert, 1).await;
+        let gw = gateway(
+            &format!("https://127.0.0.1:{}", up.port()),
+            &format!("ca_file = \"{ca}\""),
+            "",
+        )
+        .await;
+        let reply = request(gw.addr, method, "/", &[], b"").await;
+        assert_eq!(reply.status, status, "{method}: {}", reply.text());
+        assert_eq!(seen.load(Ordering::SeqCst), connections, "{method}");
+    }
+    // Twice refused: one retry only, then 502.
+    let (up, seen) = tls_upstream(&cert, 5).await;
+    let gw = gateway(
+        &format!("https://127.0.0.1:{}", up.port()),
+        &format!("ca_file = \"{ca}\""),
+        "",
+    )
+    .await;
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_failure(&reply, 502, "bad_gateway", up);
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    // A PUT with a body cannot be replayed.
+    let (up, seen) = tls_upstream(&cert, 1).await;
+    let gw = gateway(
+        &format!("https://127.0.0.1:{}", up.port()),
+        &format!("ca_file = \"{ca}\""),
+        "",
+    )
+    .await;
+    let reply = request(gw.addr, "PUT", "/", &[], b"body").await;
+    assert_eq!(reply.status, 502);
+    assert_eq!(seen.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn rate_limit_headers_stay_on_upstream_failures() {
+    let dead = closed_port();
+    let digest = {
+        use sha2::Digest;
+        use std::fmt::Write;
+        let sum = sha2::Sha256::digest(b"tg_test_key_upstream_failures");
+        sum.iter().fold(String::from("sha256:"), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    };
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[plans.pro]\nrequests_per_minute = 300\n\
+             [[keys]]\nid = \"k\"\nkey = \"{digest}\"\nplan = \"pro\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{dead}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\n"
+        ),
+    ))
+    .await;
+    let reply = get(
+        gw.addr,
+        "/",
+        &[("X-API-Key", "tg_test_key_upstream_failures")],
+    )
+    .await;
+    assert_failure(&reply, 502, "bad_gateway", dead);
+    assert_eq!(reply.header("x-ratelimit-limit"), Some("300"));
+    assert!(reply.header("x-ratelimit-remaining").is_some());
+}
+
+/// Runs the real binary with JSON logs, collecting its stderr lines.
+struct Process {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                sink.lock().unwrap().push(line.unwrap_or_default());
+            }
+        });
+        let process = Self { child, lines };
+        process.wait_for(|l| l.contains("admin listening"));
+        process
+    }
+
+    fn wait_for(&self, found: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| found(l)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such log line in:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_log_lines_carry_the_kind_and_the_request_id() {
+    let dead = closed_port();
+    let (hang, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let addr = closed_port();
+    let admin = closed_port();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n\
+             [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
+             [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
+             [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\nauth = false\n\
+             [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    for (path, status, code, kind) in [
+        ("/dead/x", 502, "bad_gateway", "connect_refused"),
+        ("/hang/x", 504, "gateway_timeout", "timeout"),
+    ] {
+        let reply = get(addr, path, &[]).await;
+        let upstream = if kind == "timeout" { hang } else { dead };
+        let id = assert_failure(&reply, status, code, upstream);
+        let line = process.wait_for(|l| l.contains(&id) && l.contains("upstream failure"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["kind"], kind, "{line}");
+        assert_eq!(v["level"], "WARN", "{line}");
+        assert_eq!(v["span"]["request_id"], id.as_str(), "{line}");
+    }
+}
