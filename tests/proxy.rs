@@ -885,6 +885,15 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         tokio::time::sleep(Duration::from_secs(30)).await;
     })
     .await;
+    let (cut, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await;
     let addr = closed_port();
     let admin = closed_port();
     let dir = tempfile::tempdir().unwrap();
@@ -895,8 +904,10 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
             "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n\
              [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
              [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
+             [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
              [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\nauth = false\n\
-             [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n"
+             [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n\
+             [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n"
         ),
     )
     .unwrap();
@@ -914,4 +925,17 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         assert_eq!(v["level"], "WARN", "{line}");
         assert_eq!(v["span"]["request_id"], id.as_str(), "{line}");
     }
+
+    // After the head: the 200 is already out, so the abort is logged from the body.
+    let raw = String::from_utf8_lossy(&raw_exchange(addr, "/cut/x").await).into_owned();
+    let id = raw
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
+        .map(|(_, value)| value.trim().to_owned())
+        .expect("X-Request-Id on the 200");
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("client stream aborted"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["kind"], "reset", "{line}");
+    assert_eq!(v["span"]["request_id"], id.as_str(), "{line}");
 }
