@@ -8,6 +8,8 @@ use crate::config::RouteConfig;
 /// A route ready for matching.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Its position in `config.routes` (file order), for per-route metrics.
+    pub index: usize,
     /// The validated route.
     pub config: RouteConfig,
     /// `Allow` header for 405s, when the route limits methods.
@@ -39,7 +41,9 @@ impl Router {
     pub fn new(routes: &[RouteConfig]) -> Self {
         let mut routes: Vec<Route> = routes
             .iter()
-            .map(|r| Route {
+            .enumerate()
+            .map(|(index, r)| Route {
+                index,
                 allow: r.methods.as_ref().map(|methods| {
                     let mut names: Vec<&str> = methods.iter().map(Method::as_str).collect();
                     if methods.contains(&Method::GET) && !methods.contains(&Method::HEAD) {

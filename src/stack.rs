@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
@@ -18,7 +18,7 @@ use http::{HeaderMap, HeaderName, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use crate::auth::extract::{bearer_token, query_without};
-use crate::auth::{Identity, KeyStore};
+use crate::auth::{Identity, KeyRecord, KeyStore};
 use crate::body::ResponseBody;
 use crate::config::{Config, MAX_URI_BYTES, RouteTarget};
 use crate::config::{LimitMode, PlanName};
@@ -27,6 +27,8 @@ use crate::limit::bucket::buckets_for;
 use crate::limit::headers::PolicyHeaders;
 use crate::limit::{Decision, IpTripwire, KeyedLimiter};
 use crate::observability::RequestId;
+use crate::observability::access::AccessInfo;
+use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
 use crate::proxy::{ClientInfo, Forward, Upstream};
 use crate::route::Router;
 use crate::server::client_ip::client_ip;
@@ -52,6 +54,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Upstream>,
     /// Per-client-IP buckets for public routes (`plans.anonymous`), when that plan exists.
     pub anonymous: Option<Arc<Anonymous>>,
+    /// Metric series pre-resolved for this config's routes, plans and upstreams.
+    pub metrics: SnapshotMetrics,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -69,7 +73,7 @@ pub const ANONYMOUS_PLAN: &str = "anonymous";
 impl Snapshot {
     /// Builds the runtime state for `config`, carrying bucket state over from `previous`
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
-    pub fn new(config: Config, previous: Option<&Snapshot>) -> Self {
+    pub fn new(config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -95,6 +99,7 @@ impl Snapshot {
                 })
                 .collect(),
             anonymous,
+            metrics: SnapshotMetrics::new(metrics.clone(), &config),
             config,
         }
     }
@@ -107,6 +112,16 @@ struct RateInfo<'s> {
     policy: &'s PolicyHeaders,
 }
 
+/// What the pipeline learned about a request on the way, for metrics and the access log.
+#[derive(Default)]
+struct Trace<'s> {
+    labels: Labels,
+    client: Option<IpAddr>,
+    key: Option<&'s KeyRecord>,
+    upstream_status: Option<http::StatusCode>,
+    upstream_latency: Option<Duration>,
+}
+
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
 #[derive(Debug)]
 pub struct Gateway {
@@ -117,17 +132,27 @@ pub struct Gateway {
     ip_throttle: IpTripwire,
     /// Requests that shadow mode would have rejected.
     would_limit: AtomicU64,
+    /// Prometheus metrics, served on the admin listener.
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
     /// A gateway running `config`.
     pub fn new(config: Config) -> Self {
+        let metrics = Arc::new(Metrics::new());
+        metrics.config_loaded(&config);
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None, &metrics)),
             failed_auth: IpTripwire::default(),
             ip_throttle: IpTripwire::default(),
             would_limit: AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// The gateway's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The snapshot new requests use.
@@ -138,8 +163,13 @@ impl Gateway {
     /// Replaces the config for new requests; in-flight requests finish on the old one.
     pub fn reload(&self, config: Config) {
         let previous = self.snapshot.load_full();
-        self.snapshot
-            .store(Arc::new(Snapshot::new(config, Some(&previous))));
+        self.metrics.config_loaded(&config);
+        self.snapshot.store(Arc::new(Snapshot::new(
+            config,
+            Some(&previous),
+            &self.metrics,
+        )));
+        self.metrics.reload(true);
     }
 
     /// Requests shadow mode let through that enforce mode would have rejected.
@@ -153,6 +183,7 @@ impl Gateway {
         mut request: Request<Incoming>,
         ctx: &RequestContext,
         rate: &mut Option<RateInfo<'s>>,
+        trace: &mut Trace<'s>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         let server = &snapshot.config.server;
 
@@ -191,11 +222,13 @@ impl Gateway {
         // Key guessing: a blocked IP is answered before any key is looked at.
         let now = Instant::now();
         let client = client_ip(ctx.peer, request.headers(), &server.trusted_proxies);
+        trace.client = Some(client);
         if let Some(wait) = self
             .failed_auth
             .blocked(client, now)
             .or_else(|| self.ip_throttle.blocked(client, now))
         {
+            snapshot.metrics.decision(LimitOutcome::IpThrottled, None);
             return Err(GatewayError::IpThrottled { retry_after: wait });
         }
 
@@ -203,6 +236,7 @@ impl Gateway {
             .router
             .find(request.uri().path())
             .ok_or(GatewayError::NoRoute)?;
+        trace.labels.route = Some(route.index);
         if !route.allows(request.method()) {
             return Err(GatewayError::MethodNotAllowed {
                 method: request.method().clone(),
@@ -225,6 +259,10 @@ impl Gateway {
         .inspect_err(|error| self.count_failed_auth(error, client, now, snapshot))?;
         if let Some(identity) = &identity {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
+            trace.key = Some(identity.record);
+            trace.labels.plan = snapshot.metrics.plan_index(&identity.record.plan.0);
+        } else if snapshot.anonymous.is_some() {
+            trace.labels.plan = snapshot.metrics.plan_index(ANONYMOUS_PLAN);
         }
 
         // Only now is a bucket charged: 401/403 never cost a token.
@@ -239,10 +277,14 @@ impl Gateway {
             }),
             (None, None) => None,
         };
-        if let Some(info) = rate.as_ref()
-            && !info.decision.allowed
-        {
-            self.over_limit(&info.decision, client, now, snapshot)?;
+        if let Some(info) = rate.as_ref() {
+            if info.decision.allowed {
+                snapshot
+                    .metrics
+                    .decision(LimitOutcome::Allowed, trace.labels.plan);
+            } else {
+                self.over_limit(&info.decision, client, now, snapshot, trace.labels.plan)?;
+            }
         }
 
         strip_credentials(&mut request, auth);
@@ -283,10 +325,22 @@ impl Gateway {
                 };
                 // Logged here, where the upstream is known; inside the request's span, so the
                 // line carries the request ID.
-                upstream
-                    .forward(request, forward)
-                    .await
-                    .inspect_err(|error| log_upstream_failure(error, upstream))
+                let sent = Instant::now();
+                let outcome = upstream.forward(request, forward).await;
+                let latency = sent.elapsed();
+                snapshot.metrics.upstream_duration(*index, latency);
+                trace.upstream_latency = Some(latency);
+                trace.upstream_status = match &outcome {
+                    Ok(response) => Some(response.status()),
+                    Err(GatewayError::UpstreamStatus { status, .. }) => Some(*status),
+                    Err(_) => None,
+                };
+                outcome.inspect_err(|error| {
+                    log_upstream_failure(error, upstream);
+                    if let Some(kind) = upstream_failure_kind(error) {
+                        self.metrics.upstream_failure(&upstream.config.name, kind);
+                    }
+                })
             }
         }
     }
@@ -317,6 +371,22 @@ fn log_upstream_failure(error: &GatewayError, upstream: &Upstream) {
     }
 }
 
+/// The `kind` label of an upstream failure: the failure kind, or `status_50x` when the
+/// upstream itself answered 502/503/504 (normalized into an envelope).
+fn upstream_failure_kind(error: &GatewayError) -> Option<&'static str> {
+    match error {
+        GatewayError::UpstreamStatus { status, .. } => Some(match status.as_u16() {
+            502 => "status_502",
+            503 => "status_503",
+            _ => "status_504",
+        }),
+        _ => error
+            .failure_kind()
+            .filter(|kind| kind.is_upstream())
+            .map(|kind| kind.as_str()),
+    }
+}
+
 impl Gateway {
     /// A request over its limit: rejected (and counted towards `ip_throttle`), or in shadow
     /// mode let through, logged and counted.
@@ -326,10 +396,12 @@ impl Gateway {
         client: IpAddr,
         now: Instant,
         snapshot: &Snapshot,
+        plan: Option<usize>,
     ) -> Result<(), GatewayError> {
         let limits = &snapshot.config.limits;
         if limits.mode == LimitMode::Shadow {
             self.would_limit.fetch_add(1, Ordering::Relaxed);
+            snapshot.metrics.decision(LimitOutcome::WouldLimit, plan);
             tracing::info!(
                 decision = "would_limit",
                 window = decision.spec.window.name(),
@@ -340,6 +412,7 @@ impl Gateway {
         if self.ip_throttle.record(client, now, &limits.ip_throttle) {
             tracing::warn!(client_ip = %client, block_for = ?limits.ip_throttle.block_for, "ip throttle tripped: client IP blocked after repeated 429s");
         }
+        snapshot.metrics.decision(LimitOutcome::Limited, plan);
         Err(GatewayError::RateLimited {
             limit: decision.spec.limit.get(),
             window: decision.spec.window,
@@ -416,9 +489,15 @@ impl Handler for Gateway {
     ) -> Response<ResponseBody> {
         // One snapshot for the whole request, however long it takes: a reload mid-request does
         // not change its config, and everything per-request borrows from it.
+        let started = Instant::now();
+        let _in_flight = self.metrics.in_flight();
         let snapshot = self.snapshot.load_full();
         let mut rate = None;
-        let mut response = match self.pipeline(&snapshot, request, ctx, &mut rate).await {
+        let mut trace = Trace::default();
+        let outcome = self
+            .pipeline(&snapshot, request, ctx, &mut rate, &mut trace)
+            .await;
+        let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
                 // Upstream failures were logged by the pipeline, with the upstream's name.
@@ -441,11 +520,30 @@ impl Handler for Gateway {
             info.policy
                 .apply(response.headers_mut(), style, &info.decision, unix_now);
         }
+        snapshot.metrics.request(trace.labels, response.status());
+        self.metrics.request_duration(started.elapsed());
+        if AccessInfo::wanted() {
+            response.extensions_mut().insert(AccessInfo {
+                client_ip: trace.client.unwrap_or(ctx.peer.ip()),
+                key_id: trace.key.map(|k| k.id.clone()),
+                plan: trace
+                    .labels
+                    .plan
+                    .and_then(|plan| snapshot.metrics.plan(plan))
+                    .cloned(),
+                upstream_status: trace.upstream_status,
+                upstream_latency: trace.upstream_latency,
+            });
+        }
         response
     }
 
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
         self.snapshot.load().renderer.render(error, request_id)
+    }
+
+    fn metrics(&self) -> Option<String> {
+        Some(self.metrics.encode())
     }
 
     fn tick(&self) {

@@ -94,6 +94,9 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// `[[routes]]`, in file order (the router sorts them).
     pub routes: Vec<RouteConfig>,
+    /// SHA-256 (hex) of the config text and the `auth.keys_file` text, in that order: which
+    /// config is running, for `tollgate_config_info`.
+    pub source_hash: String,
 }
 
 /// `[server]`: listeners and the limits every client connection gets.
@@ -425,19 +428,35 @@ impl Config {
     /// Reads, parses and validates the config at `path` (and its `auth.keys_file`).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = read(path)?;
-        validate::load(path, &text, read)
+        Self::from_text(path, &text)
     }
 
     /// Parses and validates config text; `path` is used in messages and `keys_file` is read
     /// from disk.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        validate::load(path, text, read)
+        use sha2::{Digest, Sha256};
+        let hasher = std::cell::RefCell::new(Sha256::new_with_prefix(text.as_bytes()));
+        let mut config = validate::load(path, text, |path: &Path| {
+            let text = read(path)?;
+            hasher.borrow_mut().update(text.as_bytes());
+            Ok(text)
+        })?;
+        config.source_hash = hex(&hasher.into_inner().finalize());
+        Ok(config)
     }
 
     /// The upstream a route forwards to.
     pub fn upstream(&self, index: usize) -> &UpstreamConfig {
         &self.upstreams[index]
     }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(64), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {

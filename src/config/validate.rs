@@ -83,7 +83,7 @@ fn parse<T: serde::de::DeserializeOwned>(
 pub(super) fn load(
     path: &Path,
     text: &str,
-    read: fn(&Path) -> Result<String, ConfigError>,
+    read: impl Fn(&Path) -> Result<String, ConfigError>,
 ) -> Result<Config, ConfigError> {
     let src = Source { path, text };
     let mut issues = Vec::new();
@@ -297,6 +297,7 @@ impl Validator<'_, '_> {
             keys: Vec::new(),
             upstreams: Vec::new(),
             routes: Vec::new(),
+            source_hash: String::new(),
         }
     }
 

@@ -36,6 +36,7 @@ use crate::body::ResponseBody;
 use crate::config::{Config, MAX_URI_BYTES, ServerConfig};
 use crate::error::GatewayError;
 use crate::observability::RequestId;
+use crate::observability::access::AccessInfo;
 use crate::observability::request_id::X_REQUEST_ID;
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
@@ -70,6 +71,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// Housekeeping, called every [`TICK_INTERVAL`] while serving (evicting idle per-IP state).
     fn tick(&self) {}
+
+    /// The admin listener's `/metrics` text, if this handler keeps metrics.
+    fn metrics(&self) -> Option<String> {
+        None
+    }
 }
 
 /// How often [`Handler::tick`] runs.
@@ -146,7 +152,11 @@ impl<H: Handler> Server<H> {
             ));
         }
         tracing::info!(addr = %self.admin.local_addr()?, "admin listening");
-        let admin_task = tokio::spawn(admin::serve(self.admin, self.ready.clone()));
+        let admin_task = tokio::spawn(admin::serve(
+            self.admin,
+            self.ready.clone(),
+            self.handler.clone(),
+        ));
         let ticker = {
             let handler = self.handler.clone();
             tokio::spawn(async move {
@@ -260,8 +270,8 @@ async fn respond<H: Handler>(
         request_id = %ctx.request_id,
         key_id = tracing::field::Empty
     );
-    let access = tracing::enabled!(target: "tollgate::access", tracing::Level::INFO)
-        .then(|| (request.method().clone(), request.uri().path().to_owned()));
+    let access =
+        AccessInfo::wanted().then(|| (request.method().clone(), request.uri().path().to_owned()));
 
     let outcome = AssertUnwindSafe(handler.handle(request, &ctx))
         .catch_unwind()
@@ -282,15 +292,26 @@ async fn respond<H: Handler>(
     response
         .headers_mut()
         .insert(&X_REQUEST_ID, ctx.request_id.header_value().clone());
+    let info = response.extensions_mut().remove::<AccessInfo>();
     if let Some((method, path)) = access {
+        let info = info.as_ref();
         span.in_scope(|| {
             tracing::info!(
                 target: "tollgate::access",
-                client_ip = %peer.ip(),
+                request_id = %ctx.request_id,
+                client_ip = %info.map_or(peer.ip(), |i| i.client_ip),
+                key_id = info.and_then(|i| i.key_id.as_ref()).map(|k| &*k.0),
+                plan = info.and_then(|i| i.plan.as_ref()).map(|p| &*p.0),
                 %method,
                 path,
                 status = response.status().as_u16(),
+                upstream_status = info.and_then(|i| i.upstream_status).map(|s| s.as_u16()),
                 latency_us = started.elapsed().as_micros() as u64,
+                upstream_latency_us = info
+                    .and_then(|i| i.upstream_latency)
+                    .map(|d| d.as_micros() as u64),
+                bytes = http_body::Body::size_hint(response.body()).exact(),
+                tls,
                 "request"
             )
         });

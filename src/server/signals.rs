@@ -43,6 +43,7 @@ pub fn reload(path: &std::path::Path, gateway: &Gateway) {
             tracing::info!(path = %path.display(), "config reloaded");
         }
         Err(error) => {
+            gateway.metrics().reload(false);
             for line in error.to_string().lines() {
                 tracing::error!(
                     error = line,
