@@ -542,6 +542,16 @@ impl Handler for Gateway {
         self.snapshot.load().renderer.render(error, request_id)
     }
 
+    fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {
+        let snapshot = self.snapshot.load();
+        snapshot
+            .config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| t.server_config.clone())
+    }
+
     fn metrics(&self) -> Option<String> {
         Some(self.metrics.encode())
     }

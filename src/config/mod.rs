@@ -128,13 +128,15 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
 }
 
-/// `[server.tls]`: PEM files.
+/// `[server.tls]`: PEM files, loaded.
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
     /// Certificate chain (PEM).
     pub cert: PathBuf,
     /// Private key (PEM).
     pub key: PathBuf,
+    /// The rustls config built from them (TLS 1.2+, ALPN h2 and http/1.1).
+    pub server_config: Arc<rustls::ServerConfig>,
 }
 
 /// `[admin]`.

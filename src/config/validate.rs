@@ -342,9 +342,24 @@ impl Validator<'_, '_> {
                 }
             })
             .collect();
-        let tls = s.tls.as_ref().map(|t| TlsConfig {
-            cert: self.existing_file(&t.cert, "server.tls.cert"),
-            key: self.existing_file(&t.key, "server.tls.key"),
+        let tls = s.tls.as_ref().and_then(|t| {
+            let issues = self.issues.len();
+            let cert = self.existing_file(&t.cert, "server.tls.cert");
+            let key = self.existing_file(&t.key, "server.tls.key");
+            if self.issues.len() > issues {
+                return None;
+            }
+            match crate::server::tls::server_config(&cert, &key) {
+                Ok(server_config) => Some(TlsConfig {
+                    cert,
+                    key,
+                    server_config,
+                }),
+                Err(error) => {
+                    self.error(t.cert.span(), format!("server.tls: {error}"));
+                    None
+                }
+            }
         });
         ServerConfig {
             listen,
@@ -1208,15 +1223,19 @@ mod tests {
     fn the_schema_and_the_file_structs_agree() {
         let dir = std::env::temp_dir().join(format!("tollgate-schema-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let pem = dir.join("x.pem");
-        std::fs::write(&pem, "x").unwrap();
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert_pem = dir.join("cert.pem");
+        std::fs::write(&cert_pem, generated.cert.pem()).unwrap();
+        let key_pem = dir.join("key.pem");
+        std::fs::write(&key_pem, generated.signing_key.serialize_pem()).unwrap();
         let keys = dir.join("keys.toml");
         std::fs::write(
             &keys,
             "[[keys]]\nid = \"k2\"\nkey = \"sha256:1111111111111111111111111111111111111111111111111111111111111111\"\nplan = \"free\"\n",
         )
         .unwrap();
-        let pem = pem.display();
+        let (cert_pem, key_pem) = (cert_pem.display(), key_pem.display());
+        let pem = &cert_pem;
         let text = format!(
             r#"
 [server]
@@ -1232,8 +1251,8 @@ max_connections = 5
 shutdown_grace = "0s"
 trusted_proxies = ["10.0.0.0/8", "::1"]
 [server.tls]
-cert = "{pem}"
-key = "{pem}"
+cert = "{cert_pem}"
+key = "{key_pem}"
 [admin]
 listen = "127.0.0.1:0"
 [errors]

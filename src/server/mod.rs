@@ -1,5 +1,6 @@
-//! Accepting clients: listeners, connection limits, HTTP/1.1 + h2c, header timeouts, the
-//! per-request ID and span, panic containment, and graceful shutdown.
+//! Accepting clients: listeners, connection limits, TLS termination ([`tls`]), HTTP/1.1 + h2
+//! (h2c by prior knowledge, or h2 by ALPN over TLS), header timeouts, the per-request ID and
+//! span, panic containment, and graceful shutdown.
 //!
 //! The first box of the flow. Every request is handed to a [`Handler`] (the [`Gateway`]
 //! pipeline in production) inside a span that carries its request ID; whatever the handler
@@ -9,6 +10,7 @@
 
 pub mod client_ip;
 pub mod signals;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -25,8 +27,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use rustls::ServerConfig as TlsServerConfig;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
@@ -72,6 +75,12 @@ pub trait Handler: Send + Sync + 'static {
     /// Housekeeping, called every [`TICK_INTERVAL`] while serving (evicting idle per-IP state).
     fn tick(&self) {}
 
+    /// The TLS config new connections get (it follows reloads), or `None` to keep the one the
+    /// listeners were bound with.
+    fn tls_config(&self) -> Option<Arc<TlsServerConfig>> {
+        None
+    }
+
     /// The admin listener's `/metrics` text, if this handler keeps metrics.
     fn metrics(&self) -> Option<String> {
         None
@@ -88,6 +97,27 @@ pub struct Server<H> {
     admin: TcpListener,
     settings: ServerConfig,
     ready: Arc<AtomicBool>,
+}
+
+/// What a connection task needs besides its socket.
+struct Accepted<H> {
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    handler: Arc<H>,
+    /// The TLS config the listeners were bound with: whether the listeners speak TLS at all
+    /// (fixed until a restart), and the certificate if a reload drops `[server.tls]`.
+    tls: Option<Arc<TlsServerConfig>>,
+    handshake_timeout: Duration,
+}
+
+impl<H> Clone for Accepted<H> {
+    fn clone(&self) -> Self {
+        Self {
+            builder: self.builder.clone(),
+            handler: self.handler.clone(),
+            tls: self.tls.clone(),
+            handshake_timeout: self.handshake_timeout,
+        }
+    }
 }
 
 impl<H: Handler> Server<H> {
@@ -134,18 +164,22 @@ impl<H: Handler> Server<H> {
     /// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests up
     /// to `server.shutdown_grace` to finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
-        let builder = Arc::new(connection_builder(&self.settings));
+        let accepted = Accepted {
+            builder: Arc::new(connection_builder(&self.settings)),
+            handler: self.handler.clone(),
+            tls: self.settings.tls.as_ref().map(|t| t.server_config.clone()),
+            handshake_timeout: self.settings.header_read_timeout,
+        };
         let limit = Arc::new(Semaphore::new(self.settings.max_connections.get() as usize));
         let graceful = Arc::new(GracefulShutdown::new());
         let (stop_tx, stop_rx) = watch::channel(false);
 
         let mut accept_loops = JoinSet::new();
         for listener in self.listeners {
-            tracing::info!(addr = %listener.local_addr()?, "listening");
+            tracing::info!(addr = %listener.local_addr()?, tls = accepted.tls.is_some(), "listening");
             accept_loops.spawn(accept_loop(
                 listener,
-                builder.clone(),
-                self.handler.clone(),
+                accepted.clone(),
                 limit.clone(),
                 graceful.clone(),
                 stop_rx.clone(),
@@ -206,8 +240,7 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
 
 async fn accept_loop<H: Handler>(
     listener: TcpListener,
-    builder: Arc<auto::Builder<TokioExecutor>>,
-    handler: Arc<H>,
+    accepted: Accepted<H>,
     limit: Arc<Semaphore>,
     graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
@@ -233,21 +266,57 @@ async fn accept_loop<H: Handler>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
+        let watcher = graceful.watcher();
+        // The TLS handshake happens in the connection's task: a slow client never holds up
+        // the accept loop.
+        tokio::spawn(connection(accepted.clone(), stream, peer, watcher, permit));
+    }
+}
+
+/// One client connection: the TLS handshake if the listeners speak TLS, then HTTP.
+async fn connection<H: Handler>(
+    accepted: Accepted<H>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    watcher: Watcher,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let Some(bound) = &accepted.tls else {
+        serve_http(&accepted, TokioIo::new(stream), peer, false, watcher).await;
+        drop(permit);
+        return;
+    };
+    let config = accepted
+        .handler
+        .tls_config()
+        .unwrap_or_else(|| bound.clone());
+    let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    match tokio::time::timeout(accepted.handshake_timeout, handshake).await {
+        Ok(Ok(stream)) => serve_http(&accepted, TokioIo::new(stream), peer, true, watcher).await,
+        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+    drop(permit);
+}
+
+async fn serve_http<H, I>(
+    accepted: &Accepted<H>,
+    io: I,
+    peer: SocketAddr,
+    tls: bool,
+    watcher: Watcher,
+) where
+    H: Handler,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let handler = accepted.handler.clone();
+    let service = service_fn(move |request| {
         let handler = handler.clone();
-        let service = service_fn(move |request| {
-            let handler = handler.clone();
-            async move { Ok::<_, Infallible>(respond(&*handler, request, peer, false).await) }
-        });
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-            drop(permit);
-        });
+        async move { Ok::<_, Infallible>(respond(&*handler, request, peer, tls).await) }
+    });
+    let connection = accepted.builder.serve_connection_with_upgrades(io, service);
+    if let Err(e) = watcher.watch(connection).await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
 }
 

@@ -39,6 +39,11 @@ pub fn reload(path: &std::path::Path, gateway: &Gateway) {
                     "listen addresses changed; that takes a restart, the old ones stay bound"
                 );
             }
+            if old.config.server.tls.is_some() != config.server.tls.is_some() {
+                tracing::warn!(
+                    "[server.tls] added or removed; turning TLS on or off takes a restart (new certificates apply now)"
+                );
+            }
             gateway.reload(config);
             tracing::info!(path = %path.display(), "config reloaded");
         }
