@@ -382,3 +382,91 @@ async fn plaintext_keys_never_reach_the_logs() {
         "a wrong plaintext key appeared in the logs"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
+    const KEY: &str = "tg_live_ACCESSLOG0123456789abcdefghijklm";
+    let up = echo_upstream().await;
+    let addr = free_port();
+    let admin = free_port();
+    let digest = tollgate::auth::ApiKey::new(KEY).digest();
+    let (_dir, path) = temp_config(
+        "gw.toml",
+        &format!(
+            "[server]\nlisten = \"{addr}\"\ntrusted_proxies = [\"127.0.0.1\"]\n[admin]\nlisten = \"{admin}\"\n\
+             [auth]\nquery_param = \"api_key\"\n\
+             [[keys]]\nid = \"acme-prod\"\nkey = \"{digest}\"\nplan = \"pro\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n"
+        ),
+    );
+    let mut child = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "json"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut all);
+        all
+    });
+    let guard = ChildGuard(child);
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let reply = get(
+        addr,
+        &format!("/v1/things?api_key={KEY}&page=2"),
+        &[
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("X-Request-Id", "access-test-1"),
+        ],
+    )
+    .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(get(addr, "/v1/other", &[]).await.status, 401);
+    signal(&guard, "-TERM");
+    let logs = collected.join().unwrap();
+    let access: Vec<serde_json::Value> = logs
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["target"] == "tollgate::access")
+        .collect();
+    assert_eq!(access.len(), 2, "one line per request");
+    let line = &access[0];
+    assert_eq!(line["request_id"], "access-test-1");
+    assert_eq!(
+        line["client_ip"], "203.0.113.9",
+        "resolved through trusted proxies"
+    );
+    assert_eq!(line["key_id"], "acme-prod");
+    assert_eq!(line["plan"], "pro");
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["path"], "/v1/things", "never the query string");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["upstream_status"], 200);
+    assert!(line["latency_us"].as_u64().is_some(), "{line}");
+    assert!(line["upstream_latency_us"].as_u64().is_some(), "{line}");
+    assert_eq!(
+        line["bytes"].as_u64(),
+        Some(reply.body.len() as u64),
+        "{line}"
+    );
+    assert_eq!(line["tls"], false);
+    let refused = &access[1];
+    assert_eq!(refused["status"], 401);
+    assert!(refused.get("key_id").is_none() && refused.get("upstream_status").is_none());
+    assert!(refused["request_id"].as_str().unwrap().starts_with("req_"));
+    assert!(
+        !logs.contains("ACCESSLOG"),
+        "the key never reaches the logs"
+    );
+}
