@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use tollgate::auth::{ApiKey, key};
 use tollgate::config::Config;
 use tollgate::observability::logging::{self, LogFormat};
-use tollgate::server::{Server, signals};
+use tollgate::server::{Server, file_watch, signals};
 use tollgate::stack::Gateway;
 
 /// A rate-limiting reverse proxy / API gateway.
@@ -132,7 +132,12 @@ fn run(path: PathBuf) -> ExitCode {
     let result = runtime.block_on(async move {
         let gateway = Arc::new(Gateway::new(config.clone()));
         let server = Server::bind(&config, gateway.clone()).await?;
-        tokio::spawn(signals::reload_on_sighup(path, gateway));
+        tokio::spawn(signals::reload_on_sighup(path.clone(), gateway.clone()));
+        tokio::spawn(file_watch::reload_on_change(
+            path,
+            gateway,
+            file_watch::WATCH_INTERVAL,
+        ));
         server.serve(signals::shutdown_requested()).await
     });
     // In-flight work past the grace period is dropped, not waited for.

@@ -9,6 +9,7 @@
 //! [`Gateway`]: crate::stack::Gateway
 
 pub mod client_ip;
+pub mod file_watch;
 pub mod signals;
 pub mod tls;
 
