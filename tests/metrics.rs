@@ -230,3 +230,62 @@ async fn reloads_are_counted_and_the_config_hash_follows_the_file() {
     };
     assert_ne!(hash(&before), hash(&after));
 }
+
+/// Every `tollgate_*` metric name in `text`.
+fn metric_names(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("tollgate_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.push(name);
+    }
+    names
+}
+
+#[tokio::test]
+async fn every_metric_the_grafana_dashboard_queries_exists() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/grafana-dashboard.json"
+    ))
+    .unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    assert_eq!(dashboard["uid"], "tollgate");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut queried = Vec::new();
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", panel["title"]);
+        for target in targets {
+            queried.extend(metric_names(target["expr"].as_str().expect("expr")));
+        }
+    }
+    queried.extend(metric_names(&dashboard["templating"].to_string()));
+    for title in [
+        "429s by plan",
+        "Upstream errors by kind",
+        "Request latency p50 / p99",
+    ] {
+        assert!(panels.iter().any(|p| p["title"] == title), "{title}");
+    }
+
+    // Traffic that creates every labelled series (a success, a 429, an upstream failure).
+    let gw = gateway().await;
+    let key = [("X-API-Key", KEY)];
+    get(gw.addr, "/v1/a", &key).await;
+    get(gw.addr, "/v1/a", &key).await;
+    get(gw.addr, "/dead/x", &[]).await;
+    let (_, exposed) = scrape(gw.admin).await;
+    let exposed: Vec<String> = exposed.keys().flat_map(|k| metric_names(k)).collect();
+    assert!(queried.len() >= 9, "{queried:?}");
+    for name in &queried {
+        assert!(
+            exposed.contains(name),
+            "the dashboard queries {name}, which /metrics does not expose: {exposed:?}"
+        );
+    }
+}
