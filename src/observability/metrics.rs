@@ -24,9 +24,9 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use super::histogram::AtomicHistogram;
 use crate::config::{Config, PlanName};
 
 /// `Content-Type` of the `/metrics` answer (Prometheus text format 0.0.4 is a subset of what
@@ -37,7 +37,7 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub const NONE: &str = "none";
 
 /// Latency histogram buckets, in seconds: 1 ms to 30 s.
-const LATENCY_BUCKETS: [f64; 14] = [
+static LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
@@ -113,9 +113,9 @@ struct HashLabels {
 #[derive(Debug, Clone, Copy)]
 struct LatencyHistogram;
 
-impl MetricConstructor<Histogram> for LatencyHistogram {
-    fn new_metric(&self) -> Histogram {
-        Histogram::new(LATENCY_BUCKETS)
+impl MetricConstructor<AtomicHistogram> for LatencyHistogram {
+    fn new_metric(&self) -> AtomicHistogram {
+        AtomicHistogram::new(&LATENCY_BUCKETS)
     }
 }
 
@@ -125,8 +125,8 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
     upstream_failures: Family<FailureLabels, Counter>,
-    request_duration: Histogram,
-    upstream_duration: Family<UpstreamLabels, Histogram, LatencyHistogram>,
+    request_duration: AtomicHistogram,
+    upstream_duration: Family<UpstreamLabels, AtomicHistogram, LatencyHistogram>,
     in_flight: Gauge,
     reloads: Family<ResultLabels, Counter>,
     config_info: Family<HashLabels, Gauge>,
@@ -169,7 +169,7 @@ impl Metrics {
             "Upstream failures, by upstream and kind",
             upstream_failures.clone(),
         );
-        let request_duration = Histogram::new(LATENCY_BUCKETS);
+        let request_duration = AtomicHistogram::new(&LATENCY_BUCKETS);
         registry.register(
             "request_duration_seconds",
             "Time from the request head to the response head",
@@ -271,7 +271,7 @@ impl Metrics {
 
     /// Observes one request's time to its response head.
     pub fn request_duration(&self, elapsed: Duration) {
-        self.request_duration.observe(elapsed.as_secs_f64());
+        self.request_duration.observe(elapsed);
     }
 
     /// Marks a request in flight until the guard is dropped.
@@ -302,7 +302,7 @@ pub struct SnapshotMetrics {
     plans: Vec<PlanName>,
     requests: Box<[OnceLock<Counter>]>,
     decisions: Box<[OnceLock<Counter>]>,
-    upstream_duration: Vec<Histogram>,
+    upstream_duration: Vec<AtomicHistogram>,
 }
 
 /// Which route and plan a request was counted under (indexes into its snapshot's table).
@@ -390,7 +390,7 @@ impl SnapshotMetrics {
     /// Observes the time an upstream (by index in `config.upstreams`) took to answer.
     pub fn upstream_duration(&self, upstream: usize, elapsed: Duration) {
         if let Some(histogram) = self.upstream_duration.get(upstream) {
-            histogram.observe(elapsed.as_secs_f64());
+            histogram.observe(elapsed);
         }
     }
 

@@ -5,6 +5,7 @@
 //! every log line of the request is written inside.
 
 pub mod access;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod request_id;
