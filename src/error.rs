@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::{ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::body::ResponseBody;
@@ -331,6 +331,11 @@ impl ErrorRenderer {
         match error {
             GatewayError::MethodNotAllowed { allow, .. } => {
                 headers.insert(ALLOW, allow.clone());
+            }
+            // After a request tollgate could not frame, the rest of the connection cannot be
+            // trusted either: answer, then close (hyper drops this header on HTTP/2).
+            GatewayError::BadRequest(_) => {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
             }
             GatewayError::ServiceUnavailable { retry_after, .. }
             | GatewayError::IpThrottled { retry_after }

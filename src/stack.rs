@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -208,6 +208,8 @@ impl Gateway {
                 limit: server.max_header_bytes,
             });
         }
+        // Framing that two parsers could read differently is refused, never forwarded.
+        reject_ambiguous_framing(&request)?;
         let declared_length = request
             .headers()
             .get(CONTENT_LENGTH)
@@ -436,6 +438,41 @@ impl Gateway {
             tracing::warn!(client_ip = %client, block_for = ?rule.block_for, "failed-auth guard tripped: client IP blocked");
         }
     }
+}
+
+/// Refuses requests whose framing or target a proxy and an upstream could disagree on
+/// (request smuggling): `Transfer-Encoding` together with `Content-Length`, any transfer
+/// coding but a single `chunked`, and an absolute-form target whose authority disagrees with
+/// `Host`. hyper already refuses duplicate differing `Content-Length`, HTTP/1.0 with
+/// `Transfer-Encoding`, obs-fold, bad chunk sizes and control bytes in headers.
+fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError> {
+    let headers = request.headers();
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    if let Some(first) = codings.next() {
+        let only_chunked = codings.next().is_none()
+            && first
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        if !only_chunked {
+            return Err(GatewayError::BadRequest("unsupported Transfer-Encoding"));
+        }
+        if headers.contains_key(CONTENT_LENGTH) {
+            return Err(GatewayError::BadRequest(
+                "both Transfer-Encoding and Content-Length",
+            ));
+        }
+    }
+    if request.version() <= http::Version::HTTP_11
+        && let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))
+        && !host
+            .as_bytes()
+            .eq_ignore_ascii_case(authority.as_str().as_bytes())
+    {
+        return Err(GatewayError::BadRequest(
+            "the Host header disagrees with the request target",
+        ));
+    }
+    Ok(())
 }
 
 /// Removes the credential before forwarding, unless `auth.forward_key`: the key header, a

@@ -519,3 +519,95 @@ async fn a_stalled_request_body_gets_408() {
     assert_eq!(reply.status, 408, "{}", reply.text());
     assert_eq!(reply.json()["error"]["code"], "request_timeout");
 }
+
+/// An upstream that counts the requests it receives (any bytes at all count as one).
+async fn counting_upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    let addr = upstream(move |_req: Request<Incoming>| {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        }
+    })
+    .await;
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
+    let (up, seen) = counting_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
+    ))
+    .await;
+    let cases: [(&str, &[u8]); 8] = [
+        ("chunked, chunked", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
+        ("two TE headers", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("gzip coding", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n"),
+        ("duplicate differing CL", b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+        ("HTTP/1.0 + TE", b"POST / HTTP/1.0\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+        ("obs-fold", b"GET / HTTP/1.1\r\nHost: t\r\nX-Folded: a\r\n  b\r\n\r\n"),
+        ("control byte in a header", b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x01b\r\n\r\n"),
+        ("Host disagrees with absolute-form target", b"GET http://other.example/ HTTP/1.1\r\nHost: t\r\n\r\n"),
+    ];
+    for (name, raw) in cases {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(raw).await.unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: connection not closed"))
+            .unwrap();
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.starts_with("HTTP/1.1 400"), "{name}: {text}");
+    }
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing reached the upstream"
+    );
+
+    // A well-formed absolute-form request whose authority matches Host is fine.
+    let r = send_raw(
+        gw.addr,
+        b"GET http://t/ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+}
+
+#[tokio::test]
+async fn te_plus_cl_is_framed_by_te_alone_and_the_connection_closes() {
+    // hyper drops Content-Length when Transfer-Encoding is present and closes the connection
+    // after answering (RFC 9112 6.1), so a request smuggled behind the body is never read.
+    let (up, seen) = counting_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+        .await
+        .expect("connection closed")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert_eq!(
+        text.matches("HTTP/1.1 ").count(),
+        1,
+        "one response only: {text}"
+    );
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the smuggled request never arrived"
+    );
+}
