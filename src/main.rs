@@ -51,6 +51,9 @@ fn main() -> ExitCode {
         Some(Command::GenKey { prefix }) => gen_key(&prefix),
         None => {
             logging::init(cli.log_format, cli.log_level.as_deref());
+            // Panics go through the log like everything else (one JSON line, not raw stderr);
+            // a panic inside a request is also answered 500 by the server.
+            std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));
             run(cli.config)
         }
     }
