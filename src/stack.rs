@@ -25,7 +25,7 @@ use crate::config::{LimitMode, PlanName};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
 use crate::limit::headers::PolicyHeaders;
-use crate::limit::{Decision, IpTripwire, KeyedLimiter};
+use crate::limit::{Decision, IpTripwire, KeyedLimiter, LimiterBackend};
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
@@ -54,6 +54,8 @@ pub struct Snapshot {
     pub upstreams: Vec<Upstream>,
     /// Per-client-IP buckets for public routes (`plans.anonymous`), when that plan exists.
     pub anonymous: Option<Arc<Anonymous>>,
+    /// Where API keys' buckets live (`limits.backend`); the Redis connection survives reloads.
+    pub backend: LimiterBackend,
     /// Metric series pre-resolved for this config's routes, plans and upstreams.
     pub metrics: SnapshotMetrics,
 }
@@ -99,6 +101,7 @@ impl Snapshot {
                 })
                 .collect(),
             anonymous,
+            backend: LimiterBackend::new(&config.limits, previous.map(|p| &p.backend)),
             metrics: SnapshotMetrics::new(metrics.clone(), &config),
             config,
         }
@@ -267,12 +270,23 @@ impl Gateway {
             trace.labels.plan = snapshot.metrics.plan_index(ANONYMOUS_PLAN);
         }
 
-        // Only now is a bucket charged: 401/403 never cost a token.
+        // Only now is a bucket charged: 401/403 never cost a token. Keys go to the configured
+        // backend (Redis may be down: `on_backend_error` then admits without a decision or
+        // answers 503); client IPs always stay in process.
         *rate = match (&identity, &snapshot.anonymous) {
-            (Some(identity), _) => Some(RateInfo {
-                decision: identity.record.limiter.check(),
-                policy: &identity.record.policy,
-            }),
+            (Some(identity), _) => snapshot
+                .backend
+                .check(
+                    &identity.record.id.0,
+                    &identity.record.limiter,
+                    &snapshot.config.limits,
+                    &self.metrics,
+                )
+                .await?
+                .map(|decision| RateInfo {
+                    decision,
+                    policy: &identity.record.policy,
+                }),
             (None, Some(anonymous)) => Some(RateInfo {
                 decision: anonymous.limiter.check(&client),
                 policy: &anonymous.policy,

@@ -40,8 +40,8 @@ need_component clippy clippy
 
 # Packages the build and tests need. cargo links through `cc`, which rustup does not install.
 need_pkg cc build-essential
-# The Redis limiter tests will add:
-# need_pkg redis-server redis-server
+# The Redis limiter tests (tests/redis.rs) start their own redis-server.
+need_pkg redis-server redis-server
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check

@@ -1,10 +1,14 @@
-//! Rate limiting: per-key token buckets, per-client-IP buckets for public routes, the
-//! rate-limit response headers, and per-client-IP tripwires (failed-auth guard, repeated-429
-//! throttle).
+//! Rate limiting: per-key token buckets (in process, or in Redis shared by every instance,
+//! behind one [`LimiterBackend`]), per-client-IP buckets for public routes, the rate-limit
+//! response headers, and per-client-IP tripwires (failed-auth guard, repeated-429 throttle).
 
+pub mod backend;
+pub mod breaker;
 pub mod bucket;
 pub mod headers;
+pub mod redis;
 pub mod tripwire;
 
+pub use backend::LimiterBackend;
 pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Window};
 pub use tripwire::IpTripwire;

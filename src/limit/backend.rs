@@ -1,0 +1,133 @@
+//! Where API keys' buckets live: in this process ([`Limiter`], governor) or in Redis, shared by
+//! every instance. The request path calls [`LimiterBackend::check`] and does not know which.
+//!
+//! With Redis, each call is bounded by `limits.backend_timeout`; an error or timeout opens a
+//! [`Breaker`] for [`DEFAULT_COOL_OFF`], and `limits.on_backend_error` decides those requests:
+//! the key's in-process buckets (`local`), admit (`allow`) or 503 (`deny`). Per-client-IP
+//! buckets (`plans.anonymous`) and the IP tripwires are always local.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendErrorPolicy, LimitBackend, LimitsConfig};
+use crate::error::{FailureKind, GatewayError};
+use crate::limit::breaker::{Breaker, DEFAULT_COOL_OFF};
+use crate::limit::redis::RedisLimiter;
+use crate::limit::{Decision, Limiter};
+use crate::observability::metrics::Metrics;
+
+/// `Retry-After` of the 503 `on_backend_error = "deny"` answers with.
+pub const BACKEND_DOWN_RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// The limiter backend of one config snapshot.
+#[derive(Debug, Clone)]
+pub enum LimiterBackend {
+    /// Each key's [`Limiter`], in this process.
+    Local,
+    /// Redis, with a circuit breaker in front.
+    Redis(Arc<Guarded>),
+}
+
+/// The Redis limiter behind its circuit breaker.
+#[derive(Debug)]
+pub struct Guarded {
+    redis: RedisLimiter,
+    breaker: Breaker,
+}
+
+impl LimiterBackend {
+    /// The backend `limits` asks for; the Redis connection (and breaker state) of `previous`
+    /// is kept when the URL is unchanged.
+    pub fn new(limits: &LimitsConfig, previous: Option<&LimiterBackend>) -> Self {
+        match limits.backend {
+            LimitBackend::Local => LimiterBackend::Local,
+            LimitBackend::Redis => match previous {
+                Some(LimiterBackend::Redis(old)) if old.redis.url() == limits.redis_url => {
+                    LimiterBackend::Redis(old.clone())
+                }
+                _ => LimiterBackend::Redis(Arc::new(Guarded {
+                    redis: RedisLimiter::new(&limits.redis_url),
+                    breaker: Breaker::new(DEFAULT_COOL_OFF),
+                })),
+            },
+        }
+    }
+
+    /// Charges one request of key `id`, whose in-process buckets are `local`.
+    ///
+    /// `Ok(None)`: admitted without a decision (Redis failed, `on_backend_error = "allow"`);
+    /// `Err`: 503 (Redis failed, `deny`).
+    pub async fn check(
+        &self,
+        id: &str,
+        local: &Limiter,
+        limits: &LimitsConfig,
+        metrics: &Metrics,
+    ) -> Result<Option<Decision>, GatewayError> {
+        match self {
+            LimiterBackend::Local => Ok(Some(local.check())),
+            LimiterBackend::Redis(guarded) => guarded.check(id, local, limits, metrics).await,
+        }
+    }
+}
+
+impl Guarded {
+    async fn check(
+        &self,
+        id: &str,
+        local: &Limiter,
+        limits: &LimitsConfig,
+        metrics: &Metrics,
+    ) -> Result<Option<Decision>, GatewayError> {
+        if self.breaker.admit(Instant::now()) {
+            let error = match tokio::time::timeout(
+                limits.backend_timeout,
+                self.redis.charge(id, local.specs()),
+            )
+            .await
+            {
+                Ok(Ok(decision)) => {
+                    if self.breaker.success() {
+                        tracing::info!("redis limiter backend answering again");
+                    }
+                    return Ok(Some(decision));
+                }
+                Ok(Err(error)) => error.to_string(),
+                Err(_) => format!("no answer within {:?}", limits.backend_timeout),
+            };
+            metrics.backend_error();
+            // One warning per outage, not one per request; failed probes are debug.
+            if self.breaker.failure(Instant::now()) {
+                tracing::warn!(
+                    %error,
+                    on_backend_error = policy_name(limits.on_backend_error),
+                    cool_off = ?DEFAULT_COOL_OFF,
+                    "redis limiter backend failed; deciding by on_backend_error until it answers"
+                );
+            } else {
+                tracing::debug!(%error, "redis limiter backend still failing");
+            }
+        }
+        match limits.on_backend_error {
+            BackendErrorPolicy::Local => Ok(Some(local.check())),
+            BackendErrorPolicy::Allow => Ok(None),
+            BackendErrorPolicy::Deny => Err(GatewayError::ServiceUnavailable {
+                kind: FailureKind::BackendDown,
+                retry_after: BACKEND_DOWN_RETRY_AFTER,
+            }),
+        }
+    }
+
+    /// Whether the last call to Redis succeeded.
+    pub fn is_healthy(&self) -> bool {
+        self.breaker.is_healthy()
+    }
+}
+
+fn policy_name(policy: BackendErrorPolicy) -> &'static str {
+    match policy {
+        BackendErrorPolicy::Local => "local",
+        BackendErrorPolicy::Allow => "allow",
+        BackendErrorPolicy::Deny => "deny",
+    }
+}

@@ -1,0 +1,169 @@
+//! The Redis limiter backend: one GCRA Lua script (`gcra.lua` beside this file) charges every
+//! bucket of a key atomically, so every gateway instance sharing the Redis sees one limit.
+//!
+//! The script is sent by `EVALSHA` (redis-rs [`Script`] loads it again on `NOSCRIPT`) over one
+//! multiplexed [`ConnectionManager`], which reconnects on its own. Keys are
+//! `tollgate:{<key id>}:<window>`: the hash tag puts all buckets of a key in one Redis Cluster
+//! slot, as a multi-key script requires.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Script};
+
+use crate::limit::{BucketSpec, Decision};
+
+/// The GCRA script.
+const GCRA_SCRIPT: &str = include_str!("gcra.lua");
+
+/// Why Redis gave no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisError {
+    /// `limits.redis_url` cannot be used (e.g. `rediss://`, this build has no TLS to Redis).
+    #[error("redis_url unusable: {0}")]
+    BadUrl(String),
+    /// Connection, protocol or script error.
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// The script answered something it never returns.
+    #[error("unexpected script reply {0:?}")]
+    BadReply([i64; 5]),
+}
+
+/// A Redis server holding every key's buckets.
+pub struct RedisLimiter {
+    url: String,
+    client: Result<Client, String>,
+    /// Created on first use, inside the runtime (the manager spawns a task).
+    connection: OnceLock<ConnectionManager>,
+    script: Script,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("url", &self.url)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// A limiter on `url`. Nothing connects until the first request.
+    pub fn new(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            client: Client::open(url).map_err(|e| e.to_string()),
+            connection: OnceLock::new(),
+            script: Script::new(GCRA_SCRIPT),
+        }
+    }
+
+    /// The URL it talks to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    fn connection(&self) -> Result<ConnectionManager, RedisError> {
+        if let Some(connection) = self.connection.get() {
+            return Ok(connection.clone());
+        }
+        let client = self
+            .client
+            .as_ref()
+            .map_err(|e| RedisError::BadUrl(e.clone()))?;
+        // Reconnect quickly and give up soon: the caller's timeout and circuit breaker decide
+        // what a slow Redis means, and a failed reconnect is simply tried again on a later call.
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(3)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500))
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None);
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(self.connection.get_or_init(|| manager).clone())
+    }
+
+    /// Charges one request to every bucket of key `id` (`specs` smallest window first).
+    pub async fn charge(&self, id: &str, specs: &[BucketSpec]) -> Result<Decision, RedisError> {
+        let mut connection = self.connection()?;
+        let mut invocation = self.script.prepare_invoke();
+        for spec in specs {
+            invocation.key(redis_key(id, spec));
+        }
+        for spec in specs {
+            invocation
+                .arg(spec.interval().as_micros().max(1) as u64)
+                .arg(spec.burst.get());
+        }
+        let reply: [i64; 5] = invocation.invoke_async(&mut connection).await?;
+        decision(specs, reply)
+    }
+}
+
+/// `tollgate:{<key id>}:<window>`.
+pub fn redis_key(id: &str, spec: &BucketSpec) -> String {
+    format!("tollgate:{{{id}}}:{}", spec.window.name())
+}
+
+/// The script's reply as a [`Decision`].
+fn decision(specs: &[BucketSpec], reply: [i64; 5]) -> Result<Decision, RedisError> {
+    let [allowed, bucket, remaining, reset_us, retry_us] = reply;
+    let spec = usize::try_from(bucket)
+        .ok()
+        .and_then(|i| specs.get(i))
+        .filter(|_| remaining >= 0 && reset_us >= 0 && retry_us >= 0)
+        .ok_or(RedisError::BadReply(reply))?;
+    Ok(Decision {
+        allowed: allowed == 1,
+        spec: *spec,
+        bucket: bucket as usize,
+        remaining: u32::try_from(remaining)
+            .unwrap_or(u32::MAX)
+            .min(spec.burst.get()),
+        reset_after: Duration::from_micros(reset_us as u64),
+        retry_after: Duration::from_micros(retry_us as u64),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limit::Window;
+    use std::num::NonZeroU32;
+
+    fn spec(window: Window, limit: u32) -> BucketSpec {
+        BucketSpec {
+            window,
+            limit: NonZeroU32::new(limit).unwrap(),
+            burst: NonZeroU32::new(limit).unwrap(),
+        }
+    }
+
+    #[test]
+    fn keys_share_one_hash_tag() {
+        assert_eq!(
+            redis_key("acme-prod", &spec(Window::Minute, 300)),
+            "tollgate:{acme-prod}:minute"
+        );
+        assert_eq!(
+            redis_key("acme-prod", &spec(Window::Day, 300)),
+            "tollgate:{acme-prod}:day"
+        );
+    }
+
+    #[test]
+    fn replies_become_decisions() {
+        let specs = [spec(Window::Minute, 60), spec(Window::Day, 1000)];
+        let d = decision(&specs, [0, 1, 0, 5_000_000, 1_500]).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.spec.window, Window::Day);
+        assert_eq!(d.retry_after, Duration::from_micros(1_500));
+        assert_eq!(d.reset_after, Duration::from_secs(5));
+        assert!(
+            decision(&specs, [1, 2, 0, 0, 0]).is_err(),
+            "no third bucket"
+        );
+        assert!(decision(&specs, [1, 0, -1, 0, 0]).is_err());
+    }
+}

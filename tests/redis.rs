@@ -1,0 +1,424 @@
+//! The Redis limiter backend over the wire, against a real `redis-server` started per test on
+//! a free loopback port without persistence: one limit across gateways, headers and 429s from
+//! Redis, and each `on_backend_error` policy while Redis is down, hung, and back again.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tollgate::auth::ApiKey;
+
+const KEY_A: &str = "tg_test_redis_a_0123456789abcdefghi";
+const KEY_B: &str = "tg_test_redis_b_0123456789abcdefghi";
+
+/// A `redis-server` child process on a loopback port; killed on drop.
+struct RedisServer {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self { port, child: None };
+        server.restart();
+        server
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port and waits until it answers PING.
+    fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (tests/run.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut conn) = redis::Client::open(self.url())
+                .unwrap()
+                .get_connection_with_timeout(Duration::from_millis(200))
+                && redis::cmd("PING").query::<String>(&mut conn).is_ok()
+            {
+                return;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP / SIGCONT: a hung Redis that accepts but never answers.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([signal, &pid]).status().unwrap();
+        assert!(status.success());
+    }
+
+    fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection_with_timeout(Duration::from_secs(2))
+            .unwrap()
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &self.child {
+            // A stopped process would not die of SIGKILL until continued on some systems.
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+        self.kill();
+    }
+}
+
+fn digest(key: &str) -> String {
+    ApiKey::new(key).digest().to_string()
+}
+
+/// Keys `a` and `b` on plan `tight` (rpm, burst), limited in Redis at `redis`.
+fn redis_config(
+    redis: &str,
+    rpm: u32,
+    burst: u32,
+    limits: &str,
+    up: SocketAddr,
+) -> tollgate::Config {
+    config(
+        "",
+        &format!(
+            r#"
+[limits]
+backend = "redis"
+redis_url = "{redis}"
+{limits}
+[plans.tight]
+requests_per_minute = {rpm}
+burst = {burst}
+[[keys]]
+id = "a"
+key = "{a}"
+plan = "tight"
+[[keys]]
+id = "b"
+key = "{b}"
+plan = "tight"
+[[upstreams]]
+name = "up"
+url = "http://{up}"
+[[routes]]
+prefix = "/v1/"
+upstream = "up"
+"#,
+            a = digest(KEY_A),
+            b = digest(KEY_B),
+        ),
+    )
+}
+
+async fn gateway(redis: &RedisServer, rpm: u32, burst: u32, limits: &str) -> TestGateway {
+    let up = echo_upstream().await;
+    TestGateway::start(redis_config(&redis.url(), rpm, burst, limits, up)).await
+}
+
+async fn with_key(addr: SocketAddr, key: &str) -> Reply {
+    get(addr, "/v1/x", &[("X-API-Key", key)]).await
+}
+
+/// `n` sequential requests; their statuses and latencies.
+async fn burst_of(addr: SocketAddr, n: usize) -> (Vec<u16>, Vec<Duration>) {
+    let mut statuses = Vec::new();
+    let mut latencies = Vec::new();
+    for _ in 0..n {
+        let sent = Instant::now();
+        statuses.push(with_key(addr, KEY_A).await.status);
+        latencies.push(sent.elapsed());
+    }
+    (statuses, latencies)
+}
+
+fn count(statuses: &[u16], status: u16) -> usize {
+    statuses.iter().filter(|s| **s == status).count()
+}
+
+fn backend_errors(gw: &TestGateway) -> u64 {
+    let text = gw.gateway.metrics().encode();
+    text.lines()
+        .find(|l| l.starts_with("tollgate_limiter_backend_errors_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no backend error counter in\n{text}"))
+}
+
+/// Waits (breaker cool-off, reconnect) until a request is decided by Redis again: the key's
+/// minute bucket exists in Redis after it. Returns that request's status.
+async fn until_redis_decides(redis: &RedisServer, addr: SocketAddr) -> u16 {
+    let mut conn = redis.connection();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = with_key(addr, KEY_A).await.status;
+        let exists: bool = redis::cmd("EXISTS")
+            .arg("tollgate:{a}:minute")
+            .query(&mut conn)
+            .unwrap();
+        if exists {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "Redis never decided again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_gateways_sharing_redis_admit_exactly_capacity() {
+    let redis = RedisServer::start();
+    // Capacity 25, one token a minute: nothing refills during the test. A generous timeout:
+    // this test is about exactness, not about a slow CI machine.
+    let limits = "backend_timeout = \"2s\"\non_backend_error = \"deny\"";
+    let one = gateway(&redis, 1, 25, limits).await;
+    let two = gateway(&redis, 1, 25, limits).await;
+    let mut tasks = Vec::new();
+    for i in 0..48 {
+        let addr = if i % 2 == 0 { one.addr } else { two.addr };
+        tasks.push(tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for _ in 0..2 {
+                statuses.push(with_key(addr, KEY_A).await.status);
+            }
+            statuses
+        }));
+    }
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.extend(t.await.unwrap());
+    }
+    assert_eq!(statuses.len(), 96);
+    assert_eq!(
+        count(&statuses, 200),
+        25,
+        "exactly the capacity, across both"
+    );
+    assert_eq!(count(&statuses, 429), 71);
+    assert_eq!(backend_errors(&one) + backend_errors(&two), 0);
+    // The other key is untouched, on either gateway.
+    assert_eq!(with_key(two.addr, KEY_B).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_429_come_from_the_shared_bucket() {
+    let redis = RedisServer::start();
+    // 60/min: one token a second, 3 deep.
+    let one = gateway(&redis, 60, 3, "backend_timeout = \"2s\"").await;
+    let two = gateway(&redis, 60, 3, "backend_timeout = \"2s\"").await;
+    let r = with_key(one.addr, KEY_A).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-ratelimit-limit"), Some("60"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    let r = with_key(two.addr, KEY_A).await;
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some("1"),
+        "the other gateway sees the same bucket"
+    );
+    assert_eq!(with_key(one.addr, KEY_A).await.status, 200);
+    let r = with_key(two.addr, KEY_A).await;
+    assert_eq!(r.status, 429);
+    let v = r.json();
+    assert_eq!(v["error"]["code"], "rate_limited");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 2..=now + 4).contains(&reset),
+        "reset {reset}, now {now}"
+    );
+
+    // The key layout, and a TTL of the time until the bucket is full again (about 3 s).
+    let mut conn = redis.connection();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("tollgate:{a}:minute")
+        .query(&mut conn)
+        .unwrap();
+    assert!((1..=3_000).contains(&ttl), "PTTL {ttl}");
+    let b: bool = redis::cmd("EXISTS")
+        .arg("tollgate:{b}:minute")
+        .query(&mut conn)
+        .unwrap();
+    assert!(!b, "an unused key has no state");
+
+    // Refill comes from Redis time: one token a second later.
+    tokio::time::sleep(Duration::from_millis(1_050)).await;
+    assert_eq!(with_key(two.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(one.addr, KEY_A).await.status, 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_and_ip_throttle_work_with_redis() {
+    let redis = RedisServer::start();
+    let shadow = gateway(&redis, 60, 2, "mode = \"shadow\"\nbackend_timeout = \"2s\"").await;
+    for _ in 0..5 {
+        assert_eq!(with_key(shadow.addr, KEY_B).await.status, 200);
+    }
+    assert_eq!(shadow.gateway.would_limit_count(), 3);
+
+    let throttled = gateway(
+        &redis,
+        60,
+        2,
+        "backend_timeout = \"2s\"\n[limits.ip_throttle]\nrejections = 3\nwindow = \"60s\"\nblock_for = \"5m\"",
+    )
+    .await;
+    let (statuses, _) = burst_of(throttled.addr, 6).await;
+    assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
+    let r = with_key(throttled.addr, KEY_A).await;
+    assert_eq!(r.json()["error"]["code"], "ip_throttled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_local_policy_falls_back_then_recovers() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, 1, 5, "on_backend_error = \"local\"").await;
+    let (statuses, _) = burst_of(gw.addr, 2).await;
+    assert_eq!(statuses, [200, 200]);
+
+    redis.kill();
+    // The in-process buckets were never charged while Redis decided: a full burst of 5.
+    let (statuses, _) = burst_of(gw.addr, 20).await;
+    assert_eq!(count(&statuses, 200), 5, "{statuses:?}");
+    assert_eq!(count(&statuses, 429), 15);
+    assert!(backend_errors(&gw) >= 1);
+    assert_eq!(get(gw.admin, "/readyz", &[]).await.status, 200);
+
+    // Redis back (empty: no persistence): it decides again, with its own full bucket.
+    redis.restart();
+    assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
+    let (statuses, _) = burst_of(gw.addr, 6).await;
+    assert_eq!(count(&statuses, 200), 4, "5 in Redis' bucket: {statuses:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_allow_policy_admits_without_headers() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, 1, 2, "on_backend_error = \"allow\"").await;
+    let (statuses, _) = burst_of(gw.addr, 3).await;
+    assert_eq!(statuses, [200, 200, 429]);
+
+    redis.kill();
+    for _ in 0..20 {
+        let r = with_key(gw.addr, KEY_A).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            r.header("x-ratelimit-remaining"),
+            None,
+            "no decision to report"
+        );
+    }
+    assert!(backend_errors(&gw) >= 1);
+
+    redis.restart();
+    assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
+    let (statuses, _) = burst_of(gw.addr, 3).await;
+    assert_eq!(statuses, [200, 429, 429], "limited by Redis again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_deny_policy_answers_503() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(&redis, 60, 5, "on_backend_error = \"deny\"").await;
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+
+    redis.kill();
+    for _ in 0..20 {
+        let r = with_key(gw.addr, KEY_A).await;
+        assert_eq!(r.status, 503);
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.json()["error"]["code"], "service_unavailable");
+    }
+    assert_eq!(
+        get(gw.admin, "/readyz", &[]).await.status,
+        200,
+        "the gateway still serves"
+    );
+
+    redis.restart();
+    assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
+    let redis = RedisServer::start();
+    let timeout = Duration::from_millis(50);
+    let gw = gateway(
+        &redis,
+        6_000,
+        6_000,
+        "on_backend_error = \"local\"\nbackend_timeout = \"50ms\"",
+    )
+    .await;
+    let (_, normal) = burst_of(gw.addr, 50).await;
+
+    // Accepts connections, never answers: every call would wait the whole timeout.
+    redis.signal("-STOP");
+    let started = Instant::now();
+    let (statuses, outage) = burst_of(gw.addr, 50).await;
+    let elapsed = started.elapsed();
+    redis.signal("-CONT");
+    assert_eq!(count(&statuses, 200), 50, "local fallback admits");
+    let slow = outage.iter().filter(|l| **l >= timeout).count();
+    let p = |v: &[Duration], q: f64| {
+        let mut v = v.to_vec();
+        v.sort();
+        v[((v.len() as f64 * q).ceil() as usize).min(v.len()) - 1]
+    };
+    eprintln!(
+        "normal p50 {:?} p99 {:?}; outage p50 {:?} p99 {:?}; 50 requests in {elapsed:?}; {slow} waited the timeout",
+        p(&normal, 0.5),
+        p(&normal, 0.99),
+        p(&outage, 0.5),
+        p(&outage, 0.99),
+    );
+    assert!(
+        elapsed < timeout * 10,
+        "50 requests took {elapsed:?}: the breaker should skip Redis"
+    );
+    assert!(slow <= 2, "{slow} requests waited for Redis");
+    assert_eq!(backend_errors(&gw), slow as u64);
+
+    // Redis answers again: decisions come from it after the cool-off.
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("DEL")
+        .arg("tollgate:{a}:minute")
+        .query(&mut conn)
+        .unwrap();
+    let back = Instant::now();
+    assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
+    eprintln!("Redis decided again {:?} after SIGCONT", back.elapsed());
+}
