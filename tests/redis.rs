@@ -422,3 +422,78 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
     eprintln!("Redis decided again {:?} after SIGCONT", back.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejecting_bucket_charges_no_other_bucket() {
+    let redis = RedisServer::start();
+    let up = echo_upstream().await;
+    let text = format!(
+        r#"
+[limits]
+backend = "redis"
+redis_url = "{url}"
+backend_timeout = "2s"
+[plans.daily]
+requests_per_minute = 10
+requests_per_day = 3
+[[keys]]
+id = "a"
+key = "{a}"
+plan = "daily"
+[[upstreams]]
+name = "up"
+url = "http://{up}"
+[[routes]]
+prefix = "/v1/"
+upstream = "up"
+"#,
+        url = redis.url(),
+        a = digest(KEY_A),
+    );
+    let gw = TestGateway::start(config("", &text)).await;
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some("2"),
+        "the day bucket is the closest to empty"
+    );
+    let (statuses, _) = burst_of(gw.addr, 2).await;
+    assert_eq!(statuses, [200, 200]);
+    // Now the minute bucket has tokens and the day bucket none: all or nothing.
+    let mut conn = redis.connection();
+    let tats = |conn: &mut redis::Connection| -> (i64, i64) {
+        redis::cmd("MGET")
+            .arg("tollgate:{a}:minute")
+            .arg("tollgate:{a}:day")
+            .query(conn)
+            .unwrap()
+    };
+    let before = tats(&mut conn);
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(r.status, 429);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per day")
+    );
+    assert_eq!(tats(&mut conn), before, "a rejection charges no bucket");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("tollgate:{a}:day")
+        .query(&mut conn)
+        .unwrap();
+    // All three daily tokens taken: full again in 3 x 8 h.
+    let eight_hours = 8 * 3_600 * 1_000;
+    assert!(
+        (3 * eight_hours - 60_000..=3 * eight_hours).contains(&ttl),
+        "PTTL {ttl}"
+    );
+}
+
+#[test]
+fn the_compose_config_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.compose.toml");
+    let config = tollgate::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.limits.redis_url, "redis://redis:6379");
+}
