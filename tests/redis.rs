@@ -165,12 +165,16 @@ fn count(statuses: &[u16], status: u16) -> usize {
 }
 
 fn backend_errors(gw: &TestGateway) -> u64 {
+    metric(gw, "tollgate_limiter_backend_errors_total")
+}
+
+fn metric(gw: &TestGateway, series: &str) -> u64 {
     let text = gw.gateway.metrics().encode();
     text.lines()
-        .find(|l| l.starts_with("tollgate_limiter_backend_errors_total"))
+        .find(|l| l.starts_with(series))
         .and_then(|l| l.split_whitespace().last())
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no backend error counter in\n{text}"))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 /// Waits (breaker cool-off, reconnect) until a request is decided by Redis again: the key's
@@ -341,6 +345,13 @@ async fn redis_down_with_allow_policy_admits_without_headers() {
         );
     }
     assert!(backend_errors(&gw) >= 1);
+    assert_eq!(
+        metric(
+            &gw,
+            "tollgate_limiter_fallbacks_total{on_backend_error=\"allow\"}"
+        ),
+        20
+    );
 
     redis.restart();
     assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
@@ -411,6 +422,14 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     );
     assert!(slow <= 2, "{slow} requests waited for Redis");
     assert_eq!(backend_errors(&gw), slow as u64);
+    assert_eq!(
+        metric(
+            &gw,
+            "tollgate_limiter_fallbacks_total{on_backend_error=\"local\"}"
+        ),
+        50,
+        "every request of the outage was decided in process"
+    );
 
     // Redis answers again: decisions come from it after the cool-off.
     let mut conn = redis.connection();

@@ -108,6 +108,7 @@ impl Guarded {
                 tracing::debug!(%error, "redis limiter backend still failing");
             }
         }
+        metrics.backend_fallback(policy_name(limits.on_backend_error));
         match limits.on_backend_error {
             BackendErrorPolicy::Local => Ok(Some(local.check())),
             BackendErrorPolicy::Allow => Ok(None),

@@ -16,6 +16,7 @@
 //! | `tollgate_config_reloads_total` | counter | `result` (`ok`, `failed`) |
 //! | `tollgate_config_info` | gauge, always 1 | `hash` (SHA-256 of the config and keys file text) |
 //! | `tollgate_limiter_backend_errors_total` | counter | (none) |
+//! | `tollgate_limiter_fallbacks_total` | counter | `on_backend_error` (`local`, `allow`, `deny`): requests decided without the Redis backend (error, timeout, or breaker open) |
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -101,6 +102,11 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FallbackLabels {
+    on_backend_error: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -133,6 +139,7 @@ pub struct Metrics {
     /// The `hash` label currently exported, so a reload can remove it.
     config_hash: Mutex<String>,
     backend_errors: Counter,
+    backend_fallbacks: Family<FallbackLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -205,9 +212,18 @@ impl Metrics {
             "Rate-limit backend errors and timeouts",
             backend_errors.clone(),
         );
+        let backend_fallbacks = Family::<FallbackLabels, Counter>::default();
+        registry.register(
+            "limiter_fallbacks",
+            "Requests decided without the rate-limit backend, by on_backend_error",
+            backend_fallbacks.clone(),
+        );
         // Series that exist from the start, so dashboards and alerts see zeros, not gaps.
         for result in ["ok", "failed"] {
             reloads.get_or_create_owned(&ResultLabels { result });
+        }
+        for on_backend_error in ["local", "allow", "deny"] {
+            backend_fallbacks.get_or_create_owned(&FallbackLabels { on_backend_error });
         }
         Self {
             registry,
@@ -221,6 +237,7 @@ impl Metrics {
             config_info,
             config_hash: Mutex::new(String::new()),
             backend_errors,
+            backend_fallbacks,
         }
     }
 
@@ -267,6 +284,14 @@ impl Metrics {
     /// Counts a rate-limit backend error.
     pub fn backend_error(&self) {
         self.backend_errors.inc();
+    }
+
+    /// Counts a request decided by `on_backend_error` (`local`, `allow`, `deny`) because the
+    /// backend failed or its circuit breaker is open.
+    pub fn backend_fallback(&self, on_backend_error: &'static str) {
+        self.backend_fallbacks
+            .get_or_create(&FallbackLabels { on_backend_error })
+            .inc();
     }
 
     /// Observes one request's time to its response head.
