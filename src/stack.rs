@@ -551,12 +551,14 @@ impl Handler for Gateway {
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
-                // Upstream failures were logged by the pipeline, with the upstream's name.
+                // Upstream failures were logged by the pipeline, with the upstream's name. A
+                // limiter outage is logged once by the backend when it starts and ends; one
+                // line per denied request would flood the log, so those are debug only.
                 if let Some(kind) = error.failure_kind().filter(|kind| !kind.is_upstream()) {
-                    tracing::warn!(
+                    tracing::debug!(
                         kind = kind.as_str(),
                         status = error.status().as_u16(),
-                        "upstream failure"
+                        "denied: rate-limit backend down"
                     );
                 }
                 self.render_error(&error, &ctx.request_id)
