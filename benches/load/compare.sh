@@ -131,7 +131,7 @@ start_suts() {
     cp "$HERE/tollgate.toml" "$HERE/nginx.conf" "$HERE/haproxy.cfg" "$dir/"
     if [[ $mode == limited ]]; then
         sed -i '/BENCH_RPM/s/= [0-9]*/= 1/' "$dir/tollgate.toml"
-        sed -i '/BENCH_RATE/s|rate=[0-9]*r/s|rate=1r/m|' "$dir/nginx.conf"
+        sed -i '/BENCH_RATE/s|rate=[0-9]*r/s|rate=1r/m|; s/ burst=1000 nodelay//' "$dir/nginx.conf"
         sed -i '/BENCH_RATE/s/gt [0-9]*/gt 1/' "$dir/haproxy.cfg"
     fi
     (cd "$dir" && exec taskset -c "$SUT_CPU" "$TOLLGATE" --config tollgate.toml --log-level warn) &
