@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{BackendErrorPolicy, LimitBackend, LimitsConfig};
 use crate::error::{FailureKind, GatewayError};
-use crate::limit::breaker::{Breaker, DEFAULT_COOL_OFF};
+use crate::limit::breaker::{Admission, Breaker, DEFAULT_COOL_OFF};
 use crate::limit::redis::RedisLimiter;
 use crate::limit::{Decision, Limiter};
 use crate::observability::metrics::Metrics;
@@ -73,13 +73,19 @@ impl LimiterBackend {
 
 impl Guarded {
     async fn check(
-        &self,
+        self: &Arc<Self>,
         id: &str,
         local: &Limiter,
         limits: &LimitsConfig,
         metrics: &Metrics,
     ) -> Result<Option<Decision>, GatewayError> {
-        if self.breaker.admit(Instant::now()) {
+        let admission = self.breaker.admit(Instant::now());
+        if admission == Admission::Probe {
+            // Test a failed Redis off the request path: no request waits on a dead backend
+            // after the one that discovered the outage.
+            self.spawn_probe(limits.backend_timeout);
+        }
+        if admission == Admission::Closed {
             let error = match tokio::time::timeout(
                 limits.backend_timeout,
                 self.redis.charge(id, local.specs()),
@@ -117,6 +123,27 @@ impl Guarded {
                 retry_after: BACKEND_DOWN_RETRY_AFTER,
             }),
         }
+    }
+
+    fn spawn_probe(self: &Arc<Self>, timeout: std::time::Duration) {
+        let guarded = self.clone();
+        tokio::spawn(async move {
+            match tokio::time::timeout(timeout, guarded.redis.ping()).await {
+                Ok(Ok(())) => {
+                    if guarded.breaker.success() {
+                        tracing::info!("redis limiter backend answering again");
+                    }
+                }
+                Ok(Err(error)) => {
+                    guarded.breaker.failure(Instant::now());
+                    tracing::debug!(%error, "redis limiter backend still failing");
+                }
+                Err(_) => {
+                    guarded.breaker.failure(Instant::now());
+                    tracing::debug!("redis limiter backend still not answering");
+                }
+            }
+        });
     }
 
     /// Whether the last call to Redis succeeded.

@@ -9,6 +9,17 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_COOL_OFF: Duration = Duration::from_secs(2);
 
 /// Closed (calls go through), or open until a deadline, after which one caller probes.
+/// What the breaker allows a caller to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// The backend is healthy: call it.
+    Closed,
+    /// The backend failed and its cool-off is over: this caller alone should test it.
+    Probe,
+    /// The backend failed recently: do not call it.
+    Open,
+}
+
 #[derive(Debug)]
 pub struct Breaker {
     epoch: Instant,
@@ -35,20 +46,24 @@ impl Breaker {
     }
 
     /// Whether a call may go to the backend at `now`. Once the cool-off is over, exactly one
-    /// caller gets `true` (the probe); the others keep skipping for another cool-off.
-    pub fn admit(&self, now: Instant) -> bool {
+    /// caller gets [`Admission::Probe`]; the others keep skipping for another cool-off.
+    pub fn admit(&self, now: Instant) -> Admission {
         let until = self.open_until.load(Ordering::Acquire);
         if until == 0 {
-            return true;
+            return Admission::Closed;
         }
         let now_ms = self.millis(now);
         if now_ms < until {
-            return false;
+            return Admission::Open;
         }
         let next = self.millis(now + self.cool_off);
-        self.open_until
+        match self
+            .open_until
             .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        {
+            Ok(_) => Admission::Probe,
+            Err(_) => Admission::Open,
+        }
     }
 
     /// A call succeeded: closes the breaker. True when this ends an outage.
@@ -81,16 +96,23 @@ mod tests {
     fn open_after_failure_then_one_probe() {
         let breaker = Breaker::new(Duration::from_secs(2));
         let t0 = Instant::now();
-        assert!(breaker.admit(t0), "closed at first");
+        assert_eq!(breaker.admit(t0), Admission::Closed, "closed at first");
         assert!(breaker.failure(t0), "healthy -> down is reported");
         assert!(!breaker.failure(t0), "a second failure is not a new outage");
-        assert!(!breaker.admit(t0 + Duration::from_millis(1999)));
+        assert_eq!(
+            breaker.admit(t0 + Duration::from_millis(1999)),
+            Admission::Open
+        );
         let later = t0 + Duration::from_millis(2001);
-        assert!(breaker.admit(later), "one probe after the cool-off");
-        assert!(!breaker.admit(later), "only one");
+        assert_eq!(
+            breaker.admit(later),
+            Admission::Probe,
+            "one probe after the cool-off"
+        );
+        assert_eq!(breaker.admit(later), Admission::Open, "only one");
         assert!(breaker.success(), "the probe's success ends the outage");
         assert!(!breaker.success());
-        assert!(breaker.admit(later) && breaker.admit(later), "closed again");
+        assert_eq!(breaker.admit(later), Admission::Closed, "closed again");
     }
 
     #[test]
@@ -99,10 +121,16 @@ mod tests {
         let t0 = Instant::now();
         breaker.failure(t0);
         let probe = t0 + Duration::from_secs(3);
-        assert!(breaker.admit(probe));
+        assert_eq!(breaker.admit(probe), Admission::Probe);
         breaker.failure(probe);
-        assert!(!breaker.admit(probe + Duration::from_secs(1)));
-        assert!(breaker.admit(probe + Duration::from_millis(2001)));
+        assert_eq!(
+            breaker.admit(probe + Duration::from_secs(1)),
+            Admission::Open
+        );
+        assert_eq!(
+            breaker.admit(probe + Duration::from_millis(2001)),
+            Admission::Probe
+        );
         assert!(!breaker.is_healthy());
     }
 }

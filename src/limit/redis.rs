@@ -84,6 +84,13 @@ impl RedisLimiter {
         Ok(self.connection.get_or_init(|| manager).clone())
     }
 
+    /// Asks Redis for a `PING`: whether it answers at all (the circuit breaker's probe).
+    pub async fn ping(&self) -> Result<(), RedisError> {
+        let mut connection = self.connection()?;
+        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        Ok(())
+    }
+
     /// Charges one request to every bucket of key `id` (`specs` smallest window first).
     pub async fn charge(&self, id: &str, specs: &[BucketSpec]) -> Result<Decision, RedisError> {
         let mut connection = self.connection()?;
