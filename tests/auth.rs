@@ -5,15 +5,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use tollgate::auth::ApiKey;
 
 const GOOD: &str = "tg_test_good_0123456789abcdefghij";
 const READER: &str = "tg_test_reader_0123456789abcdefgh";
 const REVOKED: &str = "tg_test_revoked_0123456789abcdefg";
-
-fn digest(key: &str) -> String {
-    ApiKey::new(key).digest().to_string()
-}
 
 /// Keys, an echo upstream, a scoped route, a public route.
 async fn setup(

@@ -210,6 +210,38 @@ fn spawn_gateway(path: &std::path::Path) -> ChildGuard {
     guard
 }
 
+/// Starts the binary with `args`, collects all of its stderr (returned when it exits), and
+/// waits until `addr` accepts connections.
+async fn spawn_collecting_logs(
+    path: &std::path::Path,
+    args: &[&str],
+    addr: SocketAddr,
+) -> (ChildGuard, std::thread::JoinHandle<String>) {
+    let mut child = tollgate()
+        .arg("--config")
+        .arg(path)
+        .args(args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let collected = std::thread::spawn(move || {
+        let mut all = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut all);
+        all
+    });
+    let guard = ChildGuard(child);
+    let started = Instant::now();
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (guard, collected)
+}
+
 fn signal(child: &ChildGuard, sig: &str) {
     let status = Command::new("kill")
         .args([sig, &child.0.id().to_string()])
@@ -319,29 +351,12 @@ async fn plaintext_keys_never_reach_the_logs() {
              [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\n"
         ),
     );
-    let mut child = tollgate()
-        .arg("--config")
-        .arg(&path)
-        .args(["--log-format", "json", "--log-level", "trace"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let collected = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut all);
-        all
-    });
-    let guard = ChildGuard(child);
-    // Wait for the listener.
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "gateway did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (guard, collected) = spawn_collecting_logs(
+        &path,
+        &["--log-format", "json", "--log-level", "trace"],
+        addr,
+    )
+    .await;
     for key in [VALID, WRONG] {
         let bearer = format!("Bearer {key}");
         for path in ["/v1/x", "/scoped/x", "/dead/x", "/nowhere"] {
@@ -400,28 +415,7 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
              [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n"
         ),
     );
-    let mut child = tollgate()
-        .arg("--config")
-        .arg(&path)
-        .args(["--log-format", "json"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let collected = std::thread::spawn(move || {
-        let mut all = String::new();
-        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut all);
-        all
-    });
-    let guard = ChildGuard(child);
-    let started = Instant::now();
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "gateway did not start"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (guard, collected) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
     let reply = get(
         addr,
         &format!("/v1/things?api_key={KEY}&page=2"),

@@ -7,14 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::*;
-use tollgate::auth::ApiKey;
 
 const KEY_A: &str = "tg_test_limits_a_0123456789abcdefgh";
 const KEY_B: &str = "tg_test_limits_b_0123456789abcdefgh";
-
-fn digest(key: &str) -> String {
-    ApiKey::new(key).digest().to_string()
-}
 
 /// Two keys on plan `tight` (given rpm and burst), an upstream route and a dead one.
 async fn setup(rpm: u32, burst: u32, limits: &str, extra: &str) -> (TestGateway, tollgate::Config) {

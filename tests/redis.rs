@@ -9,7 +9,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use tollgate::auth::ApiKey;
 
 const KEY_A: &str = "tg_test_redis_a_0123456789abcdefghi";
 const KEY_B: &str = "tg_test_redis_b_0123456789abcdefghi";
@@ -93,10 +92,6 @@ impl Drop for RedisServer {
         }
         self.kill();
     }
-}
-
-fn digest(key: &str) -> String {
-    ApiKey::new(key).digest().to_string()
 }
 
 /// Keys `a` and `b` on plan `tight` (rpm, burst), limited in Redis at `redis`.

@@ -290,3 +290,8 @@ pub fn assert_generated_id(id: &str) {
     assert_eq!(id.len(), 28, "{id}");
     assert!(id[4..].bytes().all(|b| b.is_ascii_alphanumeric()), "{id}");
 }
+
+/// The `sha256:` digest of `key`, as it is written in config.
+pub fn digest(key: &str) -> String {
+    tollgate::auth::ApiKey::new(key).digest().to_string()
+}
