@@ -1,11 +1,21 @@
-//! Hostile clients: slow-loris connections must not starve everyone else.
+//! Hostile and idle clients, measured: slow-loris connections must not starve everyone else,
+//! idle connections close after `idle_timeout` (heads after `header_read_timeout`), requests in
+//! flight are never cut by either, and a client that does not read its response is closed.
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
-use tokio::io::AsyncWriteExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SLOW_CLIENTS: usize = 1_000;
@@ -55,4 +65,396 @@ async fn a_thousand_slow_loris_connections_do_not_starve_a_normal_client() {
         "p99 {p99:?} with {SLOW_CLIENTS} slow clients"
     );
     trickle.abort();
+}
+
+// ---- Idle keep-alive connections, started heads, and requests in flight ----
+
+const FIXED_ROUTE: &str =
+    "[[routes]]\nprefix = \"/\"\nauth = false\nrespond = { status = 200, body = \"ok\" }\n";
+
+/// Sends a keep-alive `GET path` on `stream` and reads exactly one response.
+async fn exchange(stream: &mut TcpStream, path: &str) -> Reply {
+    stream
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_one_response(stream).await
+}
+
+async fn read_one_response(stream: &mut TcpStream) -> Reply {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(reply) = parse_reply(&buf) {
+            return reply;
+        }
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut chunk))
+            .await
+            .expect("a response within 10s")
+            .expect("read");
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// How long until the gateway closes `stream` (EOF or reset), reading and discarding data.
+async fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(
+            limit.saturating_sub(started.elapsed()),
+            stream.read(&mut chunk),
+        )
+        .await
+        {
+            Err(_) => panic!("still open after {limit:?}"),
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_lives_idle_timeout_not_header_read_timeout() {
+    // Longer idle than header bound: hyper's own header timer used to close it at 200 ms.
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"200ms\"\nidle_timeout = \"800ms\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut stream, "/").await.status, 200);
+    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    println!("idle_timeout 800ms, header_read_timeout 200ms: closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(750),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(1_800),
+        "closed late: {closed:?}"
+    );
+
+    // Shorter idle than header bound.
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"5s\"\nidle_timeout = \"300ms\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut stream, "/").await.status, 200);
+    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    println!("idle_timeout 300ms, header_read_timeout 5s: closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(250),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(1_300),
+        "closed late: {closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_head_started_on_a_kept_alive_connection_gets_header_read_timeout() {
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"10s\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    assert_eq!(exchange(&mut stream, "/").await.status, 200);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Idle for longer than the header bound, and still open: a second request is served.
+    assert_eq!(exchange(&mut stream, "/").await.status, 200);
+    stream
+        .write_all(b"GET /slow-head HTTP/1.1\r\nHost: t\r\n")
+        .await
+        .unwrap();
+    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    println!("a started head, header_read_timeout 300ms: closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(250),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(1_300),
+        "closed late: {closed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_that_never_sends_a_byte_gets_header_read_timeout() {
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"10s\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    println!("silent new connection, header_read_timeout 300ms: closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(250),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(1_300),
+        "closed late: {closed:?}"
+    );
+}
+
+/// An upstream whose `/slow…` answers take `SLOW_UPSTREAM`.
+const SLOW_UPSTREAM: Duration = Duration::from_millis(1_200);
+
+async fn slow_upstream_gateway(server_extra: &str) -> TestGateway {
+    let up = upstream(|req: Request<Incoming>| async move {
+        if req.uri().path().starts_with("/slow") {
+            tokio::time::sleep(SLOW_UPSTREAM).await;
+        }
+        Response::new(Full::new(Bytes::from_static(b"upstream")))
+    })
+    .await;
+    TestGateway::start(config(
+        server_extra,
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\ntimeout = \"5s\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn a_slow_request_in_flight_is_not_cut_by_idle_timeout() {
+    let gw =
+        slow_upstream_gateway("header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"").await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    let reply = exchange(&mut stream, "/slow").await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.text(), "upstream");
+    assert!(started.elapsed() >= SLOW_UPSTREAM);
+    // The same connection serves the next request, then idles out.
+    assert_eq!(exchange(&mut stream, "/fast").await.status, 200);
+    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    assert!(
+        closed >= Duration::from_millis(250),
+        "closed early: {closed:?}"
+    );
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>;
+
+/// An h2c (prior knowledge) client connection; the handle resolves when the connection ends.
+/// With `ping`, the client sends HTTP/2 PINGs every 100 ms, also while idle.
+async fn h2c(addr: std::net::SocketAddr, ping: bool) -> (H2Sender, tokio::task::JoinHandle<()>) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    if ping {
+        builder
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true);
+    }
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (sender, ended)
+}
+
+async fn h2_get(sender: &mut H2Sender, addr: std::net::SocketAddr, path: &str) -> (u16, Bytes) {
+    let request = Request::get(format!("http://{addr}{path}"))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(request).await.expect("h2 response");
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, body)
+}
+
+#[tokio::test]
+async fn h2c_idle_connections_close_after_idle_timeout_and_pings_do_not_keep_them() {
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"200ms\"\nidle_timeout = \"700ms\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    for ping in [false, true] {
+        let (mut sender, ended) = h2c(gw.addr, ping).await;
+        assert_eq!(h2_get(&mut sender, gw.addr, "/").await.0, 200);
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), ended)
+            .await
+            .expect("h2c connection closed within 5s")
+            .unwrap();
+        let closed = started.elapsed();
+        println!("h2c idle (client pings: {ping}), idle_timeout 700ms: closed after {closed:?}");
+        assert!(
+            closed >= Duration::from_millis(650),
+            "closed early: {closed:?}"
+        );
+        assert!(
+            closed < Duration::from_millis(1_700),
+            "closed late: {closed:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn h2c_slow_requests_in_flight_are_not_cut_by_idle_timeout() {
+    let gw =
+        slow_upstream_gateway("header_read_timeout = \"300ms\"\nidle_timeout = \"300ms\"").await;
+    let (sender, ended) = h2c(gw.addr, false).await;
+    let addr = gw.addr;
+    let streams: Vec<_> = (0..4)
+        .map(|_| {
+            let mut sender = sender.clone();
+            tokio::spawn(async move { h2_get(&mut sender, addr, "/slow").await })
+        })
+        .collect();
+    for stream in streams {
+        let (status, body) = stream.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(&body[..], b"upstream");
+    }
+    drop(sender);
+    let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
+}
+
+// ---- Clients that do not read their responses ----
+
+/// An upstream answering every request with `size` bytes, and the number of its connections
+/// still open.
+async fn big_upstream(size: usize) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let body = Bytes::from(vec![b'x'; size]);
+    let open = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = open.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            let counter = counter.clone();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let service = service_fn(move |_req: Request<Incoming>| {
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(Response::new(Full::new(body))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, open)
+}
+
+const BIG_BODY: usize = 32 * 1024 * 1024;
+
+async fn big_upstream_gateway() -> (TestGateway, Arc<AtomicUsize>) {
+    let (up, open) = big_upstream(BIG_BODY).await;
+    let gw = TestGateway::start(config(
+        "body_read_timeout = \"500ms\"\nidle_timeout = \"30s\"",
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/big\"\nupstream = \"up\"\nauth = false\n{FIXED_ROUTE}"
+        ),
+    ))
+    .await;
+    (gw, open)
+}
+
+/// Waits until the upstream has no connection open.
+async fn upstream_released(open: &AtomicUsize, limit: Duration) {
+    let started = Instant::now();
+    while open.load(Ordering::SeqCst) > 0 {
+        assert!(
+            started.elapsed() < limit,
+            "upstream connection still open after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_never_reads_its_response_is_closed_and_the_upstream_released() {
+    let (gw, open) = big_upstream_gateway().await;
+    // A small receive window, so the kernel does not soak up the response for the client.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut reader = socket.connect(gw.addr).await.unwrap();
+    reader
+        .write_all(b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while open.load(Ordering::SeqCst) == 0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "never proxied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Meanwhile everyone else is served.
+    for _ in 0..10 {
+        assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
+    }
+    upstream_released(&open, Duration::from_secs(5)).await;
+    let released = started.elapsed();
+    println!(
+        "h1 client never reading (body_read_timeout 500ms): upstream released after {released:?}"
+    );
+    assert!(released >= Duration::from_millis(450), "{released:?}");
+
+    // The client finds its connection closed before the whole body.
+    let mut received = 0usize;
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), reader.read(&mut chunk))
+            .await
+            .expect("closed, not still streaming")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received += n,
+        }
+    }
+    println!("it had received {received} of {BIG_BODY} bytes");
+    assert!(received < BIG_BODY, "{received}");
+    assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
+}
+
+#[tokio::test]
+async fn an_h2_client_that_grants_no_window_is_closed_and_the_upstream_released() {
+    let (gw, open) = big_upstream_gateway().await;
+    let (mut sender, ended) = h2c(gw.addr, false).await;
+    let request = Request::get(format!("http://{}/big", gw.addr))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    // The head arrives; the body is never read, so the client never opens its window.
+    let response = sender.send_request(request).await.expect("response head");
+    assert_eq!(response.status(), 200);
+    upstream_released(&open, Duration::from_secs(5)).await;
+    let released = started.elapsed();
+    println!(
+        "h2 client granting no window (body_read_timeout 500ms): upstream released after {released:?}"
+    );
+    assert!(released >= Duration::from_millis(450), "{released:?}");
+    tokio::time::timeout(Duration::from_secs(5), ended)
+        .await
+        .expect("the h2 connection was closed")
+        .unwrap();
+    drop(response);
+    assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
 }

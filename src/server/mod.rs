@@ -1,6 +1,7 @@
 //! Accepting clients: listeners, connection limits, TLS termination ([`tls`]), HTTP/1.1 + h2
-//! (h2c by prior knowledge, or h2 by ALPN over TLS), header timeouts, the per-request ID and
-//! span, panic containment, and graceful shutdown.
+//! (h2c by prior knowledge, or h2 by ALPN over TLS), the per-connection time bounds
+//! ([`timeouts`]: header, idle, stalled writes), the per-request ID and span, panic
+//! containment, and graceful shutdown.
 //!
 //! The first box of the flow. Every request is handed to a [`Handler`] (the [`Gateway`]
 //! pipeline in production) inside a span that carries its request ID; whatever the handler
@@ -11,6 +12,7 @@
 pub mod client_ip;
 pub mod file_watch;
 pub mod signals;
+pub mod timeouts;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -28,10 +30,10 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use rustls::ServerConfig as TlsServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
@@ -42,10 +44,16 @@ use crate::error::GatewayError;
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::request_id::X_REQUEST_ID;
+use timeouts::{Activity, Bounds, Ended, GuardedIo, TrackedBody};
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
 /// (and get a JSON 431/414) unless they are far over the limit.
 const MIN_READ_BUFFER: usize = 64 * 1024;
+
+/// HTTP/2 data a stream may buffer beyond what the client has read: with a client that stops
+/// reading, this (times the open streams) is what its responses can hold, like HTTP/1.1's
+/// write buffer.
+const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
 /// Pause after an accept error (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -108,6 +116,11 @@ struct Accepted<H> {
     /// (fixed until a restart), and the certificate if a reload drops `[server.tls]`.
     tls: Option<Arc<TlsServerConfig>>,
     handshake_timeout: Duration,
+    bounds: Bounds,
+    /// Turns true when the server stops: connections finish what is in flight and close.
+    stop: watch::Receiver<bool>,
+    /// Held by every connection task; the server's drain waits until all are dropped.
+    drain: mpsc::Sender<()>,
 }
 
 impl<H> Clone for Accepted<H> {
@@ -117,6 +130,9 @@ impl<H> Clone for Accepted<H> {
             handler: self.handler.clone(),
             tls: self.tls.clone(),
             handshake_timeout: self.handshake_timeout,
+            bounds: self.bounds,
+            stop: self.stop.clone(),
+            drain: self.drain.clone(),
         }
     }
 }
@@ -165,15 +181,18 @@ impl<H: Handler> Server<H> {
     /// Serves until `shutdown` resolves, then stops accepting and gives in-flight requests up
     /// to `server.shutdown_grace` to finish.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> io::Result<()> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (drain_tx, mut drained) = mpsc::channel::<()>(1);
         let accepted = Accepted {
             builder: Arc::new(connection_builder(&self.settings)),
             handler: self.handler.clone(),
             tls: self.settings.tls.as_ref().map(|t| t.server_config.clone()),
             handshake_timeout: self.settings.header_read_timeout,
+            bounds: Bounds::from_settings(&self.settings),
+            stop: stop_rx.clone(),
+            drain: drain_tx,
         };
         let limit = Arc::new(Semaphore::new(self.settings.max_connections.get() as usize));
-        let graceful = Arc::new(GracefulShutdown::new());
-        let (stop_tx, stop_rx) = watch::channel(false);
 
         let mut accept_loops = JoinSet::new();
         for listener in self.listeners {
@@ -182,7 +201,6 @@ impl<H: Handler> Server<H> {
                 listener,
                 accepted.clone(),
                 limit.clone(),
-                graceful.clone(),
                 stop_rx.clone(),
             ));
         }
@@ -212,9 +230,11 @@ impl<H: Handler> Server<H> {
         self.ready.store(false, Ordering::SeqCst);
         let _ = stop_tx.send(true);
         while accept_loops.join_next().await.is_some() {}
-        let graceful = Arc::into_inner(graceful).expect("accept loops have ended");
-        match tokio::time::timeout(self.settings.shutdown_grace, graceful.shutdown()).await {
-            Ok(()) => tracing::info!("drained, exiting"),
+        // Every connection task holds a clone of the drain sender; `recv` ends when the last
+        // one is gone.
+        drop(accepted);
+        match tokio::time::timeout(self.settings.shutdown_grace, drained.recv()).await {
+            Ok(_) => tracing::info!("drained, exiting"),
             Err(_) => tracing::warn!("shutdown grace elapsed; closing remaining connections"),
         }
         admin_task.abort();
@@ -229,12 +249,16 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_read_timeout)
+        // Off: hyper's timer also runs between requests, which would close idle keep-alive
+        // connections after the header timeout; `timeouts` keeps both bounds instead.
+        .header_read_timeout(None)
+        // Bounds the read buffer and, for a client that does not read, the write buffer.
         .max_buf_size(MIN_READ_BUFFER.max(2 * head_limit))
         .keep_alive(true);
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_send_buf_size(H2_MAX_SEND_BUF)
         .max_header_list_size(u32::try_from(2 * head_limit).unwrap_or(u32::MAX));
     builder
 }
@@ -243,7 +267,6 @@ async fn accept_loop<H: Handler>(
     listener: TcpListener,
     accepted: Accepted<H>,
     limit: Arc<Semaphore>,
-    graceful: Arc<GracefulShutdown>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -267,10 +290,9 @@ async fn accept_loop<H: Handler>(
             _ = stop.changed() => break,
         };
         let _ = stream.set_nodelay(true);
-        let watcher = graceful.watcher();
         // The TLS handshake happens in the connection's task: a slow client never holds up
         // the accept loop.
-        tokio::spawn(connection(accepted.clone(), stream, peer, watcher, permit));
+        tokio::spawn(connection(accepted.clone(), stream, peer, permit));
     }
 }
 
@@ -279,11 +301,10 @@ async fn connection<H: Handler>(
     accepted: Accepted<H>,
     stream: TcpStream,
     peer: SocketAddr,
-    watcher: Watcher,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let Some(bound) = &accepted.tls else {
-        serve_http(&accepted, TokioIo::new(stream), peer, false, watcher).await;
+        serve_http(&accepted, stream, peer, false).await;
         drop(permit);
         return;
     };
@@ -293,31 +314,49 @@ async fn connection<H: Handler>(
         .unwrap_or_else(|| bound.clone());
     let handshake = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     match tokio::time::timeout(accepted.handshake_timeout, handshake).await {
-        Ok(Ok(stream)) => serve_http(&accepted, TokioIo::new(stream), peer, true, watcher).await,
+        Ok(Ok(stream)) => serve_http(&accepted, stream, peer, true).await,
         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
     drop(permit);
 }
 
-async fn serve_http<H, I>(
-    accepted: &Accepted<H>,
-    io: I,
-    peer: SocketAddr,
-    tls: bool,
-    watcher: Watcher,
-) where
+async fn serve_http<H, T>(accepted: &Accepted<H>, stream: T, peer: SocketAddr, tls: bool)
+where
     H: Handler,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Activity::new();
+    let io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall);
     let handler = accepted.handler.clone();
+    let requests = activity.clone();
     let service = service_fn(move |request| {
         let handler = handler.clone();
-        async move { Ok::<_, Infallible>(respond(&*handler, request, peer, tls).await) }
+        // Counted from here, not from when the handler runs: a request waiting on a slow
+        // upstream is in flight, and the idle timer must not touch its connection.
+        let in_flight = requests.request_started();
+        async move {
+            let response = respond(&*handler, request, peer, tls).await;
+            Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
+        }
     });
-    let connection = accepted.builder.serve_connection_with_upgrades(io, service);
-    if let Err(e) = watcher.watch(connection).await {
-        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    let connection = accepted
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let ended = timeouts::drive(
+        connection,
+        |connection| connection.graceful_shutdown(),
+        &activity,
+        accepted.bounds,
+        accepted.stop.clone(),
+    )
+    .await;
+    match ended {
+        Ended::Finished(Ok(())) => {}
+        Ended::Finished(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "connection ended with an error")
+        }
+        Ended::Dropped(reason) => tracing::debug!(%peer, reason, "connection dropped"),
     }
 }
 

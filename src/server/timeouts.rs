@@ -1,0 +1,618 @@
+//! Per-connection time bounds, kept by tollgate rather than hyper so that each one means what
+//! SPEC says. Part of the accept box: every client connection is driven by [`drive`].
+//!
+//! - `header_read_timeout`: a request head must be complete this long after its first byte
+//!   (or, for a connection's first request, after the connection was accepted).
+//! - `idle_timeout`: a keep-alive connection with nothing in flight and no byte of a new
+//!   request is closed this long after its last response ended. A request waiting on a slow
+//!   upstream is in flight, never idle.
+//! - A stalled response: `body_read_timeout` also bounds the other direction. A write that
+//!   makes no progress for that long fails the connection ([`GuardedIo`]), and so does a
+//!   response body that the connection has stopped asking for (an HTTP/2 client that grants
+//!   no flow-control window never blocks a socket write, see [`TrackedBody`]).
+//!
+//! hyper's own `header_read_timeout` is off: it starts whenever hyper waits for a head,
+//! including between requests, so it closed idle keep-alive connections after the (shorter)
+//! header timeout and `idle_timeout` could not mean anything.
+//!
+//! The state the timers read ([`Activity`]) is written by the connection's IO, its response
+//! bodies and the service; the driver computes one deadline from it. Changes that can only
+//! move the deadline later (a request starts, a body is polled) wake nobody: the timer fires
+//! early, finds the deadline moved, and sleeps again.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use crate::body::{BoxError, ResponseBody};
+use crate::config::ServerConfig;
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+const PROTOCOL_UNKNOWN: u8 = 0;
+const PROTOCOL_H1: u8 = 1;
+const PROTOCOL_H2: u8 = 2;
+
+/// The time bounds of one connection, from `[server]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// `header_read_timeout`: from a head's first byte until it is complete.
+    pub header_read: Duration,
+    /// `idle_timeout`: from the end of the last response until the next head starts.
+    pub idle: Duration,
+    /// `body_read_timeout`, applied to writes: the longest a response may make no progress.
+    pub write_stall: Duration,
+}
+
+impl Bounds {
+    /// The bounds `[server]` configures.
+    pub fn from_settings(settings: &ServerConfig) -> Self {
+        Self {
+            header_read: settings.header_read_timeout,
+            idle: settings.idle_timeout,
+            write_stall: settings.body_read_timeout,
+        }
+    }
+}
+
+/// Why a connection's timer fired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expiry {
+    /// A request head did not complete within `header_read_timeout`.
+    HeadTimeout,
+    /// Nothing happened for `idle_timeout` after the last response.
+    Idle,
+    /// A response body was not asked for again within the write bound.
+    ResponseStalled,
+    /// The connection was asked to close and, with nothing in flight, still has not.
+    CloseOverdue,
+}
+
+impl Expiry {
+    fn as_str(self) -> &'static str {
+        match self {
+            Expiry::HeadTimeout => "header_read_timeout",
+            Expiry::Idle => "idle_timeout",
+            Expiry::ResponseStalled => "response_stalled",
+            Expiry::CloseOverdue => "close_overdue",
+        }
+    }
+}
+
+/// What one connection's timers watch. Times are nanoseconds since `epoch`.
+#[derive(Debug)]
+pub struct Activity {
+    epoch: Instant,
+    protocol: AtomicU8,
+    /// Requests handed to the service whose response has not ended (or been dropped).
+    in_flight: AtomicUsize,
+    /// When `in_flight` last dropped to zero (or the connection started).
+    idle_since: AtomicU64,
+    /// When the first byte of the head now being read arrived, plus one; zero when none is.
+    head_started: AtomicU64,
+    /// Response bodies that yielded a frame (or a head) and were not polled since.
+    waiting_bodies: AtomicUsize,
+    /// The last time the connection asked any response body for more, or one started waiting.
+    body_progress: AtomicU64,
+    /// Something moved the deadline earlier; the driver recomputes it.
+    dirty: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Activity {
+    /// A connection accepted now: its first head is bounded by `header_read_timeout` from now.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            epoch: Instant::now(),
+            protocol: AtomicU8::new(PROTOCOL_UNKNOWN),
+            in_flight: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            head_started: AtomicU64::new(1),
+            waiting_bodies: AtomicUsize::new(0),
+            body_progress: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, nanos: u64) -> Instant {
+        self.epoch + Duration::from_nanos(nanos)
+    }
+
+    /// Tells the driver its deadline may have moved earlier.
+    fn changed(&self) {
+        self.dirty.store(true, Relaxed);
+        // HTTP/1.1 bodies and IO are polled in the driver's own task, which looks at `dirty`
+        // after every poll of the connection; HTTP/2 streams run in tasks of their own.
+        if self.protocol.load(Relaxed) != PROTOCOL_H1 {
+            self.waker.wake();
+        }
+    }
+
+    /// The service was handed a request: its head is complete.
+    pub fn request_started(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.head_started.store(0, Relaxed);
+        InFlight(self.clone())
+    }
+
+    fn request_ended(&self) {
+        if self.in_flight.fetch_sub(1, Relaxed) == 1 {
+            self.idle_since.store(self.now(), Relaxed);
+            self.changed();
+        }
+    }
+
+    /// Bytes arrived. With nothing in flight on an HTTP/1.1 connection, they start a head.
+    fn bytes_read(&self) {
+        if self.protocol.load(Relaxed) != PROTOCOL_H2
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started.load(Relaxed) == 0
+        {
+            self.head_started.store(self.now() + 1, Relaxed);
+            self.changed();
+        }
+    }
+
+    /// The connection turned out to speak HTTP/2: bytes between requests are frames (PING,
+    /// SETTINGS, WINDOW_UPDATE), not a slow head, so only `idle_timeout` bounds it when idle.
+    fn speaks_h2(&self) {
+        self.protocol.store(PROTOCOL_H2, Relaxed);
+        self.head_started.store(0, Relaxed);
+        self.idle_since.store(self.now(), Relaxed);
+        self.changed();
+    }
+
+    fn speaks_h1(&self) {
+        self.protocol.store(PROTOCOL_H1, Relaxed);
+    }
+
+    fn body_waiting(&self) {
+        if self.waiting_bodies.fetch_add(1, Relaxed) == 0 {
+            self.body_progress.store(self.now(), Relaxed);
+            self.changed();
+        }
+    }
+
+    fn body_polled(&self) {
+        self.waiting_bodies.fetch_sub(1, Relaxed);
+        self.body_progress.store(self.now(), Relaxed);
+    }
+
+    /// The next deadline (nanoseconds since `epoch`) and what it bounds; `None` while requests
+    /// are in flight and every response is being sent or waits on its upstream.
+    fn next_deadline(&self, bounds: &Bounds, closing_since: Option<u64>) -> Option<(u64, Expiry)> {
+        let after = |since: u64, bound: Duration| {
+            since.saturating_add(u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX))
+        };
+        if self.in_flight.load(Relaxed) > 0 {
+            return (self.waiting_bodies.load(Relaxed) > 0).then(|| {
+                (
+                    after(self.body_progress.load(Relaxed), bounds.write_stall),
+                    Expiry::ResponseStalled,
+                )
+            });
+        }
+        if let Some(since) = closing_since {
+            return Some((after(since, bounds.header_read), Expiry::CloseOverdue));
+        }
+        match self.head_started.load(Relaxed) {
+            0 => Some((
+                after(self.idle_since.load(Relaxed), bounds.idle),
+                Expiry::Idle,
+            )),
+            started => Some((after(started - 1, bounds.header_read), Expiry::HeadTimeout)),
+        }
+    }
+
+    /// Resolves when something moved the deadline earlier.
+    fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.dirty.swap(false, Relaxed) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.dirty.swap(false, Relaxed) {
+            return Poll::Ready(());
+        }
+        Poll::Pending
+    }
+}
+
+/// One request in flight; ends when dropped (moved into the response body by
+/// [`TrackedBody::new`], so the end is when the body has been sent or abandoned).
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.request_ended();
+    }
+}
+
+/// How a driven connection ended.
+#[derive(Debug)]
+pub enum Ended<E> {
+    /// The connection finished by itself (cleanly or with `E`).
+    Finished(Result<(), E>),
+    /// A bound expired and the connection was dropped.
+    Dropped(&'static str),
+}
+
+/// Polls `conn` to completion while enforcing `bounds` from `activity`, and starts a graceful
+/// shutdown (via `shutdown`) when `stop` turns true or the connection idles or a head times
+/// out. A connection asked to close that has nothing in flight and still stays open after
+/// `header_read_timeout`, or one whose response stalls, is dropped.
+pub async fn drive<C, E>(
+    conn: C,
+    mut shutdown: impl FnMut(Pin<&mut C>),
+    activity: &Activity,
+    bounds: Bounds,
+    mut stop: watch::Receiver<bool>,
+) -> Ended<E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    let mut timer = std::pin::pin!(timer);
+    // The deadline the timer is set to. A later deadline does not reset it (resetting touches
+    // the timer wheel): it fires early, the deadline is recomputed, and it is set again.
+    let mut armed: Option<u64> = None;
+    let mut closing_since: Option<u64> = None;
+    let mut stopping = *stop.borrow_and_update();
+    if stopping {
+        shutdown(conn.as_mut());
+        closing_since = Some(activity.now());
+    }
+    loop {
+        if let Some((at, _)) = activity.next_deadline(&bounds, closing_since) {
+            if armed.is_none_or(|armed| at < armed) {
+                timer.as_mut().reset(activity.instant(at));
+                armed = Some(at);
+            }
+        }
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => return Ended::Finished(ended),
+            () = std::future::poll_fn(|cx| activity.poll_changed(cx)) => {}
+            () = timer.as_mut(), if armed.is_some() => {
+                armed = None;
+                let Some((at, expiry)) = activity.next_deadline(&bounds, closing_since) else {
+                    continue;
+                };
+                if at > activity.now() {
+                    continue;
+                }
+                match expiry {
+                    Expiry::HeadTimeout | Expiry::Idle => {
+                        tracing::debug!(reason = expiry.as_str(), "closing the connection");
+                        shutdown(conn.as_mut());
+                        closing_since = Some(activity.now());
+                    }
+                    Expiry::ResponseStalled | Expiry::CloseOverdue => {
+                        tracing::debug!(reason = expiry.as_str(), "dropping the connection");
+                        return Ended::Dropped(expiry.as_str());
+                    }
+                }
+            }
+            changed = stop.changed(), if !stopping => {
+                // An error means the server is gone without a shutdown: nothing will stop us.
+                stopping = changed.is_err() || *stop.borrow_and_update();
+                if changed.is_ok() && stopping {
+                    shutdown(conn.as_mut());
+                    closing_since.get_or_insert_with(|| activity.now());
+                }
+            }
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A client connection's transport that reports reads to [`Activity`], tells HTTP/2 from
+    /// HTTP/1.1 by the preface, and fails a write that makes no progress for `write_stall`.
+    pub struct GuardedIo<T> {
+        #[pin]
+        inner: T,
+        activity: Arc<Activity>,
+        write_stall: Duration,
+        // Armed while a write, flush or shutdown is pending; boxed and made on the first
+        // pending write only.
+        stall_timer: Option<Pin<Box<Sleep>>>,
+        stall_armed: bool,
+        // Bytes of the HTTP/2 preface seen so far, until the protocol is known.
+        preface_seen: usize,
+        protocol_known: bool,
+    }
+}
+
+impl<T> GuardedIo<T> {
+    /// Wraps a client transport.
+    pub fn new(inner: T, activity: Arc<Activity>, write_stall: Duration) -> Self {
+        Self {
+            inner,
+            activity,
+            write_stall,
+            stall_timer: None,
+            stall_armed: false,
+            preface_seen: 0,
+            protocol_known: false,
+        }
+    }
+}
+
+impl<T> GuardedIo<T> {
+    /// Passes a finished write through; on `Pending`, arms or checks the stall timer.
+    fn guard_write<R>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        let this = self.project();
+        if polled.is_ready() {
+            *this.stall_armed = false;
+            return polled;
+        }
+        let deadline = || Instant::now() + *this.write_stall;
+        let timer = this
+            .stall_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline())));
+        if !*this.stall_armed {
+            timer.as_mut().reset(deadline());
+            *this.stall_armed = true;
+        }
+        ready!(timer.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "client made no progress reading the response",
+        )))
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        let fresh = &buf.filled()[before..];
+        if fresh.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        if !*this.protocol_known {
+            let want = &H2_PREFACE[*this.preface_seen..];
+            let n = want.len().min(fresh.len());
+            if fresh[..n] != want[..n] {
+                *this.protocol_known = true;
+                this.activity.speaks_h1();
+            } else {
+                *this.preface_seen += n;
+                if *this.preface_seen == H2_PREFACE.len() {
+                    *this.protocol_known = true;
+                    this.activity.speaks_h2();
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
+        this.activity.bytes_read();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = self.as_mut().project().inner.poll_write(cx, buf);
+        self.guard_write(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
+        self.guard_write(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = self.as_mut().project().inner.poll_flush(cx);
+        self.guard_write(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let polled = self.as_mut().project().inner.poll_shutdown(cx);
+        self.guard_write(cx, polled)
+    }
+}
+
+/// A response body that keeps its request in flight until it has been sent (or abandoned),
+/// and tells [`Activity`] while it waits for the connection to ask for more.
+pub struct TrackedBody {
+    inner: ResponseBody,
+    // Field order: `waiting` is settled in `drop` before `in_flight` ends the request.
+    waiting: bool,
+    in_flight: InFlight,
+}
+
+impl TrackedBody {
+    /// Wraps a response whose head is about to be sent.
+    pub fn new(inner: ResponseBody, in_flight: InFlight) -> Self {
+        // The head is handed over now; until the connection asks for the body, it waits.
+        in_flight.0.body_waiting();
+        Self {
+            inner,
+            waiting: true,
+            in_flight,
+        }
+    }
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.in_flight.0.body_polled();
+        }
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.waiting {
+            this.waiting = false;
+            this.in_flight.0.body_polled();
+        }
+        let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        if matches!(polled, Some(Ok(_))) {
+            this.waiting = true;
+            this.in_flight.0.body_waiting();
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUNDS: Bounds = Bounds {
+        header_read: Duration::from_nanos(100),
+        idle: Duration::from_nanos(1_000),
+        write_stall: Duration::from_nanos(500),
+    };
+
+    fn fresh() -> Arc<Activity> {
+        let activity = Activity::new();
+        activity.speaks_h1();
+        activity
+    }
+
+    #[tokio::test]
+    async fn a_new_connection_gets_the_header_timeout_from_its_start() {
+        let activity = fresh();
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, None),
+            Some((100, Expiry::HeadTimeout))
+        );
+    }
+
+    #[tokio::test]
+    async fn between_requests_the_idle_timeout_applies_until_a_head_starts() {
+        let activity = fresh();
+        let in_flight = activity.request_started();
+        drop(TrackedBody::new(ResponseBody::empty(), in_flight));
+        let idle_since = activity.idle_since.load(Relaxed);
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, None),
+            Some((idle_since + 1_000, Expiry::Idle))
+        );
+        activity.bytes_read();
+        let started = activity.head_started.load(Relaxed) - 1;
+        assert!(started >= idle_since);
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, None),
+            Some((started + 100, Expiry::HeadTimeout))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_has_no_deadline_until_its_response_waits() {
+        let activity = fresh();
+        let in_flight = activity.request_started();
+        // Bytes of a request body are not a new head.
+        activity.bytes_read();
+        assert_eq!(activity.next_deadline(&BOUNDS, None), None);
+        let body = TrackedBody::new(ResponseBody::empty(), in_flight);
+        let progress = activity.body_progress.load(Relaxed);
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, None),
+            Some((progress + 500, Expiry::ResponseStalled))
+        );
+        drop(body);
+        assert_eq!(activity.in_flight.load(Relaxed), 0);
+        assert_eq!(activity.waiting_bodies.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn http2_bytes_between_requests_do_not_start_a_head() {
+        let activity = Activity::new();
+        activity.speaks_h2();
+        activity.bytes_read();
+        let idle_since = activity.idle_since.load(Relaxed);
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, None),
+            Some((idle_since + 1_000, Expiry::Idle))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_closing_connection_with_nothing_in_flight_is_dropped_after_the_header_bound() {
+        let activity = fresh();
+        assert_eq!(
+            activity.next_deadline(&BOUNDS, Some(7)),
+            Some((107, Expiry::CloseOverdue))
+        );
+        let _in_flight = activity.request_started();
+        assert_eq!(activity.next_deadline(&BOUNDS, Some(7)), None);
+    }
+
+    #[tokio::test]
+    async fn the_preface_decides_the_protocol_even_byte_by_byte() {
+        use tokio::io::AsyncReadExt;
+        for (input, h2) in [(&H2_PREFACE[..], true), (&b"PRI * HTTP/1.1\r\n"[..], false)] {
+            let activity = Activity::new();
+            let (mut client, server) = tokio::io::duplex(64);
+            let mut io = GuardedIo::new(server, activity.clone(), Duration::from_secs(1));
+            let mut buf = [0u8; 1];
+            for byte in input {
+                tokio::io::AsyncWriteExt::write_all(&mut client, &[*byte])
+                    .await
+                    .unwrap();
+                io.read_exact(&mut buf).await.unwrap();
+            }
+            let protocol = activity.protocol.load(Relaxed);
+            assert_eq!(protocol == PROTOCOL_H2, h2, "{input:?}");
+            assert_ne!(protocol, PROTOCOL_UNKNOWN);
+        }
+    }
+}
