@@ -464,3 +464,308 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
         "the key never reaches the logs"
     );
 }
+
+// ---- Reload and shutdown under load ----
+
+/// Concurrent clients in the load tests.
+const CLIENTS: usize = 32;
+/// How long the upstream takes for `/slow/…` (one request in four).
+const SLOW: Duration = Duration::from_millis(300);
+
+/// The test's upstream: counts requests as they arrive, as they are answered, and how many
+/// are inside it now. Answers `up:<path>` so a client can tell its own answer.
+#[derive(Default)]
+struct UpstreamCounts {
+    received: std::sync::atomic::AtomicUsize,
+    answered: std::sync::atomic::AtomicUsize,
+    inside: std::sync::atomic::AtomicUsize,
+}
+
+async fn counting_upstream() -> (SocketAddr, std::sync::Arc<UpstreamCounts>) {
+    use std::sync::atomic::Ordering::SeqCst;
+    let counts = std::sync::Arc::new(UpstreamCounts::default());
+    let seen = counts.clone();
+    let addr = upstream(move |req: Request<Incoming>| {
+        let counts = seen.clone();
+        async move {
+            counts.received.fetch_add(1, SeqCst);
+            counts.inside.fetch_add(1, SeqCst);
+            let path = req.uri().path().to_owned();
+            if let Some(rest) = path.strip_prefix("/slower/") {
+                let ms: u64 = rest.parse().unwrap_or(1_000);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+            } else if path.starts_with("/slow/") {
+                tokio::time::sleep(SLOW).await;
+            }
+            counts.inside.fetch_sub(1, SeqCst);
+            counts.answered.fetch_add(1, SeqCst);
+            Response::new(Full::new(Bytes::from(format!("up:{path}"))))
+        }
+    })
+    .await;
+    (addr, counts)
+}
+
+/// What one request on a fresh connection got.
+#[derive(Debug)]
+enum Outcome {
+    /// A whole response.
+    Answered(Reply),
+    /// The connection was refused: the gateway is not accepting.
+    Refused,
+    /// Connected, but closed without a single byte of response (never served).
+    Unanswered,
+    /// A partial response or an I/O error after some bytes: a request cut short.
+    Broken(String),
+}
+
+async fn attempt(addr: SocketAddr, path: &str) -> Outcome {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+        Err(e) => return Outcome::Broken(format!("connect: {e}")),
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return Outcome::Unanswered;
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    match (read, parse_reply(&buf)) {
+        (Err(_), _) => Outcome::Broken(format!("no answer within 10s for {path}")),
+        (Ok(_), Some(reply)) => Outcome::Answered(reply),
+        (Ok(_), None) if buf.is_empty() => Outcome::Unanswered,
+        (Ok(read), None) => Outcome::Broken(format!(
+            "{path}: partial response ({read:?}): {:?}",
+            String::from_utf8_lossy(&buf)
+        )),
+    }
+}
+
+/// Every outcome of a load run, with whether it started after `signalled` turned true.
+#[derive(Debug, Default)]
+struct Tally {
+    answered: usize,
+    answered_slow: usize,
+    refused_before_signal: usize,
+    refused_after_signal: usize,
+    unanswered_before_signal: usize,
+    unanswered_after_signal: usize,
+    wrong: Vec<String>,
+}
+
+/// Runs `CLIENTS` clients, each sending requests one after another (every fourth to
+/// `/slow/…`) until `stop` turns true or, if `stop_when_refused`, its connection is refused.
+async fn load(
+    addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    signalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    stop_when_refused: bool,
+) -> Tally {
+    use std::sync::atomic::Ordering::SeqCst;
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|client| {
+            let (stop, signalled) = (stop.clone(), signalled.clone());
+            tokio::spawn(async move {
+                let mut tally = Tally::default();
+                let mut n = 0usize;
+                while !stop.load(SeqCst) {
+                    n += 1;
+                    let slow = (client + n) % 4 == 0;
+                    let path = if slow {
+                        format!("/slow/{client}-{n}")
+                    } else {
+                        format!("/fast/{client}-{n}")
+                    };
+                    let after_signal = signalled.load(SeqCst);
+                    match attempt(addr, &path).await {
+                        Outcome::Answered(reply)
+                            if reply.status == 200 && reply.text() == format!("up:{path}") =>
+                        {
+                            tally.answered += 1;
+                            tally.answered_slow += usize::from(slow);
+                        }
+                        Outcome::Answered(reply) => {
+                            tally
+                                .wrong
+                                .push(format!("{path}: {} {:?}", reply.status, reply.text()))
+                        }
+                        Outcome::Refused if after_signal => {
+                            tally.refused_after_signal += 1;
+                            if stop_when_refused {
+                                break;
+                            }
+                        }
+                        Outcome::Refused => tally.refused_before_signal += 1,
+                        Outcome::Unanswered if after_signal => tally.unanswered_after_signal += 1,
+                        Outcome::Unanswered => tally.unanswered_before_signal += 1,
+                        Outcome::Broken(why) => tally.wrong.push(why),
+                    }
+                }
+                tally
+            })
+        })
+        .collect();
+    let mut total = Tally::default();
+    for client in clients {
+        let t = client.await.unwrap();
+        total.answered += t.answered;
+        total.answered_slow += t.answered_slow;
+        total.refused_before_signal += t.refused_before_signal;
+        total.refused_after_signal += t.refused_after_signal;
+        total.unanswered_before_signal += t.unanswered_before_signal;
+        total.unanswered_after_signal += t.unanswered_after_signal;
+        total.wrong.extend(t.wrong);
+    }
+    total
+}
+
+fn proxy_config(addr: SocketAddr, admin: SocketAddr, up: SocketAddr, extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
+         [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\ntimeout = \"10s\"\n\
+         [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n{extra}"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_under_load_cut_no_request() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let (up, counts) = counting_upstream().await;
+    let (addr, admin) = (free_port(), free_port());
+    let version = |n: usize| {
+        proxy_config(
+            addr,
+            admin,
+            up,
+            &format!(
+                "[[routes]]\nprefix = \"/version\"\nauth = false\nrespond = {{ status = 200, body = \"v{n}\" }}\n"
+            ),
+        )
+    };
+    let (_dir, path) = temp_config("gw.toml", &version(0));
+    let child = spawn_gateway(&path);
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let never = std::sync::Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(addr, stop.clone(), never, false));
+    const RELOADS: usize = 6;
+    for n in 1..=RELOADS {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        std::fs::write(&path, version(n)).unwrap();
+        signal(&child, "-HUP");
+    }
+    // The last reload took effect while the load ran.
+    let expected = format!("v{RELOADS}");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        seen = get(addr, "/version", &[]).await.text();
+        if seen == expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(seen, expected);
+    stop.store(true, SeqCst);
+    let tally = running.await.unwrap();
+    println!("{RELOADS} reloads under {CLIENTS} clients: {tally:?}");
+    println!(
+        "upstream received {}, answered {}",
+        counts.received.load(SeqCst),
+        counts.answered.load(SeqCst)
+    );
+    assert!(tally.wrong.is_empty(), "cut or wrong: {:?}", tally.wrong);
+    assert_eq!(tally.refused_before_signal, 0);
+    assert_eq!(tally.unanswered_before_signal, 0);
+    assert!(tally.answered_slow > 0 && tally.answered > 200, "{tally:?}");
+    assert_eq!(tally.answered, counts.received.load(SeqCst));
+    assert_eq!(tally.answered, counts.answered.load(SeqCst));
+    signal(&child, "-TERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_completes_everything_in_flight_then_refuses() {
+    use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+    let (up, counts) = counting_upstream().await;
+    let (addr, admin) = (free_port(), free_port());
+    let (_dir, path) = temp_config("gw.toml", &proxy_config(addr, admin, up, ""));
+    let mut child = spawn_gateway(&path);
+
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let signalled = std::sync::Arc::new(AtomicBool::new(false));
+    let running = tokio::spawn(load(addr, stop.clone(), signalled.clone(), true));
+    // One request that is still in flight well after SIGTERM.
+    let long = tokio::spawn(attempt(addr, "/slower/1500"));
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let inside_at_signal = counts.inside.load(SeqCst);
+    signalled.store(true, SeqCst);
+    let signalled_at = Instant::now();
+    signal(&child, "-TERM");
+
+    // New connections are refused while the long request is still being drained.
+    let refused_after = loop {
+        match tokio::net::TcpStream::connect(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                break signalled_at.elapsed();
+            }
+            _ => {
+                assert!(
+                    signalled_at.elapsed() < Duration::from_secs(1),
+                    "still accepting 1s after SIGTERM"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert!(
+        counts.inside.load(SeqCst) > 0,
+        "the long request is still in flight when connections are refused"
+    );
+    match long.await.unwrap() {
+        Outcome::Answered(reply) => {
+            assert_eq!(reply.status, 200);
+            assert_eq!(reply.text(), "up:/slower/1500");
+        }
+        other => panic!("the request in flight at SIGTERM was not answered: {other:?}"),
+    }
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled_at.elapsed() < Duration::from_secs(12),
+            "did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let exited_after = signalled_at.elapsed();
+    stop.store(true, SeqCst);
+    let tally = running.await.unwrap();
+    println!(
+        "SIGTERM under {CLIENTS} clients ({inside_at_signal} requests inside the upstream): \
+         refused after {refused_after:?}, exited after {exited_after:?}: {tally:?}"
+    );
+    println!(
+        "upstream received {}, answered {}",
+        counts.received.load(SeqCst),
+        counts.answered.load(SeqCst)
+    );
+    assert_eq!(status.code(), Some(0));
+    assert!(inside_at_signal > 0, "requests were in flight at SIGTERM");
+    assert!(tally.wrong.is_empty(), "cut or wrong: {:?}", tally.wrong);
+    assert_eq!(tally.refused_before_signal, 0);
+    assert_eq!(tally.unanswered_before_signal, 0);
+    // Every request the upstream saw was answered to its client, the long one included;
+    // requests refused or closed unanswered never reached it. (Unanswered ones are not
+    // asserted away: a client whose handshake the kernel completes in the microseconds
+    // between the last accept and the listener's close is reset. tests/wire.rs covers the
+    // connections the gateway did accept.)
+    assert_eq!(tally.answered + 1, counts.received.load(SeqCst));
+    assert_eq!(tally.answered + 1, counts.answered.load(SeqCst));
+    assert_eq!(
+        tally.refused_after_signal, CLIENTS,
+        "every client ends refused"
+    );
+    assert!(matches!(attempt(addr, "/after").await, Outcome::Refused));
+}

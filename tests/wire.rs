@@ -611,3 +611,61 @@ async fn te_plus_cl_is_framed_by_te_alone_and_the_connection_closes() {
         "the smuggled request never arrived"
     );
 }
+
+#[tokio::test]
+async fn a_shutdown_answers_requests_already_owed_and_closes_idle_keep_alive_connections() {
+    let mut gw = TestGateway::start(styled("envelope", "")).await;
+    // Idle keep-alive: served once, nothing since.
+    let mut idle = TcpStream::connect(gw.addr).await.unwrap();
+    idle.write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Accepted, nothing sent yet.
+    let mut fresh = TcpStream::connect(gw.addr).await.unwrap();
+    // Half a head sent.
+    let mut half = TcpStream::connect(gw.addr).await.unwrap();
+    half.write_all(b"GET /status HTTP/1.1\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let serving = gw.begin_shutdown();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut out))
+        .await
+        .expect("the idle keep-alive connection is closed at once")
+        .unwrap();
+    assert!(out.is_empty());
+    let started = Instant::now();
+    while TcpStream::connect(gw.addr).await.is_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "still accepting new connections"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The two connections that owe a head get it answered, then closed.
+    fresh
+        .write_all(b"GET /status HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .unwrap();
+    half.write_all(b"Host: t\r\n\r\n").await.unwrap();
+    for (name, stream) in [("fresh", &mut fresh), ("half", &mut half)] {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: not closed after its answer"))
+            .unwrap();
+        let reply = parse_reply(&out).unwrap_or_else(|| panic!("{name}: no answer"));
+        assert_eq!(reply.status, 200, "{name}");
+        assert_eq!(reply.text(), "up", "{name}");
+        assert_eq!(reply.header("connection"), Some("close"), "{name}");
+    }
+    tokio::time::timeout(Duration::from_secs(5), serving)
+        .await
+        .expect("drained")
+        .unwrap()
+        .unwrap();
+}

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -294,6 +294,32 @@ async fn accept_loop<H: Handler>(
         // the accept loop.
         tokio::spawn(connection(accepted.clone(), stream, peer, permit));
     }
+    accept_backlog(listener, &accepted, &limit);
+}
+
+/// On stop, takes the connections the kernel has already completed (within
+/// `max_connections`) before the listener closes. Closing it would reset them; taken, each
+/// gets the answer to a request it already sent, or a clean close.
+fn accept_backlog<H: Handler>(
+    listener: TcpListener,
+    accepted: &Accepted<H>,
+    limit: &Arc<Semaphore>,
+) {
+    let Ok(listener) = listener.into_std() else {
+        return;
+    };
+    while let Ok(permit) = limit.clone().try_acquire_owned() {
+        let Ok((stream, peer)) = listener.accept() else {
+            break;
+        };
+        let stream = stream
+            .set_nonblocking(true)
+            .and_then(|()| TcpStream::from_std(stream));
+        if let Ok(stream) = stream {
+            let _ = stream.set_nodelay(true);
+            tokio::spawn(connection(accepted.clone(), stream, peer, permit));
+        }
+    }
 }
 
 /// One client connection: the TLS handshake if the listeners speak TLS, then HTTP.
@@ -335,8 +361,16 @@ where
         // Counted from here, not from when the handler runs: a request waiting on a slow
         // upstream is in flight, and the idle timer must not touch its connection.
         let in_flight = requests.request_started();
+        let http1 = request.version() < http::Version::HTTP_2;
         async move {
-            let response = respond(&*handler, request, peer, tls).await;
+            let mut response = respond(&*handler, request, peer, tls).await;
+            // Stopping: this is the connection's last request, and the client hears it now
+            // (the shutdown may reach hyper only after this head is written).
+            if http1 && in_flight.draining() {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+            }
             Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
         }
     });

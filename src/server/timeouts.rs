@@ -101,7 +101,10 @@ pub struct Activity {
     /// When `in_flight` last dropped to zero (or the connection started).
     idle_since: AtomicU64,
     /// When the first byte of the head now being read arrived, plus one; zero when none is.
+    /// A new connection counts as having started its head when it was accepted.
     head_started: AtomicU64,
+    /// The server is stopping: the driver wants to know when a head completes.
+    draining: AtomicBool,
     /// Response bodies that yielded a frame (or a head) and were not polled since.
     waiting_bodies: AtomicUsize,
     /// The last time the connection asked any response body for more, or one started waiting.
@@ -120,6 +123,7 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             head_started: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
             waiting_bodies: AtomicUsize::new(0),
             body_progress: AtomicU64::new(0),
             dirty: AtomicBool::new(false),
@@ -149,6 +153,9 @@ impl Activity {
     pub fn request_started(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Relaxed);
         self.head_started.store(0, Relaxed);
+        if self.draining.load(Relaxed) {
+            self.changed();
+        }
         InFlight(self.clone())
     }
 
@@ -168,6 +175,21 @@ impl Activity {
             self.head_started.store(self.now() + 1, Relaxed);
             self.changed();
         }
+    }
+
+    /// Whether the server is stopping: an HTTP/1.1 response should say `Connection: close`.
+    pub fn draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// An HTTP/1.1 connection is waiting for a head it is owed: its first (a new connection
+    /// has not sent it yet), or one whose bytes have begun to arrive. A shutdown lets it
+    /// arrive and be answered, within `header_read_timeout`, rather than close a connection
+    /// the client has just written its request to.
+    fn head_in_progress(&self) -> bool {
+        self.protocol.load(Relaxed) != PROTOCOL_H2
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started.load(Relaxed) != 0
     }
 
     /// The connection turned out to speak HTTP/2: bytes between requests are frames (PING,
@@ -239,6 +261,13 @@ impl Activity {
 #[derive(Debug)]
 pub struct InFlight(Arc<Activity>);
 
+impl InFlight {
+    /// Whether the server is stopping (see [`Activity::draining`]).
+    pub fn draining(&self) -> bool {
+        self.0.draining()
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.request_ended();
@@ -255,8 +284,11 @@ pub enum Ended<E> {
 }
 
 /// Polls `conn` to completion while enforcing `bounds` from `activity`, and starts a graceful
-/// shutdown (via `shutdown`) when `stop` turns true or the connection idles or a head times
-/// out. A connection asked to close that has nothing in flight and still stays open after
+/// shutdown (via `shutdown`) when the connection idles, a head times out, or `stop` turns
+/// true. On a stop, an HTTP/1.1 request whose head is owed (see [`Activity::head_in_progress`])
+/// is served first, and hyper closes the connection after its response; requests in flight
+/// always finish; idle keep-alive connections close at once. A
+/// connection asked to close that has nothing in flight and still stays open after
 /// `header_read_timeout`, or one whose response stalls, is dropped.
 pub async fn drive<C, E>(
     conn: C,
@@ -274,13 +306,24 @@ where
     // The deadline the timer is set to. A later deadline does not reset it (resetting touches
     // the timer wheel): it fires early, the deadline is recomputed, and it is set again.
     let mut armed: Option<u64> = None;
+    // When `shutdown` was called.
     let mut closing_since: Option<u64> = None;
     let mut stopping = *stop.borrow_and_update();
+    let mut watching_stop = !stopping;
     if stopping {
-        shutdown(conn.as_mut());
-        closing_since = Some(activity.now());
+        // Accepted as the server stops: read what the client has already sent before
+        // deciding whether there is a request to serve.
+        activity.draining.store(true, Relaxed);
+        let first = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await;
+        if let Poll::Ready(ended) = first {
+            return Ended::Finished(ended);
+        }
     }
     loop {
+        if stopping && closing_since.is_none() && !activity.head_in_progress() {
+            shutdown(conn.as_mut());
+            closing_since = Some(activity.now());
+        }
         if let Some((at, _)) = activity.next_deadline(&bounds, closing_since) {
             if armed.is_none_or(|armed| at < armed) {
                 timer.as_mut().reset(activity.instant(at));
@@ -311,12 +354,12 @@ where
                     }
                 }
             }
-            changed = stop.changed(), if !stopping => {
-                // An error means the server is gone without a shutdown: nothing will stop us.
-                stopping = changed.is_err() || *stop.borrow_and_update();
-                if changed.is_ok() && stopping {
-                    shutdown(conn.as_mut());
-                    closing_since.get_or_insert_with(|| activity.now());
+            changed = stop.changed(), if watching_stop => {
+                // An error means the server is gone without a stop: nothing will send one.
+                watching_stop = changed.is_ok() && !*stop.borrow_and_update();
+                if changed.is_ok() && !watching_stop {
+                    stopping = true;
+                    activity.draining.store(true, Relaxed);
                 }
             }
         }
