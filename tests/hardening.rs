@@ -458,3 +458,38 @@ async fn an_h2_client_that_grants_no_window_is_closed_and_the_upstream_released(
     drop(response);
     assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
 }
+
+#[tokio::test]
+async fn a_trickled_first_head_is_closed_at_header_read_timeout() {
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"400ms\"\nidle_timeout = \"10s\"",
+        FIXED_ROUTE,
+    ))
+    .await;
+    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+    let started = Instant::now();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        .await
+        .unwrap();
+    // One more byte every 50 ms, as slowloris does; the reads go on until the close.
+    let mut chunk = [0u8; 256];
+    let closed = loop {
+        let _ = stream.write_all(b"a").await;
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => assert!(started.elapsed() < Duration::from_secs(5), "still open"),
+        }
+    };
+    println!("trickled first head, header_read_timeout 400ms: closed after {closed:?}");
+    assert!(
+        closed >= Duration::from_millis(350),
+        "closed early: {closed:?}"
+    );
+    // Not twice the bound: a graceful shutdown would wait for this head to complete.
+    assert!(
+        closed < Duration::from_millis(750),
+        "closed late: {closed:?}"
+    );
+}

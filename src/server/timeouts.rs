@@ -283,13 +283,15 @@ pub enum Ended<E> {
     Dropped(&'static str),
 }
 
-/// Polls `conn` to completion while enforcing `bounds` from `activity`, and starts a graceful
-/// shutdown (via `shutdown`) when the connection idles, a head times out, or `stop` turns
-/// true. On a stop, an HTTP/1.1 request whose head is owed (see [`Activity::head_in_progress`])
-/// is served first, and hyper closes the connection after its response; requests in flight
-/// always finish; idle keep-alive connections close at once. A
-/// connection asked to close that has nothing in flight and still stays open after
-/// `header_read_timeout`, or one whose response stalls, is dropped.
+/// Polls `conn` to completion while enforcing `bounds` from `activity`.
+///
+/// - Idle past `idle_timeout`, or `stop` turned true: a graceful shutdown (via `shutdown`).
+///   On a stop, an HTTP/1.1 request whose head is owed (see [`Activity::head_in_progress`])
+///   is served first, and hyper closes the connection after its response; requests in flight
+///   always finish; idle keep-alive connections close at once.
+/// - A head not complete within `header_read_timeout`, a stalled response, or a connection
+///   asked to close that still stays open `header_read_timeout` later with nothing in
+///   flight: dropped.
 pub async fn drive<C, E>(
     conn: C,
     mut shutdown: impl FnMut(Pin<&mut C>),
@@ -343,12 +345,15 @@ where
                     continue;
                 }
                 match expiry {
-                    Expiry::HeadTimeout | Expiry::Idle => {
+                    Expiry::Idle => {
                         tracing::debug!(reason = expiry.as_str(), "closing the connection");
                         shutdown(conn.as_mut());
                         closing_since = Some(activity.now());
                     }
-                    Expiry::ResponseStalled | Expiry::CloseOverdue => {
+                    // Dropped, not shut down: hyper finishes the head of a connection's first
+                    // request before a graceful shutdown takes effect, and nothing is in
+                    // flight to lose.
+                    Expiry::HeadTimeout | Expiry::ResponseStalled | Expiry::CloseOverdue => {
                         tracing::debug!(reason = expiry.as_str(), "dropping the connection");
                         return Ended::Dropped(expiry.as_str());
                     }
