@@ -62,6 +62,12 @@ else
     cargo test --all-targets
 fi
 
+# A 20 s soak of the release binary: mixed load, upstream faults, reloads; checks no crash,
+# steady RSS, fds back to baseline, every request answered (benches/soak.sh, README "Soak").
+need_pkg python3 python3
+step "soak (20 s): benches/soak.sh 20"
+bash benches/soak.sh 20
+
 step "cargo test --doc"
 cargo test --doc
 
