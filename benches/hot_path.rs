@@ -6,6 +6,16 @@
 //! Beside it, a naive baseline for scale: plaintext keys in a `Mutex<HashMap<String, _>>`, a
 //! float token bucket, and headers built with `format!`.
 //!
+//! Memory as in the server: the request's headers were just parsed, so they are hot (a ring
+//! of 8 header maps; each iteration writes the next key into one, and that insert is counted
+//! in the figure). The key store holds 10k keys, built in a scattered order so that keys
+//! used one after another sit far apart in memory. Which keys the requests carry:
+//! - `tollgate_10k_keys`: API traffic as it is, skewed: key ranks drawn from a Zipf(1)
+//!   distribution over all 10k keys (the busiest 100 keys send about half the requests, and
+//!   every key is used);
+//! - `tollgate_10k_keys_uniform`: the worst case, every request a different key, all 10k in
+//!   turn, so nearly every record and bucket comes from L3 or memory.
+//!
 //! Run: `cargo bench --bench hot_path -- --warm-up-time 1 --measurement-time 3`
 
 use std::collections::HashMap;
@@ -14,7 +24,7 @@ use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::{Criterion, criterion_group};
 use http::{HeaderMap, HeaderName, HeaderValue, Uri};
 use tollgate::auth::{ApiKey, KeyStore, authenticate};
 use tollgate::config::{AuthConfig, KeyConfig, KeyId, Plan, PlanName, RateLimitHeaders};
@@ -39,92 +49,198 @@ fn auth_config() -> AuthConfig {
     }
 }
 
-fn requests() -> Vec<HeaderMap> {
-    (0..1024)
-        .map(|i| {
-            let mut h = HeaderMap::new();
-            h.insert("host", HeaderValue::from_static("api.example.com"));
-            h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
-            h.insert("accept", HeaderValue::from_static("application/json"));
-            h.insert(
-                "x-api-key",
-                HeaderValue::from_str(&key_text((i * 7919) % KEYS)).unwrap(),
-            );
-            h
-        })
-        .collect()
+/// A request's headers, before its key is written in.
+fn request() -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("host", HeaderValue::from_static("api.example.com"));
+    h.insert("user-agent", HeaderValue::from_static("bench/1.0"));
+    h.insert("accept", HeaderValue::from_static("application/json"));
+    h
+}
+
+/// Hot request header maps, each iteration takes the next one.
+const RING: usize = 8;
+
+/// Presents key `n` in the next request of the ring (as a parser would have) and returns it.
+struct Requests {
+    ring: Vec<HeaderMap>,
+    /// Every key's header value, static bytes so cloning one costs no refcount traffic.
+    keys: Vec<HeaderValue>,
+    /// The keys of successive requests, as indices into `keys`.
+    sequence: Vec<u16>,
+    n: usize,
+}
+
+/// Which keys successive requests carry.
+#[derive(Clone, Copy)]
+enum Traffic {
+    /// Zipf(1) over all keys.
+    Skewed,
+    /// Each key in turn.
+    Uniform,
+}
+
+/// Requests per pass of a sequence.
+const SEQUENCE: usize = 1 << 16;
+
+/// Key indices of `SEQUENCE` requests.
+fn sequence(traffic: Traffic) -> Vec<u16> {
+    match traffic {
+        Traffic::Uniform => (0..SEQUENCE).map(|i| (i % KEYS) as u16).collect(),
+        Traffic::Skewed => {
+            // Inverse CDF of Zipf(1) over ranks 1..=KEYS, from a fixed-seed xorshift.
+            let weights: Vec<f64> = (1..=KEYS).map(|rank| 1.0 / rank as f64).collect();
+            let total: f64 = weights.iter().sum();
+            let mut cdf = Vec::with_capacity(KEYS);
+            let mut acc = 0.0;
+            for w in weights {
+                acc += w / total;
+                cdf.push(acc);
+            }
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            (0..SEQUENCE)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let u = (x >> 11) as f64 / (1u64 << 53) as f64;
+                    cdf.partition_point(|&c| c < u).min(KEYS - 1) as u16
+                })
+                .collect()
+        }
+    }
+}
+
+impl Requests {
+    fn new(traffic: Traffic) -> Self {
+        Self {
+            sequence: sequence(traffic),
+            ring: (0..RING).map(|_| request()).collect(),
+            keys: (0..KEYS)
+                .map(|n| {
+                    let text: &'static str = Box::leak(key_text(n).into_boxed_str());
+                    HeaderValue::from_static(text)
+                })
+                .collect(),
+            n: 0,
+        }
+    }
+
+    fn next(&mut self) -> &HeaderMap {
+        self.n += 1;
+        let key = usize::from(self.sequence[self.n % SEQUENCE]);
+        let request = &mut self.ring[self.n % RING];
+        request.insert(&X_API_KEY, self.keys[key].clone());
+        request
+    }
+}
+
+static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+
+/// The key store, the request ring and the response headers of one benchmark.
+struct Setup {
+    store: KeyStore,
+    auth: AuthConfig,
+    uri: Uri,
+    requests: Requests,
+    /// The response's header map exists anyway; the decision only adds to it.
+    out: HeaderMap,
+}
+
+impl Setup {
+    fn new(traffic: Traffic) -> Self {
+        let plan = PlanName(Arc::from("pro"));
+        let rate = NonZeroU32::new(RATE).unwrap();
+        let plans = [(
+            plan.clone(),
+            Plan {
+                requests_per_minute: rate,
+                burst: NonZeroU32::new(BURST).unwrap(),
+                requests_per_hour: None,
+                requests_per_day: None,
+            },
+        )]
+        .into_iter()
+        .collect();
+        // 7919 is prime to 10k: every key once, in an order unrelated to the requests' order.
+        let keys: Vec<KeyConfig> = (0..KEYS)
+            .map(|i| (i * 7919) % KEYS)
+            .map(|n| KeyConfig {
+                id: KeyId(Arc::from(format!("key-{n}").as_str())),
+                digest: ApiKey::new(key_text(n)).digest(),
+                plan: plan.clone(),
+                scopes: vec![],
+                requests_per_minute: None,
+                disabled: false,
+            })
+            .collect();
+        Self {
+            store: KeyStore::new(&keys, &plans, None),
+            auth: auth_config(),
+            uri: Uri::from_static("/v1/campaigns"),
+            requests: Requests::new(traffic),
+            out: HeaderMap::with_capacity(8),
+        }
+    }
+
+    /// One admission decision, as the pipeline makes it.
+    fn decide(&mut self) {
+        let identity = authenticate(
+            self.requests.next(),
+            &self.uri,
+            &self.auth,
+            &self.store,
+            true,
+            &[],
+        )
+        .expect("valid key")
+        .expect("a key");
+        let decision = identity.record.limits.limiter.check();
+        self.out.clear();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        identity.record.limits.policy.apply(
+            &mut self.out,
+            RateLimitHeaders::XRateLimit,
+            &decision,
+            now,
+        );
+        black_box(&self.out);
+    }
 }
 
 fn tollgate_decision(c: &mut Criterion) {
-    let plan = PlanName(Arc::from("pro"));
-    let rate = NonZeroU32::new(RATE).unwrap();
-    let plans = [(
-        plan.clone(),
-        Plan {
-            requests_per_minute: rate,
-            burst: NonZeroU32::new(BURST).unwrap(),
-            requests_per_hour: None,
-            requests_per_day: None,
-        },
-    )]
-    .into_iter()
-    .collect();
-    let keys: Vec<KeyConfig> = (0..KEYS)
-        .map(|n| KeyConfig {
-            id: KeyId(Arc::from(format!("key-{n}").as_str())),
-            digest: ApiKey::new(key_text(n)).digest(),
-            plan: plan.clone(),
-            scopes: vec![],
-            requests_per_minute: None,
-            disabled: false,
-        })
-        .collect();
-    let store = KeyStore::new(&keys, &plans, None);
-    let auth = auth_config();
-    let uri = Uri::from_static("/v1/campaigns");
-    let requests = requests();
-    let mut i = 0;
-    // The response's header map exists anyway; the decision only adds to it.
-    let mut out = HeaderMap::with_capacity(8);
-
     let mut group = c.benchmark_group("hot_path");
-    group.bench_function("tollgate_10k_keys", |b| {
-        b.iter(|| {
-            i = (i + 1) & 1023;
-            let identity = authenticate(&requests[i], &uri, &auth, &store, true, &[])
-                .expect("valid key")
-                .expect("a key");
-            let decision = identity.record.limiter.check();
-            out.clear();
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            identity
-                .record
-                .policy
-                .apply(&mut out, RateLimitHeaders::XRateLimit, &decision, now);
-            black_box(&out);
-        })
-    });
+    let mut uniform = Setup::new(Traffic::Uniform);
+    group.bench_function("tollgate_10k_keys_uniform", |b| b.iter(|| uniform.decide()));
+    drop(uniform);
+    let mut setup = Setup::new(Traffic::Skewed);
+    group.bench_function("tollgate_10k_keys", |b| b.iter(|| setup.decide()));
+    let Setup {
+        store,
+        auth,
+        uri,
+        mut requests,
+        mut out,
+    } = setup;
 
     // The same decision in parts, to show where the time goes.
     group.bench_function("part_authenticate", |b| {
-        b.iter(|| {
-            i = (i + 1) & 1023;
-            black_box(authenticate(&requests[i], &uri, &auth, &store, true, &[]).is_ok())
-        })
+        b.iter(|| black_box(authenticate(requests.next(), &uri, &auth, &store, true, &[]).is_ok()))
     });
-    let record = authenticate(&requests[0], &uri, &auth, &store, true, &[])
+    let record = authenticate(requests.next(), &uri, &auth, &store, true, &[])
         .unwrap()
         .unwrap()
         .record;
     group.bench_function("part_charge_bucket", |b| {
-        b.iter(|| black_box(record.limiter.check()))
+        b.iter(|| black_box(record.limits.limiter.check()))
     });
-    let decision = record.limiter.check();
+    let decision = record.limits.limiter.check();
     group.bench_function("part_build_headers", |b| {
         b.iter(|| {
             out.clear();
             let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
             record
+                .limits
                 .policy
                 .apply(&mut out, RateLimitHeaders::XRateLimit, &decision, now);
             black_box(&out);
@@ -151,8 +267,7 @@ fn tollgate_decision(c: &mut Criterion) {
     );
     group.bench_function("naive_mutex_hashmap_10k_keys", |b| {
         b.iter(|| {
-            i = (i + 1) & 1023;
-            let key = requests[i].get("x-api-key").unwrap().to_str().unwrap();
+            let key = requests.next().get("x-api-key").unwrap().to_str().unwrap();
             let mut map = naive.lock().unwrap();
             let bucket = map.get_mut(key).expect("known key");
             let now = Instant::now();
@@ -192,4 +307,24 @@ fn tollgate_decision(c: &mut Criterion) {
 }
 
 criterion_group!(benches, tollgate_decision);
-criterion_main!(benches);
+
+fn main() {
+    // `HOT_PATH_ITERS=N`: N decisions and nothing else, for `perf stat -e cycles:u` on a
+    // machine too busy for wall-clock figures (subtract a run with N=0: the setup).
+    if let Some(n) = std::env::var("HOT_PATH_ITERS")
+        .ok()
+        .and_then(|n| n.parse::<u64>().ok())
+    {
+        let traffic = match std::env::var("HOT_PATH_TRAFFIC").as_deref() {
+            Ok("uniform") => Traffic::Uniform,
+            _ => Traffic::Skewed,
+        };
+        let mut setup = Setup::new(traffic);
+        for _ in 0..n {
+            setup.decide();
+        }
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

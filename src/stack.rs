@@ -278,14 +278,14 @@ impl Gateway {
                 .backend
                 .check(
                     &identity.record.id.0,
-                    &identity.record.limiter,
+                    &identity.record.limits.limiter,
                     &snapshot.config.limits,
                     &self.metrics,
                 )
                 .await?
                 .map(|decision| RateInfo {
                     decision,
-                    policy: &identity.record.policy,
+                    policy: &identity.record.limits.policy,
                 }),
             (None, Some(anonymous)) => Some(RateInfo {
                 decision: anonymous.limiter.check(&client),

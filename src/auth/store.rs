@@ -12,9 +12,9 @@ use http::HeaderValue;
 
 use crate::auth::KeyDigest;
 use crate::config::{KeyConfig, KeyId, Plan, PlanName};
-use crate::limit::Limiter;
 use crate::limit::bucket::buckets_for;
 use crate::limit::headers::PolicyHeaders;
+use crate::limit::{KeyLimits, Limiter};
 
 /// What tollgate knows about a key.
 #[derive(Debug)]
@@ -31,10 +31,9 @@ pub struct KeyRecord {
     pub id_header: HeaderValue,
     /// `X-Tollgate-Plan` value, built once.
     pub plan_header: HeaderValue,
-    /// The key's token buckets; carried over across reloads while its limits are unchanged.
-    pub limiter: Arc<Limiter>,
-    /// The per-key parts of the rate-limit headers.
-    pub policy: Arc<PolicyHeaders>,
+    /// The key's token buckets and their header parts; carried over across reloads while
+    /// its limits are unchanged.
+    pub limits: Arc<KeyLimits>,
 }
 
 impl KeyRecord {
@@ -70,10 +69,12 @@ impl Hasher for DigestHasher {
     }
 }
 
-/// All keys of the running config, by digest.
+/// All keys of the running config, by digest. Records live in the table itself: a lookup
+/// reads the digest and the record's hot fields from neighbouring memory, with no pointer to
+/// follow (with 10k keys that is a cache miss saved on every request).
 #[derive(Debug, Default)]
 pub struct KeyStore {
-    by_digest: HashMap<KeyDigest, Arc<KeyRecord>, BuildHasherDefault<DigestHasher>>,
+    by_digest: HashMap<KeyDigest, KeyRecord, BuildHasherDefault<DigestHasher>>,
 }
 
 impl KeyStore {
@@ -84,7 +85,7 @@ impl KeyStore {
         plans: &BTreeMap<PlanName, Plan>,
         previous: Option<&KeyStore>,
     ) -> Self {
-        let old: HashMap<&KeyId, &Arc<KeyRecord>> = previous
+        let old: HashMap<&KeyId, &KeyRecord> = previous
             .map(|p| p.by_digest.values().map(|r| (&r.id, r)).collect())
             .unwrap_or_default();
         let mut by_digest =
@@ -92,18 +93,19 @@ impl KeyStore {
         for key in keys {
             let plan = plans.get(&key.plan).expect("key plans are validated");
             let specs = buckets_for(plan, key.requests_per_minute);
-            let (limiter, policy) = match old.get(&key.id) {
-                Some(prev) if prev.limiter.specs() == specs.as_slice() && prev.plan == key.plan => {
-                    (prev.limiter.clone(), prev.policy.clone())
+            let limits = match old.get(&key.id) {
+                Some(prev)
+                    if prev.limits.limiter.specs() == specs.as_slice() && prev.plan == key.plan =>
+                {
+                    prev.limits.clone()
                 }
-                _ => (
-                    Arc::new(Limiter::new(&specs, Default::default())),
-                    Arc::new(PolicyHeaders::new(&key.plan.0, &specs)),
-                ),
+                _ => Arc::new(KeyLimits {
+                    limiter: Limiter::new(&specs, Default::default()),
+                    policy: PolicyHeaders::new(&key.plan.0, &specs),
+                }),
             };
             let record = KeyRecord {
-                limiter,
-                policy,
+                limits,
                 id: key.id.clone(),
                 plan: key.plan.clone(),
                 scopes: key.scopes.clone().into_boxed_slice(),
@@ -111,13 +113,13 @@ impl KeyStore {
                 id_header: HeaderValue::from_str(&key.id.0).expect("key ids are validated"),
                 plan_header: HeaderValue::from_str(&key.plan.0).expect("plan names are validated"),
             };
-            by_digest.insert(key.digest, Arc::new(record));
+            by_digest.insert(key.digest, record);
         }
         Self { by_digest }
     }
 
     /// The enabled record for a presented key, if any.
-    pub fn lookup(&self, presented: &[u8]) -> Option<&Arc<KeyRecord>> {
+    pub fn lookup(&self, presented: &[u8]) -> Option<&KeyRecord> {
         self.by_digest
             .get(&KeyDigest::of(presented))
             .filter(|record| !record.disabled)
@@ -170,14 +172,14 @@ mod tests {
         let first = KeyStore::new(&[key("a", "secret-a", &[], false)], &plans(), None);
         let again = KeyStore::new(&[key("a", "secret-a", &[], false)], &plans(), Some(&first));
         assert!(Arc::ptr_eq(
-            &first.lookup(b"secret-a").unwrap().limiter,
-            &again.lookup(b"secret-a").unwrap().limiter
+            &first.lookup(b"secret-a").unwrap().limits,
+            &again.lookup(b"secret-a").unwrap().limits
         ));
         let mut custom = key("a", "secret-a", &[], false);
         custom.requests_per_minute = std::num::NonZeroU32::new(5);
         let changed = KeyStore::new(&[custom], &plans(), Some(&again));
         assert_eq!(
-            changed.lookup(b"secret-a").unwrap().limiter.specs()[0]
+            changed.lookup(b"secret-a").unwrap().limits.limiter.specs()[0]
                 .limit
                 .get(),
             5

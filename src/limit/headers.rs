@@ -4,8 +4,9 @@
 //! once per key at config load; per request only the numbers are written.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io::Write;
-use std::sync::LazyLock;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,9 +21,13 @@ static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-rese
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The per-key parts of the headers, built once.
+/// The per-key parts of the headers, built once. The minute bucket's limit comes first
+/// (`repr(C)`): it is the only part an `X-RateLimit` response of a one-bucket plan reads.
 #[derive(Debug, Clone)]
+#[repr(C)]
 pub struct PolicyHeaders {
+    /// `X-RateLimit-Limit` of the first (minute) bucket, inline: the one usually reported.
+    minute_limit: HeaderValue,
     /// `X-RateLimit-Limit` per bucket.
     limits: Box<[HeaderValue]>,
     /// `"pro";r=` per bucket (the IETF `RateLimit` prefix).
@@ -39,10 +44,7 @@ impl PolicyHeaders {
             Window::Minute => name.to_owned(),
             other => format!("{name}-{}", other.name()),
         };
-        let limits = specs
-            .iter()
-            .map(|s| HeaderValue::from(s.limit.get()))
-            .collect();
+        let limits: Box<[HeaderValue]> = specs.iter().map(|s| number(s.limit.get())).collect();
         let ietf_prefixes = specs
             .iter()
             .map(|s| Bytes::from(format!("\"{}\";r=", policy_name(s))))
@@ -60,6 +62,7 @@ impl PolicyHeaders {
             .collect::<Vec<_>>()
             .join(", ");
         Self {
+            minute_limit: limits[0].clone(),
             limits,
             ietf_prefixes,
             ietf_policy: HeaderValue::from_str(&policy).expect("plan names are header-safe"),
@@ -75,7 +78,11 @@ impl PolicyHeaders {
         unix_now: Duration,
     ) {
         if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
-            headers.insert(&X_RATELIMIT_LIMIT, self.limits[decision.bucket].clone());
+            let limit = match decision.bucket {
+                0 => self.minute_limit.clone(),
+                i => self.limits[i].clone(),
+            };
+            headers.insert(&X_RATELIMIT_LIMIT, limit);
             headers.insert(&X_RATELIMIT_REMAINING, small_number(decision.remaining));
             headers.insert(
                 &X_RATELIMIT_RESET,
@@ -122,13 +129,32 @@ fn small_number(n: u32) -> HeaderValue {
         .unwrap_or_else(|| HeaderValue::from(n))
 }
 
+/// Limit values of every plan and key ever configured, beyond the small table. Bounded by the
+/// distinct limits in configs, so interning them for the process's life costs nothing.
+static INTERNED: LazyLock<Mutex<HashMap<u32, HeaderValue>>> = LazyLock::new(Default::default);
+
+/// `n` as a header value on static bytes, so per-request clones touch no reference count
+/// shared between threads. For config load only (it may take a lock).
+fn number(n: u32) -> HeaderValue {
+    if n < SMALL_NUMBERS {
+        return small_number(n);
+    }
+    let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
+    interned
+        .entry(n)
+        .or_insert_with(|| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
+        .clone()
+}
+
 /// Slots in the per-thread cache of recent `Reset` values (Unix seconds cluster around now).
 const RESET_CACHE_SLOTS: usize = 256;
 
 thread_local! {
-    static RESET_CACHE: RefCell<Vec<(u64, HeaderValue)>> = RefCell::new(
-        vec![(u64::MAX, HeaderValue::from_static("")); RESET_CACHE_SLOTS]
-    );
+    // Const-initialised and inline: reaching it is an offset from the thread pointer, with no
+    // lazy-init check and no heap pointer to follow.
+    static RESET_CACHE: RefCell<[(u64, HeaderValue); RESET_CACHE_SLOTS]> = const {
+        RefCell::new([const { (u64::MAX, HeaderValue::from_static("")) }; RESET_CACHE_SLOTS])
+    };
 }
 
 /// The `X-RateLimit-Reset` value for `unix_secs`, built at most once per second per slot.

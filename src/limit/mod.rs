@@ -12,3 +12,15 @@ pub mod tripwire;
 pub use backend::LimiterBackend;
 pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Window};
 pub use tripwire::IpTripwire;
+
+/// One key's buckets and the header parts that describe them, in one allocation: every
+/// request charges the one and reads the other, so they share cache lines. Shared by the
+/// key's records across reloads while its limits are unchanged.
+#[derive(Debug)]
+#[repr(C)]
+pub struct KeyLimits {
+    /// The token buckets.
+    pub limiter: Limiter,
+    /// The per-key parts of the rate-limit headers.
+    pub policy: headers::PolicyHeaders,
+}
