@@ -669,3 +669,82 @@ async fn a_shutdown_answers_requests_already_owed_and_closes_idle_keep_alive_con
         .unwrap()
         .unwrap();
 }
+
+/// An upstream that counts only requests it received whole: head and complete body.
+async fn whole_request_upstream() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let whole = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = whole.clone();
+    let addr = upstream(move |req: Request<Incoming>| {
+        let counter = counter.clone();
+        async move {
+            if req.into_body().collect().await.is_ok() {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            Response::new(Full::new(Bytes::from_static(b"ok")))
+        }
+    })
+    .await;
+    (addr, whole)
+}
+
+#[tokio::test]
+async fn bad_chunks_invalid_methods_and_too_many_headers_are_refused() {
+    let (up, whole) = whole_request_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
+    ))
+    .await;
+    let many_headers: Vec<u8> = {
+        let mut raw = b"GET / HTTP/1.1\r\nHost: t\r\n".to_vec();
+        for i in 0..200 {
+            raw.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+        }
+        raw.extend_from_slice(b"\r\n");
+        raw
+    };
+    // (name, request, acceptable status prefixes: a refusal, or the connection closed with
+    // no response at all when the body breaks after the head was accepted).
+    let cases: [(&str, &[u8], &[&str]); 6] = [
+        ("chunk size not hex", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
+        ("chunk size overflows", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
+        ("chunk shorter than its size", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
+        ("invalid method token", b"G@T / HTTP/1.1\r\nHost: t\r\n\r\n", &["HTTP/1.1 400"]),
+        ("method with a space", b"GE T / HTTP/1.1\r\nHost: t\r\n\r\n", &["HTTP/1.1 400"]),
+        ("200 headers", &many_headers, &["HTTP/1.1 431"]),
+    ];
+    for (name, raw, allowed) in cases {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream.write_all(raw).await.unwrap();
+        let mut buf = Vec::new();
+        // The gateway closes the connection (it may reset it after a refusal).
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("{name}: connection not closed"));
+        let text = String::from_utf8_lossy(&buf);
+        assert!(
+            allowed.iter().any(|p| if p.is_empty() {
+                buf.is_empty()
+            } else {
+                text.starts_with(p)
+            }),
+            "{name}: {text:?}"
+        );
+        assert!(
+            !text.contains(" 200 "),
+            "{name}: never answered as a success: {text}"
+        );
+    }
+    // The upstream received nothing whole; the gateway is still serving.
+    let r = send_raw(
+        gw.addr,
+        b"GET /ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        whole.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "only the well-formed request reached the upstream whole"
+    );
+}
