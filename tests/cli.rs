@@ -252,6 +252,16 @@ fn signal(child: &ChildGuard, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_then_exits_0() {
+    sigterm_drains_then_exits_0(0).await;
+}
+
+/// `workers = 1` runs on tokio's current-thread scheduler: the same drain, the same exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_drains_and_exits_0() {
+    sigterm_drains_then_exits_0(1).await;
+}
+
+async fn sigterm_drains_then_exits_0(workers: usize) {
     let (entered_tx, mut entered_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let up = upstream(move |_req: Request<Incoming>| {
         let entered = entered_tx.clone();
@@ -267,7 +277,7 @@ async fn sigterm_drains_in_flight_requests_then_exits_0() {
     let (_dir, path) = temp_config(
         "gw.toml",
         &format!(
-            "[server]\nlisten = \"{addr}\"\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
+            "[server]\nlisten = \"{addr}\"\nworkers = {workers}\nshutdown_grace = \"10s\"\n[admin]\nlisten = \"{admin}\"\n\
              [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
         ),
     );
