@@ -22,8 +22,11 @@ echo "== soak: building tollgate and the fault upstream (release)" >&2
 (cd "$ROOT" && cargo build --release --quiet --bin tollgate --bin tollgate-bench-upstream)
 
 WORK=$(mktemp -d /tmp/tollgate-soak.XXXXXX)
+PY=
 cleanup() {
-    # soak.py kills its children itself; this covers it being killed first.
+    # Normally soak.py has stopped its children and removed the pid file by now; this covers
+    # it being interrupted (the file then lists the children still running).
+    if [[ -n $PY ]]; then kill "$PY" 2>/dev/null || true; fi
     if [[ -f $WORK/pids ]]; then
         while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done <"$WORK/pids"
     fi
@@ -35,8 +38,12 @@ trap 'exit 143' TERM
 
 started=$SECONDS
 status=0
+# In the background and waited for, so that a signal to this script is handled at once.
 python3 "$HERE/soak/soak.py" --seconds "$SECS" --work "$WORK" \
     --tollgate "$ROOT/target/release/tollgate" \
-    --upstream "$ROOT/target/release/tollgate-bench-upstream" ${SOAK_SAMPLES:+--samples "$SOAK_SAMPLES"} || status=$?
+    --upstream "$ROOT/target/release/tollgate-bench-upstream" ${SOAK_SAMPLES:+--samples "$SOAK_SAMPLES"} &
+PY=$!
+wait "$PY" || status=$?
+PY=
 echo "== soak: ${SECS} s soak took $((SECONDS - started)) s in all, exit $status" >&2
 exit "$status"

@@ -202,6 +202,11 @@ def reload_times(seconds):
     return sorted(t for t in times if t < seconds)
 
 
+def write_pids(procs, pids_file):
+    """Lists the children still running, for soak.sh to kill if this process is killed."""
+    write_atomically(pids_file, "".join(f"{p.pid}\n" for p in procs.values() if p.poll() is None))
+
+
 def write_atomically(path, text):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -456,8 +461,7 @@ async def soak(args, procs, pids_file):
         [args.upstream, "--faults", "127.0.0.1:0"], stdout=subprocess.PIPE, stderr=open(os.path.join(work, "upstream.log"), "w"), text=True
     )
     procs["upstream"] = upstream
-    with open(pids_file, "a") as f:
-        f.write(f"{upstream.pid}\n")
+    write_pids(procs, pids_file)
     listening = dict(kv.split("=", 1) for kv in upstream.stdout.readline().split())
     # Bound, never listening, held for the whole run: connecting is refused, and no other
     # process can start listening there meanwhile.
@@ -484,8 +488,7 @@ async def soak(args, procs, pids_file):
             cwd=work, stdout=subprocess.DEVNULL, stderr=open(gateway_log, "w"),
         )
         procs["tollgate"] = gateway
-        with open(pids_file, "a") as f:
-            f.write(f"{gateway.pid}\n")
+        write_pids(procs, pids_file)
         if await ready(gateway, ports["admin"]):
             break
         gateway.kill()
@@ -750,7 +753,9 @@ def main():
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.wait()
+        if os.path.exists(pids_file):
+            os.remove(pids_file)
     sys.exit(code)
 
 
