@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command of tollgate: formatting, lints, every test, doc tests.
+# The test command of tollgate: formatting, lints, every test, doc tests, a 20 s soak.
 # Works on a fresh Debian machine as root: installs what the tests need, then runs them.
 # Usage: tests/run.sh   (from anywhere; CI runs it through .ci/run)
 set -euo pipefail

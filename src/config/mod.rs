@@ -104,13 +104,14 @@ pub struct Config {
 pub struct ServerConfig {
     /// Addresses to listen on. Default `0.0.0.0:8080`.
     pub listen: Vec<SocketAddr>,
-    /// Tokio worker threads; 0 = one per core. Default 0.
+    /// Tokio worker threads; 0 = one per core, 1 = the current-thread scheduler. Default 0.
     pub workers: usize,
     /// Reload when the config or keys file changes. Default false.
     pub watch: bool,
     /// The whole request head must arrive within this. Default 10 s.
     pub header_read_timeout: Duration,
-    /// A request body that stalls this long fails. Default 30 s.
+    /// A request body that stalls this long fails (408); a response the client stops reading
+    /// for this long closes the connection. Default 30 s.
     pub body_read_timeout: Duration,
     /// Keep-alive connections idle this long are closed. Default 60 s.
     pub idle_timeout: Duration,
