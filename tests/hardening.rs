@@ -119,6 +119,20 @@ async fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Duration 
     }
 }
 
+/// `closed` (time until the gateway closed the connection) is within the bound: not before
+/// `early_ms`, and before `late_ms`.
+#[track_caller]
+fn assert_closed_between(closed: Duration, early_ms: u64, late_ms: u64) {
+    assert!(
+        closed >= Duration::from_millis(early_ms),
+        "closed early: {closed:?}"
+    );
+    assert!(
+        closed < Duration::from_millis(late_ms),
+        "closed late: {closed:?}"
+    );
+}
+
 #[tokio::test]
 async fn an_idle_keep_alive_connection_lives_idle_timeout_not_header_read_timeout() {
     // Longer idle than header bound: hyper's own header timer used to close it at 200 ms.
@@ -131,14 +145,7 @@ async fn an_idle_keep_alive_connection_lives_idle_timeout_not_header_read_timeou
     assert_eq!(exchange(&mut stream, "/").await.status, 200);
     let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("idle_timeout 800ms, header_read_timeout 200ms: closed after {closed:?}");
-    assert!(
-        closed >= Duration::from_millis(750),
-        "closed early: {closed:?}"
-    );
-    assert!(
-        closed < Duration::from_millis(1_800),
-        "closed late: {closed:?}"
-    );
+    assert_closed_between(closed, 750, 1_800);
 
     // Shorter idle than header bound.
     let gw = TestGateway::start(config(
@@ -150,14 +157,7 @@ async fn an_idle_keep_alive_connection_lives_idle_timeout_not_header_read_timeou
     assert_eq!(exchange(&mut stream, "/").await.status, 200);
     let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("idle_timeout 300ms, header_read_timeout 5s: closed after {closed:?}");
-    assert!(
-        closed >= Duration::from_millis(250),
-        "closed early: {closed:?}"
-    );
-    assert!(
-        closed < Duration::from_millis(1_300),
-        "closed late: {closed:?}"
-    );
+    assert_closed_between(closed, 250, 1_300);
 }
 
 #[tokio::test]
@@ -178,14 +178,7 @@ async fn a_head_started_on_a_kept_alive_connection_gets_header_read_timeout() {
         .unwrap();
     let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("a started head, header_read_timeout 300ms: closed after {closed:?}");
-    assert!(
-        closed >= Duration::from_millis(250),
-        "closed early: {closed:?}"
-    );
-    assert!(
-        closed < Duration::from_millis(1_300),
-        "closed late: {closed:?}"
-    );
+    assert_closed_between(closed, 250, 1_300);
 }
 
 #[tokio::test]
@@ -198,14 +191,7 @@ async fn a_connection_that_never_sends_a_byte_gets_header_read_timeout() {
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
     let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("silent new connection, header_read_timeout 300ms: closed after {closed:?}");
-    assert!(
-        closed >= Duration::from_millis(250),
-        "closed early: {closed:?}"
-    );
-    assert!(
-        closed < Duration::from_millis(1_300),
-        "closed late: {closed:?}"
-    );
+    assert_closed_between(closed, 250, 1_300);
 }
 
 /// An upstream whose `/slow…` answers take `SLOW_UPSTREAM`.
@@ -298,14 +284,7 @@ async fn h2c_idle_connections_close_after_idle_timeout_and_pings_do_not_keep_the
             .unwrap();
         let closed = started.elapsed();
         println!("h2c idle (client pings: {ping}), idle_timeout 700ms: closed after {closed:?}");
-        assert!(
-            closed >= Duration::from_millis(650),
-            "closed early: {closed:?}"
-        );
-        assert!(
-            closed < Duration::from_millis(1_700),
-            "closed late: {closed:?}"
-        );
+        assert_closed_between(closed, 650, 1_700);
     }
 }
 
