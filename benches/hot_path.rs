@@ -197,7 +197,7 @@ impl Setup {
         .expect("a key");
         let decision = identity.record.limits.limiter.check();
         self.out.clear();
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let now = tollgate::limit::headers::unix_now();
         identity.record.limits.policy.apply(
             &mut self.out,
             RateLimitHeaders::XRateLimit,
@@ -238,7 +238,7 @@ fn tollgate_decision(c: &mut Criterion) {
     group.bench_function("part_build_headers", |b| {
         b.iter(|| {
             out.clear();
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            let now = tollgate::limit::headers::unix_now();
             record
                 .limits
                 .policy

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
@@ -317,20 +317,19 @@ impl Gateway {
             }
             RouteTarget::Upstream(index) => {
                 let upstream = &snapshot.upstreams[*index];
-                let path = if route.config.strip_prefix {
+                let stripped = route.config.strip_prefix.then(|| {
                     let rest = &request.uri().path()[route.config.prefix.len()..];
                     if rest.starts_with('/') {
                         rest.to_owned()
                     } else {
                         format!("/{rest}")
                     }
-                } else {
-                    request.uri().path().to_owned()
-                };
+                });
                 let forward = Forward {
-                    path: &path,
+                    path: stripped.as_deref(),
                     client: ClientInfo {
                         peer: ctx.peer.ip(),
+                        peer_header: &ctx.peer_header,
                         ip: client,
                         tls: ctx.tls,
                     },
@@ -566,9 +565,7 @@ impl Handler for Gateway {
         };
         // Every response to a charged request reports the bucket, errors included.
         if let Some(info) = rate {
-            let unix_now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default();
+            let unix_now = crate::limit::headers::unix_now();
             let style = snapshot.config.limits.headers;
             info.policy
                 .apply(response.headers_mut(), style, &info.decision, unix_now);

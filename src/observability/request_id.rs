@@ -58,7 +58,12 @@ impl RequestId {
                 }
             };
         }
-        Self(HeaderValue::from_bytes(&buf).expect("base62 is a valid header value"))
+        // Shared bytes from the start: the ID is copied into the upstream request and the
+        // response, and each copy is then a reference count, not an allocation.
+        Self(
+            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+                .expect("base62 is a valid header value"),
+        )
     }
 
     /// The ID as text.

@@ -14,9 +14,9 @@ pub mod upgrade;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::header::RETRY_AFTER;
+use http::header::{HOST, RETRY_AFTER};
 use http::uri::{PathAndQuery, Scheme};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -50,13 +50,19 @@ pub struct Upstream {
     inflight: Arc<Semaphore>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
     base_path: String,
+    /// `Host` for plain-http upstreams (always HTTP/1.1), built once: left to the pooled
+    /// client, it is formatted for every request. https upstreams may speak h2, where the
+    /// client sends `:authority` instead, so they still get the client's.
+    host: Option<HeaderValue>,
 }
 
 /// What the proxy needs to know about the client side of a request.
 #[derive(Debug, Clone, Copy)]
-pub struct ClientInfo {
+pub struct ClientInfo<'a> {
     /// The TCP peer (appended to `X-Forwarded-For`).
     pub peer: std::net::IpAddr,
+    /// `peer` as a header value.
+    pub peer_header: &'a http::HeaderValue,
     /// The client's address (resolved through trusted proxies).
     pub ip: std::net::IpAddr,
     /// Whether the client connection is TLS.
@@ -66,10 +72,11 @@ pub struct ClientInfo {
 /// Everything about one request that [`Upstream::forward`] needs besides the request itself.
 #[derive(Debug, Clone, Copy)]
 pub struct Forward<'a> {
-    /// The path to request upstream (the route may have stripped its prefix).
-    pub path: &'a str,
+    /// The path to request upstream, when the route stripped its prefix; `None` keeps the
+    /// request's own.
+    pub path: Option<&'a str>,
     /// The client side.
-    pub client: ClientInfo,
+    pub client: ClientInfo<'a>,
     /// Sent upstream as `X-Request-Id`.
     pub request_id: &'a RequestId,
     /// `server.max_body_bytes`, enforced while the body streams.
@@ -113,6 +120,7 @@ impl Upstream {
             upgrade_client,
             inflight,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
+            host: host_header(&config.url),
         }
     }
 
@@ -151,6 +159,9 @@ impl Upstream {
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         parts.version = Version::HTTP_11;
         headers::prepare_request(&mut parts.headers, cx.client, cx.request_id);
+        if let Some(host) = &self.host {
+            parts.headers.insert(HOST, host.clone());
+        }
         let client = match &upgrade {
             Some((protocol, _)) => {
                 upgrade::restore_headers(&mut parts.headers, protocol.clone());
@@ -219,7 +230,18 @@ impl Upstream {
         ))
     }
 
-    fn upstream_uri(&self, path: &str, original: &Uri) -> Result<Uri, GatewayError> {
+    fn upstream_uri(&self, path: Option<&str>, original: &Uri) -> Result<Uri, GatewayError> {
+        let mut parts = self.config.url.clone().into_parts();
+        if parts.scheme.is_none() {
+            parts.scheme = Some(Scheme::HTTP);
+        }
+        // The common case: the request's own path and query, as they are. Sharing its bytes
+        // costs no allocation.
+        if let (None, "") = (path, self.base_path.as_str()) {
+            parts.path_and_query = original.path_and_query().cloned();
+            return Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"));
+        }
+        let path = path.unwrap_or(original.path());
         let query = original.query();
         let mut pq = String::with_capacity(
             self.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
@@ -230,14 +252,24 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        let mut parts = self.config.url.clone().into_parts();
         parts.path_and_query =
             Some(PathAndQuery::try_from(pq).map_err(|_| GatewayError::BadRequest("invalid path"))?);
-        if parts.scheme.is_none() {
-            parts.scheme = Some(Scheme::HTTP);
-        }
         Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
     }
+}
+
+/// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
+/// only when not 80), or `None` for https.
+fn host_header(url: &Uri) -> Option<HeaderValue> {
+    if url.scheme() == Some(&Scheme::HTTPS) {
+        return None;
+    }
+    let authority = url.authority()?;
+    let text = match authority.port_u16() {
+        Some(port) if port != 80 => format!("{}:{port}", authority.host()),
+        _ => authority.host().to_owned(),
+    };
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 
 fn build_client(connector: Connector) -> Client<Connector, RequestBody> {

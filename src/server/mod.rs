@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderValue, Request, Response};
 use hyper::body::Incoming;
@@ -65,6 +66,8 @@ pub struct RequestContext {
     pub request_id: RequestId,
     /// The TCP peer.
     pub peer: SocketAddr,
+    /// The peer's IP as a header value (for `X-Forwarded-For`), built once per connection.
+    pub peer_header: HeaderValue,
     /// Whether the connection is TLS.
     pub tls: bool,
 }
@@ -356,14 +359,18 @@ where
     let io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall);
     let handler = accepted.handler.clone();
     let requests = activity.clone();
+    // Shared bytes: each request's copy is a reference count, not an allocation.
+    let peer_header = HeaderValue::from_maybe_shared(Bytes::from_owner(peer.ip().to_string()))
+        .expect("an IP is a valid header value");
     let service = service_fn(move |request| {
         let handler = handler.clone();
+        let peer_header = peer_header.clone();
         // Counted from here, not from when the handler runs: a request waiting on a slow
         // upstream is in flight, and the idle timer must not touch its connection.
         let in_flight = requests.request_started();
         let http1 = request.version() < http::Version::HTTP_2;
         async move {
-            let mut response = respond(&*handler, request, peer, tls).await;
+            let mut response = respond(&*handler, request, peer, peer_header, tls).await;
             // Stopping: this is the connection's last request, and the client hears it now
             // (the shutdown may reach hyper only after this head is written).
             if http1 && in_flight.draining() {
@@ -400,12 +407,14 @@ async fn respond<H: Handler>(
     handler: &H,
     request: Request<Incoming>,
     peer: SocketAddr,
+    peer_header: HeaderValue,
     tls: bool,
 ) -> Response<ResponseBody> {
     let started = Instant::now();
     let ctx = RequestContext {
         request_id: RequestId::from_headers(request.headers()),
         peer,
+        peer_header,
         tls,
     };
     let span = tracing::info_span!(
