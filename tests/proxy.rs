@@ -526,6 +526,31 @@ async fn keep_alive_connections_to_the_upstream_are_reused() {
 }
 
 #[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    // Each connection answers one request as keep-alive, then the upstream closes it (as an
+    // upstream's own idle timeout does). The next request must get a fresh connection, not
+    // a 502 from the dead one.
+    let (up, accepted) = fault_upstream(|mut stream| async move {
+        read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    for n in 1..=5 {
+        let reply = get(gw.addr, "/", &[]).await;
+        assert_eq!(reply.status, 200, "request {n}: {}", reply.text());
+        assert_eq!(reply.text(), "ok");
+        assert_eq!(accepted.load(Ordering::SeqCst), n);
+        // The close reaches the gateway's connection task (it has its own task); a request
+        // racing the close itself is the keep-alive race every proxy has.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
 async fn max_inflight_answers_503_with_retry_after_until_the_body_is_done() {
     let (entered_tx, mut entered_rx) = mpsc::unbounded_channel::<()>();
     let (release_tx, release_rx) = mpsc::unbounded_channel::<()>();

@@ -4,6 +4,7 @@
 use http::Method;
 use hyper_util::client::legacy::Error as ClientError;
 
+use super::pool::PoolError;
 use crate::body::RequestBodyError;
 use crate::error::{FailureKind, GatewayError};
 
@@ -29,6 +30,15 @@ pub enum ClientBodyFailure {
 
 /// Classifies an error of the pooled client.
 pub fn classify(error: &ClientError) -> Failure {
+    classify_error(error, error.is_connect())
+}
+
+/// Classifies an error of a plain-http upstream's pool.
+pub fn classify_pool(error: &PoolError) -> Failure {
+    classify_error(error, error.is_connect())
+}
+
+fn classify_error(error: &(dyn std::error::Error + 'static), connect: bool) -> Failure {
     if let Some(body_error) = RequestBodyError::find(error) {
         return Failure::ClientBody(match body_error {
             RequestBodyError::TooLarge { limit } => ClientBodyFailure::TooLarge(*limit),
@@ -36,7 +46,7 @@ pub fn classify(error: &ClientError) -> Failure {
             RequestBodyError::Client(_) => ClientBodyFailure::CutOff,
         });
     }
-    let kind = if error.is_connect() {
+    let kind = if connect {
         // Refused, unreachable, DNS and TLS handshake failures all mean "could not connect";
         // only the connector's own timer is a timeout.
         if source_io_kind(error) == Some(std::io::ErrorKind::TimedOut) {

@@ -8,6 +8,7 @@
 
 pub mod classify;
 pub mod headers;
+pub mod pool;
 pub mod tls;
 pub mod upgrade;
 
@@ -28,7 +29,8 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
-use classify::{Failure, classify, error_chain};
+use classify::{Failure, classify, classify_pool, error_chain};
+use pool::Pool;
 use tls::Connector;
 
 pub use classify::may_retry;
@@ -46,6 +48,8 @@ pub struct Upstream {
     /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
     /// `Upgrade`. The same client as `client` for plain-http upstreams.
     upgrade_client: Client<Connector, RequestBody>,
+    /// The keep-alive pool of a plain-http upstream; https ones use `client`.
+    pool: Option<Arc<Pool>>,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
     inflight: Arc<Semaphore>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
@@ -98,8 +102,8 @@ impl Upstream {
                 && p.config.connect_timeout == config.connect_timeout
                 && p.config.ca_file == config.ca_file
         };
-        let (client, upgrade_client) = match previous.filter(same_connection) {
-            Some(p) => (p.client.clone(), p.upgrade_client.clone()),
+        let (client, upgrade_client, pool) = match previous.filter(same_connection) {
+            Some(p) => (p.client.clone(), p.upgrade_client.clone(), p.pool.clone()),
             None => {
                 let client = build_client(tls::connector(config, true));
                 let upgrade_client = if config.url.scheme() == Some(&Scheme::HTTPS) {
@@ -107,7 +111,7 @@ impl Upstream {
                 } else {
                     client.clone()
                 };
-                (client, upgrade_client)
+                (client, upgrade_client, pool_for(config))
             }
         };
         let inflight = match previous.filter(|p| p.config.max_inflight == config.max_inflight) {
@@ -118,6 +122,7 @@ impl Upstream {
             config: config.clone(),
             client,
             upgrade_client,
+            pool,
             inflight,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
             host: host_header(&config.url),
@@ -162,12 +167,22 @@ impl Upstream {
         if let Some(host) = &self.host {
             parts.headers.insert(HOST, host.clone());
         }
-        let client = match &upgrade {
-            Some((protocol, _)) => {
+        let transport = match (&upgrade, &self.pool) {
+            (Some((protocol, _)), _) => {
                 upgrade::restore_headers(&mut parts.headers, protocol.clone());
-                &self.upgrade_client
+                Transport::Client(&self.upgrade_client)
             }
-            None => &self.client,
+            (None, Some(pool)) => {
+                // Origin form: the pool writes the target as it is.
+                parts.uri = parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .map(Uri::from)
+                    .unwrap_or_default();
+                Transport::Pool(pool)
+            }
+            (None, None) => Transport::Client(&self.client),
         };
 
         let body_empty = incoming.is_end_stream();
@@ -180,7 +195,7 @@ impl Upstream {
         let replay = classify::replayable(&parts.method, body_empty).then(|| replay_of(&parts));
         // One deadline for both attempts: a retry never stretches `timeout`.
         let deadline = Instant::now() + self.config.timeout;
-        let mut outcome = attempt(client, Request::from_parts(parts, body), deadline).await;
+        let mut outcome = attempt(transport, Request::from_parts(parts, body), deadline).await;
         if let (Err(failure), Some(replay)) = (&outcome, replay)
             && may_retry(replay.method(), true, *failure)
         {
@@ -188,7 +203,7 @@ impl Upstream {
                 failed = ?failure,
                 "could not connect to the upstream; retrying once on a fresh connection"
             );
-            outcome = attempt(client, replay, deadline).await;
+            outcome = attempt(transport, replay, deadline).await;
         }
         let mut response = outcome.map_err(Failure::into_error)?;
 
@@ -293,19 +308,57 @@ fn replay_of(parts: &http::request::Parts) -> Request<RequestBody> {
     replay
 }
 
+/// How a request reaches its upstream.
+#[derive(Clone, Copy)]
+enum Transport<'a> {
+    /// The plain-http pool.
+    Pool(&'a Pool),
+    /// hyper-util's pooled client (https, upgrades).
+    Client(&'a Client<Connector, RequestBody>),
+}
+
 /// One try: the response head by `deadline`, or the classified failure.
 async fn attempt(
-    client: &Client<Connector, RequestBody>,
+    transport: Transport<'_>,
     request: Request<RequestBody>,
     deadline: Instant,
 ) -> Result<Response<Incoming>, Failure> {
-    match tokio::time::timeout_at(deadline, client.request(request)).await {
-        Ok(Ok(response)) => Ok(response),
-        Ok(Err(error)) => {
-            let failure = classify(&error);
-            tracing::debug!(error = %error_chain(&error), ?failure, "upstream request failed");
-            Err(failure)
+    let failed = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
+        tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
+        Err(failure)
+    };
+    match transport {
+        Transport::Pool(pool) => {
+            match tokio::time::timeout_at(deadline, pool.send(request)).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) => failed(classify_pool(&error), &error),
+                Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
+            }
         }
-        Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
+        Transport::Client(client) => {
+            match tokio::time::timeout_at(deadline, client.request(request)).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(error)) => failed(classify(&error), &error),
+                Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
+            }
+        }
     }
+}
+
+/// The pool of a plain-http upstream (`None` for https).
+fn pool_for(config: &UpstreamConfig) -> Option<Arc<Pool>> {
+    if config.url.scheme() == Some(&Scheme::HTTPS) {
+        return None;
+    }
+    let authority = config.url.authority()?;
+    let target = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(80)
+    );
+    Some(Arc::new(Pool::new(
+        target,
+        config.connect_timeout,
+        POOL_IDLE_TIMEOUT,
+    )))
 }

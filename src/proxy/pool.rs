@@ -1,0 +1,211 @@
+//! The connection pool of a plain-http upstream: HTTP/1.1 keep-alive connections driven by
+//! hyper's low-level client, without hyper-util's pooled client.
+//!
+//! The pooled client costs about a fifth of tollgate's user-space instructions per proxied
+//! request (profiled under `benches/load/compare.sh`): a boxed future per request, a keyed
+//! pool behind a lock with a SipHash key, and one spawned task per response to put its
+//! connection back. Here every live connection stays in one list, busy or not. A request takes
+//! the first connection that is ready (its previous response fully read), hands it the
+//! request, and leaves it where it is: nothing needs putting back, and a connection that
+//! closed is dropped from the list when a checkout passes it.
+//!
+//! https upstreams (which may negotiate h2) and upgrade requests still go through
+//! hyper-util's client.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::body::RequestBody;
+
+/// One upstream's connections.
+pub struct Pool {
+    /// `host:port` to connect to.
+    target: String,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    /// Every live connection, least recently used first.
+    connections: Mutex<Vec<Pooled>>,
+}
+
+struct Pooled {
+    sender: SendRequest<RequestBody>,
+    last_used: Instant,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("target", &self.target)
+            .field("connections", &self.len())
+            .finish()
+    }
+}
+
+/// Why a request got no response head.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection could be made (refused, unreachable, DNS, or `connect_timeout`, which is
+    /// a `TimedOut` io error): nothing was sent.
+    Connect(std::io::Error),
+    /// The connection failed after the request was handed to it.
+    Send(hyper::Error),
+}
+
+impl PoolError {
+    /// Whether the request never left tollgate because no connection could be made.
+    pub fn is_connect(&self) -> bool {
+        matches!(self, PoolError::Connect(_))
+    }
+}
+
+impl fmt::Display for PoolError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PoolError::Connect(_) => f.write_str("could not connect to the upstream"),
+            PoolError::Send(_) => f.write_str("upstream connection failed"),
+        }
+    }
+}
+
+impl StdError for PoolError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        match self {
+            PoolError::Connect(e) => Some(e),
+            PoolError::Send(e) => Some(e),
+        }
+    }
+}
+
+impl Pool {
+    /// A pool for `host:port`.
+    pub fn new(target: String, connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            target,
+            connect_timeout,
+            idle_timeout,
+            connections: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Live connections, busy or idle.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set) on a ready pooled connection, or on a new
+    /// one. A pooled connection the upstream closed before taking the request gives it back,
+    /// and it goes on another connection, as hyper-util's `retry_canceled_requests` does.
+    pub async fn send(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, PoolError> {
+        let request = match self.checkout(request) {
+            Ok(pending) => match pending.await {
+                Ok(response) => return Ok(response),
+                Err(mut error) => match error.take_message() {
+                    // Never written: safe to send again, whatever the method, on a new
+                    // connection (so this happens at most once).
+                    Some(back) => {
+                        tracing::debug!(error = %error.error(), "pooled upstream connection closed before taking the request; resending on a new one");
+                        back
+                    }
+                    None => return Err(PoolError::Send(error.into_error())),
+                },
+            },
+            Err(back) => back,
+        };
+        // A new connection. Its first request is queued before the connection task first
+        // runs (hyper buffers one), so it cannot be refused for not being ready.
+        let mut sender = self.connect().await?;
+        let pending = sender.try_send_request(request);
+        self.lock().push(Pooled {
+            sender,
+            last_used: Instant::now(),
+        });
+        pending.await.map_err(|e| PoolError::Send(e.into_error()))
+    }
+
+    /// Hands `request` to the most recently used ready connection, dropping closed and
+    /// long-idle ones on the way; gives the request back when none is ready.
+    #[allow(clippy::type_complexity)]
+    fn checkout(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<
+        impl Future<
+            Output = Result<
+                Response<Incoming>,
+                hyper::client::conn::TrySendError<Request<RequestBody>>,
+            >,
+        > + use<>,
+        Request<RequestBody>,
+    > {
+        let now = Instant::now();
+        let mut connections = self.lock();
+        // Least recently used first: the idle ones past `idle_timeout` are at the front.
+        while connections.first().is_some_and(|c| {
+            c.sender.is_closed()
+                || (c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout)
+        }) {
+            connections.remove(0);
+        }
+        let mut i = connections.len();
+        while i > 0 {
+            i -= 1;
+            let connection = &mut connections[i];
+            if connection.sender.is_closed() {
+                connections.remove(i);
+                continue;
+            }
+            if connection.sender.is_ready() {
+                let pending = connection.sender.try_send_request(request);
+                connection.last_used = now;
+                // Most recently used goes last.
+                let used = connections.remove(i);
+                connections.push(used);
+                return Ok(pending);
+            }
+        }
+        Err(request)
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, PoolError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target))
+            .await
+            .map_err(|_| {
+                PoolError::Connect(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect_timeout elapsed",
+                ))
+            })?
+            .map_err(PoolError::Connect)?;
+        stream.set_nodelay(true).map_err(PoolError::Connect)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(PoolError::Send)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
