@@ -36,6 +36,11 @@ pub struct Pool {
     connections: Mutex<Vec<Pooled>>,
 }
 
+/// The response head of a request handed to a connection, or the request back if the
+/// connection closed before taking it.
+type PendingResponse =
+    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
+
 struct Pooled {
     sender: SendRequest<RequestBody>,
     last_used: Instant,
@@ -117,8 +122,10 @@ impl Pool {
         &self,
         request: Request<RequestBody>,
     ) -> Result<Response<Incoming>, PoolError> {
-        let request = match self.checkout(request) {
-            Ok(pending) => match pending.await {
+        let mut request = Some(request);
+        let pending = self.checkout(&mut request);
+        let request = match (pending, request) {
+            (Some(pending), _) => match pending.await {
                 Ok(response) => return Ok(response),
                 Err(mut error) => match error.take_message() {
                     // Never written: safe to send again, whatever the method, on a new
@@ -130,7 +137,8 @@ impl Pool {
                     None => return Err(PoolError::Send(error.into_error())),
                 },
             },
-            Err(back) => back,
+            (None, Some(request)) => request,
+            (None, None) => unreachable!("checkout takes the request only when it sends it"),
         };
         // A new connection. Its first request is queued before the connection task first
         // runs (hyper buffers one), so it cannot be refused for not being ready.
@@ -144,20 +152,11 @@ impl Pool {
     }
 
     /// Hands `request` to the most recently used ready connection, dropping closed and
-    /// long-idle ones on the way; gives the request back when none is ready.
-    #[allow(clippy::type_complexity)]
+    /// long-idle ones on the way. `request` is taken only when a connection is ready.
     fn checkout(
         &self,
-        request: Request<RequestBody>,
-    ) -> Result<
-        impl Future<
-            Output = Result<
-                Response<Incoming>,
-                hyper::client::conn::TrySendError<Request<RequestBody>>,
-            >,
-        > + use<>,
-        Request<RequestBody>,
-    > {
+        request: &mut Option<Request<RequestBody>>,
+    ) -> Option<impl Future<Output = PendingResponse> + use<>> {
         let now = Instant::now();
         let mut connections = self.lock();
         // Least recently used first: the idle ones past `idle_timeout` are at the front.
@@ -175,16 +174,18 @@ impl Pool {
                 connections.remove(i);
                 continue;
             }
-            if connection.sender.is_ready() {
+            if connection.sender.is_ready()
+                && let Some(request) = request.take()
+            {
                 let pending = connection.sender.try_send_request(request);
                 connection.last_used = now;
                 // Most recently used goes last.
                 let used = connections.remove(i);
                 connections.push(used);
-                return Ok(pending);
+                return Some(pending);
             }
         }
-        Err(request)
+        None
     }
 
     async fn connect(&self) -> Result<SendRequest<RequestBody>, PoolError> {
