@@ -664,6 +664,47 @@ async fn connect_timeout_is_504() {
     );
 }
 
+#[tokio::test]
+async fn a_get_that_could_not_connect_is_sent_again_on_a_new_connection() {
+    // A plain-http upstream. The first connect hangs (accept queue full, SYN dropped) until
+    // connect_timeout; meanwhile the queue is drained and the upstream starts serving, so
+    // the one retry connects. A POST with a body is never replayed: 504.
+    for (method, body, status) in [("GET", &b""[..], 200), ("POST", &b"x"[..], 504)] {
+        let (listener, fillers) = blackhole().await;
+        let up = listener.local_addr().unwrap();
+        let gw = gateway(
+            &format!("http://{up}"),
+            "connect_timeout = \"400ms\"\ntimeout = \"5s\"",
+            "",
+        )
+        .await;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            drop(fillers);
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(|_req: Request<Incoming>| async {
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        let started = Instant::now();
+        let reply = request(gw.addr, method, "/", &[], body).await;
+        assert_eq!(reply.status, status, "{method}: {}", reply.text());
+        if status == 200 {
+            assert_eq!(reply.text(), "ok");
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(400),
+            "{method}: the first connect ran into connect_timeout"
+        );
+    }
+}
+
 /// A self-signed certificate for 127.0.0.1 and localhost, and its PEM in a file.
 struct TestCert {
     config: Arc<rustls::ServerConfig>,

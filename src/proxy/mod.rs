@@ -30,7 +30,7 @@ use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
 use classify::{Failure, classify, classify_pool, error_chain};
-use pool::Pool;
+use pool::{Pool, PoolFailure};
 use tls::Connector;
 
 pub use classify::may_retry;
@@ -191,21 +191,28 @@ impl Upstream {
         } else {
             RequestBody::new(incoming, cx.max_body_bytes, cx.body_read_timeout)
         };
-        // Keep a copy of the head only when a replay could be allowed (see `may_retry`).
-        let replay = classify::replayable(&parts.method, body_empty).then(|| replay_of(&parts));
+        // A replay is allowed only for these (see `may_retry`). The pool gives back a request
+        // it could not connect for; hyper-util's client does not, so for it a copy of the
+        // head is kept.
+        let replayable = classify::replayable(&parts.method, body_empty);
+        let method = parts.method.clone();
+        let mut replay =
+            (replayable && matches!(transport, Transport::Client(_))).then(|| replay_of(&parts));
         // One deadline for both attempts: a retry never stretches `timeout`.
         let deadline = Instant::now() + self.config.timeout;
         let mut outcome = attempt(transport, Request::from_parts(parts, body), deadline).await;
-        if let (Err(failure), Some(replay)) = (&outcome, replay)
-            && may_retry(replay.method(), true, *failure)
+        if let Err((failure, returned)) = &mut outcome
+            && replayable
+            && may_retry(&method, true, *failure)
+            && let Some(request) = returned.take().map(|r| *r).or(replay.take())
         {
             tracing::debug!(
                 failed = ?failure,
                 "could not connect to the upstream; retrying once on a fresh connection"
             );
-            outcome = attempt(transport, replay, deadline).await;
+            outcome = attempt(transport, request, deadline).await;
         }
-        let mut response = outcome.map_err(Failure::into_error)?;
+        let mut response = outcome.map_err(|(failure, _)| failure.into_error())?;
 
         if let Some((_, client_upgrade)) = upgrade
             && upgrade::accepted(&response)
@@ -317,29 +324,35 @@ enum Transport<'a> {
     Client(&'a Client<Connector, RequestBody>),
 }
 
+/// A failed attempt, with the request when it never left tollgate and came back.
+type Failed = (Failure, Option<Box<Request<RequestBody>>>);
+
 /// One try: the response head by `deadline`, or the classified failure.
 async fn attempt(
     transport: Transport<'_>,
     request: Request<RequestBody>,
     deadline: Instant,
-) -> Result<Response<Incoming>, Failure> {
-    let failed = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
+) -> Result<Response<Incoming>, Failed> {
+    let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
-        Err(failure)
+        failure
     };
+    let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
         Transport::Pool(pool) => {
             match tokio::time::timeout_at(deadline, pool.send(request)).await {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) => failed(classify_pool(&error), &error),
-                Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
+                Ok(Err(PoolFailure { error, request })) => {
+                    Err((log(classify_pool(&error), &error), request))
+                }
+                Err(_) => Err(timed_out()),
             }
         }
         Transport::Client(client) => {
             match tokio::time::timeout_at(deadline, client.request(request)).await {
                 Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) => failed(classify(&error), &error),
-                Err(_) => Err(Failure::Upstream(FailureKind::Timeout)),
+                Ok(Err(error)) => Err((log(classify(&error), &error), None)),
+                Err(_) => Err(timed_out()),
             }
         }
     }

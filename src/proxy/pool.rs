@@ -65,6 +65,24 @@ pub enum PoolError {
     Send(hyper::Error),
 }
 
+/// A request that got no response head: why, and the request itself when it never left
+/// (no connection could be made), so it can be tried again without a copy.
+pub struct PoolFailure {
+    /// What went wrong.
+    pub error: PoolError,
+    /// The request, when it was never handed to a connection.
+    pub request: Option<Box<Request<RequestBody>>>,
+}
+
+impl From<PoolError> for PoolFailure {
+    fn from(error: PoolError) -> Self {
+        Self {
+            error,
+            request: None,
+        }
+    }
+}
+
 impl PoolError {
     /// Whether the request never left tollgate because no connection could be made.
     pub fn is_connect(&self) -> bool {
@@ -121,7 +139,7 @@ impl Pool {
     pub async fn send(
         &self,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, PoolError> {
+    ) -> Result<Response<Incoming>, PoolFailure> {
         let mut request = Some(request);
         let pending = self.checkout(&mut request);
         let request = match (pending, request) {
@@ -134,7 +152,7 @@ impl Pool {
                         tracing::debug!(error = %error.error(), "pooled upstream connection closed before taking the request; resending on a new one");
                         back
                     }
-                    None => return Err(PoolError::Send(error.into_error())),
+                    None => return Err(PoolError::Send(error.into_error()).into()),
                 },
             },
             (None, Some(request)) => request,
@@ -142,13 +160,23 @@ impl Pool {
         };
         // A new connection. Its first request is queued before the connection task first
         // runs (hyper buffers one), so it cannot be refused for not being ready.
-        let mut sender = self.connect().await?;
+        let mut sender = match self.connect().await {
+            Ok(sender) => sender,
+            Err(error) => {
+                return Err(PoolFailure {
+                    error,
+                    request: Some(Box::new(request)),
+                });
+            }
+        };
         let pending = sender.try_send_request(request);
         self.lock().push(Pooled {
             sender,
             last_used: Instant::now(),
         });
-        pending.await.map_err(|e| PoolError::Send(e.into_error()))
+        pending
+            .await
+            .map_err(|e| PoolError::Send(e.into_error()).into())
     }
 
     /// Hands `request` to the most recently used ready connection, dropping closed and
