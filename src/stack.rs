@@ -341,7 +341,10 @@ impl Gateway {
                 // Logged here, where the upstream is known; inside the request's span, so the
                 // line carries the request ID.
                 let sent = Instant::now();
-                let outcome = upstream.forward(request, forward).await;
+                // Boxed: forwarding's state is kilobytes, and inline it would be copied with
+                // every move of the request's future (into hyper, through the panic and span
+                // wrappers), on every path, rejections included.
+                let outcome = Box::pin(upstream.forward(request, forward)).await;
                 let latency = sent.elapsed();
                 snapshot.metrics.upstream_duration(*index, latency);
                 trace.upstream_latency = Some(latency);

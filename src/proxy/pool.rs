@@ -158,8 +158,18 @@ impl Pool {
             (None, Some(request)) => request,
             (None, None) => unreachable!("checkout takes the request only when it sends it"),
         };
-        // A new connection. Its first request is queued before the connection task first
-        // runs (hyper buffers one), so it cannot be refused for not being ready.
+        // Boxed: connecting (resolve, connect, handshake) is the rare path, and its state
+        // would otherwise make every request's future, moved several times, kilobytes larger.
+        Box::pin(self.send_on_new_connection(request)).await
+    }
+
+    /// Sends `request` on a new connection. Its first request is queued before the
+    /// connection task first runs (hyper buffers one), so it cannot be refused for not being
+    /// ready.
+    async fn send_on_new_connection(
+        &self,
+        request: Request<RequestBody>,
+    ) -> Result<Response<Incoming>, PoolFailure> {
         let mut sender = match self.connect().await {
             Ok(sender) => sender,
             Err(error) => {
