@@ -619,5 +619,8 @@ impl Handler for Gateway {
             .sweep(now, &snapshot.config.limits.failed_auth);
         self.ip_throttle
             .sweep(now, &snapshot.config.limits.ip_throttle);
+        for upstream in snapshot.upstreams.iter() {
+            upstream.close_idle_connections();
+        }
     }
 }

@@ -129,6 +129,14 @@ impl Upstream {
         }
     }
 
+    /// Closes pooled connections idle past the pool's idle timeout (called on the server's
+    /// housekeeping tick, so they go even when no request comes to pass them).
+    pub fn close_idle_connections(&self) {
+        if let Some(pool) = &self.pool {
+            pool.close_idle();
+        }
+    }
+
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
     pub fn in_flight(&self) -> usize {
         self.config.max_inflight.get() as usize - self.inflight.available_permits()

@@ -197,13 +197,7 @@ impl Pool {
     ) -> Option<impl Future<Output = PendingResponse> + use<>> {
         let now = Instant::now();
         let mut connections = self.lock();
-        // Least recently used first: the idle ones past `idle_timeout` are at the front.
-        while connections.first().is_some_and(|c| {
-            c.sender.is_closed()
-                || (c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout)
-        }) {
-            connections.remove(0);
-        }
+        self.drop_idle(&mut connections, now);
         let mut i = connections.len();
         while i > 0 {
             i -= 1;
@@ -226,6 +220,29 @@ impl Pool {
         None
     }
 
+    /// Closes connections idle past the idle timeout, and forgets closed ones.
+    pub fn close_idle(&self) {
+        self.close_idle_at(Instant::now());
+    }
+
+    fn close_idle_at(&self, now: Instant) {
+        let mut connections = self.lock();
+        self.drop_idle(&mut connections, now);
+        connections.retain(|c| !c.sender.is_closed());
+    }
+
+    /// Least recently used first: the idle ones past `idle_timeout` are at the front.
+    fn drop_idle(&self, connections: &mut Vec<Pooled>, now: Instant) {
+        let expired = connections
+            .iter()
+            .take_while(|c| {
+                c.sender.is_closed()
+                    || (c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout)
+            })
+            .count();
+        connections.drain(..expired);
+    }
+
     async fn connect(&self) -> Result<SendRequest<RequestBody>, PoolError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target))
             .await
@@ -246,5 +263,69 @@ impl Pool {
             }
         });
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// An upstream answering every request `ok`, on keep-alive connections.
+    async fn upstream() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"ok"),
+                        )))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn get() -> Request<RequestBody> {
+        let mut request = Request::new(RequestBody::empty());
+        request
+            .headers_mut()
+            .insert(http::header::HOST, http::HeaderValue::from_static("up"));
+        request
+    }
+
+    #[tokio::test]
+    async fn connections_are_reused_and_closed_once_idle_past_the_timeout() {
+        let pool = Pool::new(
+            upstream().await.to_string(),
+            Duration::from_secs(1),
+            Duration::from_secs(90),
+        );
+        for _ in 0..3 {
+            let response = pool.send(get()).await.ok().expect("a response");
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            // The connection task marks the connection ready once it has read the response.
+            while !pool.lock()[0].sender.is_ready() {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(
+            pool.len(),
+            1,
+            "one connection for three sequential requests"
+        );
+
+        let used = pool.lock()[0].last_used;
+        pool.close_idle_at(used + Duration::from_secs(89));
+        assert_eq!(pool.len(), 1, "idle for less than the timeout: kept");
+        pool.close_idle_at(used + Duration::from_secs(91));
+        assert_eq!(pool.len(), 0, "idle past the timeout: closed");
     }
 }
