@@ -64,6 +64,16 @@ where
     (addr, accepted)
 }
 
+/// Answers `ok` to every request on one keep-alive upstream connection.
+async fn serve_ok(stream: TcpStream) {
+    let service = service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(stream), service)
+        .await;
+}
+
 /// Reads one request head (up to the blank line).
 async fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
@@ -502,14 +512,7 @@ async fn keep_alive_connections_to_the_upstream_are_reused() {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             count.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let service = service_fn(|_req: Request<Incoming>| async {
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
+            tokio::spawn(serve_ok(stream));
         }
     });
     let gw = gateway(&format!("http://{up}"), "", "").await;
@@ -682,14 +685,7 @@ async fn a_get_that_could_not_connect_is_sent_again_on_a_new_connection() {
             tokio::time::sleep(Duration::from_millis(150)).await;
             drop(fillers);
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = service_fn(|_req: Request<Incoming>| async {
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
+                tokio::spawn(serve_ok(stream));
             }
         });
         let started = Instant::now();
