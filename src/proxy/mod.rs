@@ -1,10 +1,12 @@
-//! Forwarding to upstreams: a pooled keep-alive client per upstream, the `max_inflight` and
+//! Forwarding to upstreams: keep-alive connection pools, the `max_inflight` and
 //! `maintenance` gates, header rewriting, upgrades, one replay of idempotent requests that
 //! could not connect, and the classification of upstream failures into [`GatewayError`]s.
 //!
 //! The last box of the flow. Bodies stream both ways; nothing is buffered whole. Module map:
-//! [`tls`] builds the connector (TCP + rustls), [`headers`] rewrites heads, [`classify`] turns
-//! client errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
+//! [`pool`] keeps the HTTP/1.1 connections of plain-http upstreams, [`tls`] builds the
+//! connector of hyper-util's client (https upstreams, upgrades; TCP + rustls), [`headers`]
+//! rewrites heads, [`classify`] turns client errors into failure kinds and decides retries,
+//! [`upgrade`] tunnels WebSockets.
 
 pub mod classify;
 pub mod headers;
