@@ -170,7 +170,7 @@ impl Upstream {
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, incoming) = request.into_parts();
-        parts.uri = self.upstream_uri(cx.path, &parts.uri)?;
+        let target = self.upstream_target(cx.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         parts.version = Version::HTTP_11;
         headers::prepare_request(&mut parts.headers, cx.client, cx.request_id);
@@ -180,19 +180,18 @@ impl Upstream {
         let transport = match (&upgrade, &self.pool) {
             (Some((protocol, _)), _) => {
                 upgrade::restore_headers(&mut parts.headers, protocol.clone());
+                parts.uri = self.absolute_uri(target)?;
                 Transport::Client(&self.upgrade_client)
             }
             (None, Some(pool)) => {
                 // Origin form: the pool writes the target as it is.
-                parts.uri = parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .map(Uri::from)
-                    .unwrap_or_default();
+                parts.uri = Uri::from(target);
                 Transport::Pool(pool)
             }
-            (None, None) => Transport::Client(&self.client),
+            (None, None) => {
+                parts.uri = self.absolute_uri(target)?;
+                Transport::Client(&self.client)
+            }
         };
 
         let body_empty = incoming.is_end_stream();
@@ -262,16 +261,18 @@ impl Upstream {
         ))
     }
 
-    fn upstream_uri(&self, path: Option<&str>, original: &Uri) -> Result<Uri, GatewayError> {
-        let mut parts = self.config.url.clone().into_parts();
-        if parts.scheme.is_none() {
-            parts.scheme = Some(Scheme::HTTP);
-        }
+    /// The path and query to request upstream: the upstream URL's base path, then the
+    /// route's rewritten path or the request's own, then the request's query.
+    fn upstream_target(
+        &self,
+        path: Option<&str>,
+        original: &Uri,
+    ) -> Result<PathAndQuery, GatewayError> {
+        let invalid = || GatewayError::BadRequest("invalid path");
         // The common case: the request's own path and query, as they are. Sharing its bytes
         // costs no allocation.
         if let (None, "") = (path, self.base_path.as_str()) {
-            parts.path_and_query = original.path_and_query().cloned();
-            return Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"));
+            return original.path_and_query().cloned().ok_or_else(invalid);
         }
         let path = path.unwrap_or(original.path());
         let query = original.query();
@@ -284,8 +285,14 @@ impl Upstream {
             pq.push('?');
             pq.push_str(q);
         }
-        parts.path_and_query =
-            Some(PathAndQuery::try_from(pq).map_err(|_| GatewayError::BadRequest("invalid path"))?);
+        PathAndQuery::try_from(pq).map_err(|_| invalid())
+    }
+
+    /// `target` on the upstream URL's scheme and authority, for hyper-util's client.
+    fn absolute_uri(&self, target: PathAndQuery) -> Result<Uri, GatewayError> {
+        let mut parts = self.config.url.clone().into_parts();
+        parts.scheme.get_or_insert(Scheme::HTTP);
+        parts.path_and_query = Some(target);
         Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
     }
 }

@@ -312,9 +312,14 @@ mod tests {
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             // The connection task marks the connection ready once it has read the response.
-            while !pool.lock()[0].sender.is_ready() {
-                tokio::task::yield_now().await;
-            }
+            let ready = async {
+                while !pool.lock()[0].sender.is_ready() {
+                    tokio::task::yield_now().await;
+                }
+            };
+            tokio::time::timeout(Duration::from_secs(5), ready)
+                .await
+                .expect("the connection is ready again after its response");
         }
         assert_eq!(
             pool.len(),
