@@ -57,18 +57,33 @@ pub fn extract<'a>(
             }
         }
     };
-    for value in headers.get_all(&config.header) {
-        offer(
-            Cow::Borrowed(trim(value.as_bytes())),
-            CredentialSource::Header,
-        )?;
-    }
-    if config.bearer {
-        for value in headers.get_all(AUTHORIZATION) {
-            if let Some(token) = bearer_token(value.as_bytes()) {
-                offer(Cow::Borrowed(token), CredentialSource::Bearer)?;
+    // One pass over the headers, comparing names, instead of two hashed lookups: a request
+    // has a handful of headers, and hashing a name (byte by byte) costs more than comparing
+    // it with each of them. Header keys are offered before Bearer tokens, as documented.
+    let mut bearer: Option<&'a [u8]> = None;
+    let mut bearer_conflict = false;
+    for (name, value) in headers {
+        if *name == config.header {
+            offer(
+                Cow::Borrowed(trim(value.as_bytes())),
+                CredentialSource::Header,
+            )?;
+        } else if config.bearer
+            && name == AUTHORIZATION
+            && let Some(token) = bearer_token(value.as_bytes())
+            && !token.is_empty()
+        {
+            match bearer {
+                Some(seen) if seen != token => bearer_conflict = true,
+                _ => bearer = Some(token),
             }
         }
+    }
+    if bearer_conflict {
+        return Err(GatewayError::InvalidApiKey);
+    }
+    if let Some(token) = bearer {
+        offer(Cow::Borrowed(token), CredentialSource::Bearer)?;
     }
     if let (Some(name), Some(query)) = (&config.query_param, uri.query()) {
         for (param, value) in query_pairs(query) {
@@ -243,6 +258,25 @@ mod tests {
         );
         assert!(run(&[("x-api-key", "a")], "/?api_key=b", &c).is_err());
         assert!(run(&[("x-api-key", "a"), ("x-api-key", "b")], "/", &c).is_err());
+        assert!(
+            run(
+                &[("authorization", "Bearer a"), ("authorization", "Bearer b")],
+                "/",
+                &c
+            )
+            .is_err()
+        );
+        // Whatever the order in the request, a key header counts before a Bearer token.
+        assert_eq!(
+            run(
+                &[("authorization", "Bearer a"), ("x-api-key", "a")],
+                "/",
+                &c
+            )
+            .unwrap()
+            .unwrap(),
+            (b"a".to_vec(), CredentialSource::Header)
+        );
         assert!(
             run(
                 &[("x-api-key", "a"), ("authorization", "Bearer a")],

@@ -11,13 +11,35 @@ use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
-use governor::clock::{Clock, DefaultClock};
+use std::sync::LazyLock;
+
+use governor::clock::Clock;
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::nanos::Nanos;
 use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
+use http::HeaderValue;
 
+use super::headers::limit_value;
 use crate::config::Plan;
+
+/// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
+/// calibrated once. governor's own `QuantaClock` carries a 40-byte copy of the calibration in
+/// each limiter; this one is zero-sized, so a key's whole bucket fits one cache line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tsc;
+
+static TSC: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+
+impl Clock for Tsc {
+    type Instant = Nanos;
+
+    fn now(&self) -> Nanos {
+        let clock = &*TSC;
+        Nanos::new(clock.delta_as_nanos(0, clock.raw()))
+    }
+}
 
 /// The window a bucket's limit is stated in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,19 +99,35 @@ impl BucketSpec {
     }
 }
 
-/// A bucket's parameters with its refill interval worked out once (it takes a 128-bit
-/// division), so a decision costs none.
+/// A bucket's parameters with what a decision needs worked out once: the refill interval (it
+/// takes a 128-bit division) and the `X-RateLimit-Limit` value. 32 bytes, so that with
+/// governor's 32-byte state the minute bucket is one cache line.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     spec: BucketSpec,
-    interval: Duration,
+    /// Whether the limiter has hourly or daily buckets after this one (in the padding after
+    /// `spec`; read so that a one-bucket plan touches nothing outside this line).
+    more: bool,
+    /// The refill interval in nanoseconds.
+    interval: u64,
+    limit_value: &'static HeaderValue,
 }
 
 impl Bucket {
-    fn new(spec: &BucketSpec) -> Self {
+    fn new(spec: &BucketSpec, more: bool) -> Self {
         Self {
             spec: *spec,
-            interval: spec.interval(),
+            more,
+            interval: u64::try_from(spec.interval().as_nanos()).unwrap_or(u64::MAX),
+            limit_value: limit_value(spec.limit.get()),
+        }
+    }
+
+    /// `n` refill intervals.
+    fn intervals(&self, n: u32) -> Duration {
+        match self.interval.checked_mul(u64::from(n)) {
+            Some(nanos) => Duration::from_nanos(nanos),
+            None => Duration::from_nanos(self.interval) * n,
         }
     }
 
@@ -104,8 +142,9 @@ impl Bucket {
             remaining,
             // governor exposes whole tokens only, so this rounds the refill of the partial
             // token up: the reported time is never early, and at most one interval late.
-            reset_after: self.interval * (burst - remaining),
+            reset_after: self.intervals(burst - remaining),
             retry_after: Duration::ZERO,
+            limit_value: self.limit_value,
         }
     }
 
@@ -116,8 +155,9 @@ impl Bucket {
             spec: self.spec,
             bucket,
             remaining: 0,
-            reset_after: wait + self.interval * (self.spec.burst.get() - 1),
+            reset_after: wait + self.intervals(self.spec.burst.get() - 1),
             retry_after: wait,
+            limit_value: self.limit_value,
         }
     }
 }
@@ -168,6 +208,8 @@ pub struct Decision {
     pub reset_after: Duration,
     /// Time until one request will be admitted (zero when allowed).
     pub retry_after: Duration,
+    /// `X-RateLimit-Limit`: that bucket's limit, as a header value built once.
+    pub limit_value: &'static HeaderValue,
 }
 
 /// Folds per-bucket outcomes (smallest window first) into one decision. `now` is read only
@@ -195,11 +237,11 @@ fn combine<C: Clock>(
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 type KeyedGcra<K, C> = RateLimiter<K, DashMapStateStore<K>, C, StateInformationMiddleware>;
 
-/// One key's buckets. The minute bucket lives inline, so charging a key with only that one
-/// (most plans) touches this struct and nothing behind another pointer; `repr(C)` keeps what
-/// a request reads at the front, in as few cache lines as possible.
-#[repr(C)]
-pub struct Limiter<C: Clock = DefaultClock> {
+/// One key's buckets. The minute bucket lives inline, in the first cache line: charging a key
+/// with only that one (most plans) reads that line and nothing else, and builds the
+/// `X-RateLimit-*` values from it (with the `Tsc` clock; another clock may be larger).
+#[repr(C, align(64))]
+pub struct Limiter<C: Clock = Tsc> {
     minute_gcra: DirectGcra<C>,
     minute: Bucket,
     /// Hourly and daily buckets, when the plan has them.
@@ -216,9 +258,12 @@ impl<C: Clock + Clone> Limiter<C> {
             RateLimiter::direct_with_clock(s.quota(), clock.clone()).with_middleware()
         };
         Self {
-            minute: Bucket::new(first),
+            minute: Bucket::new(first, !longer.is_empty()),
             minute_gcra: gcra(first),
-            longer: longer.iter().map(|s| (Bucket::new(s), gcra(s))).collect(),
+            longer: longer
+                .iter()
+                .map(|s| (Bucket::new(s, false), gcra(s)))
+                .collect(),
             specs: specs.into(),
             clock,
         }
@@ -235,6 +280,9 @@ impl<C: Clock + Clone> Limiter<C> {
                     .rejected(0, not_until.wait_time_from(self.clock.now()));
             }
         };
+        if !self.minute.more {
+            return report;
+        }
         for (i, (bucket, gcra)) in self.longer.iter().enumerate() {
             match gcra.check() {
                 Ok(state) => {
@@ -266,7 +314,7 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
 }
 
 /// Buckets per key of type `K` (client IPs), created on first use and evicted once full again.
-pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = DefaultClock> {
+pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
     specs: Box<[BucketSpec]>,
     buckets: Box<[Bucket]>,
     gcras: Box<[KeyedGcra<K, C>]>,
@@ -279,7 +327,7 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
         assert!(!specs.is_empty(), "a limiter needs a bucket");
         Self {
             specs: specs.into(),
-            buckets: specs.iter().map(Bucket::new).collect(),
+            buckets: specs.iter().map(|s| Bucket::new(s, false)).collect(),
             gcras: specs
                 .iter()
                 .map(|s| {
@@ -455,6 +503,23 @@ mod tests {
         assert!(!d.allowed);
         assert_eq!(d.spec.window, Window::Day, "the daily bucket rejected");
         assert_eq!(d.retry_after, Duration::from_secs(86_400 / 3));
+    }
+
+    #[test]
+    fn interval_sums_past_u64_nanoseconds_do_not_wrap() {
+        // One a day, counted 2^32 - 1 times: about 1.2e13 s, past u64 nanoseconds.
+        let day = BucketSpec {
+            window: Window::Day,
+            limit: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+        };
+        let bucket = Bucket::new(&day, false);
+        assert_eq!(bucket.intervals(3), Duration::from_secs(3 * 86_400));
+        assert_eq!(
+            bucket.intervals(u32::MAX),
+            Duration::from_secs(86_400 * u64::from(u32::MAX))
+        );
+        assert_eq!(bucket.limit_value, "1");
     }
 
     #[test]

@@ -21,15 +21,10 @@ static X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-rese
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// The per-key parts of the headers, built once. The minute bucket's limit comes first
-/// (`repr(C)`): it is the only part an `X-RateLimit` response of a one-bucket plan reads.
+/// The per-key parts of the IETF headers, built once. (`X-RateLimit-Limit` comes with the
+/// decision, from the bucket's own cache line.)
 #[derive(Debug, Clone)]
-#[repr(C)]
 pub struct PolicyHeaders {
-    /// `X-RateLimit-Limit` of the first (minute) bucket, inline: the one usually reported.
-    minute_limit: HeaderValue,
-    /// `X-RateLimit-Limit` per bucket.
-    limits: Box<[HeaderValue]>,
     /// `"pro";r=` per bucket (the IETF `RateLimit` prefix).
     ietf_prefixes: Box<[Bytes]>,
     /// `RateLimit-Policy`, all buckets.
@@ -44,7 +39,6 @@ impl PolicyHeaders {
             Window::Minute => name.to_owned(),
             other => format!("{name}-{}", other.name()),
         };
-        let limits: Box<[HeaderValue]> = specs.iter().map(|s| number(s.limit.get())).collect();
         let ietf_prefixes = specs
             .iter()
             .map(|s| Bytes::from(format!("\"{}\";r=", policy_name(s))))
@@ -62,8 +56,6 @@ impl PolicyHeaders {
             .collect::<Vec<_>>()
             .join(", ");
         Self {
-            minute_limit: limits[0].clone(),
-            limits,
             ietf_prefixes,
             ietf_policy: HeaderValue::from_str(&policy).expect("plan names are header-safe"),
         }
@@ -78,11 +70,7 @@ impl PolicyHeaders {
         unix_now: Duration,
     ) {
         if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
-            let limit = match decision.bucket {
-                0 => self.minute_limit.clone(),
-                i => self.limits[i].clone(),
-            };
-            headers.insert(&X_RATELIMIT_LIMIT, limit);
+            headers.insert(&X_RATELIMIT_LIMIT, decision.limit_value.clone());
             headers.insert(&X_RATELIMIT_REMAINING, small_number(decision.remaining));
             headers.insert(
                 &X_RATELIMIT_RESET,
@@ -131,19 +119,22 @@ fn small_number(n: u32) -> HeaderValue {
 
 /// Limit values of every plan and key ever configured, beyond the small table. Bounded by the
 /// distinct limits in configs, so interning them for the process's life costs nothing.
-static INTERNED: LazyLock<Mutex<HashMap<u32, HeaderValue>>> = LazyLock::new(Default::default);
+static INTERNED: LazyLock<Mutex<HashMap<u32, &'static HeaderValue>>> =
+    LazyLock::new(Default::default);
 
-/// `n` as a header value on static bytes, so per-request clones touch no reference count
-/// shared between threads. For config load only (it may take a lock).
-fn number(n: u32) -> HeaderValue {
-    if n < SMALL_NUMBERS {
-        return small_number(n);
+/// `n` as an `X-RateLimit-Limit` value that lives for the process, on static bytes, so
+/// per-request clones touch no reference count shared between threads. Called when limiters
+/// are built (it may take a lock), and by the Redis backend per request, beside a round trip.
+pub fn limit_value(n: u32) -> &'static HeaderValue {
+    if let Some(value) = SMALL.get(n as usize) {
+        return value;
     }
     let mut interned = INTERNED.lock().unwrap_or_else(|e| e.into_inner());
-    interned
-        .entry(n)
-        .or_insert_with(|| HeaderValue::from_static(Box::leak(n.to_string().into_boxed_str())))
-        .clone()
+    interned.entry(n).or_insert_with(|| {
+        Box::leak(Box::new(HeaderValue::from_static(Box::leak(
+            n.to_string().into_boxed_str(),
+        ))))
+    })
 }
 
 /// Slots in the per-thread cache of recent `Reset` values (Unix seconds cluster around now).
@@ -238,6 +229,7 @@ mod tests {
             remaining,
             reset_after: Duration::from_millis(reset_ms),
             retry_after: Duration::from_millis(retry_ms),
+            limit_value: limit_value(specs()[bucket].limit.get()),
         }
     }
 
@@ -259,6 +251,14 @@ mod tests {
             "rounded up to the second"
         );
         assert!(h.get("ratelimit").is_none());
+    }
+
+    #[test]
+    fn limit_values_beyond_the_small_table_are_interned() {
+        let a = limit_value(1_000_000);
+        assert_eq!(a, "1000000");
+        assert!(std::ptr::eq(a, limit_value(1_000_000)), "built once");
+        assert_eq!(limit_value(300), "300");
     }
 
     #[test]

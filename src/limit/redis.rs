@@ -130,6 +130,7 @@ fn decision(specs: &[BucketSpec], reply: [i64; 5]) -> Result<Decision, RedisErro
             .min(spec.burst.get()),
         reset_after: Duration::from_micros(reset_us as u64),
         retry_after: Duration::from_micros(retry_us as u64),
+        limit_value: crate::limit::headers::limit_value(spec.limit.get()),
     })
 }
 
