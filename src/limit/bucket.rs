@@ -30,7 +30,8 @@ use crate::config::Plan;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tsc;
 
-static TSC: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+/// The process's TSC clock, also read by `headers::unix_now`.
+pub(crate) static TSC: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
 
 impl Clock for Tsc {
     type Instant = Nanos;

@@ -164,20 +164,21 @@ fn reset_value(unix_secs: u64) -> HeaderValue {
 const ANCHOR_REFRESH: Duration = Duration::from_millis(100);
 
 thread_local! {
-    /// (TSC reading, wall-clock time since the epoch) at the last system clock read.
-    static ANCHOR: Cell<Option<(quanta::Instant, Duration)>> = const { Cell::new(None) };
+    /// (raw TSC reading, wall-clock time since the epoch) at the last system clock read.
+    static ANCHOR: Cell<Option<(u64, Duration)>> = const { Cell::new(None) };
 }
 
-/// Wall-clock time since the epoch, for `X-RateLimit-Reset`. The TSC (quanta, as governor's
-/// clock) is read against a per-thread anchor that follows the system clock every 100 ms, so
-/// a request costs a TSC read instead of a `clock_gettime` (about 50 ns on this VM). Between
-/// refreshes the two drift apart by at most NTP's slew rate (0.5 ms/s), about 50 µs here; a
-/// step of the system clock is picked up by the next refresh.
+/// Wall-clock time since the epoch, for `X-RateLimit-Reset`. The TSC (the limiters' clock,
+/// [`super::bucket::Tsc`]) is read against a per-thread anchor that follows the system clock
+/// every 100 ms, so a request costs a TSC read instead of a `clock_gettime` (about 50 ns on
+/// this VM). Between refreshes the two drift apart by at most NTP's slew rate (0.5 ms/s),
+/// about 50 µs here; a step of the system clock is picked up by the next refresh.
 pub fn unix_now() -> Duration {
-    let now = quanta::Instant::now();
+    let tsc = &*super::bucket::TSC;
+    let now = tsc.raw();
     ANCHOR.with(|anchor| {
         if let Some((at, unix)) = anchor.get() {
-            let since = now.saturating_duration_since(at);
+            let since = Duration::from_nanos(tsc.delta_as_nanos(at, now));
             if since < ANCHOR_REFRESH {
                 return unix + since;
             }
