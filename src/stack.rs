@@ -58,6 +58,8 @@ pub struct Snapshot {
     pub backend: LimiterBackend,
     /// Metric series pre-resolved for this config's routes, plans and upstreams.
     pub metrics: SnapshotMetrics,
+    /// The anonymous plan's index in `metrics`, when that plan exists.
+    anonymous_plan: Option<usize>,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -103,6 +105,7 @@ impl Snapshot {
             anonymous,
             backend: LimiterBackend::new(&config.limits, previous.map(|p| &p.backend)),
             metrics: SnapshotMetrics::new(metrics.clone(), &config),
+            anonymous_plan: config.plans.keys().position(|p| &*p.0 == ANONYMOUS_PLAN),
             config,
         }
     }
@@ -265,9 +268,9 @@ impl Gateway {
         if let Some(identity) = &identity {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
             trace.key = Some(identity.record);
-            trace.labels.plan = snapshot.metrics.plan_index(&identity.record.plan.0);
+            trace.labels.plan = Some(identity.record.plan_index);
         } else if snapshot.anonymous.is_some() {
-            trace.labels.plan = snapshot.metrics.plan_index(ANONYMOUS_PLAN);
+            trace.labels.plan = snapshot.anonymous_plan;
         }
 
         // Only now is a bucket charged: 401/403 never cost a token. Keys go to the configured

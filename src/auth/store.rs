@@ -31,6 +31,9 @@ pub struct KeyRecord {
     pub scopes: Box<[String]>,
     /// Revoked keys are answered like unknown ones.
     pub disabled: bool,
+    /// The plan's position among the config's plans (in their order), which is also its
+    /// index in the snapshot's metrics table: counting a request compares no plan names.
+    pub plan_index: usize,
     /// Public id.
     pub id: KeyId,
     /// Plan.
@@ -117,6 +120,8 @@ impl KeyStore {
         let old: HashMap<&KeyId, &KeyRecord> = previous
             .map(|p| p.by_digest.iter().map(|r| (&r.id, r)).collect())
             .unwrap_or_default();
+        let plan_indexes: HashMap<&PlanName, usize> =
+            plans.keys().enumerate().map(|(i, p)| (p, i)).collect();
         let mut by_digest =
             HashSet::with_capacity_and_hasher(keys.len(), BuildHasherDefault::default());
         for key in keys {
@@ -140,6 +145,7 @@ impl KeyStore {
                 plan: key.plan.clone(),
                 scopes: key.scopes.clone().into_boxed_slice(),
                 disabled: key.disabled,
+                plan_index: plan_indexes[&key.plan],
                 id_header: HeaderValue::from_str(&key.id.0).expect("key ids are validated"),
                 plan_header: HeaderValue::from_str(&key.plan.0).expect("plan names are validated"),
             };
@@ -214,6 +220,17 @@ mod tests {
                 .get(),
             5
         );
+    }
+
+    #[test]
+    fn records_carry_their_plans_position() {
+        let mut plans = plans();
+        let mut free = plans[&PlanName(Arc::from("pro"))].clone();
+        free.requests_per_minute = std::num::NonZeroU32::new(60).unwrap();
+        plans.insert(PlanName(Arc::from("free")), free);
+        let store = KeyStore::new(&[key("a", "secret-a", &[], false)], &plans, None);
+        // "free" sorts first, so "pro" is the second plan, as in the metrics table.
+        assert_eq!(store.lookup(b"secret-a").unwrap().plan_index, 1);
     }
 
     #[test]

@@ -462,9 +462,68 @@ fn hex(bytes: &[u8]) -> String {
     })
 }
 
+/// The largest config or keys file read, 256 MiB: about a million keys. A path that points
+/// somewhere else by mistake (a log, a device such as `/dev/zero`) gets an error instead of
+/// filling memory.
+pub const MAX_FILE_BYTES: u64 = 256 << 20;
+
 fn read(path: &Path) -> Result<String, ConfigError> {
-    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+    read_bounded(path, MAX_FILE_BYTES).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The file at `path` as text, if it is at most `max` bytes.
+fn read_bounded(path: &Path, max: u64) -> std::io::Result<String> {
+    use std::io::Read;
+    let too_large = || {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than the {} MiB a config file may be", max >> 20),
+        )
+    };
+    let file = std::fs::File::open(path)?;
+    // A regular file's size is known up front; devices and pipes are read up to the bound.
+    if file.metadata()?.len() > max {
+        return Err(too_large());
+    }
+    let mut text = String::new();
+    file.take(max + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > max {
+        return Err(too_large());
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_past_the_bound_are_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        // Sparse: no disk used, and refused from its size before any of it is read.
+        std::fs::File::create(&path)
+            .unwrap()
+            .set_len(MAX_FILE_BYTES + 1)
+            .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot read config") && err.contains("larger than the 256 MiB"),
+            "{err}"
+        );
+
+        std::fs::write(&path, "x".repeat(1024)).unwrap();
+        assert_eq!(
+            read_bounded(&path, 1024).unwrap().len(),
+            1024,
+            "at the bound"
+        );
+        assert!(read_bounded(&path, 1023).is_err());
+        // A device has no size to check: it is read up to the bound and no further.
+        let err = read_bounded(Path::new("/dev/zero"), 4096).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData, "{err}");
+    }
 }

@@ -343,6 +343,8 @@ impl SnapshotMetrics {
     /// The table for `config`.
     pub fn new(metrics: Arc<Metrics>, config: &Config) -> Self {
         let routes: Vec<String> = config.routes.iter().map(|r| r.prefix.clone()).collect();
+        // In `config.plans` order: key records carry their plan's index in it
+        // (`KeyRecord::plan_index`).
         let plans: Vec<PlanName> = config.plans.keys().cloned().collect();
         let slots = |n: usize| (0..n).map(|_| OnceLock::new()).collect();
         let upstream_duration = config
