@@ -6,6 +6,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -51,6 +53,35 @@ impl RequestBodyError {
     }
 }
 
+/// When a request body last moved (was created, or handed the upstream a frame), shared with
+/// the forwarder: an upstream's `timeout` for the response head counts from the last bytes of
+/// the request, so an upload that takes longer than `timeout` but keeps moving is not cut off.
+#[derive(Debug)]
+pub struct BodyProgress {
+    base: Instant,
+    /// Nanoseconds from `base` to the last movement.
+    last: AtomicU64,
+}
+
+impl BodyProgress {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let since = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.fetch_max(since, Ordering::Relaxed);
+    }
+
+    /// When the body last moved.
+    pub fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
+}
+
 /// A client request body with a size limit and a stall timeout.
 pub struct RequestBody {
     /// `None` for a body known to be empty (a replayed request, see [`RequestBody::empty`]).
@@ -60,6 +91,8 @@ pub struct RequestBody {
     stall: Duration,
     /// Armed the first time the body waits; boxed so the body stays `Unpin` for the client.
     timer: Option<Pin<Box<Sleep>>>,
+    /// Updated on every frame (a streamed body only).
+    progress: Option<Arc<BodyProgress>>,
 }
 
 impl RequestBody {
@@ -71,7 +104,13 @@ impl RequestBody {
             seen: 0,
             stall,
             timer: None,
+            progress: Some(Arc::new(BodyProgress::new())),
         }
+    }
+
+    /// When the body last moved, for a streamed body.
+    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
+        self.progress.clone()
     }
 
     /// A body with no bytes. Unlike a client's stream, it can be made again, so a request
@@ -83,6 +122,7 @@ impl RequestBody {
             seen: 0,
             stall: Duration::ZERO,
             timer: None,
+            progress: None,
         }
     }
 }
@@ -112,10 +152,18 @@ impl Body for RequestBody {
                 if let Some(timer) = this.timer.as_mut() {
                     timer.as_mut().reset(Instant::now() + this.stall);
                 }
+                if let Some(progress) = &this.progress {
+                    progress.moved();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(None) => {
+                if let Some(progress) = &this.progress {
+                    progress.moved();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => {
                 let stall = this.stall;
                 let timer = this

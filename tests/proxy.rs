@@ -149,6 +149,69 @@ async fn accept_and_hang_is_504_after_timeout() {
     );
 }
 
+/// Sends a chunked POST whose body arrives in `chunks` five-byte pieces `gap` apart, and
+/// returns the reply (the gateway closes after it).
+async fn slow_upload(gw: SocketAddr, chunks: usize, gap: Duration) -> Reply {
+    let mut stream = TcpStream::connect(gw).await.unwrap();
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\
+              Connection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    for _ in 0..chunks {
+        tokio::time::sleep(gap).await;
+        stream.write_all(b"5\r\nhello\r\n").await.unwrap();
+    }
+    stream.write_all(b"0\r\n\r\n").await.unwrap();
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut seen))
+        .await
+        .expect("the gateway answers and closes")
+        .unwrap();
+    parse_reply(&seen).unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&seen)))
+}
+
+#[tokio::test]
+async fn an_upload_longer_than_timeout_that_keeps_moving_is_not_cut_off() {
+    let up = echo_upstream().await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
+    // Six chunks 150 ms apart: the body takes 900 ms, three times the upstream's `timeout`,
+    // and the upstream reads each chunk as it comes.
+    let started = Instant::now();
+    let reply = slow_upload(gw.addr, 6, Duration::from_millis(150)).await;
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["body_len"], 30);
+}
+
+#[tokio::test]
+async fn the_head_is_due_within_timeout_of_the_last_body_bytes() {
+    // Reads the whole body, then never answers.
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !seen.ends_with(b"0\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
+    let started = Instant::now();
+    let reply = slow_upload(gw.addr, 6, Duration::from_millis(150)).await;
+    let took = started.elapsed();
+    assert_failure(&reply, 504, "gateway_timeout", up);
+    assert!(
+        took >= Duration::from_millis(900 + 300) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
+
 #[tokio::test]
 async fn slow_head_past_timeout_is_504() {
     let (up, _) = fault_upstream(|mut stream| async move {

@@ -8,6 +8,7 @@
 # Knobs (environment): CONNS=1000 RATE=200 LEN=60 (seconds per mode) INTERVAL=10 (seconds
 # between follow-up bytes) PROBE=3 (seconds slowhttptest's probe request may take)
 # LARGE_CONNS=200 (connections of the slow-read-large mode)
+# MODES="H B X XL" (which runs: slow headers, slow body, slow read, slow read large)
 # PORT=18080 ADMIN_PORT=19901 UPSTREAM_PORT=13000 SINK_PORT=13001
 #
 # Upstreams: tollgate-bench-upstream (answers `ok` at once) behind `/`, and for the slow-body
@@ -27,6 +28,7 @@ LEN=${LEN:-60}
 INTERVAL=${INTERVAL:-10}
 PROBE=${PROBE:-3}
 LARGE_CONNS=${LARGE_CONNS:-200}
+MODES=${MODES:-H B X XL}
 PORT=${PORT:-18080}
 ADMIN_PORT=${ADMIN_PORT:-19901}
 UPSTREAM_PORT=${UPSTREAM_PORT:-13000}
@@ -206,11 +208,12 @@ PY
 }
 
 RESULTS=$WORK/results.txt
+wants() { [[ " $MODES " == *" $1 "* ]]; }
 {
-    run -H slow-headers "$CONNS" "http://127.0.0.1:$PORT/" -i "$INTERVAL"
-    run -B slow-body "$CONNS" "http://127.0.0.1:$PORT/upload" -i "$INTERVAL" -s 8192
-    run -X slow-read "$CONNS" "http://127.0.0.1:$PORT/big" -k 3 -n 5 -w 512 -y 1024 -z 32
-    run -X slow-read-large "$LARGE_CONNS" "http://127.0.0.1:$PORT/huge" -k 8 -n 5 -w 512 -y 1024 -z 32
+    if wants H; then run -H slow-headers "$CONNS" "http://127.0.0.1:$PORT/" -i "$INTERVAL"; fi
+    if wants B; then run -B slow-body "$CONNS" "http://127.0.0.1:$PORT/upload" -i "$INTERVAL" -s 8192; fi
+    if wants X; then run -X slow-read "$CONNS" "http://127.0.0.1:$PORT/big" -k 3 -n 5 -w 512 -y 1024 -z 32; fi
+    if wants XL; then run -X slow-read-large "$LARGE_CONNS" "http://127.0.0.1:$PORT/huge" -k 8 -n 5 -w 512 -y 1024 -z 32; fi
 } | tee "$RESULTS"
 
 # A normal request still works after all of them.

@@ -207,9 +207,14 @@ impl Upstream {
         let method = parts.method.clone();
         let mut replay =
             (replayable && matches!(transport, Transport::Client(_))).then(|| replay_of(&parts));
-        // One deadline for both attempts: a retry never stretches `timeout`.
-        let deadline = Instant::now() + self.config.timeout;
-        let mut outcome = attempt(transport, Request::from_parts(parts, body), deadline).await;
+        // One deadline for both attempts: a retry never stretches `timeout`. A streamed body
+        // moves it: the response head is due `timeout` after the request's last bytes.
+        let deadline = Deadline {
+            at: Instant::now() + self.config.timeout,
+            timeout: self.config.timeout,
+            body: body.progress(),
+        };
+        let mut outcome = attempt(transport, Request::from_parts(parts, body), &deadline).await;
         if let Err((failure, returned)) = &mut outcome
             && replayable
             && may_retry(&method, true, *failure)
@@ -219,7 +224,7 @@ impl Upstream {
                 failed = ?failure,
                 "could not connect to the upstream; retrying once on a fresh connection"
             );
-            outcome = attempt(transport, request, deadline).await;
+            outcome = attempt(transport, request, &deadline).await;
         }
         let mut response = outcome.map_err(|(failure, _)| failure.into_error())?;
 
@@ -344,11 +349,41 @@ enum Transport<'a> {
 /// A failed attempt, with the request when it never left tollgate and came back.
 type Failed = (Failure, Option<Box<Request<RequestBody>>>);
 
+/// When the upstream's response head is due: `timeout` after the request started, or after
+/// its body last moved, whichever is later.
+struct Deadline {
+    at: Instant,
+    timeout: Duration,
+    body: Option<Arc<crate::body::BodyProgress>>,
+}
+
+impl Deadline {
+    /// Awaits `future` until the deadline; `None` when it passed first. While a body is still
+    /// moving the deadline moves with it, so only a stall of `timeout` (the upstream stopped
+    /// reading, or has not answered since the last bytes) times out.
+    async fn run<F: Future>(&self, future: F) -> Option<F::Output> {
+        let mut future = std::pin::pin!(future);
+        let mut at = self.at;
+        loop {
+            match tokio::time::timeout_at(at, &mut future).await {
+                Ok(output) => return Some(output),
+                Err(_) => {
+                    let moved = self.body.as_ref().map(|b| b.last() + self.timeout);
+                    match moved {
+                        Some(later) if later > at => at = later,
+                        _ => return None,
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// One try: the response head by `deadline`, or the classified failure.
 async fn attempt(
     transport: Transport<'_>,
     request: Request<RequestBody>,
-    deadline: Instant,
+    deadline: &Deadline,
 ) -> Result<Response<Incoming>, Failed> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
@@ -356,22 +391,18 @@ async fn attempt(
     };
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
-        Transport::Pool(pool) => {
-            match tokio::time::timeout_at(deadline, pool.send(request)).await {
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(PoolFailure { error, request })) => {
-                    Err((log(classify_pool(&error), &error), request))
-                }
-                Err(_) => Err(timed_out()),
+        Transport::Pool(pool) => match deadline.run(pool.send(request)).await {
+            Some(Ok(response)) => Ok(response),
+            Some(Err(PoolFailure { error, request })) => {
+                Err((log(classify_pool(&error), &error), request))
             }
-        }
-        Transport::Client(client) => {
-            match tokio::time::timeout_at(deadline, client.request(request)).await {
-                Ok(Ok(response)) => Ok(response),
-                Ok(Err(error)) => Err((log(classify(&error), &error), None)),
-                Err(_) => Err(timed_out()),
-            }
-        }
+            None => Err(timed_out()),
+        },
+        Transport::Client(client) => match deadline.run(client.request(request)).await {
+            Some(Ok(response)) => Ok(response),
+            Some(Err(error)) => Err((log(classify(&error), &error), None)),
+            None => Err(timed_out()),
+        },
     }
 }
 
