@@ -223,6 +223,16 @@ mod tests {
     }
 
     #[test]
+    fn what_a_lookup_reads_is_one_cache_line() {
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<KeyRecord>(), 64);
+        assert!(offset_of!(KeyRecord, digest) + size_of::<KeyDigest>() <= 64);
+        assert!(offset_of!(KeyRecord, limits) + 8 <= 64);
+        assert!(offset_of!(KeyRecord, disabled) < 64);
+        assert!(offset_of!(KeyRecord, scopes) + 16 <= 64);
+    }
+
+    #[test]
     fn records_carry_their_plans_position() {
         let mut plans = plans();
         let mut free = plans[&PlanName(Arc::from("pro"))].clone();

@@ -507,6 +507,21 @@ mod tests {
     }
 
     #[test]
+    fn a_minute_bucket_is_one_cache_line() {
+        // What `check` reads for a one-bucket plan: governor's state, the bucket, its flag.
+        use std::mem::{align_of, offset_of, size_of};
+        assert_eq!(align_of::<Limiter>(), 64);
+        assert_eq!(offset_of!(Limiter, minute_gcra), 0);
+        assert!(
+            offset_of!(Limiter, minute) + size_of::<Bucket>() <= 64,
+            "state {} + bucket {}",
+            size_of::<DirectGcra<Tsc>>(),
+            size_of::<Bucket>()
+        );
+        assert_eq!(size_of::<Tsc>(), 0);
+    }
+
+    #[test]
     fn interval_sums_past_u64_nanoseconds_do_not_wrap() {
         // One a day, counted 2^32 - 1 times: about 1.2e13 s, past u64 nanoseconds.
         let day = BucketSpec {
