@@ -9,9 +9,8 @@
 
 use std::hash::Hash;
 use std::num::NonZeroU32;
-use std::time::Duration;
-
 use std::sync::LazyLock;
+use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::middleware::{StateInformationMiddleware, StateSnapshot};
