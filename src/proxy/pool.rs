@@ -4,14 +4,22 @@
 //! The pooled client costs about a fifth of tollgate's user-space instructions per proxied
 //! request (profiled under `benches/load/compare.sh`): a boxed future per request, a keyed
 //! pool behind a lock with a SipHash key, and one spawned task per response to put its
-//! connection back. Here every live connection stays in one list, busy or not. A request takes
-//! the first connection that is ready (its previous response fully read), hands it the
-//! request, and leaves it where it is: nothing needs putting back, and a connection that
-//! closed is dropped from the list when a checkout passes it.
+//! connection back. Here every live connection stays in one list, busy or not, least recently
+//! used first. A request takes a connection that is ready (its previous response fully read),
+//! hands it the request, and moves it to the back: nothing needs putting back, and a
+//! connection that closed is dropped from the list when a checkout passes it.
+//!
+//! Where a checkout looks: the few most recently used connections first, so that a light load
+//! keeps reusing a small set and the rest go idle and close; then from the least recently
+//! used end, because under many concurrent requests the recent ones are busy and the oldest
+//! are the likeliest to have finished. With 1000 concurrent requests a scan from the recent
+//! end alone passed every busy connection, and with the move it was 22% of tollgate's
+//! user-space instructions per request.
 //!
 //! https upstreams (which may negotiate h2) and upgrade requests still go through
 //! hyper-util's client.
 
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
 use std::sync::Mutex;
@@ -33,8 +41,12 @@ pub struct Pool {
     connect_timeout: Duration,
     idle_timeout: Duration,
     /// Every live connection, least recently used first.
-    connections: Mutex<Vec<Pooled>>,
+    connections: Mutex<VecDeque<Pooled>>,
 }
+
+/// How many of the most recently used connections a checkout tries before it looks at the
+/// least recently used end.
+const RECENT_PROBES: usize = 4;
 
 /// The response head of a request handed to a connection, or the request back if the
 /// connection closed before taking it.
@@ -115,7 +127,7 @@ impl Pool {
             target,
             connect_timeout,
             idle_timeout,
-            connections: Mutex::new(Vec::new()),
+            connections: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -129,7 +141,7 @@ impl Pool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Pooled>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pooled>> {
         self.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -180,7 +192,7 @@ impl Pool {
             }
         };
         let pending = sender.try_send_request(request);
-        self.lock().push(Pooled {
+        self.lock().push_back(Pooled {
             sender,
             last_used: Instant::now(),
         });
@@ -189,8 +201,9 @@ impl Pool {
             .map_err(|e| PoolError::Send(e.into_error()).into())
     }
 
-    /// Hands `request` to the most recently used ready connection, dropping closed and
-    /// long-idle ones on the way. `request` is taken only when a connection is ready.
+    /// Hands `request` to a ready connection (see the module docs for which), dropping
+    /// closed and long-idle ones on the way. `request` is taken only when a connection is
+    /// ready.
     fn checkout(
         &self,
         request: &mut Option<Request<RequestBody>>,
@@ -198,26 +211,33 @@ impl Pool {
         let now = Instant::now();
         let mut connections = self.lock();
         self.drop_idle(&mut connections, now);
-        let mut i = connections.len();
-        while i > 0 {
-            i -= 1;
+        let n = connections.len();
+        let recent = (0..n).rev().take(RECENT_PROBES);
+        let oldest = 0..n.saturating_sub(RECENT_PROBES);
+        let mut saw_closed = false;
+        let mut taken = None;
+        for i in recent.chain(oldest) {
             let connection = &mut connections[i];
             if connection.sender.is_closed() {
-                connections.remove(i);
+                saw_closed = true;
                 continue;
             }
             if connection.sender.is_ready()
                 && let Some(request) = request.take()
             {
-                let pending = connection.sender.try_send_request(request);
+                taken = Some(connection.sender.try_send_request(request));
                 connection.last_used = now;
-                // Most recently used goes last.
-                let used = connections.remove(i);
-                connections.push(used);
-                return Some(pending);
+                // Most recently used goes last (from either end of the list, O(1)).
+                if let Some(used) = connections.remove(i) {
+                    connections.push_back(used);
+                }
+                break;
             }
         }
-        None
+        if saw_closed {
+            connections.retain(|c| !c.sender.is_closed());
+        }
+        taken
     }
 
     /// Closes connections idle past the idle timeout, and forgets closed ones.
@@ -232,7 +252,7 @@ impl Pool {
     }
 
     /// Least recently used first: the idle ones past `idle_timeout` are at the front.
-    fn drop_idle(&self, connections: &mut Vec<Pooled>, now: Instant) {
+    fn drop_idle(&self, connections: &mut VecDeque<Pooled>, now: Instant) {
         let expired = connections
             .iter()
             .take_while(|c| {
@@ -271,14 +291,18 @@ mod tests {
     use super::*;
     use http_body_util::BodyExt;
 
-    /// An upstream answering every request `ok`, on keep-alive connections.
+    /// An upstream answering every request `ok`, on keep-alive connections; requests for
+    /// `/slow` wait 10 s first.
     async fn upstream() -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|_req| async {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        if req.uri().path() == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(10)).await;
+                        }
                         Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
                             bytes::Bytes::from_static(b"ok"),
                         )))
@@ -298,6 +322,53 @@ mod tests {
             .headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("up"));
         request
+    }
+
+    /// Waits until `pool` has `n` connections, of which `ready` are ready for a request.
+    async fn settle(pool: &Pool, n: usize, ready: usize) {
+        let settled = async {
+            loop {
+                {
+                    let connections = pool.lock();
+                    let now_ready = connections.iter().filter(|c| c.sender.is_ready()).count();
+                    if connections.len() == n && now_ready == ready {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), settled)
+            .await
+            .unwrap_or_else(|_| panic!("{} connections, not {n} with {ready} ready", pool.len()));
+    }
+
+    #[tokio::test]
+    async fn a_ready_connection_among_busy_ones_is_reused_wherever_it_is() {
+        let pool = std::sync::Arc::new(Pool::new(
+            upstream().await.to_string(),
+            Duration::from_secs(1),
+            Duration::from_secs(90),
+        ));
+        // Eight requests at once: eight connections. Seven stay busy on `/slow`; the one
+        // whose request was fast is ready again, somewhere in the list.
+        for i in 0..8 {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut request = get();
+                if i != 3 {
+                    *request.uri_mut() = http::Uri::from_static("/slow");
+                }
+                let _ = pool.send(request).await;
+            });
+        }
+        settle(&pool, 8, 1).await;
+        for _ in 0..3 {
+            let response = pool.send(get()).await.ok().expect("a response");
+            let _ = response.into_body().collect().await;
+            settle(&pool, 8, 1).await;
+        }
+        assert_eq!(pool.len(), 8, "the ready connection was found each time");
     }
 
     #[tokio::test]
