@@ -86,21 +86,19 @@ impl Guarded {
             self.spawn_probe(limits.backend_timeout);
         }
         if admission == Admission::Closed {
-            let error = match tokio::time::timeout(
-                limits.backend_timeout,
-                self.redis.charge(id, local.specs()),
-            )
-            .await
-            {
-                Ok(Ok(decision)) => {
-                    if self.breaker.success() {
-                        tracing::info!("redis limiter backend answering again");
+            let error =
+                match tokio::time::timeout(limits.backend_timeout, self.redis.charge(id, local))
+                    .await
+                {
+                    Ok(Ok(decision)) => {
+                        if self.breaker.success() {
+                            tracing::info!("redis limiter backend answering again");
+                        }
+                        return Ok(Some(decision));
                     }
-                    return Ok(Some(decision));
-                }
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("no answer within {:?}", limits.backend_timeout),
-            };
+                    Ok(Err(error)) => error.to_string(),
+                    Err(_) => format!("no answer within {:?}", limits.backend_timeout),
+                };
             metrics.backend_error();
             // One warning per outage, not one per request; failed probes are debug.
             if self.breaker.failure(Instant::now()) {

@@ -303,6 +303,14 @@ impl<C: Clock + Clone> Limiter<C> {
     pub fn specs(&self) -> &[BucketSpec] {
         &self.specs
     }
+
+    /// The `X-RateLimit-Limit` value of bucket `bucket` (an index into `specs`).
+    pub fn limit_value(&self, bucket: usize) -> &'static HeaderValue {
+        match bucket {
+            0 => self.minute.limit_value,
+            i => self.longer[i - 1].0.limit_value,
+        }
+    }
 }
 
 impl<C: Clock> std::fmt::Debug for Limiter<C> {

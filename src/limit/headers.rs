@@ -124,7 +124,7 @@ static INTERNED: LazyLock<Mutex<HashMap<u32, &'static HeaderValue>>> =
 
 /// `n` as an `X-RateLimit-Limit` value that lives for the process, on static bytes, so
 /// per-request clones touch no reference count shared between threads. Called when limiters
-/// are built (it may take a lock), and by the Redis backend per request, beside a round trip.
+/// are built (it may take a lock); requests get the value from their bucket, also with Redis.
 pub fn limit_value(n: u32) -> &'static HeaderValue {
     if let Some(value) = SMALL.get(n as usize) {
         return value;

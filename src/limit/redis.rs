@@ -12,7 +12,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
 
-use crate::limit::{BucketSpec, Decision};
+use http::HeaderValue;
+
+use crate::limit::{BucketSpec, Decision, Limiter};
 
 /// The GCRA script.
 const GCRA_SCRIPT: &str = include_str!("gcra.lua");
@@ -92,7 +94,10 @@ impl RedisLimiter {
     }
 
     /// Charges one request to every bucket of key `id` (`specs` smallest window first).
-    pub async fn charge(&self, id: &str, specs: &[BucketSpec]) -> Result<Decision, RedisError> {
+    /// Charges one request of key `id` to its buckets in Redis; `local` (the key's in-process
+    /// limiter) gives their parameters and header values.
+    pub async fn charge(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
+        let specs = local.specs();
         let mut connection = self.connection()?;
         let mut invocation = self.script.prepare_invoke();
         for spec in specs {
@@ -104,7 +109,7 @@ impl RedisLimiter {
                 .arg(spec.burst.get());
         }
         let reply: [i64; 5] = invocation.invoke_async(&mut connection).await?;
-        decision(specs, reply)
+        decision(specs, reply, |bucket| local.limit_value(bucket))
     }
 }
 
@@ -113,8 +118,12 @@ pub fn redis_key(id: &str, spec: &BucketSpec) -> String {
     format!("tollgate:{{{id}}}:{}", spec.window.name())
 }
 
-/// The script's reply as a [`Decision`].
-fn decision(specs: &[BucketSpec], reply: [i64; 5]) -> Result<Decision, RedisError> {
+/// The script's reply as a [`Decision`]; `limit_value` gives a bucket's `X-RateLimit-Limit`.
+fn decision(
+    specs: &[BucketSpec],
+    reply: [i64; 5],
+    limit_value: impl Fn(usize) -> &'static HeaderValue,
+) -> Result<Decision, RedisError> {
     let [allowed, bucket, remaining, reset_us, retry_us] = reply;
     let spec = usize::try_from(bucket)
         .ok()
@@ -130,7 +139,7 @@ fn decision(specs: &[BucketSpec], reply: [i64; 5]) -> Result<Decision, RedisErro
             .min(spec.burst.get()),
         reset_after: Duration::from_micros(reset_us as u64),
         retry_after: Duration::from_micros(retry_us as u64),
-        limit_value: crate::limit::headers::limit_value(spec.limit.get()),
+        limit_value: limit_value(bucket as usize),
     })
 }
 
@@ -163,15 +172,18 @@ mod tests {
     #[test]
     fn replies_become_decisions() {
         let specs = [spec(Window::Minute, 60), spec(Window::Day, 1000)];
-        let d = decision(&specs, [0, 1, 0, 5_000_000, 1_500]).unwrap();
+        let local = Limiter::new(&specs, crate::limit::bucket::Tsc);
+        let values = |bucket| local.limit_value(bucket);
+        let d = decision(&specs, [0, 1, 0, 5_000_000, 1_500], values).unwrap();
+        assert_eq!(d.limit_value, "1000", "the daily bucket's limit");
         assert!(!d.allowed);
         assert_eq!(d.spec.window, Window::Day);
         assert_eq!(d.retry_after, Duration::from_micros(1_500));
         assert_eq!(d.reset_after, Duration::from_secs(5));
         assert!(
-            decision(&specs, [1, 2, 0, 0, 0]).is_err(),
+            decision(&specs, [1, 2, 0, 0, 0], values).is_err(),
             "no third bucket"
         );
-        assert!(decision(&specs, [1, 0, -1, 0, 0]).is_err());
+        assert!(decision(&specs, [1, 0, -1, 0, 0], values).is_err());
     }
 }
