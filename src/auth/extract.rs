@@ -61,7 +61,6 @@ pub fn extract<'a>(
     // has a handful of headers, and hashing a name (byte by byte) costs more than comparing
     // it with each of them. Header keys are offered before Bearer tokens, as documented.
     let mut bearer: Option<&'a [u8]> = None;
-    let mut bearer_conflict = false;
     for (name, value) in headers {
         if *name == config.header {
             offer(
@@ -74,13 +73,10 @@ pub fn extract<'a>(
             && !token.is_empty()
         {
             match bearer {
-                Some(seen) if seen != token => bearer_conflict = true,
+                Some(seen) if seen != token => return Err(GatewayError::InvalidApiKey),
                 _ => bearer = Some(token),
             }
         }
-    }
-    if bearer_conflict {
-        return Err(GatewayError::InvalidApiKey);
     }
     if let Some(token) = bearer {
         offer(Cow::Borrowed(token), CredentialSource::Bearer)?;

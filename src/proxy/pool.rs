@@ -363,6 +363,16 @@ mod tests {
             });
         }
         settle(&pool, 8, 1).await;
+        {
+            // Put the ready one first, the end only the second half of a checkout reaches.
+            let mut connections = pool.lock();
+            let ready = connections
+                .iter()
+                .position(|c| c.sender.is_ready())
+                .unwrap();
+            let connection = connections.remove(ready).unwrap();
+            connections.push_front(connection);
+        }
         for _ in 0..3 {
             let response = pool.send(get()).await.ok().expect("a response");
             let _ = response.into_body().collect().await;
