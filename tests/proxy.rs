@@ -176,12 +176,13 @@ async fn slow_upload(gw: SocketAddr, chunks: usize, gap: Duration) -> Reply {
 #[tokio::test]
 async fn an_upload_longer_than_timeout_that_keeps_moving_is_not_cut_off() {
     let up = echo_upstream().await;
-    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
-    // Six chunks 150 ms apart: the body takes 900 ms, three times the upstream's `timeout`,
-    // and the upstream reads each chunk as it comes.
+    let gw = gateway(&format!("http://{up}"), "timeout = \"1s\"", "").await;
+    // Six chunks 300 ms apart: the body takes 1.8 s, nearly twice the upstream's `timeout`,
+    // and the upstream reads each chunk as it comes. (Gaps well under `timeout`, so a busy
+    // machine's scheduling delays do not make one look like a stall.)
     let started = Instant::now();
-    let reply = slow_upload(gw.addr, 6, Duration::from_millis(150)).await;
-    assert!(started.elapsed() >= Duration::from_millis(900));
+    let reply = slow_upload(gw.addr, 6, Duration::from_millis(300)).await;
+    assert!(started.elapsed() >= Duration::from_millis(1800));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(reply.json()["body_len"], 30);
 }
@@ -201,13 +202,13 @@ async fn the_head_is_due_within_timeout_of_the_last_body_bytes() {
         tokio::time::sleep(Duration::from_secs(30)).await;
     })
     .await;
-    let gw = gateway(&format!("http://{up}"), "timeout = \"300ms\"", "").await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"1s\"", "").await;
     let started = Instant::now();
-    let reply = slow_upload(gw.addr, 6, Duration::from_millis(150)).await;
+    let reply = slow_upload(gw.addr, 6, Duration::from_millis(300)).await;
     let took = started.elapsed();
     assert_failure(&reply, 504, "gateway_timeout", up);
     assert!(
-        took >= Duration::from_millis(900 + 300) && took < Duration::from_secs(4),
+        took >= Duration::from_millis(1800 + 1000) && took < Duration::from_secs(8),
         "{took:?}"
     );
 }

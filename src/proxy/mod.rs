@@ -368,6 +368,10 @@ impl Deadline {
             match tokio::time::timeout_at(at, &mut future).await {
                 Ok(output) => return Some(output),
                 Err(_) => {
+                    // After a stall of the whole process (a busy host), the timer and the
+                    // body's next bytes can be due at once: let the connection tasks read
+                    // what has arrived before judging the body stalled.
+                    tokio::task::yield_now().await;
                     let moved = self.body.as_ref().map(|b| b.last() + self.timeout);
                     match moved {
                         Some(later) if later > at => at = later,
