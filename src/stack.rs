@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, Request, Response, Uri};
+use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 
 use crate::auth::extract::{bearer_token, query_without};
@@ -29,14 +29,11 @@ use crate::limit::{Decision, IpTripwire, KeyedLimiter, LimiterBackend};
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
+use crate::proxy::headers::{X_TOLLGATE_KEY_ID, X_TOLLGATE_PLAN};
 use crate::proxy::{ClientInfo, Forward, Upstream};
 use crate::route::Router;
 use crate::server::client_ip::client_ip;
 use crate::server::{Handler, RequestContext};
-
-/// Identity headers tollgate sets for the upstream; client copies are always removed.
-static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
-static X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
 
 /// Everything derived from one loaded config. Swapped whole on reload; a request keeps the
 /// snapshot it started with.
@@ -502,12 +499,24 @@ fn strip_credentials<B>(request: &mut Request<B>, auth: &crate::config::AuthConf
     }
     let headers = request.headers_mut();
     headers.remove(&auth.header);
+    // Every Bearer line goes, wherever it is among the `Authorization` lines (the key may
+    // have come from any of them); other schemes are the upstream's business and stay.
     if auth.bearer
         && headers
-            .get(AUTHORIZATION)
-            .is_some_and(|v| bearer_token(v.as_bytes()).is_some())
+            .get_all(AUTHORIZATION)
+            .iter()
+            .any(|v| bearer_token(v.as_bytes()).is_some())
     {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter(|v| bearer_token(v.as_bytes()).is_none())
+            .cloned()
+            .collect();
         headers.remove(AUTHORIZATION);
+        for value in kept {
+            headers.append(AUTHORIZATION, value);
+        }
     }
     if let (Some(param), Some(query)) = (&auth.query_param, request.uri().query()) {
         // Only rebuild the URI when the parameter is actually there.

@@ -247,6 +247,48 @@ async fn credentials_are_stripped_and_identity_headers_cannot_be_spoofed() {
     );
 }
 
+/// The key may come from any of several `Authorization` lines: every Bearer line is removed
+/// before forwarding, and other schemes are left for the upstream.
+#[tokio::test]
+async fn a_bearer_key_among_several_authorization_lines_is_not_forwarded() {
+    let (gw, _) = setup("", "", "").await;
+    let bearer = format!("Bearer {GOOD}");
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[
+            ("Authorization", "Basic dXNlcjpwYXNz"),
+            ("Authorization", &bearer),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains(GOOD), "key forwarded upstream");
+    let h = &r.json()["headers"];
+    assert_eq!(h["authorization"], "Basic dXNlcjpwYXNz");
+    assert_eq!(h["x-tollgate-key-id"], "acme-prod");
+}
+
+/// Naming the identity headers in `Connection` (hop-by-hop, so removed by proxies) must not
+/// keep them from the upstream.
+#[tokio::test]
+async fn a_client_cannot_strip_the_identity_headers_through_connection() {
+    let (gw, _) = setup("", "", "").await;
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[
+            ("X-API-Key", GOOD),
+            ("Connection", "x-tollgate-key-id, x-tollgate-plan"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = &r.json()["headers"];
+    assert_eq!(h["x-tollgate-key-id"], "acme-prod", "{h}");
+    assert_eq!(h["x-tollgate-plan"], "pro", "{h}");
+}
+
 #[tokio::test]
 async fn forward_key_keeps_the_credential() {
     let (gw, _) = setup("", "forward_key = true", "").await;

@@ -320,7 +320,8 @@ async fn proxies_to_the_upstream_with_forwarding_headers() {
         "/v1/users?limit=5",
         &[
             ("X-Forwarded-For", "203.0.113.9"),
-            ("Connection", "close, x-client-hop"),
+            ("X-Forwarded-For", "198.51.100.7, 192.0.2.1"),
+            ("Connection", "close, x-client-hop, host"),
             ("X-Client-Hop", "1"),
         ],
     )
@@ -331,7 +332,11 @@ async fn proxies_to_the_upstream_with_forwarding_headers() {
     assert_eq!(echo["path"], "/v1/users");
     assert_eq!(echo["query"], "limit=5");
     let h = &echo["headers"];
-    assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    // Every X-Forwarded-For line counts, in order, then the peer.
+    assert_eq!(
+        h["x-forwarded-for"],
+        "203.0.113.9, 198.51.100.7, 192.0.2.1, 127.0.0.1"
+    );
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "gateway.test");
     assert_eq!(h["host"], up.to_string());
@@ -395,6 +400,38 @@ async fn h2c_prior_knowledge() {
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 404);
+}
+
+/// HTTP/2 has no `Host` line; the request's `:authority` is the host the client asked for.
+#[tokio::test]
+async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2c handshake");
+    tokio::spawn(conn);
+    let req = Request::get("http://api.example.test:8443/v1/x")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let h = &echo["headers"];
+    assert_eq!(h["x-forwarded-host"], "api.example.test:8443", "{h}");
+    assert_eq!(h["host"], up.to_string());
 }
 
 #[tokio::test]

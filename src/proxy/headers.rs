@@ -2,6 +2,7 @@
 //! `X-Request-Id` are set.
 
 use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ClientInfo;
@@ -13,6 +14,17 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// Who the request authenticated as, for the upstream. Identity headers are set by the gateway
+/// alone: client copies are always removed.
+pub(crate) static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
+/// The key's plan, for the upstream.
+pub(crate) static X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
+
+/// Headers the gateway sets or reads for the upstream, which a sender cannot remove by
+/// naming them in `Connection` (else a client could hide its identity from the upstream).
+fn protected(name: &HeaderName) -> bool {
+    name == HOST || *name == X_TOLLGATE_KEY_ID || *name == X_TOLLGATE_PLAN
+}
 
 /// Removes hop-by-hop headers, including any named in `Connection` (RFC 9110 7.6.1).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -27,6 +39,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .filter(|name| !protected(name))
         .collect();
     for name in named {
         headers.remove(name);
@@ -51,18 +64,33 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     .contains(&name)
 }
 
-/// Rewrites a client request's headers for the upstream.
-pub fn prepare_request(headers: &mut HeaderMap, client: ClientInfo, request_id: &RequestId) {
+/// Rewrites a client request's headers for the upstream. `authority` is the request target's
+/// (HTTP/2's `:authority`, which stands in for `Host`).
+pub fn prepare_request(
+    headers: &mut HeaderMap,
+    client: ClientInfo,
+    request_id: &RequestId,
+    authority: Option<&Authority>,
+) {
     remove_hop_by_hop(headers);
     // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
-    let host = headers.remove(HOST);
-    // Like nginx's $proxy_add_x_forwarded_for: the chain so far, plus the peer we saw.
+    let host = headers
+        .remove(HOST)
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    // Like nginx's $proxy_add_x_forwarded_for: the chain so far (every X-Forwarded-For line,
+    // in order, as `client_ip` reads them), plus the peer we saw.
     let peer = client.peer_header.clone();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) => {
-            HeaderValue::from_str(&format!("{existing}, {}", client.peer)).unwrap_or(peer)
+    let mut chain = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    let xff = if chain.peek().is_none() {
+        peer
+    } else {
+        let mut joined = Vec::with_capacity(64);
+        for value in chain {
+            joined.extend_from_slice(value.as_bytes());
+            joined.extend_from_slice(b", ");
         }
-        None => peer,
+        joined.extend_from_slice(peer.as_bytes());
+        HeaderValue::from_bytes(&joined).unwrap_or(peer)
     };
     headers.insert(&X_FORWARDED_FOR, xff);
     headers.insert(

@@ -173,7 +173,12 @@ impl Upstream {
         let target = self.upstream_target(cx.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         parts.version = Version::HTTP_11;
-        headers::prepare_request(&mut parts.headers, cx.client, cx.request_id);
+        headers::prepare_request(
+            &mut parts.headers,
+            cx.client,
+            cx.request_id,
+            parts.uri.authority(),
+        );
         if let Some(host) = &self.host {
             parts.headers.insert(HOST, host.clone());
         }
