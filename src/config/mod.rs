@@ -34,6 +34,8 @@ pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `server.max_header_bytes` (16 KiB).
 pub const DEFAULT_MAX_HEADER_BYTES: u64 = 16 * 1024;
+/// The largest `server.max_header_bytes` accepted (8 MiB, Envoy's ceiling too).
+pub const MAX_HEADER_BYTES_CEILING: u64 = 8 << 20;
 /// Default `server.max_body_bytes` (10 MiB).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 10 * 1024 * 1024;
 /// Default `server.max_connections`.

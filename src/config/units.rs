@@ -13,10 +13,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "duration \"{trimmed}\" has no unit; write it like \"{trimmed}s\" or \"{trimmed}ms\""
         ));
     }
-    humantime::parse_duration(trimmed).map_err(|e| {
+    let duration = humantime::parse_duration(trimmed).map_err(|e| {
         format!("invalid duration \"{trimmed}\" ({e}); write it like \"250ms\", \"10s\" or \"5m\"")
-    })
+    })?;
+    // No timeout, window or block needs more, and deadlines computed from larger ones would
+    // overflow the clock.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "duration \"{trimmed}\" is too long; the most is 365d"
+        ));
+    }
+    Ok(duration)
 }
+
+/// The longest duration a config may give: 365 days.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// Parses a size: a bare number of bytes or a number with a unit: `B`, `KiB`, `MiB`, `GiB`
 /// (powers of 1024) or `KB`, `MB`, `GB` (powers of 1000). Unit case is ignored.

@@ -194,6 +194,24 @@ impl Validator<'_, '_> {
         })
     }
 
+    /// A size no larger than `max` (which `check` names in `max`'s largest whole unit).
+    fn size_at_most(
+        &mut self,
+        value: &Option<Spanned<SizeFile>>,
+        default: u64,
+        max: u64,
+        name: &str,
+    ) -> u64 {
+        let size = self.size(value, default, name);
+        match value {
+            Some(value) if size > max => {
+                self.error(value.span(), format!("{name}: at most {} MiB", max >> 20));
+                default
+            }
+            _ => size,
+        }
+    }
+
     fn positive(&mut self, value: &Spanned<i64>, name: &str) -> Option<NonZeroU32> {
         match u32::try_from(*value.get_ref())
             .ok()
@@ -380,9 +398,10 @@ impl Validator<'_, '_> {
                 DEFAULT_IDLE_TIMEOUT,
                 "server.idle_timeout",
             ),
-            max_header_bytes: self.size(
+            max_header_bytes: self.size_at_most(
                 &s.max_header_bytes,
                 DEFAULT_MAX_HEADER_BYTES,
+                MAX_HEADER_BYTES_CEILING,
                 "server.max_header_bytes",
             ),
             max_body_bytes: self.size(
@@ -516,14 +535,27 @@ impl Validator<'_, '_> {
             None => DEFAULT_REDIS_URL.to_owned(),
             Some(u) => {
                 let text = u.get_ref().trim();
-                let ok = ["redis://", "rediss://", "unix://", "redis+unix://"]
+                // Parsed as the client will parse it, so `check` catches what would otherwise
+                // fail on the first request. The URL is not echoed: it may hold a password.
+                let problem = if text.starts_with("rediss://") {
+                    Some("TLS to Redis (rediss://) is not built in; use redis:// (through a TLS tunnel such as stunnel if the link needs one)".to_owned())
+                } else if !["redis://", "unix://", "redis+unix://"]
                     .iter()
-                    .any(|p| text.starts_with(p) && text.len() > p.len());
-                if !ok {
-                    self.error(
-                        u.span(),
-                        format!("limits.redis_url: \"{text}\" is not a URL like \"redis://127.0.0.1:6379\""),
-                    );
+                    .any(|p| text.starts_with(p) && text.len() > p.len())
+                {
+                    Some("not a URL like \"redis://127.0.0.1:6379\"".to_owned())
+                } else {
+                    redis::IntoConnectionInfo::into_connection_info(text)
+                        .err()
+                        .map(|e| {
+                            format!(
+                                "not a usable Redis URL ({})",
+                                e.detail().unwrap_or(e.category())
+                            )
+                        })
+                };
+                if let Some(problem) = problem {
+                    self.error(u.span(), format!("limits.redis_url: {problem}"));
                 }
                 text.to_owned()
             }
@@ -1038,6 +1070,26 @@ mod tests {
         ),
         ("[limits]\nredis_url = \"http://x\"", 2, "limits.redis_url"),
         (
+            "[limits]\nredis_url = \"rediss://:hunter2@r:6380\"",
+            2,
+            "TLS to Redis (rediss://) is not built in",
+        ),
+        (
+            "[limits]\nredis_url = \"redis://[::1\"",
+            2,
+            "limits.redis_url: not a usable Redis URL",
+        ),
+        (
+            "[server]\nidle_timeout = \"300000000000y\"",
+            2,
+            "is too long; the most is 365d",
+        ),
+        (
+            "[server]\nmax_header_bytes = \"1GiB\"",
+            2,
+            "server.max_header_bytes: at most 8 MiB",
+        ),
+        (
             "[limits]\non_backend_error = \"panic\"",
             2,
             "limits.on_backend_error",
@@ -1199,6 +1251,23 @@ mod tests {
             "{}",
             found[0].message
         );
+    }
+
+    #[test]
+    fn redis_passwords_are_never_echoed() {
+        for url in [
+            "rediss://:hunter2@r:6380",
+            "redis://:hunter2@[::1",
+            "http://:hunter2@r",
+        ] {
+            let found = issues(&format!("[limits]\nredis_url = \"{url}\""));
+            assert_eq!(found.len(), 1, "{url}: {found:#?}");
+            assert!(
+                !found[0].message.contains("hunter2"),
+                "{}",
+                found[0].message
+            );
+        }
     }
 
     #[test]
