@@ -27,21 +27,55 @@ pub async fn reload_on_sighup(path: PathBuf, gateway: Arc<Gateway>) {
     }
 }
 
+/// The settings that differ between `old` and `new` and are read only when the process or its
+/// listeners start, so a reload cannot apply them.
+pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (a, b) = (&old.server, &new.server);
+    [
+        ("server.listen", a.listen != b.listen),
+        ("admin.listen", old.admin.listen != new.admin.listen),
+        ("server.workers", a.workers != b.workers),
+        (
+            "server.header_read_timeout",
+            a.header_read_timeout != b.header_read_timeout,
+        ),
+        ("server.idle_timeout", a.idle_timeout != b.idle_timeout),
+        (
+            // The request-body side applies at once; the bound on writes to a client that
+            // stopped reading is the listener's.
+            "server.body_read_timeout (for response writes)",
+            a.body_read_timeout != b.body_read_timeout,
+        ),
+        (
+            "server.max_header_bytes",
+            a.max_header_bytes != b.max_header_bytes,
+        ),
+        (
+            "server.max_connections",
+            a.max_connections != b.max_connections,
+        ),
+        (
+            "server.shutdown_grace",
+            a.shutdown_grace != b.shutdown_grace,
+        ),
+        // New certificates are served to new connections; TLS itself is on or off per listener.
+        ("server.tls (on or off)", a.tls.is_some() != b.tls.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
+}
+
 /// Loads, validates and swaps in the config at `path`.
 pub fn reload(path: &std::path::Path, gateway: &Gateway) {
     match Config::load(path) {
         Ok(config) => {
             let old = gateway.snapshot();
-            if old.config.server.listen != config.server.listen
-                || old.config.admin.listen != config.admin.listen
-            {
+            let stay = restart_only_changes(&old.config, &config);
+            if !stay.is_empty() {
                 tracing::warn!(
-                    "listen addresses changed; that takes a restart, the old ones stay bound"
-                );
-            }
-            if old.config.server.tls.is_some() != config.server.tls.is_some() {
-                tracing::warn!(
-                    "[server.tls] added or removed; turning TLS on or off takes a restart (new certificates apply now)"
+                    settings = stay.join(", "),
+                    "config reloaded, but these settings take a restart; the running values stay"
                 );
             }
             gateway.reload(config);
@@ -56,5 +90,36 @@ pub fn reload(path: &std::path::Path, gateway: &Gateway) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(server: &str) -> Config {
+        let text = format!("[server]\nlisten = \"127.0.0.1:8080\"\n{server}");
+        Config::from_text(std::path::Path::new("t.toml"), &text).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_names_the_settings_it_cannot_apply() {
+        let old = config("idle_timeout = \"60s\"\nmax_body_bytes = \"1MiB\"");
+        let same = config("idle_timeout = \"60s\"\nmax_body_bytes = \"2MiB\"");
+        assert!(
+            restart_only_changes(&old, &same).is_empty(),
+            "max_body_bytes applies at once"
+        );
+        let new = config(
+            "idle_timeout = \"5s\"\nmax_connections = 10\nworkers = 3\nmax_body_bytes = \"1MiB\"",
+        );
+        assert_eq!(
+            restart_only_changes(&old, &new),
+            [
+                "server.workers",
+                "server.idle_timeout",
+                "server.max_connections"
+            ]
+        );
     }
 }
