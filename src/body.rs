@@ -11,12 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::proxy::InflightSlot;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::{Instant, Sleep};
 
 /// The boxed error type bodies share with hyper.
@@ -197,7 +197,7 @@ pin_project! {
             #[pin] body: Incoming,
             // The upstream's `max_inflight` slot: held until the body is fully streamed or
             // dropped (client gone), not just until the head arrived.
-            permit: Option<OwnedSemaphorePermit>,
+            permit: Option<InflightSlot>,
             // The request's span, so an abort mid-body is logged with its request ID.
             span: tracing::Span,
         },
@@ -219,7 +219,7 @@ impl ResponseBody {
 
     /// The upstream's body, streamed, holding `permit` until it ends or is dropped.
     /// Call inside the request's span.
-    pub fn upstream(body: Incoming, permit: Option<OwnedSemaphorePermit>) -> Self {
+    pub fn upstream(body: Incoming, permit: Option<InflightSlot>) -> Self {
         ResponseBody::Upstream {
             body,
             permit,
@@ -252,7 +252,9 @@ impl Body for ResponseBody {
                                 "upstream failure after the response head: client stream aborted"
                             )
                         });
-                        permit.take();
+                        if let Some(slot) = permit.take() {
+                            slot.count_reset_after_head();
+                        }
                     }
                     None => {
                         permit.take();

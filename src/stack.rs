@@ -96,7 +96,7 @@ impl Snapshot {
                 .map(|u| {
                     let old =
                         previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
-                    Upstream::new(u, old)
+                    Upstream::new(u, old, metrics)
                 })
                 .collect(),
             anonymous,

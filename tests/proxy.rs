@@ -315,6 +315,12 @@ async fn reset_mid_body_aborts_the_client_stream() {
     );
     let body = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert!(body.len() < 1000, "{} body bytes", body.len());
+    // Counted as an upstream failure like a reset before the head.
+    let metrics = get(gw.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("tollgate_upstream_failures_total{upstream=\"up\",kind=\"reset\"} 1\n"),
+        "{metrics}"
+    );
 
     // Chunked: one chunk, then the upstream goes away. The client's stream must end without
     // the terminating zero-length chunk.

@@ -281,6 +281,17 @@ impl Metrics {
             .inc();
     }
 
+    /// The `tollgate_upstream_failures_total` series of `upstream` and `kind`, to count
+    /// without a label lookup (an upstream keeps the one for resets after the head).
+    pub fn upstream_failure_counter(&self, upstream: &str, kind: &'static str) -> Counter {
+        self.upstream_failures
+            .get_or_create(&FailureLabels {
+                upstream: upstream.to_owned(),
+                kind,
+            })
+            .clone()
+    }
+
     /// Counts a rate-limit backend error.
     pub fn backend_error(&self) {
         self.backend_errors.inc();

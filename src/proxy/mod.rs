@@ -24,6 +24,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
@@ -31,11 +32,40 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
+use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain};
 use pool::{Pool, PoolFailure};
 use tls::Connector;
 
 pub use classify::may_retry;
+
+/// An upstream's `max_inflight` slots, and the counter of the failures its response bodies
+/// meet after the head was forwarded. A body holds a slot anyway, so it reaches the counter
+/// through it, with no reference count of its own per request.
+#[derive(Debug)]
+struct Slots {
+    gate: Semaphore,
+    /// `tollgate_upstream_failures_total{upstream, kind="reset"}`.
+    resets_after_head: Counter,
+}
+
+/// One `max_inflight` slot of an upstream, held until the response body ends or is dropped
+/// (or the upgraded connection closes).
+#[derive(Debug)]
+pub struct InflightSlot(Arc<Slots>);
+
+impl InflightSlot {
+    /// Counts an upstream failure after the response head: the client's stream was cut.
+    pub fn count_reset_after_head(&self) {
+        self.0.resets_after_head.inc();
+    }
+}
+
+impl Drop for InflightSlot {
+    fn drop(&mut self) {
+        self.0.gate.add_permits(1);
+    }
+}
 
 /// How long an idle pooled upstream connection is kept.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -53,7 +83,7 @@ pub struct Upstream {
     /// The keep-alive pool of a plain-http upstream; https ones use `client`.
     pool: Option<Arc<Pool>>,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
-    inflight: Arc<Semaphore>,
+    slots: Arc<Slots>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
     base_path: String,
     /// `Host` for plain-http upstreams (always HTTP/1.1), built once: left to the pooled
@@ -98,7 +128,7 @@ impl Upstream {
     /// `previous` (the same upstream in the config being replaced) are kept when the settings
     /// they depend on did not change, so a reload neither drops warm connections nor resets
     /// `max_inflight` accounting.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>) -> Self {
+    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>, metrics: &Metrics) -> Self {
         let same_connection = |p: &&Upstream| {
             p.config.url == config.url
                 && p.config.connect_timeout == config.connect_timeout
@@ -116,16 +146,20 @@ impl Upstream {
                 (client, upgrade_client, pool_for(config))
             }
         };
-        let inflight = match previous.filter(|p| p.config.max_inflight == config.max_inflight) {
-            Some(p) => p.inflight.clone(),
-            None => Arc::new(Semaphore::new(config.max_inflight.get() as usize)),
+        let slots = match previous.filter(|p| p.config.max_inflight == config.max_inflight) {
+            Some(p) => p.slots.clone(),
+            None => Arc::new(Slots {
+                gate: Semaphore::new(config.max_inflight.get() as usize),
+                resets_after_head: metrics
+                    .upstream_failure_counter(&config.name, FailureKind::Reset.as_str()),
+            }),
         };
         Self {
             config: config.clone(),
             client,
             upgrade_client,
             pool,
-            inflight,
+            slots,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
             host: host_header(&config.url),
         }
@@ -141,7 +175,7 @@ impl Upstream {
 
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
     pub fn in_flight(&self) -> usize {
-        self.config.max_inflight.get() as usize - self.inflight.available_permits()
+        self.config.max_inflight.get() as usize - self.slots.gate.available_permits()
     }
 
     /// Forwards `request` and returns the upstream's response with its body streaming, or
@@ -158,12 +192,18 @@ impl Upstream {
                 retry_after: self.config.retry_after,
             });
         }
-        let permit = self.inflight.clone().try_acquire_owned().map_err(|_| {
-            GatewayError::ServiceUnavailable {
-                kind: FailureKind::Overloaded,
-                retry_after: self.config.retry_after,
+        let permit = match self.slots.gate.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                InflightSlot(self.slots.clone())
             }
-        })?;
+            Err(_) => {
+                return Err(GatewayError::ServiceUnavailable {
+                    kind: FailureKind::Overloaded,
+                    retry_after: self.config.retry_after,
+                });
+            }
+        };
 
         // The client's upgrade handle lives in the request's extensions: take it before the
         // request is taken apart.

@@ -7,7 +7,6 @@ use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
 static CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
@@ -43,7 +42,7 @@ pub fn accepted<B>(response: &Response<B>) -> bool {
 
 /// Copies bytes between the client's and the upstream's upgraded connections, in a task of
 /// its own, holding the upstream's `max_inflight` slot while the tunnel is open.
-pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, permit: Option<OwnedSemaphorePermit>) {
+pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, permit: Option<super::InflightSlot>) {
     let task = async move {
         let _permit = permit;
         // The client side completes once hyper has written our 101 to it.
