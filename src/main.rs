@@ -141,9 +141,14 @@ fn run(path: PathBuf) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
+        let hup = signals::catch_sighup()?;
         let gateway = Arc::new(Gateway::new(config.clone()));
         let server = Server::bind(&config, gateway.clone()).await?;
-        tokio::spawn(signals::reload_on_sighup(path.clone(), gateway.clone()));
+        tokio::spawn(signals::reload_on_sighup(
+            hup,
+            path.clone(),
+            gateway.clone(),
+        ));
         tokio::spawn(file_watch::reload_on_change(
             path,
             gateway,

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::config::Config;
 use crate::stack::Gateway;
@@ -18,10 +18,16 @@ pub async fn shutdown_requested() {
     }
 }
 
-/// Reloads `path` into `gateway` on every SIGHUP. An invalid file is logged with every error
-/// and the running config stays.
-pub async fn reload_on_sighup(path: PathBuf, gateway: Arc<Gateway>) {
-    let mut hup = signal(SignalKind::hangup()).expect("installing a SIGHUP handler");
+/// Takes over SIGHUP (whose default action ends the process). Call before the listeners are
+/// bound: a SIGHUP from then on waits for [`reload_on_sighup`] instead of killing the gateway.
+pub fn catch_sighup() -> std::io::Result<Signal> {
+    signal(SignalKind::hangup())
+}
+
+/// Reloads `path` into `gateway` on every SIGHUP caught by `hup` (one that came before this
+/// started is handled at once). An invalid file is logged with every error and the running
+/// config stays.
+pub async fn reload_on_sighup(mut hup: Signal, path: PathBuf, gateway: Arc<Gateway>) {
     while hup.recv().await.is_some() {
         reload(&path, &gateway);
     }
