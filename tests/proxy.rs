@@ -368,6 +368,7 @@ async fn upstream_gateway_errors_get_the_envelope_others_pass_through() {
             let response = match path.as_str() {
                 "/502" => page("502 Bad Gateway", ""),
                 "/503" => page("503 Service Unavailable", "Retry-After: 120\r\n"),
+                "/503-bare" => page("503 Service Unavailable", ""),
                 "/504" => page("504 Gateway Timeout", ""),
                 "/500" => page("500 Internal Server Error", ""),
                 _ => page("404 Not Found", ""),
@@ -378,11 +379,14 @@ async fn upstream_gateway_errors_get_the_envelope_others_pass_through() {
         }
     })
     .await;
-    let gw = gateway(&format!("http://{up}"), "", "").await;
-    for (path, status, code) in [
-        ("/502", 502, "bad_gateway"),
-        ("/503", 503, "service_unavailable"),
-        ("/504", 504, "gateway_timeout"),
+    let gw = gateway(&format!("http://{up}"), "retry_after = \"45s\"", "").await;
+    for (path, status, code, retry) in [
+        ("/502", 502, "bad_gateway", None),
+        // The upstream's own Retry-After is kept...
+        ("/503", 503, "service_unavailable", Some("120")),
+        // ...and a 503 without one gets the upstream's `retry_after`, as every 503 does.
+        ("/503-bare", 503, "service_unavailable", Some("45")),
+        ("/504", 504, "gateway_timeout", None),
     ] {
         let reply = get(gw.addr, path, &[]).await;
         assert_failure(&reply, status, code, up);
@@ -390,8 +394,7 @@ async fn upstream_gateway_errors_get_the_envelope_others_pass_through() {
             reply.header("server").is_none(),
             "upstream Server header kept"
         );
-        let expected_retry = (status == 503).then_some("120");
-        assert_eq!(reply.header("retry-after"), expected_retry, "{path}");
+        assert_eq!(reply.header("retry-after"), retry, "{path}");
     }
     for (path, status) in [("/500", 500), ("/404", 404)] {
         let reply = get(gw.addr, path, &[]).await;

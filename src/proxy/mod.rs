@@ -298,9 +298,16 @@ impl Upstream {
         {
             // The upstream's page is dropped unread (its connection is not reused): it may
             // name internal hosts, versions or stack traces.
+            // Every 503 tells the client when to come back: the upstream's own Retry-After,
+            // else this upstream's `retry_after`.
+            let retry_after = response.headers().get(RETRY_AFTER).cloned().or_else(|| {
+                (status == StatusCode::SERVICE_UNAVAILABLE).then(|| {
+                    HeaderValue::from(crate::error::retry_after_secs(self.config.retry_after))
+                })
+            });
             return Err(GatewayError::UpstreamStatus {
                 status,
-                retry_after: response.headers().get(RETRY_AFTER).cloned(),
+                retry_after,
             });
         }
         let (mut head, body) = response.into_parts();
