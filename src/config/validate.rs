@@ -53,8 +53,14 @@ impl Source<'_> {
     }
 }
 
-/// Parses one TOML file into `T`, reporting syntax errors, every unknown key, and the first
-/// type error. `root` names the schema (`""` for the main config, `"keys_file"`).
+/// Type errors reported from one file before giving up on the rest.
+const MAX_TYPE_ERRORS: usize = 50;
+
+/// Parses one TOML file into `T`, reporting syntax errors, every unknown key, and every type
+/// error. `root` names the schema (`""` for the main config, `"keys_file"`). serde stops at
+/// the first type error, so each one's value is taken out of the document and the rest is
+/// deserialized again, then checked like any file (the issues already make it invalid, so the
+/// values taken out are never used).
 fn parse<T: serde::de::DeserializeOwned>(
     src: &Source<'_>,
     root: &str,
@@ -70,13 +76,59 @@ fn parse<T: serde::de::DeserializeOwned>(
     for unknown in strip_unknown(doc.get_mut(), root) {
         issues.push(src.issue(unknown.span, unknown.message));
     }
-    match T::deserialize(toml::de::Deserializer::from(doc)) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            issues.push(src.issue(e.span().unwrap_or(0..0), e.message().trim()));
-            None
+    // Keys taken out for a type error: serde then misses them ("missing field"), which is
+    // not news to report.
+    let mut taken: Vec<String> = Vec::new();
+    let mut reported = 0;
+    loop {
+        let error = match T::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
+        let message = error.message().trim();
+        let span = error.span().unwrap_or(0..0);
+        let consequence = taken
+            .iter()
+            .any(|key| message == format!("missing field `{key}`"));
+        if !consequence {
+            issues.push(src.issue(span.clone(), message));
+            reported += 1;
+        }
+        match take_value_at(doc.get_mut(), &span) {
+            Some(key) if reported < MAX_TYPE_ERRORS => taken.push(key),
+            _ => return None,
         }
     }
+}
+
+/// Removes the innermost value of `table` whose span holds `span` and returns the key it was
+/// under; `None` when nothing holds it. Every table is searched, since a table opened by a
+/// `[header]` spans only its header. Within an array of tables it looks inside the items; a
+/// bad plain array item takes its whole array out.
+fn take_value_at(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Option<String> {
+    let holds = |outer: std::ops::Range<usize>| outer.start <= span.start && span.end <= outer.end;
+    let keys: Vec<_> = table.keys().cloned().collect();
+    for key in keys {
+        let value = table.get_mut(&key).expect("listed above");
+        let inner = match value.get_mut() {
+            toml::de::DeValue::Table(t) => take_value_at(t, span),
+            toml::de::DeValue::Array(items) => {
+                items.iter_mut().find_map(|item| match item.get_mut() {
+                    toml::de::DeValue::Table(t) => take_value_at(t, span),
+                    _ => None,
+                })
+            }
+            _ => None,
+        };
+        if inner.is_some() {
+            return inner;
+        }
+        if holds(value.span()) {
+            table.remove(&key);
+            return Some(key.get_ref().to_string());
+        }
+    }
+    None
 }
 
 /// Loads the main config text and, if it names one, the keys file (through `read`).
@@ -1250,6 +1302,22 @@ mod tests {
             !found[0].message.contains("TOPSECRET"),
             "{}",
             found[0].message
+        );
+    }
+
+    #[test]
+    fn every_type_error_is_reported_not_just_the_first() {
+        let text = "[server]\nworkers = \"two\"\n\
+                    [[upstreams]]\nname = 5\nurl = \"http://127.0.0.1:1\"\nmax_inflight = \"many\"\n\
+                    [[routes]]\nprefix = \"/\"\nupstream = \"u\"\nmethods = \"GET\"\n\
+                    [limits.ip_throttle]\nrejections = true\n";
+        let found = issues(text);
+        let lines: Vec<usize> = found.iter().map(|i| i.line).collect();
+        // Line 9 is the route's own mistake: no upstream is named "u".
+        assert_eq!(lines, [2, 4, 6, 9, 10, 12], "{found:#?}");
+        assert!(
+            found.iter().all(|i| !i.message.contains("missing field")),
+            "a taken-out value is not reported again as missing: {found:#?}"
         );
     }
 
