@@ -31,7 +31,7 @@ use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
 use crate::proxy::headers::{X_TOLLGATE_KEY_ID, X_TOLLGATE_PLAN};
 use crate::proxy::{ClientInfo, Forward, Upstream};
-use crate::route::Router;
+use crate::route::{PathError, Router};
 use crate::server::client_ip::client_ip;
 use crate::server::{Handler, RequestContext};
 
@@ -237,9 +237,19 @@ impl Gateway {
             return Err(GatewayError::IpThrottled { retry_after: wait });
         }
 
+        // Routed, and forwarded, in normal form: an encoded, doubled or dotted path must not
+        // reach a route other than the one the upstream will serve.
+        match crate::route::normalize_path(request.uri().path()) {
+            Ok(None) => {}
+            Ok(Some(normal)) => set_path(&mut request, &normal)?,
+            Err(PathError::EncodedSlash) => {
+                return Err(GatewayError::BadRequest("encoded slash in the path"));
+            }
+        }
+        let params_dropped = crate::route::without_params(request.uri().path());
         let route = snapshot
             .router
-            .find(request.uri().path())
+            .find(params_dropped.as_deref().unwrap_or(request.uri().path()))
             .ok_or(GatewayError::NoRoute)?;
         trace.labels.route = Some(route.index);
         if !route.allows(request.method()) {
@@ -318,7 +328,15 @@ impl Gateway {
             RouteTarget::Upstream(index) => {
                 let upstream = &snapshot.upstreams[*index];
                 let stripped = route.config.strip_prefix.then(|| {
-                    let rest = &request.uri().path()[route.config.prefix.len()..];
+                    // The route may have matched only once segment parameters were dropped.
+                    let path = request.uri().path();
+                    let rest = match path.strip_prefix(route.config.prefix.as_str()) {
+                        Some(rest) => rest,
+                        None => params_dropped
+                            .as_deref()
+                            .and_then(|p| p.strip_prefix(route.config.prefix.as_str()))
+                            .unwrap_or(""),
+                    };
                     if rest.starts_with('/') {
                         rest.to_owned()
                     } else {
@@ -488,6 +506,19 @@ fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError>
             "the Host header disagrees with the request target",
         ));
     }
+    Ok(())
+}
+
+/// Replaces the request's path, keeping its query.
+fn set_path<B>(request: &mut Request<B>, path: &str) -> Result<(), GatewayError> {
+    let invalid = || GatewayError::BadRequest("invalid path");
+    let target = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| invalid())?);
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|_| invalid())?;
     Ok(())
 }
 

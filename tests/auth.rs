@@ -192,6 +192,38 @@ async fn missing_scope_is_403_naming_the_scope() {
     assert_eq!(r.status, 200);
 }
 
+/// A path spelled differently (escapes, doubled slashes, dot segments, segment parameters)
+/// reaches the route the upstream will serve it as, scopes and all.
+#[tokio::test]
+async fn a_scoped_route_cannot_be_reached_by_respelling_its_path() {
+    let (gw, _) = setup("", "", "").await;
+    for path in [
+        "/v1/campaigns/%77rite",
+        "/v1//campaigns/write",
+        "/v1/x/../campaigns/write",
+        "/v1/./campaigns/./write",
+        "/v1/x/%2E%2E/campaigns/write",
+        "/v1/public/..;/campaigns/write",
+        "/v1/campaigns;x=1/write",
+    ] {
+        let r = get(gw.addr, path, &[("X-API-Key", READER)]).await;
+        assert_eq!(r.status, 403, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "permission_denied", "{path}");
+    }
+    let r = get(gw.addr, "/v1/campaigns%2Fwrite", &[("X-API-Key", READER)]).await;
+    assert_eq!(r.status, 400, "an encoded slash is ambiguous: {}", r.text());
+    // The upstream gets the path in the form it was routed by.
+    let r = get(
+        gw.addr,
+        "/v1/x/../campaigns/%77rite?draft=1",
+        &[("X-API-Key", GOOD)],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["path"], "/v1/campaigns/write");
+    assert_eq!(r.json()["query"], "draft=1");
+}
+
 #[tokio::test]
 async fn public_routes_need_no_key_but_check_one_if_given() {
     let (gw, _) = setup("", "", "").await;
