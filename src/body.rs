@@ -198,6 +198,12 @@ pin_project! {
             // The upstream's `max_inflight` slot: held until the body is fully streamed or
             // dropped (client gone), not just until the head arrived.
             permit: Option<InflightSlot>,
+            // The upstream's `timeout`, also the longest wait for its next body bytes (as
+            // nginx's `proxy_read_timeout`): an upstream that stops sending mid-body cannot
+            // hold the client, the slot and the connection forever.
+            stall: Duration,
+            // Armed the first time the body waits; boxed so the body stays `Unpin`.
+            timer: Option<Pin<Box<Sleep>>>,
             // The request's span, so an abort mid-body is logged with its request ID.
             span: tracing::Span,
         },
@@ -217,12 +223,14 @@ impl ResponseBody {
         Self::full(Bytes::new())
     }
 
-    /// The upstream's body, streamed, holding `permit` until it ends or is dropped.
-    /// Call inside the request's span.
-    pub fn upstream(body: Incoming, permit: Option<InflightSlot>) -> Self {
+    /// The upstream's body, streamed, holding `permit` until it ends or is dropped, and
+    /// failed when no bytes come for `stall`. Call inside the request's span.
+    pub fn upstream(body: Incoming, permit: Option<InflightSlot>, stall: Duration) -> Self {
         ResponseBody::Upstream {
             body,
             permit,
+            stall,
+            timer: None,
             span: tracing::Span::current(),
         }
     }
@@ -238,8 +246,38 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.project() {
             ResponseBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
-            ResponseBodyProj::Upstream { body, permit, span } => {
-                let polled = ready!(body.poll_frame(cx));
+            ResponseBodyProj::Upstream {
+                body,
+                permit,
+                stall,
+                timer,
+                span,
+            } => {
+                let polled = match body.poll_frame(cx) {
+                    Poll::Ready(polled) => {
+                        if let Some(timer) = timer.as_mut() {
+                            timer.as_mut().reset(Instant::now() + *stall);
+                        }
+                        polled
+                    }
+                    Poll::Pending => {
+                        let stall = *stall;
+                        let timer =
+                            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                        ready!(timer.as_mut().poll(cx));
+                        span.in_scope(|| {
+                            tracing::warn!(
+                                kind = crate::error::FailureKind::Timeout.as_str(),
+                                stalled_for = ?stall,
+                                "upstream body stalled after the response head: client stream aborted"
+                            )
+                        });
+                        if let Some(slot) = permit.take() {
+                            slot.count_timeout_after_head();
+                        }
+                        return Poll::Ready(Some(Err("upstream response body stalled".into())));
+                    }
+                };
                 match &polled {
                     // An upstream error mid-body propagates, so hyper aborts the client
                     // stream (no terminating chunk, or a short Content-Length body) instead of

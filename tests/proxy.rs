@@ -289,6 +289,41 @@ async fn raw_exchange(gw: SocketAddr, path: &str) -> Vec<u8> {
     buf
 }
 
+/// An upstream that sends the head, some of the body, then nothing (its connection open): the
+/// upstream's `timeout` also bounds the wait for its next body bytes, as nginx's
+/// `proxy_read_timeout` does; the client's stream is cut, never ended cleanly.
+#[tokio::test]
+async fn an_upstream_body_that_stalls_is_cut_after_timeout() {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "timeout = \"400ms\"", "").await;
+    let started = std::time::Instant::now();
+    let raw = raw_exchange(gw.addr, "/").await;
+    let took = started.elapsed();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0123456789"), "{text}");
+    assert!(
+        parse_reply(&raw).is_none(),
+        "a short body, not a complete one"
+    );
+    assert!(
+        took >= Duration::from_millis(350) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let metrics = get(gw.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains("tollgate_upstream_failures_total{upstream=\"up\",kind=\"timeout\"} 1\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn reset_mid_body_aborts_the_client_stream() {
     // Content-Length 1000, then 10 bytes, then the upstream goes away.

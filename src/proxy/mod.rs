@@ -47,6 +47,8 @@ struct Slots {
     gate: Semaphore,
     /// `tollgate_upstream_failures_total{upstream, kind="reset"}`.
     resets_after_head: Counter,
+    /// `tollgate_upstream_failures_total{upstream, kind="timeout"}`.
+    timeouts_after_head: Counter,
 }
 
 /// One `max_inflight` slot of an upstream, held until the response body ends or is dropped
@@ -58,6 +60,11 @@ impl InflightSlot {
     /// Counts an upstream failure after the response head: the client's stream was cut.
     pub fn count_reset_after_head(&self) {
         self.0.resets_after_head.inc();
+    }
+
+    /// Counts an upstream body that stalled past `timeout` after the response head.
+    pub fn count_timeout_after_head(&self) {
+        self.0.timeouts_after_head.inc();
     }
 }
 
@@ -152,6 +159,8 @@ impl Upstream {
                 gate: Semaphore::new(config.max_inflight.get() as usize),
                 resets_after_head: metrics
                     .upstream_failure_counter(&config.name, FailureKind::Reset.as_str()),
+                timeouts_after_head: metrics
+                    .upstream_failure_counter(&config.name, FailureKind::Timeout.as_str()),
             }),
         };
         Self {
@@ -314,7 +323,7 @@ impl Upstream {
         headers::prepare_response(&mut head.headers);
         Ok(Response::from_parts(
             head,
-            ResponseBody::upstream(body, Some(permit)),
+            ResponseBody::upstream(body, Some(permit), self.config.timeout),
         ))
     }
 
