@@ -7,7 +7,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -61,6 +61,9 @@ pub struct BodyProgress {
     base: Instant,
     /// Nanoseconds from `base` to the last movement.
     last: AtomicU64,
+    /// Whether the body is waiting for the client's next bytes (the upstream asked for more,
+    /// so it is not the upstream holding things up).
+    waiting_on_client: AtomicBool,
 }
 
 impl BodyProgress {
@@ -68,7 +71,18 @@ impl BodyProgress {
         Self {
             base: Instant::now(),
             last: AtomicU64::new(0),
+            waiting_on_client: AtomicBool::new(false),
         }
+    }
+
+    /// Whether the body is waiting for the client (a stall there is the client's, bounded by
+    /// `body_read_timeout`, not the upstream's).
+    pub fn waiting_on_client(&self) -> bool {
+        self.waiting_on_client.load(Ordering::Relaxed)
+    }
+
+    fn set_waiting_on_client(&self, waiting: bool) {
+        self.waiting_on_client.store(waiting, Ordering::Relaxed);
     }
 
     fn moved(&self) {
@@ -139,7 +153,11 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(progress) = &this.progress {
+            progress.set_waiting_on_client(polled.is_pending());
+        }
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     this.seen += data.len() as u64;

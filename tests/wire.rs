@@ -536,25 +536,29 @@ async fn reload_swaps_routes_for_new_requests() {
 
 #[tokio::test]
 async fn a_stalled_request_body_gets_408() {
-    let up = echo_upstream().await;
-    let gw = TestGateway::start(config(
-        "body_read_timeout = \"300ms\"",
-        &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
-    ))
-    .await;
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-part")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
-        .await
-        .expect("answered within 5s")
-        .unwrap();
-    let reply = parse_reply(&buf).expect("a response");
-    assert_eq!(reply.status, 408, "{}", reply.text());
-    assert_eq!(reply.json()["error"]["code"], "request_timeout");
+    // The client's stall is the client's: 408 whichever of the upstream's `timeout` and
+    // `body_read_timeout` is shorter (the upstream, reading the body, is not at fault).
+    for (body_read_timeout, upstream_timeout) in [("300ms", "30s"), ("600ms", "200ms")] {
+        let up = echo_upstream().await;
+        let gw = TestGateway::start(config(
+            &format!("body_read_timeout = \"{body_read_timeout}\""),
+            &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\ntimeout = \"{upstream_timeout}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
+        ))
+        .await;
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-part")
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+            .await
+            .expect("answered within 5s")
+            .unwrap();
+        let reply = parse_reply(&buf).expect("a response");
+        assert_eq!(reply.status, 408, "{upstream_timeout}: {}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], "request_timeout");
+    }
 }
 
 /// An upstream that counts the requests it receives (any bytes at all count as one).

@@ -411,7 +411,7 @@ enum Transport<'a> {
 type Failed = (Failure, Option<Box<Request<RequestBody>>>);
 
 /// When the upstream's response head is due: `timeout` after the request started, or after
-/// its body last moved, whichever is later.
+/// its body last moved, whichever is later; never while the body waits for the client.
 struct Deadline {
     at: Instant,
     timeout: Duration,
@@ -433,9 +433,15 @@ impl Deadline {
                     // body's next bytes can be due at once: let the connection tasks read
                     // what has arrived before judging the body stalled.
                     tokio::task::yield_now().await;
-                    let moved = self.body.as_ref().map(|b| b.last() + self.timeout);
-                    match moved {
-                        Some(later) if later > at => at = later,
+                    let Some(body) = &self.body else { return None };
+                    // A body waiting for the client is the client's stall: the body's own
+                    // `body_read_timeout` answers it (408), not this one (504).
+                    if body.waiting_on_client() {
+                        at = Instant::now() + self.timeout;
+                        continue;
+                    }
+                    match body.last() + self.timeout {
+                        later if later > at => at = later,
                         _ => return None,
                     }
                 }
