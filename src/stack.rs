@@ -606,7 +606,8 @@ impl Handler for Gateway {
                         "denied: rate-limit backend down"
                     );
                 }
-                self.render_error(&error, &ctx.request_id)
+                // In the request's own snapshot's style, like everything else about it.
+                snapshot.renderer.render(&error, &ctx.request_id)
             }
         };
         // Every response to a charged request reports the bucket, errors included.

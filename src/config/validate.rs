@@ -966,6 +966,15 @@ impl Validator<'_, '_> {
                 parsed
             });
             let scopes = self.scopes(&r.scopes);
+            if r.auth == Some(false)
+                && let Some(first) = r.scopes.first()
+            {
+                // A client could skip them by sending no key at all.
+                self.error(
+                    first.span(),
+                    format!("route \"{prefix}\": scopes need a key, so a public route (auth = false) cannot require them; remove auth = false or the scopes"),
+                );
+            }
             if let Some(target) = target {
                 out.push(RouteConfig {
                     prefix: prefix.to_owned(),
@@ -1121,6 +1130,11 @@ mod tests {
             "limits.backend must be one of",
         ),
         ("[limits]\nredis_url = \"http://x\"", 2, "limits.redis_url"),
+        (
+            "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\nauth = false\nscopes = [\"admin\"]",
+            5,
+            "scopes need a key, so a public route (auth = false) cannot require them",
+        ),
         (
             "[limits]\nredis_url = \"rediss://:hunter2@r:6380\"",
             2,
@@ -1443,11 +1457,11 @@ prefix = "/v1/"
 upstream = "core"
 scopes = ["a:read"]
 methods = ["GET", "POST"]
-auth = false
 strip_prefix = true
 [[routes]]
 prefix = "/ok"
 respond = {{ status = 204, body = "", content_type = "text/plain" }}
+auth = false
 "#,
             keys = keys.display()
         );

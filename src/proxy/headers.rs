@@ -21,9 +21,13 @@ pub(crate) static X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tol
 pub(crate) static X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollgate-plan");
 
 /// Headers the gateway sets or reads for the upstream, which a sender cannot remove by
-/// naming them in `Connection` (else a client could hide its identity from the upstream).
+/// naming them in `Connection` (else a client could hide its identity, or the address chain
+/// a trusted proxy built, from the upstream).
 fn protected(name: &HeaderName) -> bool {
-    name == HOST || *name == X_TOLLGATE_KEY_ID || *name == X_TOLLGATE_PLAN
+    name == HOST
+        || *name == X_TOLLGATE_KEY_ID
+        || *name == X_TOLLGATE_PLAN
+        || *name == X_FORWARDED_FOR
 }
 
 /// Removes hop-by-hop headers, including any named in `Connection` (RFC 9110 7.6.1).

@@ -246,9 +246,12 @@ impl Pool {
     }
 
     fn close_idle_at(&self, now: Instant) {
-        let mut connections = self.lock();
-        self.drop_idle(&mut connections, now);
-        connections.retain(|c| !c.sender.is_closed());
+        // Every connection, not just the idle run at the front: one long response there must
+        // not keep the idle ones behind it open.
+        self.lock().retain(|c| {
+            let idle = c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout;
+            !(c.sender.is_closed() || idle)
+        });
     }
 
     /// Least recently used first: the idle ones past `idle_timeout` are at the front.
@@ -413,5 +416,42 @@ mod tests {
         assert_eq!(pool.len(), 1, "idle for less than the timeout: kept");
         pool.close_idle_at(used + Duration::from_secs(91));
         assert_eq!(pool.len(), 0, "idle past the timeout: closed");
+    }
+
+    #[tokio::test]
+    async fn housekeeping_closes_idle_connections_behind_busy_ones() {
+        let pool = std::sync::Arc::new(Pool::new(
+            upstream().await.to_string(),
+            Duration::from_secs(1),
+            Duration::from_secs(90),
+        ));
+        // Three connections: two busy on `/slow`, one idle again after a fast request.
+        for i in 0..3 {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                let mut request = get();
+                if i != 1 {
+                    *request.uri_mut() = http::Uri::from_static("/slow");
+                }
+                let _ = pool.send(request).await;
+            });
+        }
+        settle(&pool, 3, 1).await;
+        let last_used = {
+            // The busy ones at the least recently used end, where idle ones are looked for.
+            let mut connections = pool.lock();
+            connections
+                .make_contiguous()
+                .sort_by_key(|c| c.sender.is_ready());
+            connections[2].last_used
+        };
+        pool.close_idle_at(last_used + Duration::from_secs(91));
+        let connections = pool.lock();
+        assert_eq!(
+            connections.len(),
+            2,
+            "the idle one closed, the busy ones kept"
+        );
+        assert!(connections.iter().all(|c| !c.sender.is_ready()));
     }
 }
