@@ -298,7 +298,9 @@ impl Gateway {
                     policy: &identity.record.limits.policy,
                 }),
             (None, Some(anonymous)) => Some(RateInfo {
-                decision: anonymous.limiter.check(&client),
+                decision: anonymous
+                    .limiter
+                    .check(&crate::server::client_ip::limit_key(client)),
                 policy: &anonymous.policy,
             }),
             (None, None) => None,

@@ -331,4 +331,17 @@ async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
         200,
         "per IP"
     );
+    // An IPv6 client is its /64: new interface ids do not bring a fresh bucket.
+    for ip in ["2001:db8:7:7::1", "2001:db8:7:7::2"] {
+        assert_eq!(get(gw.addr, "/public/x", &from(ip)).await.status, 200);
+    }
+    let r = get(gw.addr, "/public/x", &from("2001:db8:7:7:ffff::3")).await;
+    assert_eq!(r.status, 429, "same /64");
+    assert_eq!(
+        get(gw.addr, "/public/x", &from("2001:db8:7:8::1"))
+            .await
+            .status,
+        200,
+        "another /64"
+    );
 }

@@ -1,5 +1,6 @@
 //! A per-client-IP tripwire: `count` events (401s, or 429s) within `window` block the IP for
-//! `block_for`. Backs `limits.failed_auth` and `limits.ip_throttle`.
+//! `block_for`. Backs `limits.failed_auth` and `limits.ip_throttle`. An IPv6 client counts as
+//! its /64 ([`limit_key`]).
 //!
 //! Memory is bounded: at most [`MAX_TRACKED_IPS`] entries. Expired entries are swept at most
 //! once a second when the table is full; if it is still full, new IPs are not tracked until
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::config::Tripwire;
+use crate::server::client_ip::limit_key;
 
 /// Most client IPs one tripwire tracks at once (about 100 bytes each).
 pub const MAX_TRACKED_IPS: usize = 100_000;
@@ -51,15 +53,17 @@ impl IpTripwire {
         }
     }
 
-    /// How much longer `ip` is blocked, if it is.
+    /// How much longer `ip` is blocked, if it is (an IPv6 address counts as its /64).
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
-        let entry = self.entries.get(&ip)?;
+        let entry = self.entries.get(&limit_key(ip))?;
         let until = entry.blocked_until?;
         (until > now).then(|| until - now)
     }
 
-    /// Records one event from `ip`; returns true if this event tripped the block.
+    /// Records one event from `ip` (an IPv6 address counts as its /64); returns true if this
+    /// event tripped the block.
     pub fn record(&self, ip: IpAddr, now: Instant, rule: &Tripwire) -> bool {
+        let ip = limit_key(ip);
         if !self.entries.contains_key(&ip) && self.entries.len() >= self.capacity {
             self.sweep_if_due(now, rule);
             if self.entries.len() >= self.capacity {
@@ -170,6 +174,22 @@ mod tests {
         assert!(!t.record(ip(1), t0, &r));
         assert!(!t.record(ip(1), t0 + Duration::from_secs(61), &r));
         assert!(t.record(ip(1), t0 + Duration::from_secs(62), &r));
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_as_its_64() {
+        let t = IpTripwire::default();
+        let r = rule(3);
+        let t0 = Instant::now();
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Three addresses of one /64 (one subscriber rotating its interface ids) trip it...
+        assert!(!t.record(v6("2001:db8:1:2::1"), t0, &r));
+        assert!(!t.record(v6("2001:db8:1:2:aaaa::9"), t0, &r));
+        assert!(t.record(v6("2001:db8:1:2:ffff:ffff:ffff:ffff"), t0, &r));
+        // ...for the whole /64, and only that one.
+        assert!(t.blocked(v6("2001:db8:1:2:1234::1"), t0).is_some());
+        assert_eq!(t.blocked(v6("2001:db8:1:3::1"), t0), None);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]
