@@ -356,6 +356,7 @@ impl Gateway {
                     request_id: &ctx.request_id,
                     max_body_bytes: server.max_body_bytes,
                     body_read_timeout: server.body_read_timeout,
+                    idle_timeout: server.idle_timeout,
                     normalize_5xx: snapshot.config.errors.normalize_upstream_5xx,
                 };
                 // Logged here, where the upstream is known; inside the request's span, so the

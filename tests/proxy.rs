@@ -611,6 +611,59 @@ async fn websocket_upgrade_passes_through_as_a_byte_stream() {
     }
 }
 
+/// A tunnel that carries nothing for `idle_timeout` is closed and gives its `max_inflight`
+/// slot back: a peer that vanished without a FIN cannot hold it forever.
+#[tokio::test]
+async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let gw = gateway(
+        &format!("http://{up}"),
+        "max_inflight = 1",
+        "idle_timeout = \"400ms\"",
+    )
+    .await;
+    let open = || async {
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        client
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await
+            .unwrap();
+        let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut client))
+            .await
+            .unwrap();
+        (client, head)
+    };
+    let (mut client, head) = open().await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // Traffic keeps it open past the idle timeout...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        client.read_exact(&mut back).await.unwrap();
+    }
+    // ...silence closes it.
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest))
+        .await
+        .expect("closed within 5s")
+        .unwrap();
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(350), "{took:?}");
+    // The one slot is free again: a new tunnel opens instead of a 503.
+    let (_client, head) = open().await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+}
+
 #[tokio::test]
 async fn keep_alive_connections_to_the_upstream_are_reused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -126,6 +126,8 @@ pub struct Forward<'a> {
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`: a body that stalls this long fails.
     pub body_read_timeout: Duration,
+    /// `server.idle_timeout`: an upgraded tunnel idle this long is closed.
+    pub idle_timeout: Duration,
     /// `errors.normalize_upstream_5xx`.
     pub normalize_5xx: bool,
 }
@@ -292,7 +294,12 @@ impl Upstream {
             if let Some(protocol) = protocol {
                 upgrade::restore_headers(&mut head.headers, protocol);
             }
-            upgrade::tunnel(client_upgrade, upstream_upgrade, Some(permit));
+            upgrade::tunnel(
+                client_upgrade,
+                upstream_upgrade,
+                Some(permit),
+                cx.idle_timeout,
+            );
             return Ok(Response::from_parts(head, ResponseBody::empty()));
         }
 

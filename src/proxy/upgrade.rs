@@ -7,6 +7,13 @@ use http::header::{CONNECTION, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Version};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 static CONNECTION_UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
@@ -41,8 +48,15 @@ pub fn accepted<B>(response: &Response<B>) -> bool {
 }
 
 /// Copies bytes between the client's and the upstream's upgraded connections, in a task of
-/// its own, holding the upstream's `max_inflight` slot while the tunnel is open.
-pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, permit: Option<super::InflightSlot>) {
+/// its own, holding the upstream's `max_inflight` slot while the tunnel is open. A tunnel
+/// that carries no byte either way for `idle` is closed (as `idle_timeout` closes an idle
+/// connection): a peer that vanished without a FIN cannot hold the slot forever.
+pub fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    permit: Option<super::InflightSlot>,
+    idle: Duration,
+) {
     let task = async move {
         let _permit = permit;
         // The client side completes once hyper has written our 101 to it.
@@ -53,16 +67,109 @@ pub fn tunnel(client: OnUpgrade, upstream: OnUpgrade, permit: Option<super::Infl
                 return;
             }
         };
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
-        match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-            Ok((up, down)) => {
-                tracing::debug!(bytes_up = up, bytes_down = down, "upgraded stream closed")
+        let activity = Arc::new(Activity::new());
+        let mut client = Watched::new(TokioIo::new(client), activity.clone());
+        let mut upstream = Watched::new(TokioIo::new(upstream), activity.clone());
+        let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+        tokio::select! {
+            copied = copy => match copied {
+                Ok((up, down)) => {
+                    tracing::debug!(bytes_up = up, bytes_down = down, "upgraded stream closed")
+                }
+                Err(error) => tracing::debug!(%error, "upgraded stream ended with an error"),
+            },
+            () = activity.idle_for(idle) => {
+                tracing::debug!(?idle, "upgraded stream idle: closed");
             }
-            Err(error) => tracing::debug!(%error, "upgraded stream ended with an error"),
         }
     };
     tokio::spawn(task.instrument(tracing::Span::current()));
+}
+
+/// When a tunnel last carried a byte.
+struct Activity {
+    base: Instant,
+    /// Nanoseconds from `base`.
+    last: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn moved(&self) {
+        let since = u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(since, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `idle`.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.base + Duration::from_nanos(self.last.load(Ordering::Relaxed));
+            if last.elapsed() >= idle {
+                return;
+            }
+            tokio::time::sleep_until(last + idle).await;
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An upgraded connection that records each byte moved in its tunnel's [`Activity`].
+    struct Watched<T> {
+        #[pin]
+        io: T,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<T> Watched<T> {
+    fn new(io: T, activity: Arc<Activity>) -> Self {
+        Self { io, activity }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Watched<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let polled = this.io.poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.moved();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Watched<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let polled = this.io.poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.moved();
+        }
+        polled
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
