@@ -15,6 +15,7 @@ pub mod tls;
 pub mod upgrade;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::header::{HOST, RETRY_AFTER};
@@ -45,6 +46,12 @@ pub use classify::may_retry;
 #[derive(Debug)]
 struct Slots {
     gate: Semaphore,
+    /// `max_inflight` now: a reload resizes the gate in place, so requests already in flight
+    /// keep counting against the new limit.
+    max: AtomicUsize,
+    /// Slots to retire as they come back: a shrink below the slots in use takes the rest
+    /// from the requests that finish.
+    debt: AtomicUsize,
     /// `tollgate_upstream_failures_total{upstream, kind="reset"}`.
     resets_after_head: Counter,
     /// `tollgate_upstream_failures_total{upstream, kind="timeout"}`.
@@ -70,7 +77,61 @@ impl InflightSlot {
 
 impl Drop for InflightSlot {
     fn drop(&mut self) {
-        self.0.gate.add_permits(1);
+        let retired = self
+            .0
+            .debt
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+            .is_ok();
+        if !retired {
+            self.0.gate.add_permits(1);
+        }
+    }
+}
+
+impl Slots {
+    fn new(max: usize, resets_after_head: Counter, timeouts_after_head: Counter) -> Self {
+        Self {
+            gate: Semaphore::new(max),
+            max: AtomicUsize::new(max),
+            debt: AtomicUsize::new(0),
+            resets_after_head,
+            timeouts_after_head,
+        }
+    }
+
+    /// Changes the limit to `max`, counting the slots in use.
+    fn resize(&self, max: usize) {
+        let old = self.max.swap(max, Ordering::AcqRel);
+        if max > old {
+            // Growing first cancels slots still owed from an earlier shrink.
+            let mut grow = max - old;
+            while grow > 0
+                && self
+                    .debt
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1))
+                    .is_ok()
+            {
+                grow -= 1;
+            }
+            self.gate.add_permits(grow);
+        } else if max < old {
+            let shrink = old - max;
+            let retired = self.gate.forget_permits(shrink);
+            self.debt.fetch_add(shrink - retired, Ordering::AcqRel);
+        }
+    }
+
+    /// One slot, if one is free.
+    fn try_take(self: &Arc<Self>) -> Option<InflightSlot> {
+        let permit = self.gate.try_acquire().ok()?;
+        permit.forget();
+        Some(InflightSlot(self.clone()))
+    }
+
+    /// Slots held right now.
+    fn in_use(&self) -> usize {
+        (self.max.load(Ordering::Acquire) + self.debt.load(Ordering::Acquire))
+            .saturating_sub(self.gate.available_permits())
     }
 }
 
@@ -155,15 +216,20 @@ impl Upstream {
                 (client, upgrade_client, pool_for(config))
             }
         };
-        let slots = match previous.filter(|p| p.config.max_inflight == config.max_inflight) {
-            Some(p) => p.slots.clone(),
-            None => Arc::new(Slots {
-                gate: Semaphore::new(config.max_inflight.get() as usize),
-                resets_after_head: metrics
-                    .upstream_failure_counter(&config.name, FailureKind::Reset.as_str()),
-                timeouts_after_head: metrics
-                    .upstream_failure_counter(&config.name, FailureKind::Timeout.as_str()),
-            }),
+        // The same upstream keeps its gate across reloads, resized in place when
+        // `max_inflight` changed: a new gate would let in a full new allowance on top of the
+        // requests still in flight.
+        let max = config.max_inflight.get() as usize;
+        let slots = match previous {
+            Some(p) => {
+                p.slots.resize(max);
+                p.slots.clone()
+            }
+            None => Arc::new(Slots::new(
+                max,
+                metrics.upstream_failure_counter(&config.name, FailureKind::Reset.as_str()),
+                metrics.upstream_failure_counter(&config.name, FailureKind::Timeout.as_str()),
+            )),
         };
         Self {
             config: config.clone(),
@@ -186,7 +252,7 @@ impl Upstream {
 
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
     pub fn in_flight(&self) -> usize {
-        self.config.max_inflight.get() as usize - self.slots.gate.available_permits()
+        self.slots.in_use()
     }
 
     /// Forwards `request` and returns the upstream's response with its body streaming, or
@@ -203,18 +269,13 @@ impl Upstream {
                 retry_after: self.config.retry_after,
             });
         }
-        let permit = match self.slots.gate.try_acquire() {
-            Ok(permit) => {
-                permit.forget();
-                InflightSlot(self.slots.clone())
-            }
-            Err(_) => {
-                return Err(GatewayError::ServiceUnavailable {
-                    kind: FailureKind::Overloaded,
-                    retry_after: self.config.retry_after,
-                });
-            }
-        };
+        let permit = self
+            .slots
+            .try_take()
+            .ok_or(GatewayError::ServiceUnavailable {
+                kind: FailureKind::Overloaded,
+                retry_after: self.config.retry_after,
+            })?;
 
         // The client's upgrade handle lives in the request's extensions: take it before the
         // request is taken apart.
@@ -500,4 +561,49 @@ fn pool_for(config: &UpstreamConfig) -> Option<Arc<Pool>> {
         config.connect_timeout,
         POOL_IDLE_TIMEOUT,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots(max: usize) -> Arc<Slots> {
+        Arc::new(Slots::new(max, Counter::default(), Counter::default()))
+    }
+
+    #[test]
+    fn shrinking_max_inflight_counts_the_requests_in_flight() {
+        let gate = slots(4);
+        let mut held: Vec<InflightSlot> = (0..3).map(|_| gate.try_take().unwrap()).collect();
+        assert_eq!(gate.in_use(), 3);
+        // Down to 2 with 3 in flight: nothing new until two of them have finished.
+        gate.resize(2);
+        assert_eq!(gate.in_use(), 3);
+        assert!(gate.try_take().is_none());
+        held.pop();
+        assert_eq!(gate.in_use(), 2);
+        assert!(gate.try_take().is_none(), "2 in flight, the limit is 2");
+        held.pop();
+        assert_eq!(gate.in_use(), 1);
+        held.push(gate.try_take().expect("one free"));
+        assert!(gate.try_take().is_none());
+        drop(held);
+        assert_eq!(gate.in_use(), 0);
+        assert_eq!(gate.gate.available_permits(), 2);
+    }
+
+    #[test]
+    fn growing_max_inflight_first_cancels_what_a_shrink_still_owed() {
+        let gate = slots(4);
+        let held: Vec<InflightSlot> = (0..4).map(|_| gate.try_take().unwrap()).collect();
+        gate.resize(1); // owes 3
+        gate.resize(3); // owes 1
+        assert!(gate.try_take().is_none(), "4 in flight, the limit is 3");
+        drop(held);
+        assert_eq!(gate.in_use(), 0);
+        assert_eq!(gate.gate.available_permits(), 3);
+        let again: Vec<InflightSlot> = (0..3).map(|_| gate.try_take().unwrap()).collect();
+        assert!(gate.try_take().is_none());
+        drop(again);
+    }
 }
