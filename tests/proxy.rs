@@ -828,6 +828,38 @@ async fn connect_timeout_is_504() {
     );
 }
 
+/// An https upstream that accepts the connection and never answers the TLS handshake: the
+/// handshake is part of connecting, so `connect_timeout` bounds it, not `timeout`.
+#[tokio::test]
+async fn a_stalled_tls_handshake_is_a_connect_timeout() {
+    let (up, _) = fault_upstream(|stream| async move {
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        drop(stream);
+    })
+    .await;
+    let gw = gateway(
+        &format!("https://{up}"),
+        "connect_timeout = \"200ms\"\ntimeout = \"10s\"",
+        "",
+    )
+    .await;
+    let started = Instant::now();
+    let reply = request(gw.addr, "POST", "/", &[], b"x").await;
+    assert_failure(&reply, 504, "gateway_timeout", up);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(3),
+        "{took:?}: connect_timeout, not timeout"
+    );
+    let metrics = get(gw.admin, "/metrics", &[]).await.text();
+    assert!(
+        metrics.contains(
+            "tollgate_upstream_failures_total{upstream=\"up\",kind=\"connect_timeout\"} 1\n"
+        ),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn a_get_that_could_not_connect_is_sent_again_on_a_new_connection() {
     // A plain-http upstream. The first connect hangs (accept queue full, SYN dropped) until

@@ -7,16 +7,61 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
 
 use crate::config::UpstreamConfig;
 
 /// The connector every upstream client uses (plain http passes through untouched).
-pub type Connector = HttpsConnector<HttpConnector>;
+/// The connector of the pooled client: TCP, then TLS for https upstreams, the whole of it
+/// bounded by `connect_timeout` (hyper-util's own timeout covers only the TCP connect, so an
+/// upstream that accepts and then stalls the handshake would hold a request until `timeout`).
+#[derive(Clone)]
+pub struct Connector {
+    inner: HttpsConnector<HttpConnector>,
+    timeout: Duration,
+}
+
+type Connected = MaybeHttpsStream<TokioIo<TcpStream>>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Connected;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Connected, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(connected) => connected,
+                // A TimedOut io::Error, as the TCP connector's own timeout gives: classified
+                // `connect_timeout`, and replayable like any failed connect.
+                Err(_) => Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "connect_timeout elapsed during the TLS handshake",
+                )
+                .into()),
+            }
+        })
+    }
+}
 
 /// Why a `ca_file` could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -114,10 +159,14 @@ pub fn connector(config: &UpstreamConfig, http2: bool) -> Connector {
         .with_tls_config(tls)
         .https_or_http()
         .enable_http1();
-    if http2 {
+    let inner = if http2 {
         builder.enable_http2().wrap_connector(http)
     } else {
         builder.wrap_connector(http)
+    };
+    Connector {
+        inner,
+        timeout: config.connect_timeout,
     }
 }
 
