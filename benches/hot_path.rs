@@ -165,6 +165,27 @@ fn timed(
 
 static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
+/// How much of a decision to make (`HOT_PATH_UPTO`, with `HOT_PATH_ITERS` only): running
+/// each prefix under `perf stat` and subtracting gives each step's cost.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Upto {
+    /// Extract the key and look it up.
+    Authenticate,
+    /// ...and charge its bucket.
+    Charge,
+    /// ...and insert three ready-made values under the three X-RateLimit names: the response
+    /// header map's own share of building the headers.
+    Inserts,
+    /// The whole decision.
+    Decision,
+}
+
+static X_RATELIMIT: [HeaderName; 3] = [
+    HeaderName::from_static("x-ratelimit-limit"),
+    HeaderName::from_static("x-ratelimit-remaining"),
+    HeaderName::from_static("x-ratelimit-reset"),
+];
+
 /// The key store and the response headers of one benchmark.
 struct Decider {
     store: KeyStore,
@@ -172,6 +193,7 @@ struct Decider {
     uri: Uri,
     /// The response's header map exists anyway; the decision only adds to it.
     out: HeaderMap,
+    upto: Upto,
 }
 
 impl Decider {
@@ -206,6 +228,7 @@ impl Decider {
             auth: auth_config(),
             uri: Uri::from_static("/v1/campaigns"),
             out: HeaderMap::with_capacity(8),
+            upto: Upto::Decision,
         }
     }
 
@@ -214,7 +237,26 @@ impl Decider {
         let identity = authenticate(request, &self.uri, &self.auth, &self.store, true, &[])
             .expect("valid key")
             .expect("a key");
+        if self.upto == Upto::Authenticate {
+            black_box(identity.record);
+            return;
+        }
         let decision = identity.record.limits.limiter.check();
+        match self.upto {
+            Upto::Charge => {
+                black_box(decision);
+                return;
+            }
+            Upto::Inserts => {
+                self.out.clear();
+                for name in &X_RATELIMIT {
+                    self.out.insert(name, decision.limit_value.clone());
+                }
+                black_box(&self.out);
+                return;
+            }
+            Upto::Authenticate | Upto::Decision => {}
+        }
         self.out.clear();
         let now = tollgate::limit::headers::unix_now();
         identity.record.limits.policy.apply(
@@ -244,6 +286,7 @@ fn tollgate_decision(c: &mut Criterion) {
         auth,
         uri,
         mut out,
+        ..
     } = decider;
 
     // The same decision in parts, to show where the time goes.
@@ -271,6 +314,17 @@ fn tollgate_decision(c: &mut Criterion) {
                 .limits
                 .policy
                 .apply(&mut out, RateLimitHeaders::XRateLimit, &decision, now);
+            black_box(&out);
+        })
+    });
+
+    // The response header map's own share of that: three ready values under the three names.
+    group.bench_function("part_headermap_inserts", |b| {
+        b.iter(|| {
+            out.clear();
+            for name in &X_RATELIMIT {
+                out.insert(name, decision.limit_value.clone());
+            }
             black_box(&out);
         })
     });
@@ -342,6 +396,7 @@ fn main() {
     // `HOT_PATH_ITERS=N`: N decisions and their parsing, for `perf stat -e cycles:u` on a
     // machine too busy for wall-clock figures. `HOT_PATH_PARSE_ONLY=1`: the parsing alone;
     // subtract it (and a run with N=0, the setup) to get the decisions' share.
+    // `HOT_PATH_UPTO=authenticate|charge|inserts`: only that much of each decision.
     if let Some(n) = std::env::var("HOT_PATH_ITERS")
         .ok()
         .and_then(|n| n.parse::<u64>().ok())
@@ -353,6 +408,13 @@ fn main() {
         };
         let parse_only = std::env::var_os("HOT_PATH_PARSE_ONLY").is_some();
         let mut decider = Decider::new();
+        decider.upto = match std::env::var("HOT_PATH_UPTO").as_deref() {
+            Ok("authenticate") => Upto::Authenticate,
+            Ok("charge") => Upto::Charge,
+            Ok("inserts") => Upto::Inserts,
+            Ok(other) if !other.is_empty() => panic!("HOT_PATH_UPTO={other}: unknown step"),
+            _ => Upto::Decision,
+        };
         let mut requests = Requests::new(traffic);
         timed(&mut requests, n, |request| {
             if !parse_only {
