@@ -47,11 +47,11 @@ pub enum PathError {
 /// route and skip the scopes of `/v1/admin/`, while the upstream serves `/v1/admin/x`.
 pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
     let bytes = path.as_bytes();
+    // Origin-form paths only (`*` and the like are left to the router, which finds nothing).
     let suspect = bytes.first() == Some(&b'/')
         && bytes
             .windows(2)
-            .any(|w| matches!(w, [b'/', b'/' | b'.']) || w[0] == b'%')
-        || bytes.last() == Some(&b'%');
+            .any(|w| matches!(w, [b'/', b'/' | b'.']) || w[0] == b'%');
     if !suspect {
         return Ok(None);
     }
