@@ -222,6 +222,9 @@ pin_project! {
             stall: Duration,
             // Armed the first time the body waits; boxed so the body stays `Unpin`.
             timer: Option<Pin<Box<Sleep>>>,
+            // Whether the last poll found nothing: the stall is timed from the first poll that
+            // waited, so time the client spent not reading (hyper not polling) never counts.
+            waiting: bool,
             // The request's span, so an abort mid-body is logged with its request ID.
             span: tracing::Span,
         },
@@ -249,6 +252,7 @@ impl ResponseBody {
             permit,
             stall,
             timer: None,
+            waiting: false,
             span: tracing::Span::current(),
         }
     }
@@ -269,19 +273,23 @@ impl Body for ResponseBody {
                 permit,
                 stall,
                 timer,
+                waiting,
                 span,
             } => {
                 let polled = match body.poll_frame(cx) {
                     Poll::Ready(polled) => {
-                        if let Some(timer) = timer.as_mut() {
-                            timer.as_mut().reset(Instant::now() + *stall);
-                        }
+                        *waiting = false;
                         polled
                     }
                     Poll::Pending => {
                         let stall = *stall;
-                        let timer =
-                            timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                        match timer.as_mut() {
+                            None => *timer = Some(Box::pin(tokio::time::sleep(stall))),
+                            Some(t) if !*waiting => t.as_mut().reset(Instant::now() + stall),
+                            Some(_) => {}
+                        }
+                        *waiting = true;
+                        let timer = timer.as_mut().expect("armed above");
                         ready!(timer.as_mut().poll(cx));
                         span.in_scope(|| {
                             tracing::warn!(
