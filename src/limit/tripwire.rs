@@ -3,8 +3,9 @@
 //! its /64 ([`limit_key`]).
 //!
 //! Memory is bounded: at most [`MAX_TRACKED_IPS`] entries. Expired entries are swept at most
-//! once a second when the table is full; if it is still full, new IPs are not tracked until
-//! room frees up (IPs already blocked stay blocked). Time is passed in, so tests use synthetic
+//! once a second when the table is full; if it is still full, a new IP takes the place of one
+//! that is only being counted (IPs already blocked stay blocked), so a flood from many
+//! addresses cannot stop the counting of the others. Time is passed in, so tests use synthetic
 //! instants and never sleep.
 
 use std::net::IpAddr;
@@ -66,7 +67,10 @@ impl IpTripwire {
         let ip = limit_key(ip);
         if !self.entries.contains_key(&ip) && self.entries.len() >= self.capacity {
             self.sweep_if_due(now, rule);
-            if self.entries.len() >= self.capacity {
+            // Still full (a flood from more addresses than the table holds): an IP that is
+            // only being counted makes room, so the flood cannot blind the guard to everyone
+            // else. Blocked IPs stay; if every entry is a block, this one is not tracked.
+            if self.entries.len() >= self.capacity && !self.evict_one_counting(now) {
                 return false;
             }
         }
@@ -113,6 +117,16 @@ impl IpTripwire {
         if due {
             self.sweep(now, rule);
         }
+    }
+
+    /// Removes one entry that is counting, not blocking; false when every entry is a block.
+    fn evict_one_counting(&self, now: Instant) -> bool {
+        let victim = self
+            .entries
+            .iter()
+            .find(|e| e.blocked_until.is_none_or(|until| until <= now))
+            .map(|e| *e.key());
+        victim.is_some_and(|ip| self.entries.remove(&ip).is_some())
     }
 
     /// IPs tracked now.
@@ -205,5 +219,29 @@ mod tests {
         let later = t0 + Duration::from_secs(61);
         t.record(ip(5000), later, &r);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn a_full_table_still_counts_new_ips_and_keeps_its_blocks() {
+        let t = IpTripwire::with_capacity(10);
+        let r = rule(2);
+        let t0 = Instant::now();
+        // Two blocked IPs, then a flood of one-off addresses filling the table.
+        for blocked in [ip(1), ip(2)] {
+            t.record(blocked, t0, &r);
+            assert!(t.record(blocked, t0, &r));
+        }
+        for n in 100..1000 {
+            t.record(ip(n), t0, &r);
+        }
+        assert_eq!(t.len(), 10);
+        // A key guesser arriving now is still counted, and blocked at its second 401...
+        assert!(!t.record(ip(7), t0, &r));
+        assert!(t.record(ip(7), t0, &r));
+        // ...and the flood evicted no block.
+        for blocked in [ip(1), ip(2), ip(7)] {
+            assert!(t.blocked(blocked, t0).is_some(), "{blocked}");
+        }
+        assert_eq!(t.len(), 10);
     }
 }
