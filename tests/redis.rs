@@ -448,6 +448,44 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     eprintln!("Redis decided again {:?} after SIGCONT", back.elapsed());
 }
 
+/// A Redis that answers PING but cannot run the script (a read-only replica after a
+/// failover): the breaker's probe runs the script itself, so it stays open instead of closing
+/// every cool-off only for the next request to fail again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
+    let redis = RedisServer::start();
+    let gw = gateway(&redis, 6_000, 6_000, "on_backend_error = \"local\"").await;
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(backend_errors(&gw), 0);
+
+    // A replica of a master that does not exist: reads and PING work, writes are refused.
+    let mut conn = redis.connection();
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg("1")
+        .query(&mut conn)
+        .unwrap();
+    // Two cool-offs and more of steady traffic, all decided in process.
+    let until = Instant::now() + Duration::from_millis(4_600);
+    while Instant::now() < until {
+        assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        backend_errors(&gw),
+        1,
+        "one failed request opened the breaker; the probes kept it open"
+    );
+
+    // A writable primary again: the next probe closes the breaker.
+    let _: () = redis::cmd("REPLICAOF")
+        .arg("NO")
+        .arg("ONE")
+        .query(&mut conn)
+        .unwrap();
+    assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rejecting_bucket_charges_no_other_bucket() {
     let redis = RedisServer::start();

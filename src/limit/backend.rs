@@ -126,7 +126,7 @@ impl Guarded {
     fn spawn_probe(self: &Arc<Self>, timeout: std::time::Duration) {
         let guarded = self.clone();
         tokio::spawn(async move {
-            match tokio::time::timeout(timeout, guarded.redis.ping()).await {
+            match tokio::time::timeout(timeout, guarded.redis.probe()).await {
                 Ok(Ok(())) => {
                     if guarded.breaker.success() {
                         tracing::info!("redis limiter backend answering again");

@@ -86,10 +86,21 @@ impl RedisLimiter {
         Ok(self.connection.get_or_init(|| manager).clone())
     }
 
-    /// Asks Redis for a `PING`: whether it answers at all (the circuit breaker's probe).
-    pub async fn ping(&self) -> Result<(), RedisError> {
+    /// The circuit breaker's probe: the charge script itself, on a bucket of no key's (its
+    /// id holds a control character, which key ids cannot) that expires within a
+    /// millisecond. A `PING` would pass on a Redis that answers but cannot run the script (a
+    /// read-only replica after a failover, out of memory), and the breaker would close only to
+    /// open again on the next request, every cool-off.
+    pub async fn probe(&self) -> Result<(), RedisError> {
         let mut connection = self.connection()?;
-        let _: String = redis::cmd("PING").query_async(&mut connection).await?;
+        let _: [i64; 5] = self
+            .script
+            .prepare_invoke()
+            .key("tollgate:{\u{1}probe}:minute")
+            .arg(1)
+            .arg(1)
+            .invoke_async(&mut connection)
+            .await?;
         Ok(())
     }
 
