@@ -1329,6 +1329,15 @@ mod tests {
         let lines: Vec<usize> = found.iter().map(|i| i.line).collect();
         // Line 9 is the route's own mistake: no upstream is named "u".
         assert_eq!(lines, [2, 4, 6, 9, 10, 12], "{found:#?}");
+
+        // A table with a bad value goes, its neighbours stay: the route to the good upstream
+        // is not reported.
+        let text = "[[upstreams]]\nname = \"good\"\nurl = \"http://127.0.0.1:1\"\n\
+                    [[upstreams]]\nname = 5\nurl = \"http://127.0.0.1:2\"\n\
+                    [[routes]]\nprefix = \"/\"\nupstream = \"good\"\n";
+        let found = issues(text);
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!(found[0].line, 5);
         assert!(
             found.iter().all(|i| !i.message.contains("missing field")),
             "a taken-out value is not reported again as missing: {found:#?}"
