@@ -376,17 +376,25 @@ async fn upstream_refused_is_a_502_envelope() {
     );
 }
 
-#[tokio::test]
-async fn h2c_prior_knowledge() {
-    let gw = TestGateway::start(styled("envelope", "")).await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+/// An HTTP/2 connection to `addr` without TLS (prior knowledge), ready for requests.
+async fn h2c(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
         hyper_util::rt::TokioExecutor::new(),
         hyper_util::rt::TokioIo::new(stream),
     )
     .await
     .expect("h2c handshake");
     tokio::spawn(conn);
+    sender
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let gw = TestGateway::start(styled("envelope", "")).await;
+    let mut sender = h2c(gw.addr).await;
     let req = Request::get(format!("http://{}/status", gw.addr))
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
@@ -416,14 +424,7 @@ async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
         ),
     ))
     .await;
-    let stream = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .expect("h2c handshake");
-    tokio::spawn(conn);
+    let mut sender = h2c(gw.addr).await;
     let req = Request::get("http://api.example.test:8443/v1/x")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
