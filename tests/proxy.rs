@@ -36,6 +36,14 @@ async fn gateway(url: &str, upstream_extra: &str, server_extra: &str) -> TestGat
     .await
 }
 
+/// Asserts that `/metrics` counts `n` failures of `kind` for upstream `up`.
+async fn assert_failures_counted(gw: &TestGateway, kind: &str, n: u64) {
+    let metrics = get(gw.admin, "/metrics", &[]).await.text();
+    let series =
+        format!("tollgate_upstream_failures_total{{upstream=\"up\",kind=\"{kind}\"}} {n}\n");
+    assert!(metrics.contains(&series), "no {series:?} in\n{metrics}");
+}
+
 /// An address nothing listens on.
 fn closed_port() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -317,11 +325,7 @@ async fn an_upstream_body_that_stalls_is_cut_after_timeout() {
         took >= Duration::from_millis(350) && took < Duration::from_secs(5),
         "{took:?}"
     );
-    let metrics = get(gw.admin, "/metrics", &[]).await.text();
-    assert!(
-        metrics.contains("tollgate_upstream_failures_total{upstream=\"up\",kind=\"timeout\"} 1\n"),
-        "{metrics}"
-    );
+    assert_failures_counted(&gw, "timeout", 1).await;
 }
 
 #[tokio::test]
@@ -351,11 +355,7 @@ async fn reset_mid_body_aborts_the_client_stream() {
     let body = &raw[raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
     assert!(body.len() < 1000, "{} body bytes", body.len());
     // Counted as an upstream failure like a reset before the head.
-    let metrics = get(gw.admin, "/metrics", &[]).await.text();
-    assert!(
-        metrics.contains("tollgate_upstream_failures_total{upstream=\"up\",kind=\"reset\"} 1\n"),
-        "{metrics}"
-    );
+    assert_failures_counted(&gw, "reset", 1).await;
 
     // Chunked: one chunk, then the upstream goes away. The client's stream must end without
     // the terminating zero-length chunk.
@@ -851,13 +851,7 @@ async fn a_stalled_tls_handshake_is_a_connect_timeout() {
         took < Duration::from_secs(3),
         "{took:?}: connect_timeout, not timeout"
     );
-    let metrics = get(gw.admin, "/metrics", &[]).await.text();
-    assert!(
-        metrics.contains(
-            "tollgate_upstream_failures_total{upstream=\"up\",kind=\"connect_timeout\"} 1\n"
-        ),
-        "{metrics}"
-    );
+    assert_failures_counted(&gw, "connect_timeout", 1).await;
 }
 
 #[tokio::test]
