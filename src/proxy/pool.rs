@@ -346,26 +346,33 @@ mod tests {
             .unwrap_or_else(|_| panic!("{} connections, not {n} with {ready} ready", pool.len()));
     }
 
-    #[tokio::test]
-    async fn a_ready_connection_among_busy_ones_is_reused_wherever_it_is() {
+    /// A pool with `n` connections from `n` requests sent at once: all but one busy on
+    /// `/slow`, that one ready again after a fast request.
+    async fn all_busy_but_one(n: usize) -> std::sync::Arc<Pool> {
         let pool = std::sync::Arc::new(Pool::new(
             upstream().await.to_string(),
             Duration::from_secs(1),
             Duration::from_secs(90),
         ));
-        // Eight requests at once: eight connections. Seven stay busy on `/slow`; the one
-        // whose request was fast is ready again, somewhere in the list.
-        for i in 0..8 {
+        for i in 0..n {
             let pool = pool.clone();
             tokio::spawn(async move {
                 let mut request = get();
-                if i != 3 {
+                if i != n / 2 {
                     *request.uri_mut() = http::Uri::from_static("/slow");
                 }
                 let _ = pool.send(request).await;
             });
         }
-        settle(&pool, 8, 1).await;
+        settle(&pool, n, 1).await;
+        pool
+    }
+
+    #[tokio::test]
+    async fn a_ready_connection_among_busy_ones_is_reused_wherever_it_is() {
+        // Eight connections: seven stay busy on `/slow`; the one whose request was fast is
+        // ready again, somewhere in the list.
+        let pool = all_busy_but_one(8).await;
         {
             // Put the ready one first, the end only the second half of a checkout reaches.
             let mut connections = pool.lock();
@@ -420,23 +427,8 @@ mod tests {
 
     #[tokio::test]
     async fn housekeeping_closes_idle_connections_behind_busy_ones() {
-        let pool = std::sync::Arc::new(Pool::new(
-            upstream().await.to_string(),
-            Duration::from_secs(1),
-            Duration::from_secs(90),
-        ));
         // Three connections: two busy on `/slow`, one idle again after a fast request.
-        for i in 0..3 {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut request = get();
-                if i != 1 {
-                    *request.uri_mut() = http::Uri::from_static("/slow");
-                }
-                let _ = pool.send(request).await;
-            });
-        }
-        settle(&pool, 3, 1).await;
+        let pool = all_busy_but_one(3).await;
         let last_used = {
             // The busy ones at the least recently used end, where idle ones are looked for.
             let mut connections = pool.lock();
