@@ -13,14 +13,14 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use governor::clock::Clock;
-use governor::middleware::{StateInformationMiddleware, StateSnapshot};
+use governor::middleware::{NoOpMiddleware, StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
-use governor::state::keyed::DashMapStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
 use super::headers::limit_value;
+use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS};
 use crate::config::Plan;
 
 /// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
@@ -235,7 +235,7 @@ fn combine<C: Clock>(
 }
 
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
-type KeyedGcra<K, C> = RateLimiter<K, DashMapStateStore<K>, C, StateInformationMiddleware>;
+type KeyedGcra<K, C> = RateLimiter<K, BoundedStore<K>, C, StateInformationMiddleware>;
 
 /// One key's buckets. The minute bucket lives inline, in the first cache line: charging a key
 /// with only that one (most plans) reads that line and nothing else, and builds the
@@ -321,7 +321,8 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
     }
 }
 
-/// Buckets per key of type `K` (client IPs), created on first use and evicted once full again.
+/// Buckets per key of type `K` (client IPs), created on first use and evicted once full again
+/// (or, when a table is full, to make room for a new key).
 pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
     specs: Box<[BucketSpec]>,
     buckets: Box<[Bucket]>,
@@ -330,8 +331,16 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
 }
 
 impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
-    /// Empty tables for `specs` (at least one) on `clock`.
+    /// Empty tables for `specs` (at least one) on `clock`, each holding at most
+    /// [`MAX_TRACKED_CLIENTS`] keys.
     pub fn new(specs: &[BucketSpec], clock: C) -> Self {
+        Self::with_capacity(specs, clock, MAX_TRACKED_CLIENTS)
+    }
+
+    /// Empty tables for `specs` (at least one) on `clock`, each holding at most `capacity`
+    /// keys: when one is full, its least recently used key makes room
+    /// ([`super::ip_table`]).
+    pub fn with_capacity(specs: &[BucketSpec], clock: C, capacity: usize) -> Self {
         assert!(!specs.is_empty(), "a limiter needs a bucket");
         Self {
             specs: specs.into(),
@@ -339,7 +348,13 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
             gcras: specs
                 .iter()
                 .map(|s| {
-                    RateLimiter::dashmap_with_clock(s.quota(), clock.clone()).with_middleware()
+                    let store = BoundedStore::new(capacity);
+                    RateLimiter::<K, _, C, NoOpMiddleware<C::Instant>>::new(
+                        s.quota(),
+                        store,
+                        clock.clone(),
+                    )
+                    .with_middleware()
                 })
                 .collect(),
             clock,
@@ -569,5 +584,29 @@ mod tests {
         clock.advance(Duration::from_secs(3));
         assert_eq!(l.evict_idle(), 0, "full buckets are forgotten");
         assert!(l.check(&1).allowed);
+    }
+
+    #[test]
+    fn a_full_keyed_table_makes_room_and_keeps_busy_keys_limited() {
+        let clock = FakeRelativeClock::default();
+        // Two keys at most; 60/min, 2 deep.
+        let l: KeyedLimiter<u32, _> = KeyedLimiter::with_capacity(&[spec(60, 2)], clock.clone(), 2);
+        assert!(l.check(&1).allowed);
+        assert!(l.check(&1).allowed);
+        assert!(!l.check(&1).allowed, "key 1 is empty");
+        // A flood of new keys, with key 1 still knocking between them.
+        for key in 100..200 {
+            clock.advance(Duration::from_millis(1));
+            assert!(
+                !l.check(&1).allowed,
+                "key 1 was evicted and got a fresh bucket"
+            );
+            assert!(l.check(&key).allowed, "a new key is admitted");
+            assert!(l.len() <= 2);
+        }
+        // Key 1 refills at its own pace (one token a second from when it was emptied).
+        clock.advance(Duration::from_millis(900));
+        assert!(l.check(&1).allowed);
+        assert!(!l.check(&1).allowed);
     }
 }

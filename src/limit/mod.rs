@@ -6,6 +6,7 @@ pub mod backend;
 pub mod breaker;
 pub mod bucket;
 pub mod headers;
+pub mod ip_table;
 pub mod redis;
 pub mod tripwire;
 
