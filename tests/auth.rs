@@ -67,7 +67,7 @@ auth = false
 }
 
 fn assert_401(reply: &Reply, message: &str) {
-    assert_eq!(reply.status, 401, "{}", reply.text());
+    assert_eq!(reply.status, 401, "{}", reply.shown());
     let v = reply.json();
     assert_eq!(v["error"]["code"], "authentication_error");
     assert_eq!(v["error"]["message"], message);
@@ -96,7 +96,7 @@ async fn missing_unknown_disabled_and_empty_keys_are_401() {
         INVALID,
     );
     let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
 }
 
 #[tokio::test]
@@ -115,11 +115,14 @@ async fn bearer_and_query_param() {
     let (gw, _) = setup("", "query_param = \"api_key\"", "").await;
     let bearer = format!("Bearer {GOOD}");
     let r = get(gw.addr, "/v1/x", &[("Authorization", &bearer)]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
     let r = get(gw.addr, &format!("/v1/x?a=1&api_key={GOOD}&b=2"), &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
     // The query parameter is removed before forwarding, other parameters stay.
-    assert_eq!(r.json()["query"], "a=1&b=2");
+    assert!(
+        r.json()["query"] == "a=1&b=2",
+        "the key parameter is removed and the others kept"
+    );
     // Another Authorization scheme is not a key.
     assert_401(
         &get(gw.addr, "/v1/x", &[("Authorization", "Basic dXNlcjpwYXNz")]).await,
@@ -178,7 +181,7 @@ async fn two_different_credentials_are_401_and_the_same_twice_is_fine() {
 async fn missing_scope_is_403_naming_the_scope() {
     let (gw, _) = setup("", "", "").await;
     let r = get(gw.addr, "/v1/campaigns/write/1", &[("X-API-Key", READER)]).await;
-    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.status, 403, "{}", r.shown());
     let v = r.json();
     assert_eq!(v["error"]["code"], "permission_denied");
     assert!(
@@ -219,7 +222,7 @@ async fn a_scoped_route_cannot_be_reached_by_respelling_its_path() {
         &[("X-API-Key", GOOD)],
     )
     .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
     assert_eq!(r.json()["path"], "/v1/campaigns/write");
     assert_eq!(r.json()["query"], "draft=1");
 }
@@ -253,7 +256,11 @@ async fn credentials_are_stripped_and_identity_headers_cannot_be_spoofed() {
     .await;
     assert_eq!(r.status, 200);
     let h = &r.json()["headers"];
-    assert!(h.get("x-api-key").is_none(), "credential forwarded: {h}");
+    assert!(
+        h.get("x-api-key").is_none(),
+        "credential forwarded: {}",
+        redact(&h.to_string())
+    );
     assert_eq!(h["x-tollgate-key-id"], "acme-prod");
     assert_eq!(h["x-tollgate-plan"], "pro");
     assert!(!r.text().contains(GOOD));
@@ -275,7 +282,8 @@ async fn credentials_are_stripped_and_identity_headers_cannot_be_spoofed() {
     let h = &r.json()["headers"];
     assert!(
         h.get("x-tollgate-key-id").is_none() && h.get("x-tollgate-plan").is_none(),
-        "{h}"
+        "{}",
+        redact(&h.to_string())
     );
 }
 
@@ -294,7 +302,7 @@ async fn a_bearer_key_among_several_authorization_lines_is_not_forwarded() {
         ],
     )
     .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
     assert!(!r.text().contains(GOOD), "key forwarded upstream");
     let h = &r.json()["headers"];
     assert_eq!(h["authorization"], "Basic dXNlcjpwYXNz");
@@ -315,17 +323,25 @@ async fn a_client_cannot_strip_the_identity_headers_through_connection() {
         ],
     )
     .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
     let h = &r.json()["headers"];
-    assert_eq!(h["x-tollgate-key-id"], "acme-prod", "{h}");
-    assert_eq!(h["x-tollgate-plan"], "pro", "{h}");
+    assert_eq!(
+        h["x-tollgate-key-id"],
+        "acme-prod",
+        "{}",
+        redact(&h.to_string())
+    );
+    assert_eq!(h["x-tollgate-plan"], "pro", "{}", redact(&h.to_string()));
 }
 
 #[tokio::test]
 async fn forward_key_keeps_the_credential() {
     let (gw, _) = setup("", "forward_key = true", "").await;
     let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
-    assert_eq!(r.json()["headers"]["x-api-key"], GOOD);
+    assert!(
+        r.json()["headers"]["x-api-key"] == GOOD,
+        "the key is forwarded as sent"
+    );
 }
 
 const GUARD: &str = "[limits.failed_auth]\nattempts = 3\nwindow = \"10s\"\nblock_for = \"1s\"";
@@ -341,7 +357,7 @@ async fn failed_auth_guard_trips_then_expires() {
     }
     // Blocked: even the right key is not looked at.
     let r = get(gw.addr, "/v1/x", &[("X-API-Key", GOOD)]).await;
-    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.status, 429, "{}", r.shown());
     assert_eq!(r.json()["error"]["code"], "ip_throttled");
     assert_eq!(r.header("retry-after"), Some("1"));
     assert_eq!(r.json()["request_id"], r.header("x-request-id").unwrap());
@@ -430,5 +446,17 @@ async fn x_forwarded_for_is_believed_only_from_trusted_peers() {
     assert_eq!(
         r.status, 429,
         "rotating XFF from an untrusted peer does not escape the guard"
+    );
+}
+
+#[test]
+fn failure_messages_mask_test_keys() {
+    let shown = redact(&format!(
+        "{{\"x-api-key\":\"{GOOD}\",\"q\":\"a=1&api_key={READER}&b=2\"}}"
+    ));
+    assert!(!shown.contains(GOOD) && !shown.contains(READER));
+    assert_eq!(
+        shown,
+        "{\"x-api-key\":\"tg_***\",\"q\":\"a=1&api_key=tg_***&b=2\"}"
     );
 }

@@ -160,7 +160,7 @@ fn gen_key_prints_a_base62_key_and_its_hash() {
     let body = key.strip_prefix("tg_live_").unwrap();
     assert!(
         body.len() >= 43 && body.bytes().all(|b| b.is_ascii_alphanumeric()),
-        "{key}"
+        "the generated key has the wrong form"
     );
     assert_eq!(hash_key(key.as_bytes()), hash);
 }
@@ -454,15 +454,27 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
     assert_eq!(line["key_id"], "acme-prod");
     assert_eq!(line["plan"], "pro");
     assert_eq!(line["method"], "GET");
-    assert_eq!(line["path"], "/v1/things", "never the query string");
+    assert!(
+        line["path"] == "/v1/things",
+        "the path is logged without its query string"
+    );
     assert_eq!(line["status"], 200);
     assert_eq!(line["upstream_status"], 200);
-    assert!(line["latency_us"].as_u64().is_some(), "{line}");
-    assert!(line["upstream_latency_us"].as_u64().is_some(), "{line}");
+    assert!(
+        line["latency_us"].as_u64().is_some(),
+        "{}",
+        redact(&line.to_string())
+    );
+    assert!(
+        line["upstream_latency_us"].as_u64().is_some(),
+        "{}",
+        redact(&line.to_string())
+    );
     assert_eq!(
         line["bytes"].as_u64(),
         Some(reply.body.len() as u64),
-        "{line}"
+        "{}",
+        redact(&line.to_string())
     );
     assert_eq!(line["tls"], false);
     let refused = &access[1];
@@ -582,7 +594,7 @@ async fn load(
                 let mut n = 0usize;
                 while !stop.load(SeqCst) {
                     n += 1;
-                    let slow = (client + n) % 4 == 0;
+                    let slow = (client + n).is_multiple_of(4);
                     let path = if slow {
                         format!("/slow/{client}-{n}")
                     } else {
@@ -596,11 +608,11 @@ async fn load(
                             tally.answered += 1;
                             tally.answered_slow += usize::from(slow);
                         }
-                        Outcome::Answered(reply) => {
-                            tally
-                                .wrong
-                                .push(format!("{path}: {} {:?}", reply.status, reply.text()))
-                        }
+                        Outcome::Answered(reply) => tally.wrong.push(format!(
+                            "{path}: {} {:?}",
+                            reply.status,
+                            reply.shown()
+                        )),
                         Outcome::Refused if after_signal => {
                             tally.refused_after_signal += 1;
                             if stop_when_refused {

@@ -123,7 +123,7 @@ async fn after_the_retry_after_wait_a_request_is_admitted_again() {
     assert_eq!(retry, 1);
     tokio::time::sleep(Duration::from_secs(retry)).await;
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 200, "{}", r.shown());
 }
 
 #[tokio::test]

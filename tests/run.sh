@@ -42,6 +42,13 @@ need_component clippy clippy
 need_pkg cc build-essential
 # The Redis limiter tests (tests/redis.rs) start their own redis-server.
 need_pkg redis-server redis-server
+# The signal tests (tests/cli.rs, tests/redis.rs) send signals with kill(1), which slim images
+# lack.
+need_pkg kill procps
+
+# The slow-loris test holds about 2,000 sockets (client and server ends in one process);
+# Debian's default soft limit is 1,024 descriptors.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 step "cargo fmt --all -- --check"
 cargo fmt --all -- --check
@@ -55,8 +62,8 @@ if cargo nextest --version >/dev/null 2>&1; then
     quiet='binary(hardening) | binary(proxy_leaks) | binary(redis)'
     step "cargo nextest run --all-targets (all but the timing-sensitive tests)"
     cargo nextest run --all-targets -E "not ($quiet)"
-    step "cargo nextest run (timing-sensitive tests, alone)"
-    cargo nextest run --all-targets -E "$quiet"
+    step "cargo nextest run (timing-sensitive tests, alone, one at a time)"
+    cargo nextest run --all-targets --test-threads 1 -E "$quiet"
 else
     step "cargo test --all-targets"
     cargo test --all-targets

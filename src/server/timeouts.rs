@@ -326,11 +326,11 @@ where
             shutdown(conn.as_mut());
             closing_since = Some(activity.now());
         }
-        if let Some((at, _)) = activity.next_deadline(&bounds, closing_since) {
-            if armed.is_none_or(|armed| at < armed) {
-                timer.as_mut().reset(activity.instant(at));
-                armed = Some(at);
-            }
+        if let Some((at, _)) = activity.next_deadline(&bounds, closing_since)
+            && armed.is_none_or(|armed| at < armed)
+        {
+            timer.as_mut().reset(activity.instant(at));
+            armed = Some(at);
         }
         tokio::select! {
             biased;

@@ -89,7 +89,6 @@ impl Drop for TestGateway {
 }
 
 /// A parsed HTTP response as the client received it.
-#[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub headers: Vec<(String, String)>,
@@ -108,7 +107,7 @@ impl Reply {
         serde_json::from_slice(&self.body).unwrap_or_else(|e| {
             panic!(
                 "body is not JSON ({e}): {:?}",
-                String::from_utf8_lossy(&self.body)
+                redact(&String::from_utf8_lossy(&self.body))
             )
         })
     }
@@ -116,6 +115,50 @@ impl Reply {
     pub fn text(&self) -> String {
         String::from_utf8_lossy(&self.body).into_owned()
     }
+
+    /// The body for a failure message, with test keys masked ([`redact`]).
+    pub fn shown(&self) -> String {
+        redact(&self.text())
+    }
+}
+
+/// Shows the status, headers and body with test keys masked.
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<(&str, String)> = self
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), redact(v)))
+            .collect();
+        f.debug_struct("Reply")
+            .field("status", &self.status)
+            .field("headers", &headers)
+            .field("body", &self.shown())
+            .finish()
+    }
+}
+
+/// `text` with every test key (`tg_test_...`, `tg_live_...`) masked: failure messages print
+/// bodies and headers the echo upstream sent back, and a plaintext key must never reach test
+/// output.
+pub fn redact(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = ["tg_test_", "tg_live_"]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        out.push_str(&rest[..at]);
+        out.push_str("tg_***");
+        let tail = &rest[at + "tg_test_".len()..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Writes `request` as is, reads to EOF, parses the (first) response.
@@ -130,7 +173,7 @@ pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
     parse_reply(&buf).unwrap_or_else(|| {
         panic!(
             "no complete response in {:?}",
-            String::from_utf8_lossy(&buf)
+            redact(&String::from_utf8_lossy(&buf))
         )
     })
 }
