@@ -81,7 +81,7 @@ pub enum SizeFile {
 #[serde(deny_unknown_fields)]
 pub struct ServerFile {
     pub listen: Option<Spanned<OneOrMany>>,
-    pub workers: Option<usize>,
+    pub workers: Option<Spanned<usize>>,
     pub watch: Option<bool>,
     pub header_read_timeout: Option<SpannedStr>,
     pub body_read_timeout: Option<SpannedStr>,

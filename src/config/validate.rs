@@ -156,9 +156,35 @@ pub(super) fn load(
     let mut seen = KeySeen::default();
     v.keys(&file.keys, &config.plans, &mut seen, &mut keys);
 
+    // Every (route, plan) pair has its own request counters, allocated up front.
+    let pairs = (config.routes.len() + 1) * (config.plans.len() + 1);
+    if pairs > MAX_ROUTE_PLAN_PAIRS {
+        v.error(
+            0..0,
+            format!(
+                "{} routes and {} plans are too many: per-route, per-plan metrics need (routes + 1) x (plans + 1) = {pairs} series sets, at most {MAX_ROUTE_PLAN_PAIRS}",
+                config.routes.len(),
+                config.plans.len()
+            ),
+        );
+    }
+
     let keys_file_text;
     if let Some(keys_path) = config.auth.keys_file.clone() {
-        match read(&keys_path) {
+        // A FIFO or device would block the reload that opens it.
+        let read_regular = |path: &Path| {
+            if path.exists() && !path.is_file() {
+                return Err(ConfigError::Read {
+                    path: path.to_owned(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::InvalidInput,
+                        "not a regular file",
+                    ),
+                });
+            }
+            read(path)
+        };
+        match read_regular(&keys_path) {
             Ok(text) => {
                 keys_file_text = text;
                 let ksrc = Source {
@@ -189,6 +215,23 @@ pub(super) fn load(
         issues.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
         issues.dedup();
         Err(ConfigError::Invalid(issues))
+    }
+}
+
+/// Most tokio worker threads `server.workers` may ask for.
+const MAX_WORKERS: usize = 1024;
+
+/// Most (routes + 1) x (plans + 1): each pair holds five request counters (16 bytes each,
+/// allocated when the config loads), so this bounds that table at 16 MB.
+const MAX_ROUTE_PLAN_PAIRS: usize = 200_000;
+
+/// Whether `authority`'s port, if it has one, is a usable TCP port (the http crate accepts
+/// any digits, and a port it cannot read would silently become 80 or 443).
+fn valid_port(authority: &http::uri::Authority) -> bool {
+    match authority.as_str().rsplit_once(':') {
+        // `[::1]` has colons but no port.
+        Some((_, port)) if !port.contains(']') => port.parse::<u16>().is_ok_and(|p| p != 0),
+        _ => true,
     }
 }
 
@@ -433,7 +476,20 @@ impl Validator<'_, '_> {
         });
         ServerConfig {
             listen,
-            workers: s.workers.unwrap_or(0),
+            workers: match s.workers {
+                Some(w) if *w.get_ref() > MAX_WORKERS => {
+                    self.error(
+                        w.span(),
+                        format!(
+                            "server.workers must be at most {MAX_WORKERS} (0 = one per core), got {}",
+                            w.get_ref()
+                        ),
+                    );
+                    0
+                }
+                Some(w) => *w.get_ref(),
+                None => 0,
+            },
             watch: s.watch.unwrap_or(false),
             header_read_timeout: self.duration(
                 &s.header_read_timeout,
@@ -733,6 +789,20 @@ impl Validator<'_, '_> {
                 .requests_per_day
                 .as_ref()
                 .and_then(|b| self.positive(b, &field("requests_per_day")));
+            // governor works in u64 nanoseconds: a bucket that takes centuries to refill
+            // overflows its arithmetic. A year is more than any plan needs.
+            if let (Some(rpm), Some(b), Some(spanned)) = (rpm, burst, p.burst.as_ref()) {
+                let max = u64::from(rpm.get()) * (super::units::MAX_DURATION.as_secs() / 60);
+                if u64::from(b.get()) > max {
+                    self.error(
+                        spanned.span(),
+                        format!(
+                            "{} = {b} takes more than 365 days to refill at requests_per_minute = {rpm}; at most {max}",
+                            field("burst")
+                        ),
+                    );
+                }
+            }
             if let Some(rpm) = rpm {
                 out.insert(
                     PlanName(Arc::from(name.as_str())),
@@ -851,7 +921,9 @@ impl Validator<'_, '_> {
             let url = match u.url.get_ref().trim().parse::<Uri>() {
                 Ok(url)
                     if matches!(url.scheme_str(), Some("http" | "https"))
-                        && url.authority().is_some_and(|a| !a.host().is_empty())
+                        && url
+                            .authority()
+                            .is_some_and(|a| !a.host().is_empty() && valid_port(a))
                         && url.query().is_none() =>
                 {
                     Some(url)
@@ -860,7 +932,7 @@ impl Validator<'_, '_> {
                     self.error(
                         u.url.span(),
                         format!(
-                            "upstream \"{name}\": url \"{}\" must be an http:// or https:// URL with a host, like \"http://127.0.0.1:3000\"",
+                            "upstream \"{name}\": url \"{}\" must be an http:// or https:// URL with a host (and a port from 1 to 65535, if any), like \"http://127.0.0.1:3000\"",
                             u.url.get_ref()
                         ),
                     );
@@ -1293,7 +1365,83 @@ mod tests {
             "invalid type: string \"two\"",
         ),
         ("[server\nlisten = 1", 1, ""),
+        (
+            "[server]\nworkers = 100000",
+            2,
+            "server.workers must be at most 1024",
+        ),
+        (
+            "[plans.x]\nrequests_per_minute = 1\nburst = 400000000",
+            3,
+            "plans.x.burst = 400000000 takes more than 365 days to refill",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:99999\"",
+            3,
+            "a port from 1 to 65535",
+        ),
+        (
+            "[[upstreams]]\nname = \"u\"\nurl = \"http://[::1]:0\"",
+            3,
+            "a port from 1 to 65535",
+        ),
     ];
+
+    #[test]
+    fn ports_are_checked_but_ipv6_hosts_without_one_pass() {
+        for url in [
+            "http://[::1]",
+            "http://[::1]:8080",
+            "https://api",
+            "http://a:65535",
+        ] {
+            let text = format!("[[upstreams]]\nname = \"u\"\nurl = \"{url}\"");
+            assert!(issues(&text).is_empty(), "{url}: {:?}", issues(&text));
+        }
+    }
+
+    #[test]
+    fn a_keys_file_that_is_not_a_regular_file_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("keys.fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo runs");
+        assert!(made.success());
+        let text = format!("[auth]\nkeys_file = \"{}\"", fifo.display());
+        // The real reader: opening a FIFO with no writer would block forever.
+        let found = match load(Path::new("t.toml"), &text, read) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.issues().to_vec(),
+        };
+        assert!(
+            found
+                .iter()
+                .any(|i| i.line == 2 && i.message.contains("not a regular file")),
+            "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn too_many_routes_times_plans_is_refused() {
+        let mut text = String::new();
+        for n in 0..200 {
+            text.push_str(&format!("[plans.p{n}]\nrequests_per_minute = 1\n"));
+        }
+        for n in 0..1000 {
+            text.push_str(&format!(
+                "[[routes]]\nprefix = \"/r{n}/\"\nrespond = {{ status = 200 }}\n"
+            ));
+        }
+        let found = issues(&text);
+        assert!(
+            found
+                .iter()
+                .any(|i| i.message.contains("1000 routes and 203 plans are too many")),
+            "{found:#?}"
+        );
+    }
 
     #[test]
     fn every_mistake_is_reported_at_its_line() {
