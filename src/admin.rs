@@ -1,31 +1,63 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (listeners bound and config
 //! loaded, and not draining), for load balancers and orchestrators, and `/metrics`
 //! (Prometheus text format).
+//!
+//! The listener shares the process's file descriptors with the main one, so it is bounded too:
+//! at most [`MAX_CONNECTIONS`] connections at once (more are closed as they come), a request
+//! head must arrive within `server.header_read_timeout` (which also closes a kept-alive
+//! connection idle that long), and a connection is closed after `server.idle_timeout` whatever
+//! it is doing (once its response is written; scrapers and probes reconnect).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 use crate::observability::metrics;
 use crate::server::Handler;
 
+/// Most admin connections open at once.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long an admin connection may take to send a request head, and how long it lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// `server.header_read_timeout`.
+    pub head: Duration,
+    /// `server.idle_timeout`: the connection's whole life.
+    pub lifetime: Duration,
+}
+
 /// Serves the admin endpoints until the task is aborted.
-pub async fn serve<H: Handler>(listener: TcpListener, ready: Arc<AtomicBool>, handler: Arc<H>) {
+pub async fn serve<H: Handler>(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    handler: Arc<H>,
+    timeouts: Timeouts,
+) {
+    let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(permit) = open.clone().try_acquire_owned() else {
+            tracing::debug!("admin connection refused: {MAX_CONNECTIONS} already open");
+            drop(stream);
             continue;
         };
         let ready = ready.clone();
         let handler = handler.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut content_type = "text/plain; charset=utf-8";
                 let (status, body) = match request.uri().path() {
@@ -54,9 +86,18 @@ pub async fn serve<H: Handler>(listener: TcpListener, ready: Arc<AtomicBool>, ha
                 );
                 std::future::ready(Ok::<_, Infallible>(response))
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeouts.head)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = tokio::time::sleep(timeouts.lifetime) => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(timeouts.head, conn).await;
+                }
+            }
         });
     }
 }

@@ -472,3 +472,161 @@ async fn a_trickled_first_head_is_closed_at_header_read_timeout() {
         "closed late: {closed:?}"
     );
 }
+
+/// Reads until the peer closes (EOF or reset), within `limit`; returns when it closed.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let start = Instant::now();
+    let mut buf = [0u8; 1024];
+    tokio::time::timeout(limit, async {
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the admin listener closes the connection");
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn admin_connections_get_the_head_timeout_and_a_bounded_life() {
+    let gw = TestGateway::start(config(
+        "header_read_timeout = \"300ms\"\nidle_timeout = \"800ms\"",
+        "",
+    ))
+    .await;
+    // Sends nothing: closed at the head timeout.
+    let mut silent = TcpStream::connect(gw.admin).await.unwrap();
+    let took = closed_within(&mut silent, Duration::from_secs(5)).await;
+    assert!(took >= Duration::from_millis(250), "closed after {took:?}");
+
+    // Busy with a request every 100 ms: closed once its life is over, after a response.
+    let mut kept = TcpStream::connect(gw.admin).await.unwrap();
+    let opened = Instant::now();
+    let mut served = 0;
+    let mut buf = [0u8; 1024];
+    'requests: loop {
+        if kept
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n")
+            .await
+            .is_err()
+        {
+            break;
+        }
+        let mut got = Vec::new();
+        while !got.ends_with(b"\r\n\r\nok\n") {
+            let read = tokio::time::timeout(Duration::from_secs(5), kept.read(&mut buf))
+                .await
+                .expect("a response or the close");
+            match read {
+                Ok(n) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => {
+                    assert!(got.is_empty(), "closed halfway through a response");
+                    break 'requests;
+                }
+            }
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200 OK"));
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lived = opened.elapsed();
+    assert!(served >= 3, "{served} requests served");
+    assert!(
+        lived >= Duration::from_millis(700) && lived < Duration::from_secs(5),
+        "closed after {lived:?}"
+    );
+}
+
+#[tokio::test]
+async fn the_admin_listener_holds_a_bounded_number_of_connections() {
+    let gw = TestGateway::start(config("", "")).await;
+    let mut held = Vec::new();
+    for _ in 0..tollgate::admin::MAX_CONNECTIONS {
+        held.push(TcpStream::connect(gw.admin).await.unwrap());
+    }
+    // One more is closed at once instead of holding a descriptor.
+    let mut extra = TcpStream::connect(gw.admin).await.unwrap();
+    closed_within(&mut extra, Duration::from_secs(3)).await;
+    // The ones held still work, and a freed place is taken again.
+    let mut first = held.remove(0);
+    first
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = Vec::new();
+    first.read_to_end(&mut response).await.unwrap();
+    assert!(response.starts_with(b"HTTP/1.1 200 OK"));
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let reply = send_raw(
+            gw.admin,
+            b"GET /healthz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        if reply.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no place freed: {}",
+            reply.status
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_h2_stream_granted_no_window_is_caught_while_its_siblings_flow() {
+    let (gw, open) = big_upstream_gateway().await;
+    // A connection window far larger than the stream's: the stalled stream holds 64 KiB of
+    // it, and the other streams keep flowing.
+    let stream = TcpStream::connect(gw.addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_connection_window_size(64 << 20)
+        .handshake(TokioIo::new(stream))
+        .await
+        .expect("h2c handshake");
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = Request::get(format!("http://{}/big", gw.addr))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let started = Instant::now();
+    let response = sender.clone().send_request(request).await.expect("head");
+    assert_eq!(response.status(), 200);
+    // A small request every 50 ms on the same connection, each read to its end.
+    let addr = gw.addr;
+    let mut siblings = sender.clone();
+    let traffic = tokio::spawn(async move {
+        let mut served = 0;
+        loop {
+            let request = Request::get(format!("http://{addr}/"))
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap();
+            let Ok(reply) = siblings.send_request(request).await else {
+                return served;
+            };
+            if reply.into_body().collect().await.is_err() {
+                return served;
+            }
+            served += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    upstream_released(&open, Duration::from_secs(5)).await;
+    let released = started.elapsed();
+    println!(
+        "h2 stream granted no window, siblings flowing (body_read_timeout 500ms): upstream released after {released:?}"
+    );
+    assert!(released >= Duration::from_millis(450), "{released:?}");
+    let served = tokio::time::timeout(Duration::from_secs(5), traffic)
+        .await
+        .expect("the connection was closed")
+        .unwrap();
+    assert!(served >= 5, "the siblings flowed: {served}");
+    let _ = tokio::time::timeout(Duration::from_secs(5), ended).await;
+    drop(response);
+}

@@ -212,6 +212,10 @@ impl<H: Handler> Server<H> {
             self.admin,
             self.ready.clone(),
             self.handler.clone(),
+            admin::Timeouts {
+                head: self.settings.header_read_timeout,
+                lifetime: self.settings.idle_timeout,
+            },
         ));
         let ticker = {
             let handler = self.handler.clone();

@@ -9,7 +9,8 @@
 //! - A stalled response: `body_read_timeout` also bounds the other direction. A write that
 //!   makes no progress for that long fails the connection ([`GuardedIo`]), and so does a
 //!   response body that the connection has stopped asking for (an HTTP/2 client that grants
-//!   no flow-control window never blocks a socket write, see [`TrackedBody`]).
+//!   no flow-control window never blocks a socket write, see [`TrackedBody`]). On HTTP/2 each
+//!   stream's body is timed on its own: streams that flow do not cover for one that does not.
 //!
 //! hyper's own `header_read_timeout` is off: it starts whenever hyper waits for a head,
 //! including between requests, so it closed idle keep-alive connections after the (shorter)
@@ -23,8 +24,8 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -44,6 +45,17 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const PROTOCOL_UNKNOWN: u8 = 0;
 const PROTOCOL_H1: u8 = 1;
 const PROTOCOL_H2: u8 = 2;
+
+/// A slot of [`Waits`] whose body is not waiting.
+const NOT_WAITING: u64 = u64::MAX;
+
+/// HTTP/2: when each response body in flight began waiting, by slot.
+#[derive(Debug, Default)]
+struct Waits {
+    since: Vec<u64>,
+    /// Slots of bodies that ended, for the next ones.
+    free: Vec<usize>,
+}
 
 /// The time bounds of one connection, from `[server]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +120,11 @@ pub struct Activity {
     /// Response bodies that yielded a frame (or a head) and were not polled since.
     waiting_bodies: AtomicUsize,
     /// The last time the connection asked any response body for more, or one started waiting.
+    /// On HTTP/1.1 a connection sends one response at a time, so this is that body's wait.
     body_progress: AtomicU64,
+    /// HTTP/2: when each stream's body began to wait, by slot ([`NOT_WAITING`] when it is
+    /// not waiting), so the deadline follows the longest wait, not the latest progress.
+    waits: Mutex<Waits>,
     /// Something moved the deadline earlier; the driver recomputes it.
     dirty: AtomicBool,
     waker: AtomicWaker,
@@ -126,6 +142,7 @@ impl Activity {
             draining: AtomicBool::new(false),
             waiting_bodies: AtomicUsize::new(0),
             body_progress: AtomicU64::new(0),
+            waits: Mutex::new(Waits::default()),
             dirty: AtomicBool::new(false),
             waker: AtomicWaker::new(),
         })
@@ -217,6 +234,53 @@ impl Activity {
         self.body_progress.store(self.now(), Relaxed);
     }
 
+    fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
+        // Each update is one store; a panic cannot leave the table half-written.
+        self.waits.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// On HTTP/2, a slot for a new response body, waiting from now.
+    fn wait_slot(&self) -> Option<usize> {
+        if self.protocol.load(Relaxed) != PROTOCOL_H2 {
+            return None;
+        }
+        let now = self.now();
+        let mut waits = self.waits();
+        Some(match waits.free.pop() {
+            Some(slot) => {
+                waits.since[slot] = now;
+                slot
+            }
+            None => {
+                waits.since.push(now);
+                waits.since.len() - 1
+            }
+        })
+    }
+
+    /// The body in `slot` began waiting now, or (`waiting` false) was polled.
+    fn set_wait(&self, slot: usize, waiting: bool) {
+        let since = if waiting { self.now() } else { NOT_WAITING };
+        self.waits().since[slot] = since;
+    }
+
+    fn free_wait_slot(&self, slot: usize) {
+        let mut waits = self.waits();
+        waits.since[slot] = NOT_WAITING;
+        waits.free.push(slot);
+    }
+
+    /// When the response that has waited longest began waiting.
+    fn oldest_wait(&self) -> u64 {
+        if self.protocol.load(Relaxed) == PROTOCOL_H2 {
+            let oldest = self.waits().since.iter().copied().min();
+            if let Some(since) = oldest.filter(|&s| s != NOT_WAITING) {
+                return since;
+            }
+        }
+        self.body_progress.load(Relaxed)
+    }
+
     /// The next deadline (nanoseconds since `epoch`) and what it bounds; `None` while requests
     /// are in flight and every response is being sent or waits on its upstream.
     fn next_deadline(&self, bounds: &Bounds, closing_since: Option<u64>) -> Option<(u64, Expiry)> {
@@ -226,7 +290,7 @@ impl Activity {
         if self.in_flight.load(Relaxed) > 0 {
             return (self.waiting_bodies.load(Relaxed) > 0).then(|| {
                 (
-                    after(self.body_progress.load(Relaxed), bounds.write_stall),
+                    after(self.oldest_wait(), bounds.write_stall),
                     Expiry::ResponseStalled,
                 )
             });
@@ -505,6 +569,8 @@ pub struct TrackedBody {
     inner: ResponseBody,
     // Field order: `waiting` is settled in `drop` before `in_flight` ends the request.
     waiting: bool,
+    /// HTTP/2: this body's place in the connection's table of waits.
+    slot: Option<usize>,
     in_flight: InFlight,
 }
 
@@ -516,6 +582,7 @@ impl TrackedBody {
         Self {
             inner,
             waiting: true,
+            slot: in_flight.0.wait_slot(),
             in_flight,
         }
     }
@@ -525,6 +592,9 @@ impl Drop for TrackedBody {
     fn drop(&mut self) {
         if self.waiting {
             self.in_flight.0.body_polled();
+        }
+        if let Some(slot) = self.slot {
+            self.in_flight.0.free_wait_slot(slot);
         }
     }
 }
@@ -541,11 +611,17 @@ impl Body for TrackedBody {
         if this.waiting {
             this.waiting = false;
             this.in_flight.0.body_polled();
+            if let Some(slot) = this.slot {
+                this.in_flight.0.set_wait(slot, false);
+            }
         }
         let polled = ready!(Pin::new(&mut this.inner).poll_frame(cx));
         if matches!(polled, Some(Ok(_))) {
             this.waiting = true;
             this.in_flight.0.body_waiting();
+            if let Some(slot) = this.slot {
+                this.in_flight.0.set_wait(slot, true);
+            }
         }
         Poll::Ready(polled)
     }
@@ -619,6 +695,35 @@ mod tests {
         drop(body);
         assert_eq!(activity.in_flight.load(Relaxed), 0);
         assert_eq!(activity.waiting_bodies.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn on_http2_the_longest_waiting_body_sets_the_deadline() {
+        let activity = Activity::new();
+        activity.speaks_h2();
+        let stalled = TrackedBody::new(ResponseBody::empty(), activity.request_started());
+        let first = activity.next_deadline(&BOUNDS, None);
+        assert!(matches!(first, Some((_, Expiry::ResponseStalled))));
+        // Other streams start, are asked for their bodies to the end, and finish: the
+        // connection makes progress, but the stalled stream's wait goes on.
+        let waker = futures_util::task::noop_waker();
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let mut flowing = TrackedBody::new(ResponseBody::empty(), activity.request_started());
+            let polled = Pin::new(&mut flowing).poll_frame(&mut Context::from_waker(&waker));
+            assert!(matches!(polled, Poll::Ready(None)));
+            drop(flowing);
+            assert_eq!(activity.next_deadline(&BOUNDS, None), first);
+        }
+        // With the stalled one gone, a later wait sets it.
+        let later = TrackedBody::new(ResponseBody::empty(), activity.request_started());
+        drop(stalled);
+        let (at, expiry) = activity.next_deadline(&BOUNDS, None).unwrap();
+        assert_eq!(expiry, Expiry::ResponseStalled);
+        assert!(at > first.unwrap().0);
+        drop(later);
+        let waits = activity.waits();
+        assert_eq!(waits.free.len(), waits.since.len(), "every slot freed");
     }
 
     #[tokio::test]
