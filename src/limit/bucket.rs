@@ -3,24 +3,27 @@
 //! tests use governor's `FakeRelativeClock` and never sleep.
 //!
 //! A bucket has capacity `burst` and refills one token every `window / limit`. A plan may have a
-//! minute bucket plus optional hourly and daily ones; every bucket is charged, and the decision
-//! reports the bucket closest to empty (or the one that rejected). Buckets are checked smallest
-//! window first, so the common rejection (per minute) charges nothing else.
+//! minute bucket plus optional hourly and daily ones; a request is charged to all of them or to
+//! none, and the decision reports the bucket closest to empty (or the one that rejected). The
+//! hourly and daily buckets are looked at first without charging, so a request they refuse
+//! does not take a minute token (as the Redis script does); the common rejection (per minute)
+//! then charges nothing else.
 
 use std::hash::Hash;
 use std::num::NonZeroU32;
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use governor::clock::Clock;
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware, StateSnapshot};
 use governor::nanos::Nanos;
-use governor::state::{InMemoryState, NotKeyed};
+use governor::state::{InMemoryState, NotKeyed, StateStore};
 use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
 use super::headers::limit_value;
-use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS};
+use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS, measure};
 use crate::config::Plan;
 
 /// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
@@ -235,6 +238,65 @@ fn combine<C: Clock>(
 }
 
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
+type SharedGcra<C> = RateLimiter<NotKeyed, SharedState, C, StateInformationMiddleware>;
+type PeekGcra<C> = RateLimiter<NotKeyed, Peek, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// A bucket's GCRA state, shared by the limiter that charges it and the one that peeks.
+#[derive(Debug, Default)]
+struct SharedState(Arc<AtomicU64>);
+
+impl StateStore for SharedState {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        measure(&self.0, f)
+    }
+}
+
+/// Reads a [`SharedState`] and answers as if charging it, without changing it.
+#[derive(Debug)]
+struct Peek(Arc<AtomicU64>);
+
+impl StateStore for Peek {
+    type Key = NotKeyed;
+
+    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let state = self.0.load(Ordering::Acquire);
+        f((state != 0).then(|| Nanos::from(state))).map(|(result, _)| result)
+    }
+}
+
+/// An hourly or daily bucket: the limiter that charges it and one that looks without charging.
+struct Longer<C: Clock> {
+    bucket: Bucket,
+    gcra: SharedGcra<C>,
+    peek: PeekGcra<C>,
+}
+
+impl<C: Clock + Clone> Longer<C> {
+    fn new(spec: &BucketSpec, clock: &C) -> Self {
+        let state = Arc::new(AtomicU64::new(0));
+        // The charging limiter first: its reference instant is then the earlier of the two,
+        // so a peek is never more lenient than the charge that follows it.
+        let gcra = RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
+            spec.quota(),
+            SharedState(state.clone()),
+            clock.clone(),
+        )
+        .with_middleware();
+        Self {
+            bucket: Bucket::new(spec, false),
+            gcra,
+            peek: RateLimiter::new(spec.quota(), Peek(state), clock.clone()),
+        }
+    }
+}
 type KeyedGcra<K, C> = RateLimiter<K, BoundedStore<K>, C, StateInformationMiddleware>;
 
 /// One key's buckets. The minute bucket lives inline, in the first cache line: charging a key
@@ -245,7 +307,7 @@ pub struct Limiter<C: Clock = Tsc> {
     minute_gcra: DirectGcra<C>,
     minute: Bucket,
     /// Hourly and daily buckets, when the plan has them.
-    longer: Box<[(Bucket, DirectGcra<C>)]>,
+    longer: Box<[Longer<C>]>,
     specs: Box<[BucketSpec]>,
     clock: C,
 }
@@ -260,18 +322,26 @@ impl<C: Clock + Clone> Limiter<C> {
         Self {
             minute: Bucket::new(first, !longer.is_empty()),
             minute_gcra: gcra(first),
-            longer: longer
-                .iter()
-                .map(|s| (Bucket::new(s, false), gcra(s)))
-                .collect(),
+            longer: longer.iter().map(|s| Longer::new(s, &clock)).collect(),
             specs: specs.into(),
             clock,
         }
     }
 
-    /// Charges one request to every bucket, smallest window first; the first to reject
-    /// decides, and nothing after it is charged.
+    /// Charges one request to every bucket, or to none: the first to reject decides.
     pub fn check(&self) -> Decision {
+        if self.minute.more {
+            // A bucket that would refuse refuses before the minute bucket is charged. (Two
+            // requests racing for an hourly bucket's last token may both pass this look; the
+            // loser's minute token is then spent, as before the look existed.)
+            for (i, longer) in self.longer.iter().enumerate() {
+                if let Err(not_until) = longer.peek.check() {
+                    return longer
+                        .bucket
+                        .rejected(i + 1, not_until.wait_time_from(self.clock.now()));
+                }
+            }
+        }
         let mut report = match self.minute_gcra.check() {
             Ok(state) => self.minute.admitted(0, &state),
             Err(not_until) => {
@@ -283,7 +353,7 @@ impl<C: Clock + Clone> Limiter<C> {
         if !self.minute.more {
             return report;
         }
-        for (i, (bucket, gcra)) in self.longer.iter().enumerate() {
+        for (i, Longer { bucket, gcra, .. }) in self.longer.iter().enumerate() {
             match gcra.check() {
                 Ok(state) => {
                     let decision = bucket.admitted(i + 1, &state);
@@ -308,7 +378,7 @@ impl<C: Clock + Clone> Limiter<C> {
     pub fn limit_value(&self, bucket: usize) -> &'static HeaderValue {
         match bucket {
             0 => self.minute.limit_value,
-            i => self.longer[i - 1].0.limit_value,
+            i => self.longer[i - 1].bucket.limit_value,
         }
     }
 }
@@ -584,6 +654,33 @@ mod tests {
         clock.advance(Duration::from_secs(3));
         assert_eq!(l.evict_idle(), 0, "full buckets are forgotten");
         assert!(l.check(&1).allowed);
+    }
+
+    #[test]
+    fn a_request_the_hourly_bucket_refuses_takes_no_minute_token() {
+        let clock = FakeRelativeClock::default();
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(3).unwrap(),
+            burst: NonZeroU32::new(3).unwrap(),
+        };
+        let l = Limiter::new(&[spec(60, 10), hour], clock.clone());
+        for _ in 0..3 {
+            assert!(l.check().allowed);
+        }
+        for _ in 0..5 {
+            let d = l.check();
+            assert!(!d.allowed);
+            assert_eq!(d.bucket, 1, "the hourly bucket refuses");
+            assert_eq!(d.retry_after, Duration::from_secs(20 * 60));
+        }
+        // The minute bucket gave 3 tokens, not 8: charging it once more leaves 10 - 3 - 1.
+        let minute = l.minute_gcra.check().expect("tokens left");
+        assert_eq!(minute.remaining_burst_capacity(), 6);
+        // The hour's next token comes after 20 minutes, and is charged once.
+        clock.advance(Duration::from_secs(20 * 60));
+        assert!(l.check().allowed);
+        assert!(!l.check().allowed);
     }
 
     #[test]

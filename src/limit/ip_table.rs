@@ -111,7 +111,7 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
 }
 
 /// governor's compare-and-swap loop over one key's state.
-fn measure<T, E>(
+pub(super) fn measure<T, E>(
     tat: &AtomicU64,
     f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
 ) -> Result<T, E> {
