@@ -23,7 +23,7 @@ use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
 use super::headers::limit_value;
-use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS, measure};
+use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS, Peek as PeekKeyed, Shared, measure};
 use crate::config::Plan;
 
 /// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
@@ -297,7 +297,8 @@ impl<C: Clock + Clone> Longer<C> {
         }
     }
 }
-type KeyedGcra<K, C> = RateLimiter<K, BoundedStore<K>, C, StateInformationMiddleware>;
+type KeyedGcra<K, C> = RateLimiter<K, Shared<K>, C, StateInformationMiddleware>;
+type KeyedPeek<K, C> = RateLimiter<K, PeekKeyed<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
 /// One key's buckets. The minute bucket lives inline, in the first cache line: charging a key
 /// with only that one (most plans) reads that line and nothing else, and builds the
@@ -397,6 +398,8 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
     specs: Box<[BucketSpec]>,
     buckets: Box<[Bucket]>,
     gcras: Box<[KeyedGcra<K, C>]>,
+    /// Looks at the hourly and daily tables (index `i` is bucket `i + 1`) without charging.
+    peeks: Box<[KeyedPeek<K, C>]>,
     clock: C,
 }
 
@@ -412,27 +415,45 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
     /// ([`super::ip_table`]).
     pub fn with_capacity(specs: &[BucketSpec], clock: C, capacity: usize) -> Self {
         assert!(!specs.is_empty(), "a limiter needs a bucket");
+        let stores: Vec<_> = specs
+            .iter()
+            .map(|_| Arc::new(BoundedStore::new(capacity)))
+            .collect();
         Self {
             specs: specs.into(),
             buckets: specs.iter().map(|s| Bucket::new(s, false)).collect(),
+            // The charging limiters first, as in `Longer::new`.
             gcras: specs
                 .iter()
-                .map(|s| {
-                    let store = BoundedStore::new(capacity);
+                .zip(&stores)
+                .map(|(s, store)| {
                     RateLimiter::<K, _, C, NoOpMiddleware<C::Instant>>::new(
                         s.quota(),
-                        store,
+                        Shared(store.clone()),
                         clock.clone(),
                     )
                     .with_middleware()
+                })
+                .collect(),
+            peeks: specs[1..]
+                .iter()
+                .zip(&stores[1..])
+                .map(|(s, store)| {
+                    RateLimiter::new(s.quota(), PeekKeyed(store.clone()), clock.clone())
                 })
                 .collect(),
             clock,
         }
     }
 
-    /// Charges one request from `key` to every bucket.
+    /// Charges one request from `key` to every bucket, or to none (see [`Limiter::check`]).
     pub fn check(&self, key: &K) -> Decision {
+        for (i, peek) in self.peeks.iter().enumerate() {
+            if let Err(not_until) = peek.check_key(key) {
+                return self.buckets[i + 1]
+                    .rejected(i + 1, not_until.wait_time_from(self.clock.now()));
+            }
+        }
         combine(&self.buckets, &self.clock, |i| self.gcras[i].check_key(key))
     }
 
@@ -681,6 +702,30 @@ mod tests {
         clock.advance(Duration::from_secs(20 * 60));
         assert!(l.check().allowed);
         assert!(!l.check().allowed);
+    }
+
+    #[test]
+    fn a_client_ip_the_hourly_bucket_refuses_takes_no_minute_token() {
+        let clock = FakeRelativeClock::default();
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(3).unwrap(),
+            burst: NonZeroU32::new(3).unwrap(),
+        };
+        let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 10), hour], clock.clone());
+        for _ in 0..3 {
+            assert!(l.check(&1).allowed);
+        }
+        for _ in 0..5 {
+            let d = l.check(&1);
+            assert!(!d.allowed);
+            assert_eq!(d.bucket, 1, "the hourly bucket refuses");
+        }
+        let minute = l.gcras[0].check_key(&1).expect("tokens left");
+        assert_eq!(minute.remaining_burst_capacity(), 6);
+        // Looking does not add a client to a table.
+        assert!(l.check(&2).allowed);
+        assert_eq!(l.len(), 2);
     }
 
     #[test]

@@ -16,8 +16,8 @@
 
 use std::collections::VecDeque;
 use std::hash::Hash;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use governor::nanos::Nanos;
@@ -158,6 +158,60 @@ impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
             slot.touch();
         }
         result
+    }
+}
+
+/// Reads a [`BoundedStore`] and answers as if charging `key`, without changing (or adding)
+/// anything: how the per-IP limiter looks at its hourly and daily buckets before charging.
+#[derive(Debug)]
+pub struct Peek<K: Hash + Eq>(pub Arc<BoundedStore<K>>);
+
+impl<K: Hash + Eq + Clone> StateStore for Peek<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        let state = self
+            .0
+            .map
+            .get(key)
+            .map_or(0, |slot| slot.tat.load(Ordering::Acquire));
+        f((state != 0).then(|| Nanos::from(state))).map(|(result, _)| result)
+    }
+}
+
+/// A [`BoundedStore`] shared with a [`Peek`].
+#[derive(Debug)]
+pub struct Shared<K: Hash + Eq>(pub Arc<BoundedStore<K>>);
+
+impl<K: Hash + Eq + Clone> StateStore for Shared<K> {
+    type Key = K;
+
+    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Shared<K> {
+    fn retain_recent(&self, drop_below: Nanos) {
+        self.0.retain_recent(drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+    }
+
+    fn len(&self) -> usize {
+        ShrinkableKeyedStateStore::len(&*self.0)
+    }
+
+    fn is_empty(&self) -> bool {
+        ShrinkableKeyedStateStore::is_empty(&*self.0)
     }
 }
 
