@@ -12,12 +12,12 @@ const KEY_A: &str = "tg_test_limits_a_0123456789abcdefgh";
 const KEY_B: &str = "tg_test_limits_b_0123456789abcdefgh";
 
 /// Two keys on plan `tight` (given rpm and burst), an upstream route and a dead one.
+///
+/// Tests that count tokens use `rpm = 1`: the next token is a minute away, so however slow
+/// the machine, nothing refills between their requests.
 async fn setup(rpm: u32, burst: u32, limits: &str, extra: &str) -> (TestGateway, tollgate::Config) {
     let up = echo_upstream().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let text = format!(
         r#"
 [limits]
@@ -70,6 +70,21 @@ async fn with_key(addr: SocketAddr, path: &str, key: &str) -> Reply {
     get(addr, path, &[("X-API-Key", key)]).await
 }
 
+/// Requests with key a until one is limited, and returns that 429. For tests that must wait
+/// for a refill, and so use a fast rate: on a loaded machine one request can take longer than
+/// a token interval, so "the next request is limited" may not hold, but one that follows
+/// within an interval is. Fails if none of 50 is limited.
+async fn until_limited(addr: SocketAddr) -> Reply {
+    for _ in 0..50 {
+        let r = with_key(addr, "/v1/x", KEY_A).await;
+        if r.status != 200 {
+            assert_eq!(r.status, 429, "{r:?}");
+            return r;
+        }
+    }
+    panic!("50 requests and never limited");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn of_n_concurrent_requests_exactly_capacity_pass() {
     // Capacity 25, refilled once a minute: nothing refills during the test.
@@ -117,8 +132,8 @@ async fn after_the_retry_after_wait_a_request_is_admitted_again() {
     // One token a second, one deep.
     let (gw, _) = setup(60, 1, "", "").await;
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
-    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
-    assert_eq!(r.status, 429);
+    // A request slower than the refill interval may find the next token: ask until limited.
+    let r = until_limited(gw.addr).await;
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert_eq!(retry, 1);
     tokio::time::sleep(Duration::from_secs(retry)).await;
@@ -128,14 +143,18 @@ async fn after_the_retry_after_wait_a_request_is_admitted_again() {
 
 #[tokio::test]
 async fn headers_on_every_response_to_an_authenticated_request() {
-    let (gw, _) = setup(60, 5, "", "").await;
+    let (gw, _) = setup(1, 5, "", "").await;
     let before = unix_now();
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-ratelimit-limit"), Some("60"));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("1"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
+    // One token taken at one a minute: full again a minute after the request.
     let reset: u64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
-    assert!(reset > before && reset <= unix_now() + 2, "reset {reset}");
+    assert!(
+        reset >= before + 60 && reset <= unix_now() + 61,
+        "reset {reset}, before {before}"
+    );
     assert!(r.header("retry-after").is_none());
 
     // Upstream failures were charged and say so.
@@ -151,7 +170,7 @@ async fn headers_on_every_response_to_an_authenticated_request() {
 
 #[tokio::test]
 async fn rejected_401_and_403_are_never_charged() {
-    let (gw, _) = setup(60, 2, "", "").await;
+    let (gw, _) = setup(1, 2, "", "").await;
     for _ in 0..5 {
         assert_eq!(with_key(gw.addr, "/scoped/x", KEY_A).await.status, 403);
         assert_eq!(with_key(gw.addr, "/v1/x", "tg_wrong").await.status, 401);
@@ -168,43 +187,55 @@ async fn rejected_401_and_403_are_never_charged() {
 
 #[tokio::test]
 async fn a_client_that_sleeps_until_reset_succeeds_on_its_first_retry() {
-    // 600/min: a token every 100 ms, 5 deep.
-    let (gw, _) = setup(600, 5, "", "").await;
-    let mut reply = with_key(gw.addr, "/v1/x", KEY_A).await;
-    let mut sent = 1;
-    while reply.status == 200 {
-        reply = with_key(gw.addr, "/v1/x", KEY_A).await;
-        sent += 1;
-        assert!(sent < 50, "never limited");
+    // 120/min: a token every 500 ms, 3 deep: full again 1.5 s after it is drained.
+    let (gw, _) = setup(120, 3, "", "").await;
+    // Drain the burst at once (sequential requests slower than a token interval would never
+    // be limited), then ask until limited: that 429 is the latest decision, so its reset is
+    // when the bucket is full.
+    let drain: Vec<_> = (0..10)
+        .map(|_| tokio::spawn(with_key(gw.addr, "/v1/x", KEY_A)))
+        .collect();
+    for task in drain {
+        task.await.unwrap();
     }
-    assert_eq!(reply.status, 429);
+    let reply = until_limited(gw.addr).await;
     let reset: u64 = reply.header("x-ratelimit-reset").unwrap().parse().unwrap();
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
     let wait = Duration::from_secs(reset).saturating_sub(now);
-    assert!(wait <= Duration::from_secs(2), "reset {wait:?} away");
+    // Under 1.5 s to the full bucket, plus the rounding up to whole seconds.
+    assert!(wait <= Duration::from_secs(3), "reset {wait:?} away");
     tokio::time::sleep(wait).await;
     let retry = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(retry.status, 200, "first retry after X-RateLimit-Reset");
     assert_eq!(
         retry.header("x-ratelimit-remaining"),
-        Some("4"),
+        Some("2"),
         "the bucket is full again"
     );
 }
 
 #[tokio::test]
 async fn ietf_headers() {
-    let (gw, _) = setup(60, 2, "headers = \"both\"", "").await;
+    let (gw, _) = setup(1, 2, "headers = \"both\"", "").await;
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
-    assert_eq!(r.header("ratelimit-policy"), Some("\"tight\";q=60;w=60"));
-    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=1;t=1"));
+    assert_eq!(r.header("ratelimit-policy"), Some("\"tight\";q=1;w=60"));
+    // One token taken at one a minute: full again in 60 s.
+    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=1;t=60"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("1"));
     with_key(gw.addr, "/v1/x", KEY_A).await;
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 429);
-    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=0;t=1"));
+    // On a 429, `t` is the wait for the next token: 60 s after the first request, less the
+    // (whole) seconds these requests took; never the 120 s until the bucket is full.
+    let value = r.header("ratelimit").unwrap();
+    let t: u64 = value
+        .strip_prefix("\"tight\";r=0;t=")
+        .unwrap_or_else(|| panic!("RateLimit {value}"))
+        .parse()
+        .unwrap();
+    assert!((50..=60).contains(&t), "RateLimit {value}");
 
-    let (gw, _) = setup(60, 2, "headers = \"ietf\"", "").await;
+    let (gw, _) = setup(1, 2, "headers = \"ietf\"", "").await;
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert!(r.header("ratelimit").is_some());
     assert!(r.header("x-ratelimit-limit").is_none());
@@ -234,13 +265,16 @@ async fn a_daily_bucket_is_reported_when_closest_to_empty_and_named_on_429() {
         message.starts_with("Rate limit of 2 requests per day exceeded."),
         "{message}"
     );
-    assert_eq!(r.header("retry-after"), Some("43200"));
+    // The next daily token, 12 h after the first request, less the (whole) seconds these
+    // requests took.
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((43_140..=43_200).contains(&retry), "Retry-After {retry}");
 }
 
 #[tokio::test]
 async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
     let (gw, _) = setup(
-        60,
+        1,
         1,
         "[limits.ip_throttle]\nrejections = 3\nwindow = \"60s\"\nblock_for = \"5m\"",
         "",
@@ -259,7 +293,7 @@ async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
 
 #[tokio::test]
 async fn shadow_mode_lets_everything_through_and_counts_would_limit() {
-    let (gw, _) = setup(60, 2, "mode = \"shadow\"", "").await;
+    let (gw, _) = setup(1, 2, "mode = \"shadow\"", "").await;
     for _ in 0..5 {
         let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.status, 200);
@@ -275,7 +309,7 @@ async fn shadow_mode_lets_everything_through_and_counts_would_limit() {
 
 #[tokio::test]
 async fn reload_keeps_drained_buckets_and_applies_new_keys_and_limits() {
-    let (gw, cfg) = setup(60, 2, "", "").await;
+    let (gw, cfg) = setup(1, 2, "", "").await;
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 429);
@@ -310,7 +344,7 @@ async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
     let cfg = config(
         "trusted_proxies = [\"127.0.0.1/32\"]",
         &format!(
-            "[plans.anonymous]\nrequests_per_minute = 60\nburst = 2\n\
+            "[plans.anonymous]\nrequests_per_minute = 1\nburst = 2\n\
              [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
              [[routes]]\nprefix = \"/public/\"\nupstream = \"up\"\nauth = false\n"
         ),

@@ -44,12 +44,10 @@ async fn assert_failures_counted(gw: &TestGateway, kind: &str, n: u64) {
     assert!(metrics.contains(&series), "no {series:?} in\n{metrics}");
 }
 
-/// An address nothing listens on.
+/// An address nothing listens on: bound but not listening for the rest of the test
+/// ([`refusing_addr`]), so no one else can take the port and answer.
 fn closed_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    refusing_addr()
 }
 
 /// A raw upstream: every accepted connection is handed to `behave`; returns its address and
@@ -1143,14 +1141,14 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         let _ = stream.set_zero_linger();
     })
     .await;
-    let addr = closed_port();
-    let admin = closed_port();
+    // The process binds port 0 and logs where it listens: a port picked here and released
+    // for it to bind could be taken by another test in between.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("gw.toml");
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n\
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
              [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
              [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
@@ -1161,6 +1159,14 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
     )
     .unwrap();
     let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr in {listening}"))
+        .parse()
+        .unwrap();
     for (path, status, code, kind) in [
         ("/dead/x", 502, "bad_gateway", "connect_refused"),
         ("/hang/x", 504, "gateway_timeout", "timeout"),

@@ -55,7 +55,9 @@ async fn watched_files_reload_keys_and_limits_and_survive_a_broken_file() {
     let dir = tempfile::tempdir().unwrap();
     let (path, keys) = (dir.path().join("gw.toml"), dir.path().join("keys.toml"));
     std::fs::write(&keys, key_entry("a", KEY_A)).unwrap();
-    std::fs::write(&path, main_config(&keys, 60, 1)).unwrap();
+    // One token a minute, one deep: a drained key stays drained for the whole test, however
+    // long the polling loops below take.
+    std::fs::write(&path, main_config(&keys, 1, 1)).unwrap();
     let gw = TestGateway::start(tollgate::Config::load(&path).unwrap()).await;
     tokio::spawn(reload_on_change(
         path.clone(),

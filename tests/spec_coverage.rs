@@ -154,25 +154,12 @@ async fn a_key_with_its_own_requests_per_minute_is_limited_and_reported_by_it() 
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
 
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
-    assert_eq!(r.status, 429, "{}", r.shown());
+    let retry = assert_rate_limited(&r, 2, "minute");
     assert_json_content_type(&r);
     assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
-    let retry: u64 = r
-        .header("retry-after")
-        .expect("Retry-After on a 429")
-        .parse()
-        .expect("Retry-After is an integer");
     assert!((1..=30).contains(&retry), "Retry-After {retry}");
-    let v = r.json();
-    assert_eq!(v["error"]["code"], "rate_limited", "{}", r.shown());
-    assert_eq!(
-        v["error"]["message"],
-        format!("Rate limit of 2 requests per minute exceeded. Retry after {retry}s."),
-        "{}",
-        r.shown()
-    );
-    assert_eq!(v["request_id"], r.header("x-request-id").unwrap());
+    assert_eq!(r.json()["request_id"], r.header("x-request-id").unwrap());
 
     // The override is the key's own: another key on the same plan has the plan's limit.
     let r = with_key(gw.addr, "/v1/x", KEY_B).await;
@@ -209,24 +196,31 @@ async fn an_empty_hourly_bucket_is_a_429_naming_the_hour_and_reported_in_the_hea
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
 
     let r = with_key(gw.addr, "/x", KEY_A).await;
-    assert_eq!(r.status, 429, "{}", r.shown());
+    let retry = assert_rate_limited(&r, 2, "hour");
     assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+    // Two an hour: the next token comes 30 minutes after the first was taken.
+    assert!((1700..=1800).contains(&retry), "Retry-After {retry}");
+}
+
+/// Asserts a 429 `rate_limited` (default error style) whose message names `limit` per
+/// `window` and the wait `Retry-After` gives; returns that wait.
+fn assert_rate_limited(r: &Reply, limit: u32, window: &str) -> u64 {
+    assert_eq!(r.status, 429, "{}", r.shown());
     let retry: u64 = r
         .header("retry-after")
         .expect("Retry-After on a 429")
         .parse()
         .expect("Retry-After is an integer");
-    // Two an hour: the next token comes 30 minutes after the first was taken.
-    assert!((1700..=1800).contains(&retry), "Retry-After {retry}");
     let v = r.json();
     assert_eq!(v["error"]["code"], "rate_limited", "{}", r.shown());
     assert_eq!(
         v["error"]["message"],
-        format!("Rate limit of 2 requests per hour exceeded. Retry after {retry}s."),
+        format!("Rate limit of {limit} requests per {window} exceeded. Retry after {retry}s."),
         "{}",
         r.shown()
     );
+    retry
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -338,3 +338,18 @@ pub fn assert_generated_id(id: &str) {
 pub fn digest(key: &str) -> String {
     tollgate::auth::ApiKey::new(key).digest().to_string()
 }
+
+/// A loopback address that refuses connections (a "dead upstream") for the rest of the test
+/// process: a socket bound to the port but never listening, held in a static. Unlike the port
+/// of a dropped listener, no other test (nor an outgoing connection's ephemeral port) can take
+/// it meanwhile and answer. (nextest runs each test in its own process.)
+pub fn refusing_addr() -> SocketAddr {
+    static HELD: std::sync::Mutex<Vec<tokio::net::TcpSocket>> = std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind a refusing port");
+    let addr = socket.local_addr().expect("addr");
+    HELD.lock().unwrap_or_else(|e| e.into_inner()).push(socket);
+    addr
+}
