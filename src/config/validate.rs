@@ -35,15 +35,32 @@ const RESERVED_ERROR_FIELDS: [&str; 6] = [
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Where each line starts, found on the first lookup: every key's line is looked up (for
+    /// duplicate reports), and counting from the top each time made a million keys take hours.
+    line_starts: std::cell::OnceCell<Vec<usize>>,
 }
 
-impl Source<'_> {
+impl<'a> Source<'a> {
+    fn new(path: &'a Path, text: &'a str) -> Self {
+        Self {
+            path,
+            text,
+            line_starts: std::cell::OnceCell::new(),
+        }
+    }
+
     fn issue(&self, span: std::ops::Range<usize>, message: impl Into<String>) -> ConfigIssue {
         let start = span.start.min(self.text.len());
-        let before = &self.text[..start];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = before[line_start..].chars().count() + 1;
+        let starts = self.line_starts.get_or_init(|| {
+            std::iter::once(0)
+                .chain(self.text.match_indices('\n').map(|(i, _)| i + 1))
+                .collect()
+        });
+        // The last line starting at or before `start`.
+        let index = starts.partition_point(|&s| s <= start) - 1;
+        let line = index + 1;
+        let line_start = starts[index];
+        let column = self.text[line_start..start].chars().count() + 1;
         ConfigIssue {
             file: self.path.to_owned(),
             line,
@@ -76,15 +93,19 @@ fn parse<T: serde::de::DeserializeOwned>(
     for unknown in strip_unknown(doc.get_mut(), root) {
         issues.push(src.issue(unknown.span, unknown.message));
     }
+    // The first try takes the document itself: a copy would double the peak memory of a
+    // large keys file. Only a document with a type error is parsed again, to take values out.
+    let mut error = match T::deserialize(toml::de::Deserializer::from(doc)) {
+        Ok(v) => return Some(v),
+        Err(e) => e,
+    };
+    let mut doc = DeTable::parse(src.text).expect("it parsed a moment ago");
+    let _ = strip_unknown(doc.get_mut(), root);
     // Keys taken out for a type error: serde then misses them ("missing field"), which is
     // not news to report.
     let mut taken: Vec<String> = Vec::new();
     let mut reported = 0;
     loop {
-        let error = match T::deserialize(toml::de::Deserializer::from(doc.clone())) {
-            Ok(v) => return Some(v),
-            Err(e) => e,
-        };
         let message = error.message().trim();
         let span = error.span().unwrap_or(0..0);
         let consequence = taken
@@ -98,6 +119,10 @@ fn parse<T: serde::de::DeserializeOwned>(
             Some(key) if reported < MAX_TYPE_ERRORS => taken.push(key),
             _ => return None,
         }
+        error = match T::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(v) => return Some(v),
+            Err(e) => e,
+        };
     }
 }
 
@@ -137,7 +162,7 @@ pub(super) fn load(
     text: &str,
     read: impl Fn(&Path) -> Result<String, ConfigError>,
 ) -> Result<Config, ConfigError> {
-    let src = Source { path, text };
+    let src = Source::new(path, text);
     let mut issues = Vec::new();
     let Some(file) = parse::<FileConfig>(&src, "", &mut issues) else {
         return Err(ConfigError::Invalid(issues));
@@ -187,10 +212,7 @@ pub(super) fn load(
         match read_regular(&keys_path) {
             Ok(text) => {
                 keys_file_text = text;
-                let ksrc = Source {
-                    path: &keys_path,
-                    text: &keys_file_text,
-                };
+                let ksrc = Source::new(&keys_path, &keys_file_text);
                 if let Some(kf) = parse::<KeysFile>(&ksrc, "keys_file", v.issues) {
                     let mut kv = Validator {
                         src: &ksrc,
@@ -1386,6 +1408,29 @@ mod tests {
             "a port from 1 to 65535",
         ),
     ];
+
+    #[test]
+    fn spans_become_lines_and_columns() {
+        let text = "a = 1\nbé = \"x\"\n\nlast";
+        let src = Source::new(Path::new("t.toml"), text);
+        let at = |offset: usize| {
+            let issue = src.issue(offset..offset, "");
+            (issue.line, issue.column)
+        };
+        assert_eq!(at(0), (1, 1));
+        assert_eq!(at(4), (1, 5));
+        assert_eq!(at(6), (2, 1), "just after a newline");
+        // Columns count characters: `é` is two bytes.
+        assert_eq!(at(text.find('=').unwrap()), (1, 3));
+        assert_eq!(at(text.rfind('=').unwrap()), (2, 4));
+        assert_eq!(at(text.find("\n\n").unwrap() + 1), (3, 1), "an empty line");
+        assert_eq!(
+            at(text.len()),
+            (4, 5),
+            "the end of a last line without a newline"
+        );
+        assert_eq!(at(text.len() + 10), (4, 5), "past the end is clamped");
+    }
 
     #[test]
     fn ports_are_checked_but_ipv6_hosts_without_one_pass() {

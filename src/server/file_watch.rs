@@ -45,7 +45,7 @@ pub async fn reload_on_change(path: PathBuf, gateway: Arc<Gateway>, every: Durat
             continue;
         }
         tracing::info!(path = %path.display(), "config or keys file changed; reloading");
-        signals::reload(&path, &gateway);
+        signals::reload_in_background(&path, &gateway).await;
         // The reload may have named a different keys file.
         seen = stamps(&path, &gateway);
     }

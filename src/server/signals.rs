@@ -29,7 +29,23 @@ pub fn catch_sighup() -> std::io::Result<Signal> {
 /// config stays.
 pub async fn reload_on_sighup(mut hup: Signal, path: PathBuf, gateway: Arc<Gateway>) {
     while hup.recv().await.is_some() {
+        reload_in_background(&path, &gateway).await;
+    }
+}
+
+/// [`reload`] on the blocking pool: reading and validating a large config (up to 256 MiB,
+/// a million keys) takes seconds, which on a runtime worker would stall every request it
+/// serves (all of them with `server.workers = 1`). Reloads run one at a time.
+pub async fn reload_in_background(path: &std::path::Path, gateway: &Arc<Gateway>) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let (path, gateway) = (path.to_owned(), gateway.clone());
+    let done = tokio::task::spawn_blocking(move || {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         reload(&path, &gateway);
+    })
+    .await;
+    if let Err(e) = done {
+        tracing::error!(error = %e, "config reload failed unexpectedly; the running config stays");
     }
 }
 
