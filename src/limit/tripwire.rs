@@ -36,6 +36,12 @@ pub struct IpTripwire {
     entries: DashMap<IpAddr, Entry>,
     capacity: usize,
     last_sweep: Mutex<Option<Instant>>,
+    /// Set when a full table held only blocks: until this next sweep, no new IP can get in,
+    /// so a flood of new IPs does not scan the whole table for each of them.
+    no_room_until: Mutex<Option<Instant>>,
+    /// Scans for an entry to evict (tests count them).
+    #[cfg(test)]
+    scans: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for IpTripwire {
@@ -51,6 +57,9 @@ impl IpTripwire {
             entries: DashMap::new(),
             capacity,
             last_sweep: Mutex::new(None),
+            no_room_until: Mutex::new(None),
+            #[cfg(test)]
+            scans: Default::default(),
         }
     }
 
@@ -71,6 +80,7 @@ impl IpTripwire {
             // only being counted makes room, so the flood cannot blind the guard to everyone
             // else. Blocked IPs stay; if every entry is a block, this one is not tracked.
             if self.entries.len() >= self.capacity && !self.evict_one_counting(now) {
+                *self.no_room_until.lock().expect("not poisoned") = Some(now + SWEEP_INTERVAL);
                 return false;
             }
         }
@@ -106,6 +116,7 @@ impl IpTripwire {
                 || now.saturating_duration_since(e.window_start) < rule.window
         });
         *self.last_sweep.lock().expect("not poisoned") = Some(now);
+        *self.no_room_until.lock().expect("not poisoned") = None;
     }
 
     fn sweep_if_due(&self, now: Instant, rule: &Tripwire) {
@@ -121,6 +132,14 @@ impl IpTripwire {
 
     /// Removes one entry that is counting, not blocking; false when every entry is a block.
     fn evict_one_counting(&self, now: Instant) -> bool {
+        let no_room = self.no_room_until.lock().expect("not poisoned");
+        if no_room.is_some_and(|until| now < until) {
+            return false;
+        }
+        drop(no_room);
+        #[cfg(test)]
+        self.scans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let victim = self
             .entries
             .iter()
@@ -243,5 +262,35 @@ mod tests {
             assert!(t.blocked(blocked, t0).is_some(), "{blocked}");
         }
         assert_eq!(t.len(), 10);
+    }
+
+    #[test]
+    fn a_table_full_of_blocks_is_not_scanned_again_for_every_new_ip() {
+        let t = IpTripwire::with_capacity(3);
+        let r = rule(1);
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            assert!(t.record(ip(n), t0, &r), "blocked at once");
+        }
+        let scans = || t.scans.load(std::sync::atomic::Ordering::Relaxed);
+        // The first new IP finds no room (the sweep due now frees nothing: blocks last).
+        assert!(!t.record(ip(100), t0, &r));
+        assert_eq!(scans(), 1);
+        // The rest of the flood within the sweep interval costs no scan.
+        for n in 101..1_000 {
+            assert!(!t.record(ip(n), t0 + Duration::from_millis(500), &r));
+        }
+        assert_eq!(scans(), 1);
+        assert_eq!(t.len(), 3);
+        // After the next sweep the table is looked at again; the blocks still hold.
+        let later = t0 + SWEEP_INTERVAL;
+        assert!(!t.record(ip(2_000), later, &r));
+        assert_eq!(scans(), 2);
+        for n in 1..=3 {
+            assert!(t.blocked(ip(n), later).is_some());
+        }
+        // Once the blocks expire, the sweep makes room and new IPs are counted again.
+        let expired = t0 + Duration::from_secs(301);
+        assert!(t.record(ip(3_000), expired, &r), "counted and blocked");
     }
 }
