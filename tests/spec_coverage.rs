@@ -171,20 +171,37 @@ async fn a_key_with_its_own_requests_per_minute_is_limited_and_reported_by_it() 
 // 3. Hourly bucket
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn an_empty_hourly_bucket_is_a_429_naming_the_hour_and_reported_in_the_headers() {
+/// A gateway with `limits` (TOML lines of `[limits]`, or empty), plan `name` defined by
+/// `plan` (its TOML lines), key `KEY_A` on it, and a route `prefix` to an echo upstream.
+async fn one_key_gateway(limits: &str, name: &str, plan: &str, prefix: &str) -> TestGateway {
     let up = echo_upstream().await;
+    let limits = if limits.is_empty() {
+        String::new()
+    } else {
+        format!("[limits]\n{limits}\n")
+    };
     let cfg = config(
         "",
         &format!(
-            "[plans.hourly]\nrequests_per_minute = 600\nrequests_per_hour = 2\n\
-             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"hourly\"\n\
+            "{limits}[plans.{name}]\n{plan}\n\
+             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"{name}\"\n\
              [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\n",
+             [[routes]]\nprefix = \"{prefix}\"\nupstream = \"up\"\n",
             digest(KEY_A)
         ),
     );
-    let gw = TestGateway::start(cfg).await;
+    TestGateway::start(cfg).await
+}
+
+#[tokio::test]
+async fn an_empty_hourly_bucket_is_a_429_naming_the_hour_and_reported_in_the_headers() {
+    let gw = one_key_gateway(
+        "",
+        "hourly",
+        "requests_per_minute = 600\nrequests_per_hour = 2",
+        "/",
+    )
+    .await;
 
     // The hourly bucket (1 left) is closer to empty than the minute one (599 left).
     let r = with_key(gw.addr, "/x", KEY_A).await;
@@ -238,19 +255,13 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn shadow_mode_passes_over_limit_requests_and_counts_would_limit_in_metrics() {
-    let up = echo_upstream().await;
-    let cfg = config(
-        "",
-        &format!(
-            "[limits]\nmode = \"shadow\"\n\
-             [plans.tight]\nrequests_per_minute = 1\nburst = 1\n\
-             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"tight\"\n\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n",
-            digest(KEY_A)
-        ),
-    );
-    let gw = TestGateway::start(cfg).await;
+    let gw = one_key_gateway(
+        "mode = \"shadow\"",
+        "tight",
+        "requests_per_minute = 1\nburst = 1",
+        "/v1/",
+    )
+    .await;
 
     // One token a minute: the second and third requests are over the limit.
     for n in 0..3 {
@@ -412,19 +423,13 @@ async fn simple_style_is_used_for_429_and_normalized_502() {
 
 #[tokio::test]
 async fn ietf_headers_list_the_daily_policy_and_report_the_bucket_closest_to_empty() {
-    let up = echo_upstream().await;
-    let cfg = config(
-        "",
-        &format!(
-            "[limits]\nheaders = \"ietf\"\n\
-             [plans.daily]\nrequests_per_minute = 100\nrequests_per_day = 3\n\
-             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"daily\"\n\
-             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\n",
-            digest(KEY_A)
-        ),
-    );
-    let gw = TestGateway::start(cfg).await;
+    let gw = one_key_gateway(
+        "headers = \"ietf\"",
+        "daily",
+        "requests_per_minute = 100\nrequests_per_day = 3",
+        "/",
+    )
+    .await;
     let policy = "\"daily\";q=100;w=60, \"daily-day\";q=3;w=86400";
 
     let r = with_key(gw.addr, "/x", KEY_A).await;

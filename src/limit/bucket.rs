@@ -23,7 +23,9 @@ use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
 use super::headers::limit_value;
-use super::ip_table::{BoundedStore, MAX_TRACKED_CLIENTS, Peek as PeekKeyed, Shared, measure};
+use super::ip_table::{
+    BoundedStore, MAX_TRACKED_CLIENTS, Peek as PeekKeyed, Shared, look, measure,
+};
 use crate::config::Plan;
 
 /// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
@@ -267,8 +269,7 @@ impl StateStore for Peek {
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        let state = self.0.load(Ordering::Acquire);
-        f((state != 0).then(|| Nanos::from(state))).map(|(result, _)| result)
+        look(self.0.load(Ordering::Acquire), f)
     }
 }
 

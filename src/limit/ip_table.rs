@@ -110,6 +110,19 @@ impl<K: Hash + Eq + Clone> BoundedStore<K> {
     }
 }
 
+/// What charging a key in `state` would answer, without charging it.
+pub(super) fn look<T, E>(
+    state: u64,
+    f: impl Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+) -> Result<T, E> {
+    f(decoded(state)).map(|(result, _)| result)
+}
+
+/// A stored state as governor sees it: 0 is a key never charged.
+fn decoded(state: u64) -> Option<Nanos> {
+    (state != 0).then(|| Nanos::from(state))
+}
+
 /// governor's compare-and-swap loop over one key's state.
 pub(super) fn measure<T, E>(
     tat: &AtomicU64,
@@ -117,7 +130,7 @@ pub(super) fn measure<T, E>(
 ) -> Result<T, E> {
     let mut prev = tat.load(Ordering::Acquire);
     loop {
-        let (result, next) = f((prev != 0).then(|| Nanos::from(prev)))?;
+        let (result, next) = f(decoded(prev))?;
         match tat.compare_exchange_weak(prev, next.into(), Ordering::Release, Ordering::Relaxed) {
             Ok(_) => return Ok(result),
             Err(current) => prev = current,
@@ -178,7 +191,7 @@ impl<K: Hash + Eq + Clone> StateStore for Peek<K> {
             .map
             .get(key)
             .map_or(0, |slot| slot.tat.load(Ordering::Acquire));
-        f((state != 0).then(|| Nanos::from(state))).map(|(result, _)| result)
+        look(state, f)
     }
 }
 
