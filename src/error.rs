@@ -114,6 +114,9 @@ pub enum GatewayError {
     /// The request body stalled for `server.body_read_timeout`.
     #[error("request body timed out")]
     RequestTimeout,
+    /// The request head did not arrive within `server.header_read_timeout`.
+    #[error("request head timed out")]
+    HeadTimeout,
     /// The request target is longer than 8 KiB.
     #[error("URI too long")]
     UriTooLong {
@@ -173,7 +176,7 @@ impl GatewayError {
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            GatewayError::RequestTimeout | GatewayError::HeadTimeout => StatusCode::REQUEST_TIMEOUT,
             GatewayError::UriTooLong { .. } => StatusCode::URI_TOO_LONG,
             GatewayError::HeadersTooLarge { .. } => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             GatewayError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -195,7 +198,7 @@ impl GatewayError {
             GatewayError::NoRoute => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
             GatewayError::PayloadTooLarge { .. } => "payload_too_large",
-            GatewayError::RequestTimeout => "request_timeout",
+            GatewayError::RequestTimeout | GatewayError::HeadTimeout => "request_timeout",
             GatewayError::UriTooLong { .. } => "uri_too_long",
             GatewayError::HeadersTooLarge { .. } => "headers_too_large",
             GatewayError::Internal => "internal_error",
@@ -253,6 +256,9 @@ impl GatewayError {
             }
             GatewayError::RequestTimeout => {
                 Cow::Borrowed("The request body was not received in time.")
+            }
+            GatewayError::HeadTimeout => {
+                Cow::Borrowed("The request headers were not received in time.")
             }
             GatewayError::UriTooLong { limit } => {
                 Cow::Owned(format!("Request URI exceeds the limit of {limit} bytes."))

@@ -103,8 +103,14 @@ async fn read_one_response(stream: &mut TcpStream) -> Reply {
 
 /// How long until the gateway closes `stream` (EOF or reset), reading and discarding data.
 async fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Duration {
+    read_until_closed(stream, limit).await.0
+}
+
+/// How long until the gateway closes `stream` (EOF or reset), and what it wrote until then.
+async fn read_until_closed(stream: &mut TcpStream, limit: Duration) -> (Duration, Vec<u8>) {
     let started = Instant::now();
     let mut chunk = [0u8; 4096];
+    let mut got = Vec::new();
     loop {
         match tokio::time::timeout(
             limit.saturating_sub(started.elapsed()),
@@ -113,10 +119,23 @@ async fn time_until_closed(stream: &mut TcpStream, limit: Duration) -> Duration 
         .await
         {
             Err(_) => panic!("still open after {limit:?}"),
-            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
-            Ok(Ok(_)) => {}
+            Ok(Ok(0)) | Ok(Err(_)) => return (started.elapsed(), got),
+            Ok(Ok(n)) => got.extend_from_slice(&chunk[..n]),
         }
     }
+}
+
+/// `got` is one 408 `request_timeout` envelope that closes the connection.
+#[track_caller]
+fn assert_head_timeout_reply(got: &[u8]) {
+    let reply = parse_reply(got)
+        .unwrap_or_else(|| panic!("no response in {:?}", String::from_utf8_lossy(got)));
+    assert_eq!(reply.status, 408, "{}", reply.shown());
+    assert_eq!(reply.header("connection"), Some("close"));
+    let v = reply.json();
+    assert_eq!(v["error"]["code"], "request_timeout", "{v}");
+    assert_generated_id(reply.header("x-request-id").expect("X-Request-Id"));
+    assert_eq!(v["request_id"], reply.header("x-request-id").unwrap());
 }
 
 /// `closed` (time until the gateway closed the connection) is within the bound: not before
@@ -176,9 +195,10 @@ async fn a_head_started_on_a_kept_alive_connection_gets_header_read_timeout() {
         .write_all(b"GET /slow-head HTTP/1.1\r\nHost: t\r\n")
         .await
         .unwrap();
-    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    let (closed, got) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("a started head, header_read_timeout 300ms: closed after {closed:?}");
     assert_closed_between(closed, 250, 1_300);
+    assert_head_timeout_reply(&got);
 }
 
 #[tokio::test]
@@ -189,9 +209,11 @@ async fn a_connection_that_never_sends_a_byte_gets_header_read_timeout() {
     ))
     .await;
     let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    let closed = time_until_closed(&mut stream, Duration::from_secs(5)).await;
+    let (closed, got) = read_until_closed(&mut stream, Duration::from_secs(5)).await;
     println!("silent new connection, header_read_timeout 300ms: closed after {closed:?}");
     assert_closed_between(closed, 250, 1_300);
+    // No 408 to a connection that asked nothing (browsers open spare ones).
+    assert!(got.is_empty(), "{:?}", String::from_utf8_lossy(&got));
 }
 
 /// An upstream whose `/slow…` answers take `SLOW_UPSTREAM`.
@@ -451,25 +473,59 @@ async fn a_trickled_first_head_is_closed_at_header_read_timeout() {
         .write_all(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
         .await
         .unwrap();
-    // One more byte every 50 ms, as slowloris does; the reads go on until the close.
+    // One more byte every 50 ms, as slowloris does; the reads and writes go on until the
+    // close, as a client that pays no attention to the answer.
     let mut chunk = [0u8; 256];
+    let mut got = Vec::new();
+    let mut answered = None;
     let closed = loop {
         let _ = stream.write_all(b"a").await;
         match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut chunk)).await {
             Ok(Ok(0)) | Ok(Err(_)) => break started.elapsed(),
-            Ok(Ok(_)) => {}
+            Ok(Ok(n)) => {
+                answered.get_or_insert(started.elapsed());
+                got.extend_from_slice(&chunk[..n]);
+            }
             Err(_) => assert!(started.elapsed() < Duration::from_secs(5), "still open"),
         }
     };
-    println!("trickled first head, header_read_timeout 400ms: closed after {closed:?}");
+    println!(
+        "trickled first head, header_read_timeout 400ms: answered after {answered:?}, \
+         closed after {closed:?}"
+    );
+    let answered = answered.expect("a 408 before the close");
     assert!(
-        closed >= Duration::from_millis(350),
-        "closed early: {closed:?}"
+        answered >= Duration::from_millis(350),
+        "answered early: {answered:?}"
     );
     // Not twice the bound: a graceful shutdown would wait for this head to complete.
     assert!(
-        closed < Duration::from_millis(750),
-        "closed late: {closed:?}"
+        answered < Duration::from_millis(750),
+        "answered late: {answered:?}"
+    );
+    assert_head_timeout_reply(&got);
+    assert!(
+        closed < answered + Duration::from_millis(300),
+        "no end of the response: {closed:?}"
+    );
+    // The gateway goes on reading what the client still sends for a while (so the 408 is
+    // not lost to a reset), then drops the connection: within header_read_timeout (at most
+    // 1 s). Dropped, its socket answers the next byte with a reset, and a write fails.
+    let dropped = loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if stream.write_all(b"a").await.is_err() {
+            break started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never dropped");
+    };
+    println!("dropped after {dropped:?}");
+    assert!(
+        dropped > answered + Duration::from_millis(300),
+        "dropped early (no lingering read): {dropped:?}"
+    );
+    assert!(
+        dropped < answered + Duration::from_millis(800),
+        "dropped late: {dropped:?}"
     );
 }
 

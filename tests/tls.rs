@@ -16,7 +16,7 @@ use http::{Request, Version};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -217,6 +217,37 @@ async fn a_stalled_handshake_neither_blocks_others_nor_outlives_the_header_timeo
         .expect("closed by the handshake timeout");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn a_slow_head_over_tls_gets_a_408_envelope() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "a");
+    let gw = TestGateway::start(tls_config(
+        &cert,
+        "header_read_timeout = \"400ms\"",
+        echo_upstream().await,
+    ))
+    .await;
+    let mut stream = connect(gw.addr, &cert.der, &[b"http/1.1"]).await;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    // The response, then close_notify (EOF); a reset or a missing close_notify is an error.
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut got))
+        .await
+        .expect("closed within 5s")
+        .expect("a clean TLS close");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    let reply = parse_reply(&got)
+        .unwrap_or_else(|| panic!("no response in {:?}", String::from_utf8_lossy(&got)));
+    assert_eq!(reply.status, 408, "{}", reply.shown());
+    assert_eq!(reply.json()["error"]["code"], "request_timeout");
+    assert_eq!(reply.header("connection"), Some("close"));
+    assert_generated_id(reply.header("x-request-id").expect("X-Request-Id"));
 }
 
 #[tokio::test]

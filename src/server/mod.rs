@@ -388,9 +388,28 @@ where
     let connection = accepted
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let farewell = || {
+        let request_id = RequestId::generate();
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %request_id,
+            client_ip = %peer.ip(),
+            status = 408,
+            tls,
+            "request head timed out"
+        );
+        let mut response = accepted
+            .handler
+            .render_error(&GatewayError::HeadTimeout, &request_id);
+        response
+            .headers_mut()
+            .insert(&X_REQUEST_ID, request_id.header_value().clone());
+        http1_bytes(response)
+    };
     let ended = timeouts::drive(
         connection,
         |connection| connection.graceful_shutdown(),
+        farewell,
         &activity,
         accepted.bounds,
         accepted.stop.clone(),
@@ -403,6 +422,50 @@ where
         }
         Ended::Dropped(reason) => tracing::debug!(%peer, reason, "connection dropped"),
     }
+}
+
+/// `response` as HTTP/1.1 bytes, with `Connection: close`: an answer tollgate writes itself
+/// where hyper cannot (no request head was parsed). `None` if its body is not ready at once.
+fn http1_bytes(response: Response<ResponseBody>) -> Option<Bytes> {
+    use http::header::{CONNECTION, CONTENT_LENGTH, DATE};
+    let (parts, body) = response.into_parts();
+    let mut body = std::pin::pin!(body);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut content = Vec::new();
+    loop {
+        match http_body::Body::poll_frame(body.as_mut(), &mut cx) {
+            std::task::Poll::Ready(None) => break,
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    content.extend_from_slice(&data);
+                }
+            }
+            _ => return None,
+        }
+    }
+    let status = parts.status;
+    let mut out = Vec::with_capacity(256 + content.len());
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if [CONNECTION, CONTENT_LENGTH, DATE].contains(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    let len = content.len();
+    out.extend_from_slice(
+        format!("content-length: {len}\r\nconnection: close\r\ndate: {date}\r\n\r\n").as_bytes(),
+    );
+    out.extend_from_slice(&content);
+    Some(Bytes::from(out))
 }
 
 /// Runs one request through `handler` inside its span, turning a panic into a 500 envelope,

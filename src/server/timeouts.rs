@@ -12,6 +12,11 @@
 //!   no flow-control window never blocks a socket write, see [`TrackedBody`]). On HTTP/2 each
 //!   stream's body is timed on its own: streams that flow do not cover for one that does not.
 //!
+//! A head that misses `header_read_timeout` on HTTP/1.1 gets a 408 envelope written by
+//! [`GuardedIo`] (hyper has no way to answer a request it has not parsed), then the connection
+//! ends. A connection that has sent nothing is closed silently, as browsers' speculative
+//! connections expect.
+//!
 //! hyper's own `header_read_timeout` is off: it starts whenever hyper waits for a head,
 //! including between requests, so it closed idle keep-alive connections after the (shorter)
 //! header timeout and `idle_timeout` could not mean anything.
@@ -45,6 +50,10 @@ const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const PROTOCOL_UNKNOWN: u8 = 0;
 const PROTOCOL_H1: u8 = 1;
 const PROTOCOL_H2: u8 = 2;
+
+/// After a 408 for a slow head, the longest the connection is kept to read what the client
+/// still sends (so it gets the response rather than a reset) before it is dropped.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// A slot of [`Waits`] whose body is not waiting.
 const NOT_WAITING: u64 = u64::MAX;
@@ -128,6 +137,13 @@ pub struct Activity {
     /// Something moved the deadline earlier; the driver recomputes it.
     dirty: AtomicBool,
     waker: AtomicWaker,
+    /// A write to the client is pending (so bytes of a response may be owed before anything
+    /// else can be written).
+    writing: AtomicBool,
+    /// A response for [`GuardedIo`] to write itself before it ends the connection; set once.
+    farewell: Mutex<Option<Bytes>>,
+    /// `farewell` is set (read without the lock on every read).
+    farewell_due: AtomicBool,
 }
 
 impl Activity {
@@ -145,6 +161,9 @@ impl Activity {
             waits: Mutex::new(Waits::default()),
             dirty: AtomicBool::new(false),
             waker: AtomicWaker::new(),
+            writing: AtomicBool::new(false),
+            farewell: Mutex::new(None),
+            farewell_due: AtomicBool::new(false),
         })
     }
 
@@ -207,6 +226,28 @@ impl Activity {
         self.protocol.load(Relaxed) != PROTOCOL_H2
             && self.in_flight.load(Relaxed) == 0
             && self.head_started.load(Relaxed) != 0
+    }
+
+    /// On a head that timed out, whether a response can still be written: the connection
+    /// speaks HTTP/1.1 (a head has begun to arrive) and owes the client no bytes of an earlier
+    /// response.
+    fn can_answer_head(&self) -> bool {
+        self.protocol.load(Relaxed) == PROTOCOL_H1
+            && self.in_flight.load(Relaxed) == 0
+            && !self.writing.load(Relaxed)
+    }
+
+    /// Hands `response` (HTTP/1.1 bytes) to the connection's IO, to write before it ends.
+    fn say_farewell(&self, response: Bytes) {
+        *self.farewell.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
+        self.farewell_due.store(true, Relaxed);
+    }
+
+    fn take_farewell(&self) -> Option<Bytes> {
+        self.farewell
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// The connection turned out to speak HTTP/2: bytes between requests are frames (PING,
@@ -353,14 +394,17 @@ pub enum Ended<E> {
 ///   On a stop, an HTTP/1.1 request whose head is owed (see [`Activity::head_in_progress`])
 ///   is served first, and hyper closes the connection after its response; requests in flight
 ///   always finish; idle keep-alive connections close at once.
-/// - A head not complete within `header_read_timeout`, a stalled response, or a connection
-///   asked to close that still stays open `header_read_timeout` later with nothing in
-///   flight: dropped.
+/// - A head not complete within `header_read_timeout`: on HTTP/1.1, when nothing else is
+///   owed, the response `farewell` renders (a 408) is written by [`GuardedIo`], which then
+///   ends the connection; otherwise dropped.
+/// - A stalled response, or a connection asked to close (or answered with `farewell`) that
+///   still stays open `header_read_timeout` later with nothing in flight: dropped.
 pub async fn drive<C, E>(
     conn: C,
     mut shutdown: impl FnMut(Pin<&mut C>),
+    farewell: impl FnOnce() -> Option<Bytes>,
     activity: &Activity,
-    bounds: Bounds,
+    mut bounds: Bounds,
     mut stop: watch::Receiver<bool>,
 ) -> Ended<E>
 where
@@ -374,6 +418,7 @@ where
     let mut armed: Option<u64> = None;
     // When `shutdown` was called.
     let mut closing_since: Option<u64> = None;
+    let mut farewell = Some(farewell);
     let mut stopping = *stop.borrow_and_update();
     let mut watching_stop = !stopping;
     if stopping {
@@ -418,6 +463,17 @@ where
                     // request before a graceful shutdown takes effect, and nothing is in
                     // flight to lose.
                     Expiry::HeadTimeout | Expiry::ResponseStalled | Expiry::CloseOverdue => {
+                        if expiry == Expiry::HeadTimeout
+                            && activity.can_answer_head()
+                            && let Some(response) = farewell.take().and_then(|render| render())
+                        {
+                            tracing::debug!(reason = expiry.as_str(), "answering and closing");
+                            activity.say_farewell(response);
+                            closing_since = Some(activity.now());
+                            // Now it bounds the lingering read only.
+                            bounds.header_read = bounds.header_read.min(LINGER);
+                            continue;
+                        }
                         tracing::debug!(reason = expiry.as_str(), "dropping the connection");
                         return Ended::Dropped(expiry.as_str());
                     }
@@ -450,6 +506,10 @@ pin_project_lite::pin_project! {
         // Bytes of the HTTP/2 preface seen so far, until the protocol is known.
         preface_seen: usize,
         protocol_known: bool,
+        // What is left to write of the farewell (`Activity::say_farewell`), once taken.
+        unsaid: Option<Bytes>,
+        // The farewell is written and the write side shut.
+        said: bool,
     }
 }
 
@@ -464,6 +524,8 @@ impl<T> GuardedIo<T> {
             stall_armed: false,
             preface_seen: 0,
             protocol_known: false,
+            unsaid: None,
+            said: false,
         }
     }
 }
@@ -477,7 +539,10 @@ impl<T> GuardedIo<T> {
     ) -> Poll<io::Result<R>> {
         let this = self.project();
         if polled.is_ready() {
-            *this.stall_armed = false;
+            if *this.stall_armed {
+                *this.stall_armed = false;
+                this.activity.writing.store(false, Relaxed);
+            }
             return polled;
         }
         let deadline = || Instant::now() + *this.write_stall;
@@ -487,6 +552,7 @@ impl<T> GuardedIo<T> {
         if !*this.stall_armed {
             timer.as_mut().reset(deadline());
             *this.stall_armed = true;
+            this.activity.writing.store(true, Relaxed);
         }
         ready!(timer.as_mut().poll(cx));
         Poll::Ready(Err(io::Error::new(
@@ -496,12 +562,63 @@ impl<T> GuardedIo<T> {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for GuardedIo<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
+impl<T: AsyncRead + AsyncWrite> GuardedIo<T> {
+    /// Writes the farewell response, shuts the write side, then discards what the client
+    /// still sends until it closes (closing with unread bytes would reset the connection, and
+    /// the client could lose the response); the driver bounds the wait. Reports the end of
+    /// input, so hyper ends the connection.
+    fn poll_farewell(
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        while !self.said {
+            let this = self.as_mut().project();
+            let mut inner = this.inner;
+            let unsaid = this
+                .unsaid
+                .get_or_insert_with(|| this.activity.take_farewell().unwrap_or_default());
+            let polled = if unsaid.is_empty() {
+                match inner.as_mut().poll_flush(cx) {
+                    Poll::Ready(Ok(())) => inner.poll_shutdown(cx).map_ok(|()| 0),
+                    other => other.map_ok(|()| 0),
+                }
+            } else {
+                inner.poll_write(cx, unsaid)
+            };
+            let written = ready!(self.as_mut().guard_write(cx, polled))?;
+            let this = self.as_mut().project();
+            match this.unsaid.as_mut() {
+                Some(unsaid) if !unsaid.is_empty() => {
+                    if written == 0 {
+                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                    }
+                    bytes::Buf::advance(unsaid, written);
+                }
+                _ => *this.said = true,
+            }
+        }
+        let mut inner = self.project().inner;
+        loop {
+            let before = buf.filled().len();
+            ready!(inner.as_mut().poll_read(cx, buf))?;
+            if buf.filled().len() == before {
+                return Poll::Ready(Ok(()));
+            }
+            buf.set_filled(before);
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.activity.farewell_due.load(Relaxed) {
+            return self.as_mut().poll_farewell(cx, buf);
+        }
         let this = self.project();
         let before = buf.filled().len();
         ready!(this.inner.poll_read(cx, buf))?;
@@ -558,6 +675,9 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.said {
+            return Poll::Ready(Ok(()));
+        }
         let polled = self.as_mut().project().inner.poll_shutdown(cx);
         self.guard_write(cx, polled)
     }
