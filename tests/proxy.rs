@@ -662,6 +662,114 @@ async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
 }
 
+/// An upstream that accepts every upgrade and echoes the tunnel's bytes; other requests get
+/// 200.
+async fn echoing_websocket_upstream() -> SocketAddr {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let head = read_head(&mut stream).await;
+        if !head.to_ascii_lowercase().contains("upgrade: websocket") {
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await;
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    up
+}
+
+/// A client connection upgraded through `gw` to a tunnel, checked with one echo.
+async fn open_tunnel(gw: SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(gw).await.unwrap();
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut client))
+        .await
+        .unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_echoes(&mut client).await;
+    client
+}
+
+async fn assert_echoes(client: &mut TcpStream) {
+    client.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut back))
+        .await
+        .expect("echo within 5s")
+        .unwrap();
+    assert_eq!(&back, b"ping");
+}
+
+/// A 101 to a request that asked for no upgrade is not relayed (it would switch the client's
+/// connection to nothing): 502 `bad_gateway`, counted as an invalid response.
+#[tokio::test]
+async fn an_unasked_101_from_the_upstream_is_a_502() {
+    let (up, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+            .await;
+        let (mut r, mut w) = stream.split();
+        let _ = tokio::io::copy(&mut r, &mut w).await;
+    })
+    .await;
+    let gw = gateway(&format!("http://{up}"), "", "").await;
+    let reply = get(gw.addr, "/plain", &[]).await;
+    assert_eq!(reply.status, 502, "{}", reply.shown());
+    assert_eq!(reply.json()["error"]["code"], "bad_gateway");
+    assert!(reply.header("x-request-id").is_some());
+    assert_failures_counted(&gw, "invalid_response", 1).await;
+}
+
+/// An upgraded connection is still a client connection: it holds its `max_connections` place
+/// until the tunnel closes, as any other connection does.
+#[tokio::test]
+async fn an_open_tunnel_counts_against_max_connections() {
+    let up = echoing_websocket_upstream().await;
+    let gw = gateway(&format!("http://{up}"), "", "max_connections = 1").await;
+    let tunnel = open_tunnel(gw.addr).await;
+    // A second client waits in the backlog while the tunnel is open...
+    let waiting = tokio::spawn(get(gw.addr, "/plain", &[]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!waiting.is_finished(), "served beside an open tunnel");
+    // ...and is served once it closes.
+    drop(tunnel);
+    let reply = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served after the tunnel closed")
+        .unwrap();
+    assert_eq!(reply.status, 200);
+}
+
+/// A stopping server lets open tunnels carry on within `shutdown_grace`, and stops as soon as
+/// the last one closes.
+#[tokio::test]
+async fn a_stopping_server_waits_for_open_tunnels() {
+    let up = echoing_websocket_upstream().await;
+    let mut gw = gateway(&format!("http://{up}"), "", "shutdown_grace = \"20s\"").await;
+    let mut tunnel = open_tunnel(gw.addr).await;
+    let stopped = gw.begin_shutdown();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stopped.is_finished(), "stopped with a tunnel open");
+    assert_echoes(&mut tunnel).await;
+    drop(tunnel);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("stopped once the tunnel closed")
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn keep_alive_connections_to_the_upstream_are_reused() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

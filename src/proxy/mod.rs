@@ -363,6 +363,13 @@ impl Upstream {
             );
             return Ok(Response::from_parts(head, ResponseBody::empty()));
         }
+        // A 101 to a request that asked for no upgrade tollgate passes on: the upstream
+        // connection has switched to a protocol nobody asked for, and relayed, the 101 would
+        // switch the client's connection to nothing.
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            tracing::debug!("upstream switched protocols on a request that asked for no upgrade");
+            return Err(Failure::Upstream(FailureKind::InvalidResponse).into_error());
+        }
 
         let status = response.status();
         if cx.normalize_5xx

@@ -360,7 +360,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
-    let io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall);
+    let mut io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall);
+    let transport_closed = io.closed();
     let handler = accepted.handler.clone();
     let requests = activity.clone();
     // Shared bytes: each request's copy is a reference count, not an allocation.
@@ -422,6 +423,10 @@ where
         }
         Ended::Dropped(reason) => tracing::debug!(%peer, reason, "connection dropped"),
     }
+    // Upgraded (a WebSocket tunnel), the socket lives on in the tunnel's task: it still
+    // counts against `max_connections`, and a stopping server waits for it (within
+    // `shutdown_grace`) as for any connection.
+    transport_closed.await;
 }
 
 /// `response` as HTTP/1.1 bytes, with `Connection: close`: an answer tollgate writes itself

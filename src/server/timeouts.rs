@@ -510,6 +510,8 @@ pin_project_lite::pin_project! {
         unsaid: Option<Bytes>,
         // The farewell is written and the write side shut.
         said: bool,
+        // Dropped with the transport (see `GuardedIo::closed`).
+        open: Option<tokio::sync::oneshot::Sender<()>>,
     }
 }
 
@@ -526,6 +528,17 @@ impl<T> GuardedIo<T> {
             protocol_known: false,
             unsaid: None,
             said: false,
+            open: None,
+        }
+    }
+
+    /// Resolves when this transport is dropped: when the connection ends, or, if hyper handed
+    /// it to an upgrade, when the tunnel closes.
+    pub fn closed(&mut self) -> impl Future<Output = ()> + use<T> {
+        let (open, closed) = tokio::sync::oneshot::channel();
+        self.open = Some(open);
+        async move {
+            let _ = closed.await;
         }
     }
 }
