@@ -620,8 +620,14 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
             .await
             .unwrap_or_else(|_| panic!("{name}: connection not closed"))
             .unwrap();
-        let text = String::from_utf8_lossy(&buf);
-        assert!(text.starts_with("HTTP/1.1 400"), "{name}: {text}");
+        let reply = parse_reply(&buf).unwrap_or_else(|| {
+            panic!("{name}: no response in {:?}", String::from_utf8_lossy(&buf))
+        });
+        assert_eq!(reply.status, 400, "{name}: {}", reply.shown());
+        assert_eq!(reply.json()["error"]["code"], "bad_request", "{name}");
+        assert_eq!(reply.header("connection"), Some("close"), "{name}");
+        let id = reply.header("x-request-id").expect("X-Request-Id");
+        assert_eq!(reply.json()["request_id"], id, "{name}");
     }
     assert_eq!(
         seen.load(std::sync::atomic::Ordering::SeqCst),
@@ -746,6 +752,57 @@ async fn whole_request_upstream() -> (std::net::SocketAddr, Arc<std::sync::atomi
     (addr, whole)
 }
 
+/// Heads hyper refuses before tollgate sees a request (it answers them itself, empty) get
+/// tollgate's error body in the configured style and a request ID, like every other error.
+#[tokio::test]
+async fn heads_the_parser_refuses_get_the_error_style_and_a_request_id() {
+    let gw = TestGateway::start(styled("detail", "")).await;
+    // Far beyond max_header_bytes (16 KiB): more than hyper's read buffer holds.
+    let mut huge = b"GET /status HTTP/1.1\r\nHost: t\r\nX-Big: ".to_vec();
+    huge.resize(huge.len() + 300_000, b'a');
+    huge.extend_from_slice(b"\r\n\r\n");
+    let reply = send_raw(gw.addr, &huge).await;
+    let id = assert_error(&reply, "detail", 431, "headers_too_large");
+    assert_generated_id(&id);
+
+    // A good request, then a malformed one on the same connection: the first is answered as
+    // usual, the second with an error body.
+    let replies = {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        stream
+            .write_all(
+                b"GET /status HTTP/1.1\r\nHost: t\r\n\r\nG@T /status HTTP/1.1\r\nHost: t\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
+            .await
+            .expect("closed within 5s")
+            .unwrap();
+        buf
+    };
+    let second = replies
+        .windows(9)
+        .skip(1)
+        .position(|w| w == b"HTTP/1.1 ")
+        .map(|at| at + 1)
+        .unwrap_or_else(|| panic!("one response in {:?}", String::from_utf8_lossy(&replies)));
+    let first = parse_reply(&replies[..second]).unwrap();
+    assert_eq!(first.status, 200, "{}", first.shown());
+    assert_eq!(first.text(), "up");
+    let refused = parse_reply(&replies[second..]).unwrap();
+    let refused_id = assert_error(&refused, "detail", 400, "bad_request");
+    assert_ne!(Some(refused_id.as_str()), first.header("x-request-id"));
+    assert!(
+        refused.json()["detail"]
+            .as_str()
+            .is_some_and(|m| m.contains("could not be parsed")),
+        "{}",
+        refused.shown()
+    );
+}
+
 #[tokio::test]
 async fn bad_chunks_invalid_methods_and_too_many_headers_are_refused() {
     let (up, whole) = whole_request_upstream().await;
@@ -762,16 +819,16 @@ async fn bad_chunks_invalid_methods_and_too_many_headers_are_refused() {
         raw.extend_from_slice(b"\r\n");
         raw
     };
-    // (name, request, the status lines accepted).
-    let cases: [(&str, &[u8], &[&str]); 6] = [
-        ("chunk size not hex", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
-        ("chunk size overflows", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
-        ("chunk shorter than its size", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n", &["HTTP/1.1 400"]),
-        ("invalid method token", b"G@T / HTTP/1.1\r\nHost: t\r\n\r\n", &["HTTP/1.1 400"]),
-        ("method with a space", b"GE T / HTTP/1.1\r\nHost: t\r\n\r\n", &["HTTP/1.1 400"]),
-        ("200 headers", &many_headers, &["HTTP/1.1 431"]),
+    // (name, request, status, code).
+    let cases: [(&str, &[u8], u16, &str); 6] = [
+        ("chunk size not hex", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n", 400, "bad_request"),
+        ("chunk size overflows", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffff\r\nabc\r\n0\r\n\r\n", 400, "bad_request"),
+        ("chunk shorter than its size", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nabc\r\n0\r\n\r\n", 400, "bad_request"),
+        ("invalid method token", b"G@T / HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+        ("method with a space", b"GE T / HTTP/1.1\r\nHost: t\r\n\r\n", 400, "bad_request"),
+        ("200 headers", &many_headers, 431, "headers_too_large"),
     ];
-    for (name, raw, allowed) in cases {
+    for (name, raw, status, code) in cases {
         let mut stream = TcpStream::connect(gw.addr).await.unwrap();
         stream.write_all(raw).await.unwrap();
         let mut buf = Vec::new();
@@ -779,14 +836,16 @@ async fn bad_chunks_invalid_methods_and_too_many_headers_are_refused() {
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
             .await
             .unwrap_or_else(|_| panic!("{name}: connection not closed"));
-        let text = String::from_utf8_lossy(&buf);
+        let reply = parse_reply(&buf).unwrap_or_else(|| {
+            panic!("{name}: no response in {:?}", String::from_utf8_lossy(&buf))
+        });
+        assert_eq!(reply.status, status, "{name}: {}", reply.shown());
+        assert_eq!(reply.json()["error"]["code"], code, "{name}");
+        let id = reply.header("x-request-id").expect("X-Request-Id");
+        assert_eq!(reply.json()["request_id"], id, "{name}");
         assert!(
-            allowed.iter().any(|p| text.starts_with(p)),
-            "{name}: {text:?}"
-        );
-        assert!(
-            !text.contains(" 200 "),
-            "{name}: never answered as a success: {text}"
+            !String::from_utf8_lossy(&buf).contains(" 200 "),
+            "{name}: never answered as a success"
         );
     }
     // The upstream received nothing whole; the gateway is still serving.

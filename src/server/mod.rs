@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -45,7 +45,7 @@ use crate::error::GatewayError;
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::request_id::X_REQUEST_ID;
-use timeouts::{Activity, Bounds, Ended, GuardedIo, TrackedBody};
+use timeouts::{Activity, Bounds, Ended, GuardedIo, Refusal, TrackedBody};
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
 /// (and get a JSON 431/414) unless they are far over the limit.
@@ -120,6 +120,8 @@ struct Accepted<H> {
     tls: Option<Arc<TlsServerConfig>>,
     handshake_timeout: Duration,
     bounds: Bounds,
+    /// `server.max_header_bytes` (for the 431 tollgate writes in place of hyper's).
+    max_header_bytes: u64,
     /// Turns true when the server stops: connections finish what is in flight and close.
     stop: watch::Receiver<bool>,
     /// Held by every connection task; the server's drain waits until all are dropped.
@@ -134,6 +136,7 @@ impl<H> Clone for Accepted<H> {
             tls: self.tls.clone(),
             handshake_timeout: self.handshake_timeout,
             bounds: self.bounds,
+            max_header_bytes: self.max_header_bytes,
             stop: self.stop.clone(),
             drain: self.drain.clone(),
         }
@@ -192,6 +195,7 @@ impl<H: Handler> Server<H> {
             tls: self.settings.tls.as_ref().map(|t| t.server_config.clone()),
             handshake_timeout: self.settings.header_read_timeout,
             bounds: Bounds::from_settings(&self.settings),
+            max_header_bytes: self.settings.max_header_bytes,
             stop: stop_rx.clone(),
             drain: drain_tx,
         };
@@ -360,7 +364,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
-    let mut io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall);
+    let mut io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall)
+        .answering(refusals(accepted, peer, tls));
     let transport_closed = io.closed();
     let handler = accepted.handler.clone();
     let requests = activity.clone();
@@ -389,28 +394,9 @@ where
     let connection = accepted
         .builder
         .serve_connection_with_upgrades(TokioIo::new(io), service);
-    let farewell = || {
-        let request_id = RequestId::generate();
-        tracing::info!(
-            target: "tollgate::access",
-            request_id = %request_id,
-            client_ip = %peer.ip(),
-            status = 408,
-            tls,
-            "request head timed out"
-        );
-        let mut response = accepted
-            .handler
-            .render_error(&GatewayError::HeadTimeout, &request_id);
-        response
-            .headers_mut()
-            .insert(&X_REQUEST_ID, request_id.header_value().clone());
-        http1_bytes(response)
-    };
     let ended = timeouts::drive(
         connection,
         |connection| connection.graceful_shutdown(),
-        farewell,
         &activity,
         accepted.bounds,
         accepted.stop.clone(),
@@ -427,6 +413,44 @@ where
     // counts against `max_connections`, and a stopping server waits for it (within
     // `shutdown_grace`) as for any connection.
     transport_closed.await;
+}
+
+/// Renders the answers a connection's transport writes itself ([`Refusal`]), as envelopes
+/// with a new request ID, each logged on `tollgate::access`.
+fn refusals<H: Handler>(accepted: &Accepted<H>, peer: SocketAddr, tls: bool) -> timeouts::Answer {
+    let handler = accepted.handler.clone();
+    let max_header_bytes = accepted.max_header_bytes;
+    Box::new(move |refusal| {
+        let (error, why) = match refusal {
+            Refusal::HeadTimeout => (GatewayError::HeadTimeout, "request head timed out"),
+            Refusal::Unparsed(status) => (
+                match status {
+                    StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => GatewayError::HeadersTooLarge {
+                        limit: max_header_bytes,
+                    },
+                    StatusCode::URI_TOO_LONG => GatewayError::UriTooLong {
+                        limit: MAX_URI_BYTES,
+                    },
+                    _ => GatewayError::BadRequest("the request head could not be parsed"),
+                },
+                "request head refused by the parser",
+            ),
+        };
+        let request_id = RequestId::generate();
+        tracing::info!(
+            target: "tollgate::access",
+            request_id = %request_id,
+            client_ip = %peer.ip(),
+            status = error.status().as_u16(),
+            tls,
+            "{why}"
+        );
+        let mut response = handler.render_error(&error, &request_id);
+        response
+            .headers_mut()
+            .insert(&X_REQUEST_ID, request_id.header_value().clone());
+        http1_bytes(response)
+    })
 }
 
 /// `response` as HTTP/1.1 bytes, with `Connection: close`: an answer tollgate writes itself

@@ -12,10 +12,11 @@
 //!   no flow-control window never blocks a socket write, see [`TrackedBody`]). On HTTP/2 each
 //!   stream's body is timed on its own: streams that flow do not cover for one that does not.
 //!
-//! A head that misses `header_read_timeout` on HTTP/1.1 gets a 408 envelope written by
-//! [`GuardedIo`] (hyper has no way to answer a request it has not parsed), then the connection
-//! ends. A connection that has sent nothing is closed silently, as browsers' speculative
-//! connections expect.
+//! Answers hyper cannot give in tollgate's format are written by [`GuardedIo`], through the
+//! transport ([`Refusal`]): a head that misses `header_read_timeout` on HTTP/1.1 gets a 408
+//! envelope, then the connection ends (a connection that has sent nothing is closed silently,
+//! as browsers' speculative connections expect); a head hyper cannot parse gets an envelope
+//! in place of hyper's empty 400/414/431.
 //!
 //! hyper's own `header_read_timeout` is off: it starts whenever hyper waits for a head,
 //! including between requests, so it closed idle keep-alive connections after the (shorter)
@@ -36,6 +37,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -87,6 +89,20 @@ impl Bounds {
         }
     }
 }
+
+/// A request tollgate answers itself, through the transport, where hyper cannot answer it
+/// in tollgate's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// An HTTP/1.1 head not complete within `header_read_timeout` (408).
+    HeadTimeout,
+    /// A head hyper could not parse, refused with this status (400, 414 or 431).
+    Unparsed(StatusCode),
+}
+
+/// Renders a [`Refusal`] as a whole HTTP/1.1 response; `None` leaves hyper's answer (or, for
+/// a timeout, none).
+pub type Answer = Box<dyn Fn(Refusal) -> Option<Bytes> + Send + Sync>;
 
 /// Why a connection's timer fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,9 +156,7 @@ pub struct Activity {
     /// A write to the client is pending (so bytes of a response may be owed before anything
     /// else can be written).
     writing: AtomicBool,
-    /// A response for [`GuardedIo`] to write itself before it ends the connection; set once.
-    farewell: Mutex<Option<Bytes>>,
-    /// `farewell` is set (read without the lock on every read).
+    /// [`GuardedIo`] is to answer [`Refusal::HeadTimeout`] and end the connection.
     farewell_due: AtomicBool,
 }
 
@@ -162,7 +176,6 @@ impl Activity {
             dirty: AtomicBool::new(false),
             waker: AtomicWaker::new(),
             writing: AtomicBool::new(false),
-            farewell: Mutex::new(None),
             farewell_due: AtomicBool::new(false),
         })
     }
@@ -237,17 +250,10 @@ impl Activity {
             && !self.writing.load(Relaxed)
     }
 
-    /// Hands `response` (HTTP/1.1 bytes) to the connection's IO, to write before it ends.
-    fn say_farewell(&self, response: Bytes) {
-        *self.farewell.lock().unwrap_or_else(|e| e.into_inner()) = Some(response);
-        self.farewell_due.store(true, Relaxed);
-    }
-
-    fn take_farewell(&self) -> Option<Bytes> {
-        self.farewell
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
+    /// An HTTP/1.1 connection with no request in flight: a response hyper writes now is not
+    /// one of tollgate's.
+    fn between_requests_h1(&self) -> bool {
+        self.protocol.load(Relaxed) == PROTOCOL_H1 && self.in_flight.load(Relaxed) == 0
     }
 
     /// The connection turned out to speak HTTP/2: bytes between requests are frames (PING,
@@ -395,14 +401,14 @@ pub enum Ended<E> {
 ///   is served first, and hyper closes the connection after its response; requests in flight
 ///   always finish; idle keep-alive connections close at once.
 /// - A head not complete within `header_read_timeout`: on HTTP/1.1, when nothing else is
-///   owed, the response `farewell` renders (a 408) is written by [`GuardedIo`], which then
-///   ends the connection; otherwise dropped.
-/// - A stalled response, or a connection asked to close (or answered with `farewell`) that
-///   still stays open `header_read_timeout` later with nothing in flight: dropped.
+///   owed, [`GuardedIo`] answers it ([`Refusal::HeadTimeout`]) and ends the connection;
+///   otherwise dropped.
+/// - A stalled response, or a connection asked to close (or answered) that still stays open
+///   `header_read_timeout` later (after an answer: at most [`LINGER`]) with nothing in
+///   flight: dropped.
 pub async fn drive<C, E>(
     conn: C,
     mut shutdown: impl FnMut(Pin<&mut C>),
-    farewell: impl FnOnce() -> Option<Bytes>,
     activity: &Activity,
     mut bounds: Bounds,
     mut stop: watch::Receiver<bool>,
@@ -418,7 +424,6 @@ where
     let mut armed: Option<u64> = None;
     // When `shutdown` was called.
     let mut closing_since: Option<u64> = None;
-    let mut farewell = Some(farewell);
     let mut stopping = *stop.borrow_and_update();
     let mut watching_stop = !stopping;
     if stopping {
@@ -465,10 +470,9 @@ where
                     Expiry::HeadTimeout | Expiry::ResponseStalled | Expiry::CloseOverdue => {
                         if expiry == Expiry::HeadTimeout
                             && activity.can_answer_head()
-                            && let Some(response) = farewell.take().and_then(|render| render())
+                            && !activity.farewell_due.swap(true, Relaxed)
                         {
                             tracing::debug!(reason = expiry.as_str(), "answering and closing");
-                            activity.say_farewell(response);
                             closing_since = Some(activity.now());
                             // Now it bounds the lingering read only.
                             bounds.header_read = bounds.header_read.min(LINGER);
@@ -506,9 +510,11 @@ pin_project_lite::pin_project! {
         // Bytes of the HTTP/2 preface seen so far, until the protocol is known.
         preface_seen: usize,
         protocol_known: bool,
-        // What is left to write of the farewell (`Activity::say_farewell`), once taken.
+        // Renders tollgate's answers (see `Refusal`).
+        answer: Option<Answer>,
+        // What is left to write of an answer, once rendered.
         unsaid: Option<Bytes>,
-        // The farewell is written and the write side shut.
+        // The answer to a head that timed out is written and the write side shut.
         said: bool,
         // Dropped with the transport (see `GuardedIo::closed`).
         open: Option<tokio::sync::oneshot::Sender<()>>,
@@ -526,10 +532,17 @@ impl<T> GuardedIo<T> {
             stall_armed: false,
             preface_seen: 0,
             protocol_known: false,
+            answer: None,
             unsaid: None,
             said: false,
             open: None,
         }
+    }
+
+    /// Has `answer` render the answers this transport writes itself.
+    pub fn answering(mut self, answer: Answer) -> Self {
+        self.answer = Some(answer);
+        self
     }
 
     /// Resolves when this transport is dropped: when the connection ends, or, if hyper handed
@@ -575,41 +588,79 @@ impl<T> GuardedIo<T> {
     }
 }
 
+impl<T: AsyncWrite> GuardedIo<T> {
+    /// Writes what is left of `unsaid`.
+    fn poll_unsaid(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            let this = self.as_mut().project();
+            let Some(unsaid) = this.unsaid.as_ref().filter(|u| !u.is_empty()) else {
+                return Poll::Ready(Ok(()));
+            };
+            let polled = this.inner.poll_write(cx, unsaid);
+            let written = ready!(self.as_mut().guard_write(cx, polled))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            if let Some(unsaid) = self.as_mut().project().unsaid.as_mut() {
+                bytes::Buf::advance(unsaid, written);
+            }
+        }
+    }
+
+    /// If `buf` is hyper's own answer to a head it could not parse (an empty 400, 414 or 431
+    /// in hyper 1.x's exact format, written with no request in flight), queues tollgate's
+    /// answer in its place and reports `buf` as written.
+    fn replace_refusal(mut self: Pin<&mut Self>, buf: &[u8]) -> Option<usize> {
+        if self.unsaid.is_some() || !self.activity.between_requests_h1() {
+            return None;
+        }
+        let status = hyper_refusal(buf)?;
+        let this = self.as_mut().project();
+        let answer = this.answer.as_ref()?(Refusal::Unparsed(status))?;
+        *this.unsaid = Some(answer);
+        Some(buf.len())
+    }
+}
+
+/// The status of `buf` if it is, exactly, hyper's answer to a head it could not parse:
+/// `HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: <29 bytes>\r\n\r\n`
+/// (or 414, 431). No response of tollgate's looks like this: they all carry `x-request-id`.
+fn hyper_refusal(buf: &[u8]) -> Option<StatusCode> {
+    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    let status = StatusCode::from_bytes(rest.get(..3)?).ok()?;
+    if !matches!(status.as_u16(), 400 | 414 | 431) {
+        return None;
+    }
+    let date = rest[3..]
+        .strip_prefix(b" ")?
+        .strip_prefix(status.canonical_reason()?.as_bytes())?
+        .strip_prefix(b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ")?
+        .strip_suffix(b"\r\n\r\n")?;
+    (date.len() == 29 && !date.contains(&b'\n')).then_some(status)
+}
+
 impl<T: AsyncRead + AsyncWrite> GuardedIo<T> {
-    /// Writes the farewell response, shuts the write side, then discards what the client
-    /// still sends until it closes (closing with unread bytes would reset the connection, and
-    /// the client could lose the response); the driver bounds the wait. Reports the end of
-    /// input, so hyper ends the connection.
+    /// Writes the answer to a head that timed out, shuts the write side, then discards what
+    /// the client still sends until it closes (closing with unread bytes would reset the
+    /// connection, and the client could lose the answer); the driver bounds the wait. Reports
+    /// the end of input, so hyper ends the connection.
     fn poll_farewell(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        while !self.said {
+        if !self.said {
             let this = self.as_mut().project();
-            let mut inner = this.inner;
-            let unsaid = this
-                .unsaid
-                .get_or_insert_with(|| this.activity.take_farewell().unwrap_or_default());
-            let polled = if unsaid.is_empty() {
-                match inner.as_mut().poll_flush(cx) {
-                    Poll::Ready(Ok(())) => inner.poll_shutdown(cx).map_ok(|()| 0),
-                    other => other.map_ok(|()| 0),
-                }
-            } else {
-                inner.poll_write(cx, unsaid)
-            };
-            let written = ready!(self.as_mut().guard_write(cx, polled))?;
-            let this = self.as_mut().project();
-            match this.unsaid.as_mut() {
-                Some(unsaid) if !unsaid.is_empty() => {
-                    if written == 0 {
-                        return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                    }
-                    bytes::Buf::advance(unsaid, written);
-                }
-                _ => *this.said = true,
+            if this.unsaid.is_none() {
+                let answer = this.answer.as_ref().and_then(|a| a(Refusal::HeadTimeout));
+                *this.unsaid = Some(answer.unwrap_or_default());
             }
+            ready!(self.as_mut().poll_unsaid(cx))?;
+            let polled = self.as_mut().project().inner.poll_flush(cx);
+            ready!(self.as_mut().guard_write(cx, polled))?;
+            let polled = self.as_mut().project().inner.poll_shutdown(cx);
+            ready!(self.as_mut().guard_write(cx, polled))?;
+            *self.as_mut().project().said = true;
         }
         let mut inner = self.project().inner;
         loop {
@@ -625,12 +676,12 @@ impl<T: AsyncRead + AsyncWrite> GuardedIo<T> {
 
 impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         if self.activity.farewell_due.load(Relaxed) {
-            return self.as_mut().poll_farewell(cx, buf);
+            return self.poll_farewell(cx, buf);
         }
         let this = self.project();
         let before = buf.filled().len();
@@ -665,6 +716,10 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        if let Some(written) = self.as_mut().replace_refusal(buf) {
+            return Poll::Ready(Ok(written));
+        }
+        ready!(self.as_mut().poll_unsaid(cx))?;
         let polled = self.as_mut().project().inner.poll_write(cx, buf);
         self.guard_write(cx, polled)
     }
@@ -674,6 +729,13 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next())
+            && let Some(written) = self.as_mut().replace_refusal(only)
+        {
+            return Poll::Ready(Ok(written));
+        }
+        ready!(self.as_mut().poll_unsaid(cx))?;
         let polled = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
         self.guard_write(cx, polled)
     }
@@ -683,6 +745,7 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_unsaid(cx))?;
         let polled = self.as_mut().project().inner.poll_flush(cx);
         self.guard_write(cx, polled)
     }
@@ -691,6 +754,7 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
         if self.said {
             return Poll::Ready(Ok(()));
         }
+        ready!(self.as_mut().poll_unsaid(cx))?;
         let polled = self.as_mut().project().inner.poll_shutdown(cx);
         self.guard_write(cx, polled)
     }
@@ -771,6 +835,35 @@ impl Body for TrackedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_hyper_refusals_in_its_exact_format_are_recognized() {
+        let date = "Sun, 22 Nov 2026 12:55:00 GMT";
+        let refusal = |status: &str| {
+            format!(
+                "HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+            )
+        };
+        for (line, status) in [
+            ("400 Bad Request", 400),
+            ("414 URI Too Long", 414),
+            ("431 Request Header Fields Too Large", 431),
+        ] {
+            let found = hyper_refusal(refusal(line).as_bytes()).map(|s| s.as_u16());
+            assert_eq!(found, Some(status), "{line}");
+        }
+        let others = [
+            refusal("404 Not Found"),
+            refusal("400 Bad Request").replace("\r\n\r\n", "\r\n"),
+            refusal("400 Bad Request").replace("date:", "x-request-id: req_1\r\ndate:"),
+            refusal("400 Bad Request").replace("content-length: 0", "content-length: 2"),
+            refusal("400 Bad Request") + "ok",
+            refusal("400 Bad Request").replace("HTTP/1.1", "HTTP/1.0"),
+        ];
+        for other in others {
+            assert_eq!(hyper_refusal(other.as_bytes()), None, "{other:?}");
+        }
+    }
 
     const BOUNDS: Bounds = Bounds {
         header_read: Duration::from_nanos(100),
