@@ -228,11 +228,12 @@ impl Gateway {
         let now = Instant::now();
         let client = client_ip(ctx.peer, request.headers(), &server.trusted_proxies);
         trace.client = Some(client);
-        if let Some(wait) = self
-            .failed_auth
-            .blocked(client, now)
-            .or_else(|| self.ip_throttle.blocked(client, now))
-        {
+        // Blocked by both: the later end, or the retry would be refused again.
+        let blocks = [
+            self.failed_auth.blocked(client, now),
+            self.ip_throttle.blocked(client, now),
+        ];
+        if let Some(wait) = blocks.into_iter().flatten().max() {
             snapshot.metrics.decision(LimitOutcome::IpThrottled, None);
             return Err(GatewayError::IpThrottled { retry_after: wait });
         }

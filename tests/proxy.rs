@@ -613,40 +613,18 @@ async fn websocket_upgrade_passes_through_as_a_byte_stream() {
 /// slot back: a peer that vanished without a FIN cannot hold it forever.
 #[tokio::test]
 async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
-    let (up, _) = fault_upstream(|mut stream| async move {
-        let _ = read_head(&mut stream).await;
-        let _ = stream
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-            .await;
-        let (mut r, mut w) = stream.split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
-    })
-    .await;
+    let up = websocket_upstream(Switch::Always).await;
     let gw = gateway(
         &format!("http://{up}"),
         "max_inflight = 1",
         "idle_timeout = \"400ms\"",
     )
     .await;
-    let open = || async {
-        let mut client = TcpStream::connect(gw.addr).await.unwrap();
-        client
-            .write_all(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            .await
-            .unwrap();
-        let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut client))
-            .await
-            .unwrap();
-        (client, head)
-    };
-    let (mut client, head) = open().await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let mut client = open_tunnel(gw.addr).await;
     // Traffic keeps it open past the idle timeout...
     for _ in 0..4 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        client.write_all(b"ping").await.unwrap();
-        let mut back = [0u8; 4];
-        client.read_exact(&mut back).await.unwrap();
+        assert_echoes(&mut client).await;
     }
     // ...silence closes it.
     let started = std::time::Instant::now();
@@ -658,16 +636,23 @@ async fn an_idle_websocket_tunnel_is_closed_and_frees_its_slot() {
     let took = started.elapsed();
     assert!(took >= Duration::from_millis(350), "{took:?}");
     // The one slot is free again: a new tunnel opens instead of a 503.
-    let (_client, head) = open().await;
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    open_tunnel(gw.addr).await;
 }
 
-/// An upstream that accepts every upgrade and echoes the tunnel's bytes; other requests get
-/// 200.
-async fn echoing_websocket_upstream() -> SocketAddr {
-    let (up, _) = fault_upstream(|mut stream| async move {
+/// Which requests [`websocket_upstream`] answers with 101.
+#[derive(Clone, Copy, PartialEq)]
+enum Switch {
+    /// Every request, asked or not.
+    Always,
+    /// Upgrade requests; others get 200.
+    Asked,
+}
+
+/// An upstream that switches protocols (101) and then echoes the tunnel's bytes.
+async fn websocket_upstream(switch: Switch) -> SocketAddr {
+    let (up, _) = fault_upstream(move |mut stream| async move {
         let head = read_head(&mut stream).await;
-        if !head.to_ascii_lowercase().contains("upgrade: websocket") {
+        if switch == Switch::Asked && !head.to_ascii_lowercase().contains("upgrade: websocket") {
             let _ = stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
                 .await;
@@ -714,15 +699,7 @@ async fn assert_echoes(client: &mut TcpStream) {
 /// connection to nothing): 502 `bad_gateway`, counted as an invalid response.
 #[tokio::test]
 async fn an_unasked_101_from_the_upstream_is_a_502() {
-    let (up, _) = fault_upstream(|mut stream| async move {
-        let _ = read_head(&mut stream).await;
-        let _ = stream
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
-            .await;
-        let (mut r, mut w) = stream.split();
-        let _ = tokio::io::copy(&mut r, &mut w).await;
-    })
-    .await;
+    let up = websocket_upstream(Switch::Always).await;
     let gw = gateway(&format!("http://{up}"), "", "").await;
     let reply = get(gw.addr, "/plain", &[]).await;
     assert_eq!(reply.status, 502, "{}", reply.shown());
@@ -735,7 +712,7 @@ async fn an_unasked_101_from_the_upstream_is_a_502() {
 /// until the tunnel closes, as any other connection does.
 #[tokio::test]
 async fn an_open_tunnel_counts_against_max_connections() {
-    let up = echoing_websocket_upstream().await;
+    let up = websocket_upstream(Switch::Asked).await;
     let gw = gateway(&format!("http://{up}"), "", "max_connections = 1").await;
     let tunnel = open_tunnel(gw.addr).await;
     // A second client waits in the backlog while the tunnel is open...
@@ -755,7 +732,7 @@ async fn an_open_tunnel_counts_against_max_connections() {
 /// the last one closes.
 #[tokio::test]
 async fn a_stopping_server_waits_for_open_tunnels() {
-    let up = echoing_websocket_upstream().await;
+    let up = websocket_upstream(Switch::Asked).await;
     let mut gw = gateway(&format!("http://{up}"), "", "shutdown_grace = \"20s\"").await;
     let mut tunnel = open_tunnel(gw.addr).await;
     let stopped = gw.begin_shutdown();

@@ -635,6 +635,55 @@ upstream = "up"
     );
 }
 
+/// With the minute and the daily bucket both empty, the 429 tells the daily bucket's wait (and
+/// names the day): after the minute's second the client would be refused again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_reports_the_longest_wait_of_the_empty_buckets() {
+    let redis = RedisServer::start();
+    let up = echo_upstream().await;
+    let text = format!(
+        r#"
+[limits]
+backend = "redis"
+redis_url = "{url}"
+backend_timeout = "2s"
+[plans.daily]
+requests_per_minute = 60
+burst = 1
+requests_per_day = 1
+[[keys]]
+id = "a"
+key = "{a}"
+plan = "daily"
+[[upstreams]]
+name = "up"
+url = "http://{up}"
+[[routes]]
+prefix = "/v1/"
+upstream = "up"
+"#,
+        url = redis.url(),
+        a = digest(KEY_A),
+    );
+    let gw = TestGateway::start(config("", &text)).await;
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(r.status, 429, "{}", r.shown());
+    let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!(
+        (86_000..=86_400).contains(&retry_after),
+        "Retry-After {retry_after}, not the minute bucket's 1 s"
+    );
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("per day"),
+        "{}",
+        r.shown()
+    );
+}
+
 #[test]
 fn the_compose_config_is_valid() {
     let path =

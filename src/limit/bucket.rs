@@ -273,6 +273,24 @@ impl StateStore for Peek {
     }
 }
 
+/// Of looks at several buckets, the one that refuses with the longest wait (its index among
+/// them, and the wait): a client told to wait less would be refused again.
+fn longest_wait<C: Clock, S>(
+    looks: impl Iterator<Item = Result<S, NotUntil<C::Instant>>>,
+    clock: &C,
+) -> Option<(usize, Duration)> {
+    let mut longest: Option<(usize, Duration)> = None;
+    for (i, look) in looks.enumerate() {
+        if let Err(not_until) = look {
+            let wait = not_until.wait_time_from(clock.now());
+            if longest.is_none_or(|(_, w)| wait > w) {
+                longest = Some((i, wait));
+            }
+        }
+    }
+    longest
+}
+
 /// An hourly or daily bucket: the limiter that charges it and one that looks without charging.
 struct Longer<C: Clock> {
     bucket: Bucket,
@@ -330,18 +348,18 @@ impl<C: Clock + Clone> Limiter<C> {
         }
     }
 
-    /// Charges one request to every bucket, or to none: the first to reject decides.
+    /// Charges one request to every bucket, or to none. A refusal reports the refusing
+    /// hourly or daily bucket with the longest wait, else the minute bucket.
     pub fn check(&self) -> Decision {
         if self.minute.more {
             // A bucket that would refuse refuses before the minute bucket is charged. (Two
             // requests racing for an hourly bucket's last token may both pass this look; the
-            // loser's minute token is then spent, as before the look existed.)
-            for (i, longer) in self.longer.iter().enumerate() {
-                if let Err(not_until) = longer.peek.check() {
-                    return longer
-                        .bucket
-                        .rejected(i + 1, not_until.wait_time_from(self.clock.now()));
-                }
+            // loser's minute token is then spent, as before the look existed.) The minute
+            // bucket cannot be looked at, so when it is empty too and its wait is the longer
+            // one, the retry meets its 429 (with the rest of that wait).
+            let waits = self.longer.iter().map(|l| l.peek.check());
+            if let Some((i, wait)) = longest_wait(waits, &self.clock) {
+                return self.longer[i].bucket.rejected(i + 1, wait);
             }
         }
         let mut report = match self.minute_gcra.check() {
@@ -449,11 +467,9 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
 
     /// Charges one request from `key` to every bucket, or to none (see [`Limiter::check`]).
     pub fn check(&self, key: &K) -> Decision {
-        for (i, peek) in self.peeks.iter().enumerate() {
-            if let Err(not_until) = peek.check_key(key) {
-                return self.buckets[i + 1]
-                    .rejected(i + 1, not_until.wait_time_from(self.clock.now()));
-            }
+        let waits = self.peeks.iter().map(|peek| peek.check_key(key));
+        if let Some((i, wait)) = longest_wait(waits, &self.clock) {
+            return self.buckets[i + 1].rejected(i + 1, wait);
         }
         combine(&self.buckets, &self.clock, |i| self.gcras[i].check_key(key))
     }
@@ -703,6 +719,39 @@ mod tests {
         clock.advance(Duration::from_secs(20 * 60));
         assert!(l.check().allowed);
         assert!(!l.check().allowed);
+    }
+
+    /// With the hourly and the daily bucket both empty, a 429 tells the daily bucket's wait:
+    /// after the hourly one the daily bucket would still refuse.
+    #[test]
+    fn a_refusal_reports_the_longest_wait_of_the_empty_buckets() {
+        let clock = FakeRelativeClock::default();
+        let one = |window| BucketSpec {
+            window,
+            limit: NonZeroU32::new(1).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+        };
+        let specs = [spec(60, 10), one(Window::Hour), one(Window::Day)];
+        let l = Limiter::new(&specs, clock.clone());
+        let ips: KeyedLimiter<u32, _> = KeyedLimiter::new(&specs, clock.clone());
+        assert!(l.check().allowed);
+        assert!(ips.check(&1).allowed);
+        for d in [l.check(), ips.check(&1)] {
+            assert!(!d.allowed);
+            assert_eq!(d.bucket, 2, "the daily bucket");
+            assert_eq!(d.spec.window, Window::Day);
+            assert_eq!(d.retry_after, Duration::from_secs(86_400));
+        }
+        // An hour later the hourly bucket has a token again; the daily one still refuses.
+        clock.advance(Duration::from_secs(3_600));
+        for d in [l.check(), ips.check(&1)] {
+            assert!(!d.allowed);
+            assert_eq!(d.bucket, 2);
+            assert_eq!(d.retry_after, Duration::from_secs(82_800));
+        }
+        clock.advance(Duration::from_secs(82_800));
+        assert!(l.check().allowed);
+        assert!(ips.check(&1).allowed);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 -- GCRA over every bucket of one API key, all-or-nothing: every bucket is checked first, and
--- only if all of them have a token is each one charged. Time comes from Redis, so the clocks
+-- only if all of them have a token is each one charged. A refusal reports the refusing bucket
+-- with the longest wait: told a shorter one, the client would be refused again. Time comes from Redis, so the clocks
 -- of the gateway instances do not matter.
 --
 -- KEYS[i]      tollgate:{<key id>}:<window>, one per bucket (one hash tag: one cluster slot)
@@ -17,6 +18,7 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local tats = {}
+local refused, wait, refused_reset = -1, 0, 0
 for i = 1, #KEYS do
   local interval = tonumber(ARGV[2 * i - 1])
   local burst = tonumber(ARGV[2 * i])
@@ -25,10 +27,13 @@ for i = 1, #KEYS do
     tat = now
   end
   local allow_at = tat + interval - burst * interval
-  if allow_at > now then
-    return {0, i - 1, 0, tat - now, allow_at - now}
+  if allow_at - now > wait then
+    refused, wait, refused_reset = i - 1, allow_at - now, tat - now
   end
   tats[i] = tat + interval
+end
+if refused >= 0 then
+  return {0, refused, 0, refused_reset, wait}
 end
 local report, least, reset = 0, -1, 0
 for i = 1, #KEYS do
