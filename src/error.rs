@@ -264,7 +264,7 @@ impl GatewayError {
                 Cow::Owned(format!("Request URI exceeds the limit of {limit} bytes."))
             }
             GatewayError::HeadersTooLarge { limit } => Cow::Owned(format!(
-                "Request headers exceed the limit of {limit} bytes."
+                "Request headers too large: at most {limit} bytes (request line included) and 100 fields."
             )),
             GatewayError::Internal => {
                 Cow::Borrowed("Internal error in the gateway. Please report the request_id.")

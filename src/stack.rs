@@ -201,11 +201,19 @@ impl Gateway {
                 limit: MAX_URI_BYTES,
             });
         }
-        let head_bytes: usize = request
-            .headers()
-            .iter()
-            .map(|(name, value)| name.as_str().len() + value.len() + 4)
-            .sum();
+        // The whole head: the request line (`GET /path HTTP/1.1`, CRLF), then each field.
+        let request_line = request.method().as_str().len()
+            + request
+                .uri()
+                .path_and_query()
+                .map_or(1, |pq| pq.as_str().len())
+            + 12;
+        let head_bytes: usize = request_line
+            + request
+                .headers()
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum::<usize>();
         if head_bytes as u64 > server.max_header_bytes {
             return Err(GatewayError::HeadersTooLarge {
                 limit: server.max_header_bytes,

@@ -452,6 +452,25 @@ async fn redis_down_with_deny_policy_answers_503() {
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
 }
 
+/// Shadow mode rejects nothing for rate limits: with Redis down and `deny`, requests pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_with_deny_policy_in_shadow_mode_rejects_nothing() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(
+        &redis,
+        60,
+        5,
+        "mode = \"shadow\"\non_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
+    )
+    .await;
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    redis.kill();
+    for _ in 0..5 {
+        let r = with_key(gw.addr, KEY_A).await;
+        assert_eq!(r.status, 200, "{}", r.shown());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     let redis = RedisServer::start();

@@ -100,6 +100,12 @@ async fn client_errors_in_all_three_styles() {
         let big_header = "h".repeat(2000);
         let r = get(gw.addr, "/status", &[("X-Big", &big_header)]).await;
         assert_error(&r, style, 431, "headers_too_large");
+        // The request line counts toward the head: 600 + 500 bytes is over 1 KiB.
+        let long_target = format!("/status?{}", "q".repeat(600));
+        let r = get(gw.addr, &long_target, &[("X-Half", &"h".repeat(500))]).await;
+        assert_error(&r, style, 431, "headers_too_large");
+        let r = get(gw.addr, &long_target, &[("X-Half", &"h".repeat(200))]).await;
+        assert_eq!(r.status, 200, "{}", r.shown());
 
         // Just under the limits is fine.
         let r = request(gw.addr, "POST", "/fixed/x", &[], &vec![b'a'; 1024]).await;

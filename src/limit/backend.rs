@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{BackendErrorPolicy, LimitBackend, LimitsConfig};
+use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig};
 use crate::error::{FailureKind, GatewayError};
 use crate::limit::breaker::{Admission, Breaker, DEFAULT_COOL_OFF};
 use crate::limit::redis::RedisLimiter;
@@ -116,6 +116,8 @@ impl Guarded {
         match limits.on_backend_error {
             BackendErrorPolicy::Local => Ok(Some(local.check())),
             BackendErrorPolicy::Allow => Ok(None),
+            // Shadow mode rejects nothing for rate limits, an unreachable limiter included.
+            BackendErrorPolicy::Deny if limits.mode == LimitMode::Shadow => Ok(None),
             BackendErrorPolicy::Deny => Err(GatewayError::ServiceUnavailable {
                 kind: FailureKind::BackendDown,
                 retry_after: BACKEND_DOWN_RETRY_AFTER,
