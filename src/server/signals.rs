@@ -97,7 +97,7 @@ pub fn reload(path: &std::path::Path, gateway: &Gateway) {
             if !stay.is_empty() {
                 tracing::warn!(
                     settings = stay.join(", "),
-                    "config reloaded, but these settings take a restart; the running values stay"
+                    "config reloaded, but these settings take a restart; the listeners keep their running values (README: Operations)"
                 );
             }
             gateway.reload(config);
