@@ -123,6 +123,7 @@ struct Trace<'s> {
     key: Option<&'s KeyRecord>,
     upstream_status: Option<http::StatusCode>,
     upstream_latency: Option<Duration>,
+    failure_kind: Option<&'static str>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -608,6 +609,7 @@ impl Handler for Gateway {
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
+                trace.failure_kind = error.failure_kind().map(|kind| kind.as_str());
                 // Upstream failures were logged by the pipeline, with the upstream's name. A
                 // limiter outage is logged once by the backend when it starts and ends; one
                 // line per denied request would flood the log, so those are debug only.
@@ -642,6 +644,7 @@ impl Handler for Gateway {
                     .cloned(),
                 upstream_status: trace.upstream_status,
                 upstream_latency: trace.upstream_latency,
+                failure_kind: trace.failure_kind,
             });
         }
         response

@@ -422,7 +422,10 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
              [auth]\nquery_param = \"api_key\"\n\
              [[keys]]\nid = \"acme-prod\"\nkey = \"{digest}\"\nplan = \"pro\"\n\
              [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n"
+             [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n\
+             [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\n",
+            dead = refusing_addr(),
         ),
     );
     let (guard, collected) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
@@ -437,6 +440,8 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
     .await;
     assert_eq!(reply.status, 200);
     assert_eq!(get(addr, "/v1/other", &[]).await.status, 401);
+    let dead = get(addr, "/dead/x", &[("X-API-Key", KEY)]).await;
+    assert_eq!(dead.status, 502, "{}", dead.shown());
     signal(&guard, "-TERM");
     let logs = collected.join().unwrap();
     let access: Vec<serde_json::Value> = logs
@@ -444,7 +449,7 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
         .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
         .filter(|line| line["target"] == "tollgate::access")
         .collect();
-    assert_eq!(access.len(), 2, "one line per request");
+    assert_eq!(access.len(), 3, "one line per request");
     let line = &access[0];
     assert_eq!(line["request_id"], "access-test-1");
     assert_eq!(
@@ -477,10 +482,20 @@ async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
         redact(&line.to_string())
     );
     assert_eq!(line["tls"], false);
+    assert!(line.get("kind").is_none(), "{}", redact(&line.to_string()));
     let refused = &access[1];
     assert_eq!(refused["status"], 401);
     assert!(refused.get("key_id").is_none() && refused.get("upstream_status").is_none());
     assert!(refused["request_id"].as_str().unwrap().starts_with("req_"));
+    // A failure carries its finer kind, as the upstream-failure warning does.
+    let failed = &access[2];
+    assert_eq!(failed["status"], 502);
+    assert_eq!(
+        failed["kind"],
+        "connect_refused",
+        "{}",
+        redact(&failed.to_string())
+    );
     assert!(
         !logs.contains("ACCESSLOG"),
         "the key never reaches the logs"

@@ -587,9 +587,8 @@ async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
     assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejecting_bucket_charges_no_other_bucket() {
-    let redis = RedisServer::start();
+/// Key `a` on plan `daily` (`plan`: the plan's lines), limited in Redis at `redis`.
+async fn daily_plan_gateway(redis: &RedisServer, plan: &str) -> TestGateway {
     let up = echo_upstream().await;
     let text = format!(
         r#"
@@ -598,8 +597,7 @@ backend = "redis"
 redis_url = "{url}"
 backend_timeout = "2s"
 [plans.daily]
-requests_per_minute = 10
-requests_per_day = 3
+{plan}
 [[keys]]
 id = "a"
 key = "{a}"
@@ -614,7 +612,13 @@ upstream = "up"
         url = redis.url(),
         a = digest(KEY_A),
     );
-    let gw = TestGateway::start(config("", &text)).await;
+    TestGateway::start(config("", &text)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejecting_bucket_charges_no_other_bucket() {
+    let redis = RedisServer::start();
+    let gw = daily_plan_gateway(&redis, "requests_per_minute = 10\nrequests_per_day = 3").await;
     let r = with_key(gw.addr, KEY_A).await;
     assert_eq!(
         r.header("x-ratelimit-remaining"),
@@ -659,32 +663,11 @@ upstream = "up"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_reports_the_longest_wait_of_the_empty_buckets() {
     let redis = RedisServer::start();
-    let up = echo_upstream().await;
-    let text = format!(
-        r#"
-[limits]
-backend = "redis"
-redis_url = "{url}"
-backend_timeout = "2s"
-[plans.daily]
-requests_per_minute = 60
-burst = 1
-requests_per_day = 1
-[[keys]]
-id = "a"
-key = "{a}"
-plan = "daily"
-[[upstreams]]
-name = "up"
-url = "http://{up}"
-[[routes]]
-prefix = "/v1/"
-upstream = "up"
-"#,
-        url = redis.url(),
-        a = digest(KEY_A),
-    );
-    let gw = TestGateway::start(config("", &text)).await;
+    let gw = daily_plan_gateway(
+        &redis,
+        "requests_per_minute = 60\nburst = 1\nrequests_per_day = 1",
+    )
+    .await;
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
     let r = with_key(gw.addr, KEY_A).await;
     assert_eq!(r.status, 429, "{}", r.shown());

@@ -28,6 +28,9 @@ pub struct AccessInfo {
     pub upstream_status: Option<http::StatusCode>,
     /// Time to the upstream's response head (or failure), when forwarded.
     pub upstream_latency: Option<Duration>,
+    /// The finer kind of a failure (`connect_refused`, `timeout`, `backend_down`, …), when the
+    /// response is one.
+    pub failure_kind: Option<&'static str>,
 }
 
 impl AccessInfo {

@@ -554,6 +554,7 @@ async fn respond<H: Handler>(
                 path,
                 status = response.status().as_u16(),
                 upstream_status = info.and_then(|i| i.upstream_status).map(|s| s.as_u16()),
+                kind = info.and_then(|i| i.failure_kind),
                 latency_us = started.elapsed().as_micros() as u64,
                 upstream_latency_us = info
                     .and_then(|i| i.upstream_latency)
