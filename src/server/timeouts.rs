@@ -609,7 +609,9 @@ impl<T: AsyncWrite> GuardedIo<T> {
 
     /// If `buf` is hyper's own answer to a head it could not parse (an empty 400, 414 or 431
     /// in hyper 1.x's exact format, written with no request in flight), queues tollgate's
-    /// answer in its place and reports `buf` as written.
+    /// answer in its place and reports `buf` as written. (The last bytes of a response body
+    /// can be written after its request ended; an upstream whose body ends in exactly those
+    /// bytes, written alone, would see them replaced, on its own response only.)
     fn replace_refusal(mut self: Pin<&mut Self>, buf: &[u8]) -> Option<usize> {
         if self.unsaid.is_some() || !self.activity.between_requests_h1() {
             return None;
