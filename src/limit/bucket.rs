@@ -291,43 +291,42 @@ fn longest_wait<C: Clock, S>(
     longest
 }
 
-/// An hourly or daily bucket: the limiter that charges it and one that looks without charging.
-struct Longer<C: Clock> {
-    bucket: Bucket,
-    gcra: SharedGcra<C>,
-    peek: PeekGcra<C>,
+/// A bucket's state with the limiter that charges it and one that looks without charging.
+/// The charging limiter is made first: its reference instant is then the earlier of the two,
+/// so a look is never more lenient than the charge that follows it.
+fn shared_gcra<C: Clock + Clone>(spec: &BucketSpec, clock: &C) -> (SharedGcra<C>, PeekGcra<C>) {
+    let state = Arc::new(AtomicU64::new(0));
+    let gcra = RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
+        spec.quota(),
+        SharedState(state.clone()),
+        clock.clone(),
+    )
+    .with_middleware();
+    (
+        gcra,
+        RateLimiter::new(spec.quota(), Peek(state), clock.clone()),
+    )
 }
 
-impl<C: Clock + Clone> Longer<C> {
-    fn new(spec: &BucketSpec, clock: &C) -> Self {
-        let state = Arc::new(AtomicU64::new(0));
-        // The charging limiter first: its reference instant is then the earlier of the two,
-        // so a peek is never more lenient than the charge that follows it.
-        let gcra = RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
-            spec.quota(),
-            SharedState(state.clone()),
-            clock.clone(),
-        )
-        .with_middleware();
-        Self {
-            bucket: Bucket::new(spec, false),
-            gcra,
-            peek: RateLimiter::new(spec.quota(), Peek(state), clock.clone()),
-        }
-    }
-}
 type KeyedGcra<K, C> = RateLimiter<K, Shared<K>, C, StateInformationMiddleware>;
 type KeyedPeek<K, C> = RateLimiter<K, PeekKeyed<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// One key's buckets. The minute bucket lives inline, in the first cache line: charging a key
-/// with only that one (most plans) reads that line and nothing else, and builds the
-/// `X-RateLimit-*` values from it (with the `Tsc` clock; another clock may be larger).
+/// One key's buckets. A plan with only a minute bucket (most plans) has it inline, in the
+/// first cache line: charging it reads that line and nothing else, and builds the
+/// `X-RateLimit-*` values from it (with the `Tsc` clock; another clock may be larger). A plan
+/// with hourly or daily buckets too keeps every bucket, the minute one included, in shared
+/// state that can be looked at without charging, so all are looked at before any is charged.
 #[repr(C, align(64))]
 pub struct Limiter<C: Clock = Tsc> {
+    /// One-bucket plans only.
     minute_gcra: DirectGcra<C>,
+    /// The first bucket; its `more` tells the two kinds of plan apart.
     minute: Bucket,
-    /// Hourly and daily buckets, when the plan has them.
-    longer: Box<[Longer<C>]>,
+    /// Plans with more than one bucket: each bucket (minute first), its charging limiter and
+    /// its look.
+    buckets: Box<[Bucket]>,
+    gcras: Box<[SharedGcra<C>]>,
+    peeks: Box<[PeekGcra<C>]>,
     specs: Box<[BucketSpec]>,
     clock: C,
 }
@@ -335,58 +334,49 @@ pub struct Limiter<C: Clock = Tsc> {
 impl<C: Clock + Clone> Limiter<C> {
     /// Full buckets for `specs` (at least one, the first the smallest window) on `clock`.
     pub fn new(specs: &[BucketSpec], clock: C) -> Self {
-        let (first, longer) = specs.split_first().expect("a limiter needs a bucket");
-        let gcra = |s: &BucketSpec| {
-            RateLimiter::direct_with_clock(s.quota(), clock.clone()).with_middleware()
-        };
+        let first = specs.first().expect("a limiter needs a bucket");
+        let more = specs.len() > 1;
+        let shared = if more { specs } else { &[] };
+        let (gcras, peeks): (Vec<_>, Vec<_>) =
+            shared.iter().map(|s| shared_gcra(s, &clock)).unzip();
         Self {
-            minute: Bucket::new(first, !longer.is_empty()),
-            minute_gcra: gcra(first),
-            longer: longer.iter().map(|s| Longer::new(s, &clock)).collect(),
+            minute: Bucket::new(first, more),
+            minute_gcra: RateLimiter::direct_with_clock(first.quota(), clock.clone())
+                .with_middleware(),
+            buckets: shared.iter().map(|s| Bucket::new(s, false)).collect(),
+            gcras: gcras.into(),
+            peeks: peeks.into(),
             specs: specs.into(),
             clock,
         }
     }
 
-    /// Charges one request to every bucket, or to none. A refusal reports the refusing
-    /// hourly or daily bucket with the longest wait, else the minute bucket.
+    /// Charges one request to every bucket, or to none. A refusal reports the refusing bucket
+    /// with the longest wait: told a shorter one, the client would be refused again.
+    #[inline]
     pub fn check(&self) -> Decision {
         if self.minute.more {
-            // A bucket that would refuse refuses before the minute bucket is charged. (Two
-            // requests racing for an hourly bucket's last token may both pass this look; the
-            // loser's minute token is then spent, as before the look existed.) The minute
-            // bucket cannot be looked at, so when it is empty too and its wait is the longer
-            // one, the retry meets its 429 (with the rest of that wait).
-            let waits = self.longer.iter().map(|l| l.peek.check());
-            if let Some((i, wait)) = longest_wait(waits, &self.clock) {
-                return self.longer[i].bucket.rejected(i + 1, wait);
-            }
+            return self.check_every_bucket();
         }
-        let mut report = match self.minute_gcra.check() {
+        match self.minute_gcra.check() {
             Ok(state) => self.minute.admitted(0, &state),
-            Err(not_until) => {
-                return self
-                    .minute
-                    .rejected(0, not_until.wait_time_from(self.clock.now()));
-            }
-        };
-        if !self.minute.more {
-            return report;
+            Err(not_until) => self
+                .minute
+                .rejected(0, not_until.wait_time_from(self.clock.now())),
         }
-        for (i, Longer { bucket, gcra, .. }) in self.longer.iter().enumerate() {
-            match gcra.check() {
-                Ok(state) => {
-                    let decision = bucket.admitted(i + 1, &state);
-                    if decision.remaining < report.remaining {
-                        report = decision;
-                    }
-                }
-                Err(not_until) => {
-                    return bucket.rejected(i + 1, not_until.wait_time_from(self.clock.now()));
-                }
-            }
+    }
+
+    /// [`Self::check`] for a plan with more than one bucket: kept out of line, so that the
+    /// one-bucket path stays small enough to inline.
+    #[inline(never)]
+    fn check_every_bucket(&self) -> Decision {
+        // (Two requests racing for a bucket's last token may both pass the look; the loser is
+        // then refused by the charge, after the buckets before it were charged.)
+        let looks = self.peeks.iter().map(|peek| peek.check());
+        if let Some((i, wait)) = longest_wait(looks, &self.clock) {
+            return self.buckets[i].rejected(i, wait);
         }
-        report
+        combine(&self.buckets, &self.clock, |i| self.gcras[i].check())
     }
 
     /// The bucket parameters.
@@ -396,9 +386,9 @@ impl<C: Clock + Clone> Limiter<C> {
 
     /// The `X-RateLimit-Limit` value of bucket `bucket` (an index into `specs`).
     pub fn limit_value(&self, bucket: usize) -> &'static HeaderValue {
-        match bucket {
-            0 => self.minute.limit_value,
-            i => self.longer[i - 1].bucket.limit_value,
+        match self.buckets.get(bucket) {
+            Some(b) => b.limit_value,
+            None => self.minute.limit_value,
         }
     }
 }
@@ -417,7 +407,7 @@ pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
     specs: Box<[BucketSpec]>,
     buckets: Box<[Bucket]>,
     gcras: Box<[KeyedGcra<K, C>]>,
-    /// Looks at the hourly and daily tables (index `i` is bucket `i + 1`) without charging.
+    /// With more than one bucket: looks at each table without charging (empty otherwise).
     peeks: Box<[KeyedPeek<K, C>]>,
     clock: C,
 }
@@ -441,7 +431,7 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
         Self {
             specs: specs.into(),
             buckets: specs.iter().map(|s| Bucket::new(s, false)).collect(),
-            // The charging limiters first, as in `Longer::new`.
+            // The charging limiters first, as in `shared_gcra`.
             gcras: specs
                 .iter()
                 .zip(&stores)
@@ -454,9 +444,10 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
                     .with_middleware()
                 })
                 .collect(),
-            peeks: specs[1..]
+            peeks: specs
                 .iter()
-                .zip(&stores[1..])
+                .zip(&stores)
+                .filter(|_| specs.len() > 1)
                 .map(|(s, store)| {
                     RateLimiter::new(s.quota(), PeekKeyed(store.clone()), clock.clone())
                 })
@@ -467,9 +458,9 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
 
     /// Charges one request from `key` to every bucket, or to none (see [`Limiter::check`]).
     pub fn check(&self, key: &K) -> Decision {
-        let waits = self.peeks.iter().map(|peek| peek.check_key(key));
-        if let Some((i, wait)) = longest_wait(waits, &self.clock) {
-            return self.buckets[i + 1].rejected(i + 1, wait);
+        let looks = self.peeks.iter().map(|peek| peek.check_key(key));
+        if let Some((i, wait)) = longest_wait(looks, &self.clock) {
+            return self.buckets[i].rejected(i, wait);
         }
         combine(&self.buckets, &self.clock, |i| self.gcras[i].check_key(key))
     }
@@ -713,7 +704,7 @@ mod tests {
             assert_eq!(d.retry_after, Duration::from_secs(20 * 60));
         }
         // The minute bucket gave 3 tokens, not 8: charging it once more leaves 10 - 3 - 1.
-        let minute = l.minute_gcra.check().expect("tokens left");
+        let minute = l.gcras[0].check().expect("tokens left");
         assert_eq!(minute.remaining_burst_capacity(), 6);
         // The hour's next token comes after 20 minutes, and is charged once.
         clock.advance(Duration::from_secs(20 * 60));
@@ -750,6 +741,34 @@ mod tests {
             assert_eq!(d.retry_after, Duration::from_secs(82_800));
         }
         clock.advance(Duration::from_secs(82_800));
+        assert!(l.check().allowed);
+        assert!(ips.check(&1).allowed);
+    }
+
+    /// The minute bucket is looked at with the others: when its wait is the longest of the
+    /// empty buckets, it is the one reported.
+    #[test]
+    fn an_empty_minute_bucket_with_the_longest_wait_is_reported() {
+        let clock = FakeRelativeClock::default();
+        // One every 6 s, and one a second over the hour; each one deep.
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(3_600).unwrap(),
+            burst: NonZeroU32::new(1).unwrap(),
+        };
+        let specs = [spec(10, 1), hour];
+        let l = Limiter::new(&specs, clock.clone());
+        let ips: KeyedLimiter<u32, _> = KeyedLimiter::new(&specs, clock.clone());
+        assert!(l.check().allowed);
+        assert!(ips.check(&1).allowed);
+        clock.advance(Duration::from_millis(500));
+        // The hour's bucket has a token in 0.5 s, the minute's in 5.5 s.
+        for d in [l.check(), ips.check(&1)] {
+            assert!(!d.allowed);
+            assert_eq!(d.bucket, 0, "the minute bucket");
+            assert_eq!(d.retry_after, Duration::from_millis(5_500));
+        }
+        clock.advance(Duration::from_millis(5_500));
         assert!(l.check().allowed);
         assert!(ips.check(&1).allowed);
     }
