@@ -184,6 +184,7 @@ async fn missing_scope_is_403_naming_the_scope() {
     assert_eq!(r.status, 403, "{}", r.shown());
     let v = r.json();
     assert_eq!(v["error"]["code"], "permission_denied");
+    assert_envelope(&r, 403, "permission_denied");
     assert!(
         v["error"]["message"]
             .as_str()
@@ -212,9 +213,11 @@ async fn a_scoped_route_cannot_be_reached_by_respelling_its_path() {
         let r = get(gw.addr, path, &[("X-API-Key", READER)]).await;
         assert_eq!(r.status, 403, "{path}: {}", r.text());
         assert_eq!(r.json()["error"]["code"], "permission_denied", "{path}");
+        assert_envelope(&r, 403, "permission_denied");
     }
     let r = get(gw.addr, "/v1/campaigns%2Fwrite", &[("X-API-Key", READER)]).await;
     assert_eq!(r.status, 400, "an encoded slash is ambiguous: {}", r.text());
+    assert_envelope(&r, 400, "bad_request");
     // The upstream gets the path in the form it was routed by.
     let r = get(
         gw.addr,
@@ -373,6 +376,7 @@ async fn scope_denials_do_not_count_as_failed_auth() {
     for _ in 0..5 {
         let r = get(gw.addr, "/v1/campaigns/write/1", &[("X-API-Key", READER)]).await;
         assert_eq!(r.status, 403);
+        assert_envelope(&r, 403, "permission_denied");
     }
     assert_eq!(
         get(gw.addr, "/v1/x", &[("X-API-Key", READER)]).await.status,
@@ -399,6 +403,8 @@ async fn x_forwarded_for_is_believed_only_from_trusted_peers() {
     )
     .await;
     assert_eq!(blocked.status, 429);
+    assert_envelope(&blocked, 429, "ip_throttled");
+    assert_retry_after(&blocked);
     let other = get(
         gw.addr,
         "/v1/x",
@@ -420,6 +426,8 @@ async fn x_forwarded_for_is_believed_only_from_trusted_peers() {
     )
     .await;
     assert_eq!(spoofed.status, 429);
+    assert_envelope(&spoofed, 429, "ip_throttled");
+    assert_retry_after(&spoofed);
     // The upstream sees the chain plus the peer.
     assert_eq!(
         other.json()["headers"]["x-forwarded-for"],
@@ -447,6 +455,8 @@ async fn x_forwarded_for_is_believed_only_from_trusted_peers() {
         r.status, 429,
         "rotating XFF from an untrusted peer does not escape the guard"
     );
+    assert_envelope(&r, 429, "ip_throttled");
+    assert_retry_after(&r);
 }
 
 #[test]

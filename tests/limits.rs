@@ -59,6 +59,18 @@ upstream = "dead"
     (TestGateway::start(cfg.clone()).await, cfg)
 }
 
+/// Asserts a 429 `rate_limited` envelope (request ID in header and body) with a `Retry-After`.
+fn assert_rate_limited(r: &Reply) {
+    assert_envelope(r, 429, "rate_limited");
+    assert_retry_after(r);
+}
+
+/// Asserts a 429 `ip_throttled` envelope (request ID in header and body) with a `Retry-After`.
+fn assert_ip_throttled(r: &Reply) {
+    assert_envelope(r, 429, "ip_throttled");
+    assert_retry_after(r);
+}
+
 fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -79,6 +91,7 @@ async fn until_limited(addr: SocketAddr) -> Reply {
         let r = with_key(addr, "/v1/x", KEY_A).await;
         if r.status != 200 {
             assert_eq!(r.status, 429, "{r:?}");
+            assert_rate_limited(&r);
             return r;
         }
     }
@@ -109,6 +122,9 @@ async fn of_n_concurrent_requests_exactly_capacity_pass() {
     assert_eq!(replies.len(), 96);
     assert_eq!(ok, 25, "exactly the capacity is admitted");
     assert_eq!(limited.len(), 96 - 25, "every other request is a 429");
+    for r in &limited {
+        assert_rate_limited(r);
+    }
 
     let r = limited[0];
     let v = r.json();
@@ -160,11 +176,13 @@ async fn headers_on_every_response_to_an_authenticated_request() {
     // Upstream failures were charged and say so.
     let r = with_key(gw.addr, "/dead/x", KEY_A).await;
     assert_eq!(r.status, 502);
+    assert_envelope(&r, 502, "bad_gateway");
     assert_eq!(r.header("x-ratelimit-remaining"), Some("3"));
 
     // A 404 on no route happens before auth: nothing to report.
     let r = with_key(gw.addr, "/nowhere", KEY_A).await;
     assert_eq!(r.status, 404);
+    assert_envelope(&r, 404, "not_found");
     assert!(r.header("x-ratelimit-remaining").is_none());
 }
 
@@ -172,8 +190,12 @@ async fn headers_on_every_response_to_an_authenticated_request() {
 async fn rejected_401_and_403_are_never_charged() {
     let (gw, _) = setup(1, 2, "", "").await;
     for _ in 0..5 {
-        assert_eq!(with_key(gw.addr, "/scoped/x", KEY_A).await.status, 403);
-        assert_eq!(with_key(gw.addr, "/v1/x", "tg_wrong").await.status, 401);
+        let r = with_key(gw.addr, "/scoped/x", KEY_A).await;
+        assert_eq!(r.status, 403);
+        assert_envelope(&r, 403, "permission_denied");
+        let r = with_key(gw.addr, "/v1/x", "tg_wrong").await;
+        assert_eq!(r.status, 401);
+        assert_envelope(&r, 401, "authentication_error");
     }
     assert_eq!(
         with_key(gw.addr, "/v1/x", KEY_A)
@@ -182,7 +204,9 @@ async fn rejected_401_and_403_are_never_charged() {
         Some("1")
     );
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
-    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 429);
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 429);
+    assert_rate_limited(&r);
 }
 
 #[tokio::test]
@@ -225,6 +249,7 @@ async fn ietf_headers() {
     with_key(gw.addr, "/v1/x", KEY_A).await;
     let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 429);
+    assert_rate_limited(&r);
     // On a 429, `t` is the wait for the next token: 60 s after the first request, less the
     // (whole) seconds these requests took; never the 120 s until the bucket is full.
     let value = r.header("ratelimit").unwrap();
@@ -260,6 +285,7 @@ async fn a_daily_bucket_is_reported_when_closest_to_empty_and_named_on_429() {
     with_key(gw.addr, "/x", KEY_A).await;
     let r = with_key(gw.addr, "/x", KEY_A).await;
     assert_eq!(r.status, 429);
+    assert_rate_limited(&r);
     let message = r.json()["error"]["message"].as_str().unwrap().to_owned();
     assert!(
         message.starts_with("Rate limit of 2 requests per day exceeded."),
@@ -284,11 +310,13 @@ async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
     for _ in 0..3 {
         let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.json()["error"]["code"], "rate_limited");
+        assert_rate_limited(&r);
     }
     let r = with_key(gw.addr, "/v1/x", KEY_B).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "ip_throttled");
     assert_eq!(r.header("retry-after"), Some("300"));
+    assert_ip_throttled(&r);
 }
 
 #[tokio::test]
@@ -312,15 +340,15 @@ async fn reload_keeps_drained_buckets_and_applies_new_keys_and_limits() {
     let (gw, cfg) = setup(1, 2, "", "").await;
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
-    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 429);
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 429);
+    assert_rate_limited(&r);
 
     // Same config again: the drained key stays drained.
     gw.gateway.reload(cfg.clone());
-    assert_eq!(
-        with_key(gw.addr, "/v1/x", KEY_A).await.status,
-        429,
-        "no fresh burst on reload"
-    );
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 429, "no fresh burst on reload");
+    assert_rate_limited(&r);
 
     // A new plan limit applies at once.
     let up = gw.gateway.snapshot().config.upstreams[0].url.clone();
@@ -335,7 +363,9 @@ async fn reload_keeps_drained_buckets_and_applies_new_keys_and_limits() {
     assert_eq!(r.header("x-ratelimit-limit"), Some("120"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
     // The removed key is now unknown.
-    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 401);
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 401);
+    assert_envelope(&r, 401, "authentication_error");
 }
 
 #[tokio::test]
@@ -360,6 +390,7 @@ async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
     let r = get(gw.addr, "/public/x", &from("203.0.113.1")).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "rate_limited");
+    assert_rate_limited(&r);
     assert_eq!(
         get(gw.addr, "/public/x", &from("203.0.113.2")).await.status,
         200,
@@ -371,6 +402,7 @@ async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
     }
     let r = get(gw.addr, "/public/x", &from("2001:db8:7:7:ffff::3")).await;
     assert_eq!(r.status, 429, "same /64");
+    assert_rate_limited(&r);
     assert_eq!(
         get(gw.addr, "/public/x", &from("2001:db8:7:8::1"))
             .await

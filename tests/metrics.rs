@@ -73,10 +73,19 @@ async fn a_known_sequence_of_requests_shows_up_in_the_counters() {
     let gw = gateway().await;
     let key = [("X-API-Key", KEY)];
     assert_eq!(get(gw.addr, "/v1/a", &key).await.status, 200);
-    assert_eq!(get(gw.addr, "/nowhere", &[]).await.status, 404);
-    assert_eq!(get(gw.addr, "/v1/a", &[]).await.status, 401);
-    assert_eq!(get(gw.addr, "/v1/a", &key).await.status, 429);
-    assert_eq!(get(gw.addr, "/dead/x", &[]).await.status, 502);
+    let r = get(gw.addr, "/nowhere", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_envelope(&r, 404, "not_found");
+    let r = get(gw.addr, "/v1/a", &[]).await;
+    assert_eq!(r.status, 401);
+    assert_envelope(&r, 401, "authentication_error");
+    let r = get(gw.addr, "/v1/a", &key).await;
+    assert_eq!(r.status, 429);
+    assert_envelope(&r, 429, "rate_limited");
+    assert_retry_after(&r);
+    let r = get(gw.addr, "/dead/x", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_envelope(&r, 502, "bad_gateway");
 
     let (reply, m) = scrape(gw.admin).await;
     assert!(
@@ -182,7 +191,10 @@ async fn an_upstream_502_page_is_counted_by_status() {
         ),
     ))
     .await;
-    assert_eq!(get(gw.addr, "/x", &[]).await.status, 502);
+    let r = get(gw.addr, "/x", &[]).await;
+    assert_eq!(r.status, 502);
+    // Normalized (`normalize_upstream_5xx` is on by default): tollgate's envelope, not "boom".
+    assert_envelope(&r, 502, "bad_gateway");
     let (_, m) = scrape(gw.admin).await;
     assert_eq!(
         value(

@@ -705,6 +705,7 @@ async fn an_unasked_101_from_the_upstream_is_a_502() {
     assert_eq!(reply.status, 502, "{}", reply.shown());
     assert_eq!(reply.json()["error"]["code"], "bad_gateway");
     assert!(reply.header("x-request-id").is_some());
+    assert_failure(&reply, 502, "bad_gateway", up);
     assert_failures_counted(&gw, "invalid_response", 1).await;
 }
 
@@ -963,6 +964,8 @@ async fn a_get_that_could_not_connect_is_sent_again_on_a_new_connection() {
         assert_eq!(reply.status, status, "{method}: {}", reply.text());
         if status == 200 {
             assert_eq!(reply.text(), "ok");
+        } else {
+            assert_failure(&reply, status, "gateway_timeout", up);
         }
         assert!(
             started.elapsed() >= Duration::from_millis(400),
@@ -1099,6 +1102,9 @@ async fn idempotent_requests_are_retried_once_after_a_connect_failure() {
         .await;
         let reply = request(gw.addr, method, "/", &[], b"").await;
         assert_eq!(reply.status, status, "{method}: {}", reply.text());
+        if status != 200 {
+            assert_failure(&reply, status, "bad_gateway", up);
+        }
         assert_eq!(seen.load(Ordering::SeqCst), connections, "{method}");
     }
     // Twice refused: one retry only, then 502.
@@ -1122,6 +1128,7 @@ async fn idempotent_requests_are_retried_once_after_a_connect_failure() {
     .await;
     let reply = request(gw.addr, "PUT", "/", &[], b"body").await;
     assert_eq!(reply.status, 502);
+    assert_failure(&reply, 502, "bad_gateway", up);
     assert_eq!(seen.load(Ordering::SeqCst), 1);
 }
 

@@ -115,6 +115,7 @@ async fn an_encoded_slash_is_a_400_bad_request_envelope_carrying_the_request_id(
     let r = with_key(gw.addr, "/v1/a%5Cb", KEY_A).await;
     assert_eq!(r.status, 400, "{}", r.shown());
     assert_eq!(r.json()["error"]["code"], "bad_request");
+    assert_envelope(&r, 400, "bad_request");
 
     assert_eq!(
         hits.load(Ordering::SeqCst),
@@ -237,6 +238,7 @@ fn assert_rate_limited(r: &Reply, limit: u32, window: &str) -> u64 {
         "{}",
         r.shown()
     );
+    assert_envelope(r, 429, "rate_limited");
     retry
 }
 
@@ -450,6 +452,8 @@ async fn ietf_headers_list_the_daily_policy_and_report_the_bucket_closest_to_emp
     with_key(gw.addr, "/x", KEY_A).await;
     let r = with_key(gw.addr, "/x", KEY_A).await;
     assert_eq!(r.status, 429, "{}", r.shown());
+    assert_envelope(&r, 429, "rate_limited");
+    assert_retry_after(&r);
     assert_eq!(r.header("ratelimit-policy"), Some(policy), "{r:?}");
     let retry = r.header("retry-after").expect("Retry-After on a 429");
     assert_eq!(

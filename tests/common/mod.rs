@@ -353,3 +353,33 @@ pub fn refusing_addr() -> SocketAddr {
     HELD.lock().unwrap_or_else(|e| e.into_inner()).push(socket);
     addr
 }
+
+/// Asserts an error tollgate itself produced in the default `envelope` style: `status`, the
+/// envelope's `error.code`, and an `X-Request-Id` header equal to the body's `request_id`.
+/// Returns that request ID. (Failure messages show the reply with test keys masked.)
+pub fn assert_envelope(reply: &Reply, status: u16, code: &str) -> String {
+    assert_eq!(reply.status, status, "{reply:?}");
+    let v = reply.json();
+    assert_eq!(v["error"]["code"], code, "{reply:?}");
+    let id = reply
+        .header("x-request-id")
+        .unwrap_or_else(|| panic!("no X-Request-Id: {reply:?}"));
+    assert_eq!(
+        v["request_id"], id,
+        "X-Request-Id and the body's request_id differ: {reply:?}"
+    );
+    id.to_owned()
+}
+
+/// Asserts a `Retry-After` header of whole seconds, at least 1, and returns it.
+pub fn assert_retry_after(reply: &Reply) -> u64 {
+    let value = reply
+        .header("retry-after")
+        .unwrap_or_else(|| panic!("no Retry-After: {reply:?}"));
+    let secs: u64 = value
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("Retry-After {value:?} is not whole seconds: {reply:?}"));
+    assert!(secs >= 1, "Retry-After {secs}: {reply:?}");
+    secs
+}
