@@ -319,6 +319,32 @@ async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
     assert_ip_throttled(&r);
 }
 
+/// The IP block is temporary: a client that waits its `Retry-After` is served again (with a
+/// key that has tokens).
+#[tokio::test]
+async fn an_ip_block_ends_after_block_for() {
+    let (gw, _) = setup(
+        1,
+        1,
+        "[limits.ip_throttle]\nrejections = 2\nwindow = \"60s\"\nblock_for = \"1s\"",
+        "",
+    )
+    .await;
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    for _ in 0..2 {
+        assert_rate_limited(&with_key(gw.addr, "/v1/x", KEY_A).await);
+    }
+    let blocked = with_key(gw.addr, "/v1/x", KEY_B).await;
+    assert_ip_throttled(&blocked);
+    let wait = assert_retry_after(&blocked);
+    assert_eq!(wait, 1);
+    tokio::time::sleep(Duration::from_secs(wait) + Duration::from_millis(100)).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_B).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    // Key A's own bucket is still empty: a plain 429, not a block.
+    assert_rate_limited(&with_key(gw.addr, "/v1/x", KEY_A).await);
+}
+
 #[tokio::test]
 async fn shadow_mode_lets_everything_through_and_counts_would_limit() {
     let (gw, _) = setup(1, 2, "mode = \"shadow\"", "").await;
