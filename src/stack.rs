@@ -192,23 +192,17 @@ impl Gateway {
         let server = &snapshot.config.server;
 
         // Head limits first: nothing about an oversized request is worth routing.
-        if request
+        let target = request
             .uri()
             .path_and_query()
-            .map_or(0, |pq| pq.as_str().len())
-            > MAX_URI_BYTES
-        {
+            .map_or(1, |pq| pq.as_str().len());
+        if target > MAX_URI_BYTES {
             return Err(GatewayError::UriTooLong {
                 limit: MAX_URI_BYTES,
             });
         }
         // The whole head: the request line (`GET /path HTTP/1.1`, CRLF), then each field.
-        let request_line = request.method().as_str().len()
-            + request
-                .uri()
-                .path_and_query()
-                .map_or(1, |pq| pq.as_str().len())
-            + 12;
+        let request_line = request.method().as_str().len() + target + 12;
         let head_bytes: usize = request_line
             + request
                 .headers()

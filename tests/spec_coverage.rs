@@ -224,21 +224,14 @@ async fn an_empty_hourly_bucket_is_a_429_naming_the_hour_and_reported_in_the_hea
 /// Asserts a 429 `rate_limited` (default error style) whose message names `limit` per
 /// `window` and the wait `Retry-After` gives; returns that wait.
 fn assert_rate_limited(r: &Reply, limit: u32, window: &str) -> u64 {
-    assert_eq!(r.status, 429, "{}", r.shown());
-    let retry: u64 = r
-        .header("retry-after")
-        .expect("Retry-After on a 429")
-        .parse()
-        .expect("Retry-After is an integer");
-    let v = r.json();
-    assert_eq!(v["error"]["code"], "rate_limited", "{}", r.shown());
+    assert_envelope(r, 429, "rate_limited");
+    let retry = assert_retry_after(r);
     assert_eq!(
-        v["error"]["message"],
+        r.json()["error"]["message"],
         format!("Rate limit of {limit} requests per {window} exceeded. Retry after {retry}s."),
         "{}",
         r.shown()
     );
-    assert_envelope(r, 429, "rate_limited");
     retry
 }
 
