@@ -23,7 +23,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value = "auto")]
     log_format: LogFormat,
     /// Log filter (e.g. "info", "debug", "tollgate::access=off"); overrides RUST_LOG.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = logging::parse_filter)]
     log_level: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
@@ -50,7 +50,10 @@ fn main() -> ExitCode {
         Some(Command::HashKey) => hash_key(),
         Some(Command::GenKey { prefix }) => gen_key(&prefix),
         None => {
-            logging::init(cli.log_format, cli.log_level.as_deref());
+            if let Err(e) = logging::init(cli.log_format, cli.log_level.as_deref()) {
+                eprintln!("tollgate: {e}");
+                return ExitCode::from(2);
+            }
             // Panics go through the log like everything else (one JSON line, not raw stderr);
             // a panic inside a request is also answered 500 by the server.
             std::panic::set_hook(Box::new(|info| tracing::error!(panic = %info, "panic")));

@@ -645,7 +645,14 @@ impl Handler for Gateway {
     }
 
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
-        self.snapshot.load().renderer.render(error, request_id)
+        let snapshot = self.snapshot.load();
+        let response = snapshot.renderer.render(error, request_id);
+        // Counted like any answer, under no route and no plan (nothing of the request was
+        // read, or its handler panicked before counting it).
+        snapshot
+            .metrics
+            .request(Labels::default(), response.status());
+        response
     }
 
     fn tls_config(&self) -> Option<Arc<rustls::ServerConfig>> {

@@ -119,6 +119,34 @@ fn running_with_an_invalid_config_exits_1_with_the_errors() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("bad.toml:2:10"));
 }
 
+/// A log filter that does not parse is refused before anything starts; the filter library
+/// alone would fall back to errors only, and the access log would be lost without a word.
+#[test]
+fn a_log_filter_that_does_not_parse_is_refused() {
+    let (_dir, path) = temp_config("ok.toml", "[server]\nlisten = \"127.0.0.1:0\"\n");
+    let out = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-level", "tollgate=loud"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid value 'tollgate=loud' for '--log-level"),
+        "{stderr}"
+    );
+    let out = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "tollgate=loud")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("RUST_LOG is not a log filter"), "{stderr}");
+}
+
 /// Runs `tollgate hash-key` with `input` on stdin; returns its trimmed stdout.
 fn hash_key(input: &[u8]) -> String {
     let mut child = tollgate()

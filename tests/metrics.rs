@@ -173,6 +173,36 @@ async fn a_known_sequence_of_requests_shows_up_in_the_counters() {
 }
 
 #[tokio::test]
+async fn heads_the_parser_refuses_are_counted_as_requests() {
+    let gw = gateway().await;
+    // Two different Content-Lengths: hyper refuses the head itself, and the transport writes
+    // tollgate's 400 in place of hyper's.
+    let r = send_raw(
+        gw.addr,
+        b"GET /v1/a HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    )
+    .await;
+    assert_envelope(&r, 400, "bad_request");
+    // More header fields than the parser holds: its 431.
+    let mut head = b"GET /v1/a HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..120 {
+        head.extend_from_slice(format!("X-F{i}: v\r\n").as_bytes());
+    }
+    head.extend_from_slice(b"\r\n");
+    let r = send_raw(gw.addr, &head).await;
+    assert_envelope(&r, 431, "headers_too_large");
+
+    let (_, m) = scrape(gw.admin).await;
+    assert_eq!(
+        value(
+            &m,
+            "tollgate_requests_total{route=\"none\",status=\"4xx\",plan=\"none\"}"
+        ),
+        2.0
+    );
+}
+
+#[tokio::test]
 async fn an_upstream_502_page_is_counted_by_status() {
     let up = upstream(|_req| async {
         http::Response::builder()

@@ -867,3 +867,29 @@ async fn bad_chunks_invalid_methods_and_too_many_headers_are_refused() {
         "only the well-formed request reached the upstream whole"
     );
 }
+
+/// `listen = ["127.0.0.1:P", "[::]:P"]`: the IPv6 wildcard is bound IPv6-only (as nginx binds
+/// it), so it does not also claim the IPv4 port, and both listeners answer. Without
+/// `IPV6_V6ONLY` the second bind fails with "Address already in use" on Linux's default.
+#[tokio::test]
+async fn an_ipv6_wildcard_listens_beside_an_ipv4_address_on_the_same_port() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "[server]\nlisten = [\"127.0.0.1:{port}\", \"[::]:{port}\"]\n\
+         [admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nprefix = \"/\"\nauth = false\n\
+         respond = {{ status = 200, body = \"ok\" }}\n"
+    );
+    let config = tollgate::Config::from_text(std::path::Path::new("t.toml"), &text)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let gw = TestGateway::start(config).await;
+    for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {
+        let reply = get(addr.parse().unwrap(), "/", &[]).await;
+        assert_eq!((reply.status, reply.text().as_str()), (200, "ok"), "{addr}");
+    }
+    drop(gw);
+}

@@ -60,22 +60,24 @@ pub fn extract<'a>(
     // One pass over the headers, comparing names, instead of two hashed lookups: a request
     // has a handful of headers, and hashing a name (byte by byte) costs more than comparing
     // it with each of them. Header keys are offered before Bearer tokens, as documented.
+    // A `Bearer` value is a Bearer token even when `auth.header` is `Authorization` itself:
+    // the scheme is never part of a key.
     let mut bearer: Option<&'a [u8]> = None;
     for (name, value) in headers {
-        if *name == config.header {
+        if config.bearer
+            && name == AUTHORIZATION
+            && let Some(token) = bearer_token(value.as_bytes())
+        {
+            match bearer {
+                _ if token.is_empty() => {}
+                Some(seen) if seen != token => return Err(GatewayError::InvalidApiKey),
+                _ => bearer = Some(token),
+            }
+        } else if *name == config.header {
             offer(
                 Cow::Borrowed(trim(value.as_bytes())),
                 CredentialSource::Header,
             )?;
-        } else if config.bearer
-            && name == AUTHORIZATION
-            && let Some(token) = bearer_token(value.as_bytes())
-            && !token.is_empty()
-        {
-            match bearer {
-                Some(seen) if seen != token => return Err(GatewayError::InvalidApiKey),
-                _ => bearer = Some(token),
-            }
         }
     }
     if let Some(token) = bearer {
@@ -229,6 +231,35 @@ mod tests {
                 .is_none()
         );
         assert!(run(&[("x-api-key", "")], "/", &c).unwrap().is_none());
+    }
+
+    #[test]
+    fn an_authorization_header_setting_still_reads_bearer_tokens() {
+        let mut c = cfg(None, true);
+        c.header = AUTHORIZATION;
+        assert_eq!(
+            run(&[("authorization", "Bearer k2")], "/", &c)
+                .unwrap()
+                .unwrap(),
+            (b"k2".to_vec(), CredentialSource::Bearer)
+        );
+        assert_eq!(
+            run(&[("authorization", " k1 ")], "/", &c).unwrap().unwrap(),
+            (b"k1".to_vec(), CredentialSource::Header)
+        );
+        assert!(
+            run(&[("authorization", "Bearer ")], "/", &c)
+                .unwrap()
+                .is_none()
+        );
+        // With `bearer = false` the whole value is the key, as configured.
+        c.bearer = false;
+        assert_eq!(
+            run(&[("authorization", "Bearer k2")], "/", &c)
+                .unwrap()
+                .unwrap(),
+            (b"Bearer k2".to_vec(), CredentialSource::Header)
+        );
     }
 
     #[test]

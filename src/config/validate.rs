@@ -257,6 +257,22 @@ fn valid_port(authority: &http::uri::Authority) -> bool {
     }
 }
 
+/// Whether two listening addresses cannot both be bound (see `Validator::listen_overlaps`).
+/// Port 0 (any free port) never overlaps.
+fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let ip = |s: SocketAddr| match s.ip() {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let (x, y) = (ip(a), ip(b));
+    a.port() == b.port()
+        && a.port() != 0
+        && x.is_ipv4() == y.is_ipv4()
+        && (x == y || x.is_unspecified() || y.is_unspecified())
+}
+
 /// Ids and digests already defined, across the config and the keys file.
 #[derive(Default)]
 struct KeySeen {
@@ -422,9 +438,14 @@ impl Validator<'_, '_> {
         auth: AuthFile,
         limits: LimitsFile,
     ) -> Config {
+        let listen_span = server.listen.as_ref().map_or(0..0, |l| l.span());
+        let admin_span = admin.listen.as_ref().map(|l| l.span());
+        let server = self.server(server);
+        let admin = self.admin(admin);
+        self.listen_overlaps(&server.listen, listen_span, admin.listen, admin_span);
         Config {
-            server: self.server(server),
-            admin: self.admin(admin),
+            server,
+            admin,
             errors: self.errors(errors),
             auth: self.auth(auth),
             limits: self.limits(limits),
@@ -551,6 +572,32 @@ impl Validator<'_, '_> {
             ),
             trusted_proxies,
             tls,
+        }
+    }
+
+    /// Addresses that could not all be bound: the same port on the same address, or on an
+    /// address and the wildcard of its family (IPv6 listeners are IPv6-only, so `[::]` and
+    /// `0.0.0.0` do not overlap). Found here, `check` does not pass a config that cannot start.
+    fn listen_overlaps(
+        &mut self,
+        listen: &[SocketAddr],
+        listen_span: std::ops::Range<usize>,
+        admin: SocketAddr,
+        admin_span: Option<std::ops::Range<usize>>,
+    ) {
+        for (i, &a) in listen.iter().enumerate() {
+            if let Some(&b) = listen[..i].iter().find(|&&b| addresses_overlap(a, b)) {
+                self.error(
+                    listen_span.clone(),
+                    format!("server.listen: {b} and {a} overlap (the same port on the same address, or on an address and its wildcard); only one can be bound"),
+                );
+            }
+            if addresses_overlap(a, admin) {
+                self.error(
+                    admin_span.clone().unwrap_or(listen_span.clone()),
+                    format!("admin.listen {admin} overlaps server.listen {a}: they need different ports or addresses"),
+                );
+            }
         }
     }
 
@@ -1160,6 +1207,21 @@ mod tests {
             2,
             "server.listen: \"nowhere\" is not an address",
         ),
+        (
+            "[server]\nlisten = [\"0.0.0.0:8080\", \"127.0.0.1:8080\"]",
+            2,
+            "server.listen: 0.0.0.0:8080 and 127.0.0.1:8080 overlap",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:9901\"",
+            2,
+            "admin.listen 127.0.0.1:9901 overlaps server.listen 127.0.0.1:9901",
+        ),
+        (
+            "[server]\nlisten = \"[::1]:8080\"\n[admin]\nlisten = \"[::]:8080\"",
+            4,
+            "admin.listen [::]:8080 overlaps server.listen [::1]:8080",
+        ),
         ("[server]\nheader_read_timeout = \"10\"", 2, "has no unit"),
         (
             "[server]\nidle_timeout = \"soon\"",
@@ -1499,6 +1561,21 @@ mod tests {
                 "expected line {line} with {fragment:?} for:\n{text}\ngot: {found:#?}"
             );
         }
+    }
+
+    #[test]
+    fn listeners_overlap_on_one_port_of_one_family() {
+        let overlap = |a: &str, b: &str| addresses_overlap(a.parse().unwrap(), b.parse().unwrap());
+        // IPv6 listeners are bound IPv6-only: the two wildcards share a port.
+        assert!(!overlap("0.0.0.0:8080", "[::]:8080"));
+        assert!(overlap("0.0.0.0:8080", "127.0.0.1:8080"));
+        assert!(overlap("[::]:8080", "[::1]:8080"));
+        assert!(overlap("127.0.0.1:8080", "127.0.0.1:8080"));
+        assert!(overlap("[::ffff:127.0.0.1]:8080", "127.0.0.1:8080"));
+        assert!(!overlap("127.0.0.1:8080", "127.0.0.2:8080"));
+        assert!(!overlap("127.0.0.1:8080", "127.0.0.1:8081"));
+        assert!(!overlap("127.0.0.1:0", "127.0.0.1:0"));
+        assert!(issues("[server]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]").is_empty());
     }
 
     #[test]

@@ -15,12 +15,23 @@ pub enum LogFormat {
     Human,
 }
 
+/// Checks a `--log-level` filter (the command line refuses one that does not parse, instead
+/// of the filter library's fallback to errors only, which would lose the access log).
+pub fn parse_filter(level: &str) -> Result<String, String> {
+    match EnvFilter::try_new(level) {
+        Ok(_) => Ok(level.to_owned()),
+        Err(e) => Err(format!("not a log filter: {e}")),
+    }
+}
+
 /// Installs the global subscriber. `level` (from `--log-level`) wins over `RUST_LOG`;
-/// the default is `info`.
-pub fn init(format: LogFormat, level: Option<&str>) {
-    let filter = match level {
-        Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+/// the default is `info`. A `RUST_LOG` that does not parse is an error, not errors-only logs.
+pub fn init(format: LogFormat, level: Option<&str>) -> Result<(), String> {
+    let filter = match (level, std::env::var("RUST_LOG")) {
+        (Some(level), _) => EnvFilter::try_new(level).map_err(|e| format!("--log-level: {e}"))?,
+        (None, Ok(env)) if !env.is_empty() => EnvFilter::try_new(&env)
+            .map_err(|e| format!("RUST_LOG is not a log filter ({e}); unset it or fix it"))?,
+        _ => EnvFilter::new("info"),
     };
     let json = match format {
         LogFormat::Json => true,
@@ -44,4 +55,5 @@ pub fn init(format: LogFormat, level: Option<&str>) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+    Ok(())
 }

@@ -7,7 +7,7 @@
 //!
 //! | metric | type | labels |
 //! | --- | --- | --- |
-//! | `tollgate_requests_total` | counter | `route` (prefix or `none`), `status` (`2xx`...), `plan` (or `none`) |
+//! | `tollgate_requests_total` | counter | `route` (prefix or `none`), `status` (`2xx`...), `plan` (or `none`); heads refused by the parser or timed out count under `none`, `none` |
 //! | `tollgate_rate_limit_decisions_total` | counter | `decision` (`allowed`, `limited`, `would_limit`, `ip_throttled`), `plan` |
 //! | `tollgate_upstream_failures_total` | counter | `upstream`, `kind` |
 //! | `tollgate_request_duration_seconds` | histogram | (none): until the response head |

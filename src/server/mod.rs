@@ -81,7 +81,9 @@ pub trait Handler: Send + Sync + 'static {
         ctx: &RequestContext,
     ) -> impl Future<Output = Response<ResponseBody>> + Send;
 
-    /// Renders an error produced outside the handler (a caught panic) in the current style.
+    /// Renders an error answered outside the handler in the current style, and counts it as
+    /// an answered request: a caught panic, or a request head the parser refused or that
+    /// timed out (written by the connection's transport).
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody>;
 
     /// Housekeeping, called every [`TICK_INTERVAL`] while serving (evicting idle per-IP state).
@@ -147,14 +149,13 @@ impl<H: Handler> Server<H> {
     /// Binds every `server.listen` address and the admin address of `config`.
     pub async fn bind(config: &Config, handler: Arc<H>) -> io::Result<Self> {
         let mut listeners = Vec::with_capacity(config.server.listen.len());
-        for addr in &config.server.listen {
-            let listener = TcpListener::bind(addr)
-                .await
+        for &addr in &config.server.listen {
+            let listener = bind_tcp(addr)
                 .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
             listeners.push(listener);
         }
         let admin_addr = config.admin.listen;
-        let admin = TcpListener::bind(admin_addr).await.map_err(|e| {
+        let admin = bind_tcp(admin_addr).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("cannot listen on admin address {admin_addr}: {e}"),
@@ -413,6 +414,26 @@ where
     // counts against `max_connections`, and a stopping server waits for it (within
     // `shutdown_grace`) as for any connection.
     transport_closed.await;
+}
+
+/// Binds a listening socket as nginx does: `SO_REUSEADDR` (a restart does not wait out
+/// `TIME_WAIT`), and an IPv6 address IPv6-only (`IPV6_V6ONLY`), so `[::]:8080` can be listed
+/// beside `0.0.0.0:8080`; without it, on Linux's default, the IPv6 wildcard also takes the
+/// IPv4 port and the second bind fails. (An IPv4-mapped address cannot be IPv6-only.)
+fn bind_tcp(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let SocketAddr::V6(v6) = addr
+        && v6.ip().to_ipv4_mapped().is_none()
+    {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // tokio's (mio's) backlog.
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
 }
 
 /// Renders the answers a connection's transport writes itself ([`Refusal`]), as envelopes
