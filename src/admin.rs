@@ -60,7 +60,16 @@ pub async fn serve<H: Handler>(
             let _permit = permit;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let mut content_type = "text/plain; charset=utf-8";
-                let (status, body) = match request.uri().path() {
+                let path = request.uri().path();
+                // The endpoints are read-only: another method is a 405 with `Allow`, as on
+                // any server, not an answer that a POST could be mistaken to have acted on.
+                let readable = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
+                let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+                let (status, body) = match path {
+                    _ if known && !readable => (
+                        StatusCode::METHOD_NOT_ALLOWED,
+                        Bytes::from_static(b"method not allowed: use GET\n"),
+                    ),
                     "/healthz" => (StatusCode::OK, Bytes::from_static(b"ok\n")),
                     "/readyz" if ready.load(Ordering::SeqCst) => {
                         (StatusCode::OK, Bytes::from_static(b"ready\n"))
@@ -84,6 +93,12 @@ pub async fn serve<H: Handler>(
                     http::header::CONTENT_TYPE,
                     http::HeaderValue::from_static(content_type),
                 );
+                if status == StatusCode::METHOD_NOT_ALLOWED {
+                    response.headers_mut().insert(
+                        http::header::ALLOW,
+                        http::HeaderValue::from_static("GET, HEAD"),
+                    );
+                }
                 std::future::ready(Ok::<_, Infallible>(response))
             });
             let conn = hyper::server::conn::http1::Builder::new()

@@ -1081,6 +1081,34 @@ async fn https_upstream_with_ca_file_negotiates_h2() {
     assert_failure(&reply, 502, "bad_gateway", up);
 }
 
+/// A `ca_file` rewritten in place is read again on reload: the upstream's clients are rebuilt
+/// when the file's bytes changed, though its path did not.
+#[tokio::test]
+async fn a_reload_reads_a_ca_file_rewritten_in_place() {
+    let cert = test_cert();
+    let other = test_cert();
+    let (up, _) = tls_upstream(&cert, 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    // First the wrong CA: the upstream's certificate is not trusted.
+    std::fs::copy(&other.pem_path, &ca).unwrap();
+    let text = format!(
+        "[[upstreams]]\nname = \"up\"\nurl = \"https://127.0.0.1:{}\"\nca_file = \"{}\"\n\
+         [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n",
+        up.port(),
+        ca.display()
+    );
+    let gw = TestGateway::start(config("", &text)).await;
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_failure(&reply, 502, "bad_gateway", up);
+    // The right CA, same path, then a reload of the same config text.
+    std::fs::copy(&cert.pem_path, &ca).unwrap();
+    gw.gateway.reload(config("", &text));
+    let reply = get(gw.addr, "/", &[]).await;
+    assert_eq!(reply.status, 200, "{}", reply.shown());
+    assert_eq!(reply.text(), "HTTP/2.0");
+}
+
 #[tokio::test]
 async fn idempotent_requests_are_retried_once_after_a_connect_failure() {
     // The upstream's first connection fails during the TLS handshake: no request byte was

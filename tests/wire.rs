@@ -521,6 +521,20 @@ async fn admin_health_and_readiness() {
     assert_eq!(get(gw.admin, "/healthz", &[]).await.status, 200);
     assert_eq!(get(gw.admin, "/readyz", &[]).await.status, 200);
     assert_eq!(get(gw.admin, "/other", &[]).await.status, 404);
+    // Read-only endpoints: another method is a 405 naming the allowed ones.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let r = request(gw.admin, "POST", path, &[], b"").await;
+        assert_eq!(r.status, 405, "{path}");
+        assert_eq!(r.header("allow"), Some("GET, HEAD"), "{path}");
+    }
+    let mut stream = TcpStream::connect(gw.admin).await.unwrap();
+    stream
+        .write_all(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await.unwrap();
+    assert!(buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
 }
 
 #[tokio::test]

@@ -257,6 +257,31 @@ fn valid_port(authority: &http::uri::Authority) -> bool {
     }
 }
 
+/// A TOML value as JSON for `errors.fields`. A date-time becomes its RFC 3339 text (serde
+/// would write toml's private wrapper object); JSON has no NaN or infinity, so those are
+/// refused rather than turned into `null`.
+fn toml_to_json(value: &toml::Value) -> Result<serde_json::Value, String> {
+    use serde_json::Value as Json;
+    Ok(match value {
+        toml::Value::String(s) => Json::String(s.clone()),
+        toml::Value::Integer(i) => Json::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f)
+            .map(Json::Number)
+            .ok_or_else(|| format!("{f} has no JSON form; use a finite number or a string"))?,
+        toml::Value::Boolean(b) => Json::Bool(*b),
+        toml::Value::Datetime(d) => Json::String(d.to_string()),
+        toml::Value::Array(items) => {
+            Json::Array(items.iter().map(toml_to_json).collect::<Result<_, _>>()?)
+        }
+        toml::Value::Table(table) => Json::Object(
+            table
+                .iter()
+                .map(|(k, v)| Ok((k.clone(), toml_to_json(v)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+    })
+}
+
 /// Whether two listening addresses cannot both be bound (see `Validator::listen_overlaps`).
 /// Port 0 (any free port) never overlaps.
 fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
@@ -632,7 +657,7 @@ impl Validator<'_, '_> {
                     );
                     continue;
                 }
-                match serde_json::to_value(value) {
+                match toml_to_json(value) {
                     Ok(json) => {
                         fields.insert(name.clone(), json);
                     }
@@ -1270,6 +1295,11 @@ mod tests {
             "\"code\" is a field tollgate writes itself",
         ),
         (
+            "[errors]\nfields = { x = nan }",
+            2,
+            "errors.fields.x: NaN has no JSON form",
+        ),
+        (
             "[auth]\nheader = \"bad header\"",
             2,
             "not a valid header name",
@@ -1688,7 +1718,7 @@ listen = "127.0.0.1:0"
 [errors]
 style = "simple"
 normalize_upstream_5xx = false
-fields = {{ powered_by = "Acme", version = 2, nested = {{ a = [1, 2] }} }}
+fields = {{ powered_by = "Acme", version = 2, nested = {{ a = [1, 2] }}, since = 1979-05-27T07:32:00Z, ratio = 0.5 }}
 [auth]
 header = "X-Key"
 bearer = false
@@ -1757,6 +1787,9 @@ auth = false
             "keys from the config and the keys file"
         );
         assert_eq!(config.errors.fields["nested"]["a"][1], 2);
+        // A date-time is its RFC 3339 text, not toml's private wrapper object.
+        assert_eq!(config.errors.fields["since"], "1979-05-27T07:32:00Z");
+        assert_eq!(config.errors.fields["ratio"], 0.5);
         assert_eq!(config.limits.failed_auth.count.get(), 4);
         assert_eq!(config.plans[&PlanName(Arc::from("gold"))].burst.get(), 200);
         assert_eq!(config.upstreams[0].url.path(), "/base");

@@ -145,6 +145,10 @@ pub struct Upstream {
     pub config: UpstreamConfig,
     /// Pooled keep-alive client; h2 when an https upstream negotiates it by ALPN.
     client: Client<Connector, RequestBody>,
+    /// The `ca_file`'s bytes when the clients were built (`None` without one, or unreadable):
+    /// a reload that finds them changed builds new clients, so a CA rotated in place (or a
+    /// broken file fixed) takes effect without a restart.
+    ca_pem: Option<Vec<u8>>,
     /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
     /// `Upgrade`. The same client as `client` for plain-http upstreams.
     upgrade_client: Client<Connector, RequestBody>,
@@ -199,10 +203,15 @@ impl Upstream {
     /// they depend on did not change, so a reload neither drops warm connections nor resets
     /// `max_inflight` accounting.
     pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>, metrics: &Metrics) -> Self {
+        let ca_pem = config
+            .ca_file
+            .as_deref()
+            .and_then(|path| std::fs::read(path).ok());
         let same_connection = |p: &&Upstream| {
             p.config.url == config.url
                 && p.config.connect_timeout == config.connect_timeout
                 && p.config.ca_file == config.ca_file
+                && p.ca_pem == ca_pem
         };
         let (client, upgrade_client, pool) = match previous.filter(same_connection) {
             Some(p) => (p.client.clone(), p.upgrade_client.clone(), p.pool.clone()),
@@ -234,6 +243,7 @@ impl Upstream {
         Self {
             config: config.clone(),
             client,
+            ca_pem,
             upgrade_client,
             pool,
             slots,
