@@ -174,6 +174,7 @@ fn visit(value: &mut Spanned<DeValue<'_>>, path: &str, found: &mut Vec<UnknownKe
 fn unknown_message(key: &str, path: &str, allowed: &[&str]) -> String {
     let table = match path {
         "" => "at the top level".to_owned(),
+        "keys_file" => "at the top level of the keys file (it holds only [[keys]])".to_owned(),
         "plans.*" => "in a [plans.<name>] table".to_owned(),
         p if p.ends_with("[]") => format!("in [[{}]]", p.trim_end_matches("[]")),
         p => format!("in [{}]", p.replace("[]", "")),

@@ -111,11 +111,12 @@ fn parse<T: serde::de::DeserializeOwned>(
         let consequence = taken
             .iter()
             .any(|key| message == format!("missing field `{key}`"));
+        let key = take_value_at(doc.get_mut(), &span);
         if !consequence {
-            issues.push(src.issue(span.clone(), message));
+            issues.push(src.issue(span.clone(), explain(message, key.as_deref())));
             reported += 1;
         }
-        match take_value_at(doc.get_mut(), &span) {
+        match key {
             Some(key) if reported < MAX_TYPE_ERRORS => taken.push(key),
             _ => return None,
         }
@@ -123,6 +124,40 @@ fn parse<T: serde::de::DeserializeOwned>(
             Ok(v) => return Some(v),
             Err(e) => e,
         };
+    }
+}
+
+/// Settings whose value is a duration string.
+const DURATION_KEYS: [&str; 10] = [
+    "header_read_timeout",
+    "body_read_timeout",
+    "idle_timeout",
+    "shutdown_grace",
+    "backend_timeout",
+    "window",
+    "block_for",
+    "connect_timeout",
+    "timeout",
+    "retry_after",
+];
+
+/// serde's message for a value of the wrong type, said in the config's terms where serde's
+/// words name our types ("untagged enum OneOrMany") or miss the way to write it. `key` is the
+/// setting the value was under.
+fn explain(message: &str, key: Option<&str>) -> String {
+    match key {
+        Some(key) if message.contains("untagged enum OneOrMany") => {
+            format!("`{key}` must be an address like \"0.0.0.0:8080\", or a list of them")
+        }
+        Some(key) if message.contains("untagged enum SizeFile") => format!(
+            "`{key}` must be a size: a whole number of bytes, or a string like \"16KiB\" or \"10MiB\""
+        ),
+        Some(key) if DURATION_KEYS.contains(&key) && message.starts_with("invalid type") => {
+            format!(
+                "`{key}`: {message}; a duration is a string with a unit, like \"30s\" or \"250ms\""
+            )
+        }
+        _ => message.to_owned(),
     }
 }
 
@@ -138,10 +173,32 @@ fn take_value_at(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Opti
         let inner = match value.get_mut() {
             toml::de::DeValue::Table(t) => take_value_at(t, span),
             toml::de::DeValue::Array(items) => {
-                items.iter_mut().find_map(|item| match item.get_mut() {
+                let inner = items.iter_mut().find_map(|item| match item.get_mut() {
                     toml::de::DeValue::Table(t) => take_value_at(t, span),
                     _ => None,
-                })
+                });
+                // serde's "missing field" points at the `[[keys]]` item itself: that item
+                // goes, not the whole array, so the other items are still checked.
+                let item = || {
+                    items.iter().position(|item| {
+                        matches!(item.get_ref(), toml::de::DeValue::Table(_)) && holds(item.span())
+                    })
+                };
+                match (inner, item()) {
+                    (Some(inner), _) => Some(inner),
+                    (None, Some(i)) => {
+                        // (`DeArray` has no `remove`; its array-of-tables flag only matters
+                        // while parsing.)
+                        let all = std::mem::replace(items, toml::de::DeArray::new());
+                        *items = all
+                            .into_iter()
+                            .enumerate()
+                            .filter_map(|(j, item)| (j != i).then_some(item))
+                            .collect();
+                        Some(key.get_ref().to_string())
+                    }
+                    (None, None) => None,
+                }
             }
             _ => None,
         };
@@ -165,7 +222,7 @@ pub(super) fn load(
     let src = Source::new(path, text);
     let mut issues = Vec::new();
     let Some(file) = parse::<FileConfig>(&src, "", &mut issues) else {
-        return Err(ConfigError::Invalid(issues));
+        return Err(invalid(issues, path));
     };
     let mut v = Validator {
         src: &src,
@@ -224,7 +281,11 @@ pub(super) fn load(
             }
             Err(e) => {
                 let span = v.keys_file_span.clone().unwrap_or(0..0);
-                let issue = src.issue(span, format!("cannot read auth.keys_file: {e}"));
+                let why = match e {
+                    ConfigError::Read { path, source } => format!("{}: {source}", path.display()),
+                    other => other.to_string(),
+                };
+                let issue = src.issue(span, format!("cannot read auth.keys_file {why}"));
                 v.issues.push(issue);
             }
         }
@@ -234,10 +295,23 @@ pub(super) fn load(
     if issues.is_empty() {
         Ok(config)
     } else {
-        issues.sort_by(|a, b| (&a.file, a.line, a.column).cmp(&(&b.file, b.line, b.column)));
-        issues.dedup();
-        Err(ConfigError::Invalid(issues))
+        Err(invalid(issues, path))
     }
+}
+
+/// The issues in reading order: the main file's first, then the keys file's, each by line
+/// and column.
+fn invalid(mut issues: Vec<ConfigIssue>, main: &Path) -> ConfigError {
+    issues.sort_by(|a, b| {
+        (a.file != main, &a.file, a.line, a.column).cmp(&(
+            b.file != main,
+            &b.file,
+            b.line,
+            b.column,
+        ))
+    });
+    issues.dedup();
+    ConfigError::Invalid(issues)
 }
 
 /// Most tokio worker threads `server.workers` may ask for.
@@ -1606,6 +1680,48 @@ mod tests {
         assert!(!overlap("127.0.0.1:8080", "127.0.0.1:8081"));
         assert!(!overlap("127.0.0.1:0", "127.0.0.1:0"));
         assert!(issues("[server]\nlisten = [\"0.0.0.0:8080\", \"[::]:8080\"]").is_empty());
+    }
+
+    #[test]
+    fn values_of_the_wrong_type_are_explained_in_the_configs_terms() {
+        for (text, fragment) in [
+            (
+                "[server]\nlisten = 8080",
+                "`listen` must be an address like \"0.0.0.0:8080\", or a list of them",
+            ),
+            (
+                "[server]\nmax_body_bytes = 1.5",
+                "`max_body_bytes` must be a size: a whole number of bytes, or a string like \"16KiB\"",
+            ),
+            (
+                "[server]\nidle_timeout = 60",
+                "`idle_timeout`: invalid type: integer `60`, expected a string; a duration is a string with a unit, like \"30s\"",
+            ),
+        ] {
+            let found = issues(text);
+            assert!(
+                found.len() == 1 && found[0].line == 2 && found[0].message.contains(fragment),
+                "{text}: {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_type_error_in_one_key_leaves_the_other_keys_checked() {
+        let d = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let text = format!(
+            "[[keys]]\nid = 5\nkey = \"{d}\"\nplan = \"free\"\n\
+             [[keys]]\nid = \"second\"\nkey = \"{d}\"\nplan = \"gold\"\n"
+        );
+        let found = issues(&text);
+        let at = |line: usize, fragment: &str| {
+            found
+                .iter()
+                .any(|i| i.line == line && i.message.contains(fragment))
+        };
+        assert!(at(2, "invalid type: integer `5`"), "{found:#?}");
+        assert!(at(8, "plan \"gold\" is not defined"), "{found:#?}");
+        assert_eq!(found.len(), 2, "{found:#?}");
     }
 
     #[test]
