@@ -35,6 +35,9 @@ const RESERVED_ERROR_FIELDS: [&str; 6] = [
 struct Source<'a> {
     path: &'a Path,
     text: &'a str,
+    /// Lines of the file before `text` (a piece of a large keys file starts at a line start,
+    /// so only its lines are shifted, not its columns).
+    lines_before: usize,
     /// Where each line starts, found on the first lookup: every key's line is looked up (for
     /// duplicate reports), and counting from the top each time made a million keys take hours.
     line_starts: std::cell::OnceCell<Vec<usize>>,
@@ -45,6 +48,7 @@ impl<'a> Source<'a> {
         Self {
             path,
             text,
+            lines_before: 0,
             line_starts: std::cell::OnceCell::new(),
         }
     }
@@ -58,7 +62,7 @@ impl<'a> Source<'a> {
         });
         // The last line starting at or before `start`.
         let index = starts.partition_point(|&s| s <= start) - 1;
-        let line = index + 1;
+        let line = self.lines_before + index + 1;
         let line_start = starts[index];
         let column = self.text[line_start..start].chars().count() + 1;
         ConfigIssue {
@@ -125,6 +129,78 @@ fn parse<T: serde::de::DeserializeOwned>(
             Err(e) => e,
         };
     }
+}
+
+/// `[[keys]]` items per piece of a large keys file (a handful in unit tests, so that they
+/// cross pieces).
+#[cfg(not(test))]
+const KEYS_PER_PIECE: usize = 4096;
+#[cfg(test)]
+const KEYS_PER_PIECE: usize = 3;
+
+/// Loads a large keys file piece by piece: split before every [`KEYS_PER_PIECE`]th line that
+/// is exactly `[[keys]]`, each piece parsed and validated on its own and dropped. toml's
+/// parser holds the whole document's tokens and tree at once, about 3 KB per key (a
+/// 200,000-key file peaked at 637 MB, and the freed memory stayed with the process); a piece
+/// holds a few MB. Returns `false`, with nothing added, for a file of one piece, or when any
+/// piece does not parse cleanly (a split inside a multi-line string or array, say): then the
+/// caller parses the whole file, whose errors are the ones to report. A piece that parses is
+/// exactly what that stretch of the whole file means, so a file whose every piece parses
+/// gives the same keys, and the same validation messages at the same lines, as one parse.
+fn keys_by_piece(
+    src: &Source<'_>,
+    plans: &BTreeMap<PlanName, Plan>,
+    seen: &mut KeySeen,
+    keys: &mut Vec<KeyConfig>,
+    issues: &mut Vec<ConfigIssue>,
+) -> bool {
+    let starts = piece_starts(src.text, KEYS_PER_PIECE);
+    if starts.len() < 2 {
+        return false;
+    }
+    let (seen_before, keys_before, issues_before) = (seen.clone(), keys.len(), issues.len());
+    let ends = starts.iter().skip(1).map(|&(byte, _)| byte);
+    for (&(start, lines_before), end) in starts.iter().zip(ends.chain([src.text.len()])) {
+        let piece = Source {
+            lines_before,
+            ..Source::new(src.path, &src.text[start..end])
+        };
+        let mut problems = Vec::new();
+        let Some(file) =
+            parse::<KeysFile>(&piece, "keys_file", &mut problems).filter(|_| problems.is_empty())
+        else {
+            *seen = seen_before;
+            keys.truncate(keys_before);
+            issues.truncate(issues_before);
+            return false;
+        };
+        let mut v = Validator {
+            src: &piece,
+            issues,
+            keys_file_span: None,
+        };
+        v.keys(&file.keys, plans, seen, keys);
+    }
+    true
+}
+
+/// Where each piece of a keys file starts: (byte offset, lines before it). The first piece
+/// starts at 0; each next one at the line of every `per_piece`th `[[keys]]` header after the
+/// first.
+fn piece_starts(text: &str, per_piece: usize) -> Vec<(usize, usize)> {
+    let mut starts = vec![(0, 0)];
+    let mut headers = 0;
+    let mut offset = 0;
+    for (line, content) in text.split_inclusive('\n').enumerate() {
+        if content.trim() == "[[keys]]" {
+            if headers > 0 && headers % per_piece == 0 {
+                starts.push((offset, line));
+            }
+            headers += 1;
+        }
+        offset += content.len();
+    }
+    starts
 }
 
 /// Settings whose value is a duration string.
@@ -270,7 +346,9 @@ pub(super) fn load(
             Ok(text) => {
                 keys_file_text = text;
                 let ksrc = Source::new(&keys_path, &keys_file_text);
-                if let Some(kf) = parse::<KeysFile>(&ksrc, "keys_file", v.issues) {
+                if !keys_by_piece(&ksrc, &config.plans, &mut seen, &mut keys, v.issues)
+                    && let Some(kf) = parse::<KeysFile>(&ksrc, "keys_file", v.issues)
+                {
                     let mut kv = Validator {
                         src: &ksrc,
                         issues: v.issues,
@@ -373,7 +451,7 @@ fn addresses_overlap(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 /// Ids and digests already defined, across the config and the keys file.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct KeySeen {
     ids: HashMap<String, String>,
     digests: HashMap<KeyDigest, String>,
@@ -1704,6 +1782,127 @@ mod tests {
                 "{text}: {found:#?}"
             );
         }
+    }
+
+    /// A keys file with `n` keys, `key-0`... on plan `free`, digests from their number;
+    /// `edit` may rewrite key `i`'s lines.
+    fn keys_file_text(n: usize, edit: impl Fn(usize, String) -> String) -> String {
+        (0..n)
+            .map(|i| {
+                let key = format!(
+                    "[[keys]]\nid = \"key-{i}\"\nkey = \"sha256:{i:064x}\"\nplan = \"free\"\n\n"
+                );
+                edit(i, key)
+            })
+            .collect()
+    }
+
+    fn load_with_keys_file(keys_text: &str) -> Result<Config, ConfigError> {
+        let keys_text = keys_text.to_owned();
+        load(
+            Path::new("main.toml"),
+            "[auth]\nkeys_file = \"keys.toml\"\n",
+            move |_| Ok(keys_text.clone()),
+        )
+    }
+
+    #[test]
+    fn a_keys_file_is_split_before_every_nth_header_line() {
+        let text = "# keys\n[[keys]]\na = 1\n[[keys]]\n  [[keys]]  \r\n[[keys]] # c\n[[keys]]\n";
+        // Headers on lines 1, 3, 4 and 6 (0-based, at bytes 7, 22, 31 and 58); `[[keys]] # c`
+        // is not a split point.
+        assert_eq!(piece_starts(text, 2), vec![(0, 0), (31, 4)]);
+        assert_eq!(
+            piece_starts(text, 1),
+            vec![(0, 0), (22, 3), (31, 4), (58, 6)]
+        );
+        assert_eq!(piece_starts(text, 9), vec![(0, 0)]);
+    }
+
+    #[test]
+    fn a_keys_file_read_in_pieces_gives_every_key_in_order_and_errors_at_their_lines() {
+        let text = keys_file_text(10, |_, k| k);
+        let config = load_with_keys_file(&text).unwrap();
+        let ids: Vec<String> = config.keys.iter().map(|k| k.id.0.to_string()).collect();
+        let expected: Vec<String> = (0..10).map(|i| format!("key-{i}")).collect();
+        assert_eq!(ids, expected);
+        // Read in pieces indeed, not by the whole-file fallback.
+        let mut keys = Vec::new();
+        let read = keys_by_piece(
+            &Source::new(Path::new("keys.toml"), &text),
+            &config.plans,
+            &mut KeySeen::default(),
+            &mut keys,
+            &mut Vec::new(),
+        );
+        assert!(read && keys.len() == 10);
+
+        // Validation errors in the second and fourth pieces, and a duplicate across pieces:
+        // each at its line of the whole file (5 lines per key).
+        let text = keys_file_text(10, |i, k| match i {
+            4 => k.replace("\"free\"", "\"gold\""),
+            9 => k.replace("key-9", "key-1"),
+            _ => k,
+        });
+        let found = match load_with_keys_file(&text) {
+            Err(e) => e.issues().to_vec(),
+            Ok(_) => panic!("invalid"),
+        };
+        let lines: Vec<(usize, usize)> = found.iter().map(|i| (i.line, i.column)).collect();
+        assert_eq!(lines, vec![(24, 8), (47, 6)], "{found:#?}");
+        assert!(found[0].message.contains("plan \"gold\" is not defined"));
+        assert!(
+            found[1]
+                .message
+                .contains("duplicate key id \"key-1\" (first defined at keys.toml:7)"),
+            "{}",
+            found[1].message
+        );
+    }
+
+    #[test]
+    fn a_keys_file_split_inside_a_string_is_read_whole() {
+        // Key 5's id is a multi-line string holding a `[[keys]]` line: the split there cuts
+        // the string, that piece does not parse, and the whole file is parsed instead (what
+        // the first piece added is taken back). The one error is the id's, as one parse
+        // reports it.
+        let text = keys_file_text(8, |i, k| {
+            if i == 5 {
+                k.replace("\"key-5\"", "\"\"\"key\n[[keys]]\n\"\"\"")
+            } else {
+                k
+            }
+        });
+        // Key 5 starts on line 25 (0-based); its string's `[[keys]]` line is the seventh header.
+        assert_eq!(
+            piece_starts(&text, KEYS_PER_PIECE)[2].1,
+            27,
+            "the split is in the string"
+        );
+        let plans = load_with_keys_file("").unwrap().plans;
+        let (mut keys, mut issues) = (Vec::new(), Vec::new());
+        let src = Source::new(Path::new("keys.toml"), &text);
+        assert!(!keys_by_piece(
+            &src,
+            &plans,
+            &mut KeySeen::default(),
+            &mut keys,
+            &mut issues
+        ));
+        assert!(
+            keys.is_empty() && issues.is_empty(),
+            "nothing kept from the pieces"
+        );
+        let found = match load_with_keys_file(&text) {
+            Err(e) => e.issues().to_vec(),
+            Ok(_) => panic!("invalid"),
+        };
+        assert_eq!(found.len(), 1, "{found:#?}");
+        assert_eq!((found[0].line, found[0].column), (27, 6), "{found:#?}");
+        assert!(
+            found[0].message.contains("key id may only hold"),
+            "{found:#?}"
+        );
     }
 
     #[test]
