@@ -527,13 +527,8 @@ async fn admin_health_and_readiness() {
         assert_eq!(r.status, 405, "{path}");
         assert_eq!(r.header("allow"), Some("GET, HEAD"), "{path}");
     }
-    let mut stream = TcpStream::connect(gw.admin).await.unwrap();
-    stream
-        .write_all(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.unwrap();
+    let head = b"HEAD /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let buf = exchange_raw(gw.admin, head).await;
     assert!(buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
 }
 
@@ -544,13 +539,8 @@ async fn fixed_responses_and_head() {
     assert_eq!(r.status, 201);
     assert_eq!(r.header("content-type"), Some("text/plain; charset=utf-8"));
     assert_eq!(r.text(), "made");
-    let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-    stream
-        .write_all(b"HEAD /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.unwrap();
+    let head = b"HEAD /status HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n";
+    let buf = exchange_raw(gw.addr, head).await;
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(

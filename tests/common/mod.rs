@@ -161,8 +161,9 @@ pub fn redact(text: &str) -> String {
     out
 }
 
-/// Writes `request` as is, reads to EOF, parses the (first) response.
-pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
+/// Writes `request` as is and returns every byte the server sends until it closes (also for
+/// answers [`parse_reply`] cannot frame, such as a HEAD's).
+pub async fn exchange_raw(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     // The server may answer and close before the whole request is written (413, 431).
     let _ = stream.write_all(request).await;
@@ -170,6 +171,12 @@ pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
     let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf))
         .await
         .expect("response within 10s");
+    buf
+}
+
+/// Writes `request` as is, reads to EOF, parses the (first) response.
+pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
+    let buf = exchange_raw(addr, request).await;
     parse_reply(&buf).unwrap_or_else(|| {
         panic!(
             "no complete response in {:?}",
