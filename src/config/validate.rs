@@ -105,23 +105,26 @@ fn parse<T: serde::de::DeserializeOwned>(
     };
     let mut doc = DeTable::parse(src.text).expect("it parsed a moment ago");
     let _ = strip_unknown(doc.get_mut(), root);
-    // Keys taken out for a type error: serde then misses them ("missing field"), which is
-    // not news to report.
-    let mut taken: Vec<String> = Vec::new();
+    // Keys taken out for a type error: serde then misses them ("missing field" at the table
+    // they were taken from), which is not news to report. The same field missing from
+    // another table is.
+    let mut taken: Vec<Taken> = Vec::new();
     let mut reported = 0;
     loop {
         let message = error.message().trim();
         let span = error.span().unwrap_or(0..0);
         let consequence = taken
             .iter()
-            .any(|key| message == format!("missing field `{key}`"));
-        let key = take_value_at(doc.get_mut(), &span);
+            .any(|t| t.from == span && message == format!("missing field `{}`", t.key));
+        let doc_span = doc.span();
+        let took = take_value_at(doc.get_mut(), doc_span, &span);
         if !consequence {
-            issues.push(src.issue(span.clone(), explain(message, key.as_deref())));
+            let key = took.as_ref().map(|t| t.key.as_str());
+            issues.push(src.issue(span.clone(), explain(message, key)));
             reported += 1;
         }
-        match key {
-            Some(key) if reported < MAX_TYPE_ERRORS => taken.push(key),
+        match took {
+            Some(took) if reported < MAX_TYPE_ERRORS => taken.push(took),
             _ => return None,
         }
         error = match T::deserialize(toml::de::Deserializer::from(doc.clone())) {
@@ -237,21 +240,36 @@ fn explain(message: &str, key: Option<&str>) -> String {
     }
 }
 
-/// Removes the innermost value of `table` whose span holds `span` and returns the key it was
-/// under; `None` when nothing holds it. Every table is searched, since a table opened by a
+/// A value taken out of a document: the key it was under, and the span of the table it was
+/// taken from (where serde reports the field as missing next time).
+struct Taken {
+    key: String,
+    from: std::ops::Range<usize>,
+}
+
+/// Removes the innermost value of `table` (spanning `table_span`) whose span holds `span`;
+/// `None` when nothing holds it. Every table is searched, since a table opened by a
 /// `[header]` spans only its header. Within an array of tables it looks inside the items; a
 /// bad plain array item takes its whole array out.
-fn take_value_at(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Option<String> {
+fn take_value_at(
+    table: &mut DeTable<'_>,
+    table_span: std::ops::Range<usize>,
+    span: &std::ops::Range<usize>,
+) -> Option<Taken> {
     let holds = |outer: std::ops::Range<usize>| outer.start <= span.start && span.end <= outer.end;
     let keys: Vec<_> = table.keys().cloned().collect();
     for key in keys {
         let value = table.get_mut(&key).expect("listed above");
+        let value_span = value.span();
         let inner = match value.get_mut() {
-            toml::de::DeValue::Table(t) => take_value_at(t, span),
+            toml::de::DeValue::Table(t) => take_value_at(t, value_span.clone(), span),
             toml::de::DeValue::Array(items) => {
-                let inner = items.iter_mut().find_map(|item| match item.get_mut() {
-                    toml::de::DeValue::Table(t) => take_value_at(t, span),
-                    _ => None,
+                let inner = items.iter_mut().find_map(|item| {
+                    let item_span = item.span();
+                    match item.get_mut() {
+                        toml::de::DeValue::Table(t) => take_value_at(t, item_span, span),
+                        _ => None,
+                    }
                 });
                 // serde's "missing field" points at the `[[keys]]` item itself: that item
                 // goes, not the whole array, so the other items are still checked.
@@ -271,7 +289,10 @@ fn take_value_at(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Opti
                             .enumerate()
                             .filter_map(|(j, item)| (j != i).then_some(item))
                             .collect();
-                        Some(key.get_ref().to_string())
+                        Some(Taken {
+                            key: key.get_ref().to_string(),
+                            from: table_span.clone(),
+                        })
                     }
                     (None, None) => None,
                 }
@@ -281,9 +302,12 @@ fn take_value_at(table: &mut DeTable<'_>, span: &std::ops::Range<usize>) -> Opti
         if inner.is_some() {
             return inner;
         }
-        if holds(value.span()) {
+        if holds(value_span) {
             table.remove(&key);
-            return Some(key.get_ref().to_string());
+            return Some(Taken {
+                key: key.get_ref().to_string(),
+                from: table_span,
+            });
         }
     }
     None
@@ -1902,6 +1926,26 @@ mod tests {
         assert!(
             found[0].message.contains("key id may only hold"),
             "{found:#?}"
+        );
+    }
+
+    #[test]
+    fn a_field_missing_from_another_key_is_reported_beside_a_type_error() {
+        // Key 1's id is taken out for its type error, and serde then misses it: not news.
+        // Key 2 lacks an id of its own: that is reported.
+        let d = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        let text = format!(
+            "[[keys]]\nid = 5\nkey = \"{d}\"\nplan = \"free\"\n\
+             [[keys]]\nkey = \"{d}\"\nplan = \"free\"\n"
+        );
+        let found = issues(&text);
+        let lines: Vec<(usize, &str)> = found.iter().map(|i| (i.line, &*i.message)).collect();
+        assert_eq!(
+            lines,
+            vec![
+                (2, "invalid type: integer `5`, expected a string"),
+                (5, "missing field `id`")
+            ]
         );
     }
 
