@@ -145,8 +145,10 @@ fn run(path: PathBuf) -> ExitCode {
     };
     let result = runtime.block_on(async move {
         let hup = signals::catch_sighup()?;
-        let gateway = Arc::new(Gateway::new(config.clone()));
-        let server = Server::bind(&config, gateway.clone()).await?;
+        // The gateway's snapshot keeps the config (a copy held here for the whole run would
+        // double the memory of a large key set).
+        let gateway = Arc::new(Gateway::new(config));
+        let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
         tokio::spawn(signals::reload_on_sighup(
             hup,
             path.clone(),

@@ -39,7 +39,8 @@ use crate::server::{Handler, RequestContext};
 /// snapshot it started with.
 #[derive(Debug)]
 pub struct Snapshot {
-    /// The validated config.
+    /// The validated config. Its `keys` are empty: they live on in `keys`, built from them
+    /// (a million keys' config records are a few hundred MB not to keep twice).
     pub config: Config,
     /// Compiled routes.
     pub router: Router,
@@ -74,7 +75,9 @@ pub const ANONYMOUS_PLAN: &str = "anonymous";
 impl Snapshot {
     /// Builds the runtime state for `config`, carrying bucket state over from `previous`
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
-    pub fn new(config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
+    pub fn new(mut config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
+        let keys = KeyStore::new(&config.keys, &config.plans, previous.map(|p| &p.keys));
+        config.keys = Vec::new();
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -89,7 +92,7 @@ impl Snapshot {
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
-            keys: KeyStore::new(&config.keys, &config.plans, previous.map(|p| &p.keys)),
+            keys,
             upstreams: config
                 .upstreams
                 .iter()
