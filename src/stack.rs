@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TRANSFER_ENCODING};
+use http::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use http::{HeaderMap, HeaderValue, Request, Response, Uri};
 use hyper::body::Incoming;
 
@@ -491,20 +491,8 @@ impl Gateway {
 /// `Transfer-Encoding`, obs-fold, bad chunk sizes and control bytes in headers.
 fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError> {
     let headers = request.headers();
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
-    if let Some(first) = codings.next() {
-        let only_chunked = codings.next().is_none()
-            && first
-                .to_str()
-                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
-        if !only_chunked {
-            return Err(GatewayError::BadRequest("unsupported Transfer-Encoding"));
-        }
-        if headers.contains_key(CONTENT_LENGTH) {
-            return Err(GatewayError::BadRequest(
-                "both Transfer-Encoding and Content-Length",
-            ));
-        }
+    if let Some(why) = crate::proxy::headers::ambiguous_framing(headers) {
+        return Err(GatewayError::BadRequest(why));
     }
     if request.version() <= http::Version::HTTP_11
         && let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))

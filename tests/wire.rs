@@ -449,6 +449,33 @@ async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
     assert_eq!(h["host"], up.to_string());
 }
 
+/// An HTTP/2 client sends each cookie as a field of its own; the HTTP/1.1 upstream gets them
+/// on one `Cookie` line, joined with "; " (RFC 9113 8.2.3).
+#[tokio::test]
+async fn h2_cookie_fields_reach_an_http11_upstream_as_one_line() {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    let mut sender = h2c(gw.addr).await;
+    let req = Request::get(format!("http://{}/v1/x", gw.addr))
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
+        .header("cookie", "c=3")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(echo["headers"]["cookie"], "a=1; b=2; c=3");
+}
+
 #[tokio::test]
 async fn a_slow_head_gets_a_408_envelope_and_the_connection_closes() {
     let gw = TestGateway::start(styled("envelope", "header_read_timeout = \"300ms\"")).await;

@@ -1,7 +1,9 @@
 //! Header rewriting between client and upstream: hop-by-hop headers go, `X-Forwarded-*` and
 //! `X-Request-Id` are set.
 
-use http::header::{CONNECTION, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
+};
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -30,13 +32,36 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_FOR
 }
 
+/// What makes a message's framing ambiguous, if anything: a transfer coding other than one
+/// `chunked` (a coding passed on undecoded, or one two parsers could read differently), or
+/// `Transfer-Encoding` beside `Content-Length` (RFC 9112 6.3: a sign of smuggling).
+pub fn ambiguous_framing(headers: &HeaderMap) -> Option<&'static str> {
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter();
+    let first = codings.next()?;
+    let only_chunked = codings.next().is_none()
+        && first
+            .to_str()
+            .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+    if !only_chunked {
+        return Some("unsupported Transfer-Encoding");
+    }
+    if headers.contains_key(CONTENT_LENGTH) {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    None
+}
+
 /// Removes hop-by-hop headers, including any named in `Connection` (RFC 9110 7.6.1).
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none: one pass over the names (comparisons, mostly of standard
     // names, which are enum tags) saves seven hashed lookups.
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
+    strip_hop_by_hop(headers);
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -77,6 +102,7 @@ pub fn prepare_request(
     authority: Option<&Authority>,
 ) {
     remove_hop_by_hop(headers);
+    join_cookies(headers);
     // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
     let host = headers
         .remove(HOST)
@@ -107,7 +133,38 @@ pub fn prepare_request(
     headers.insert(&X_REQUEST_ID, request_id.header_value().clone());
 }
 
-/// Rewrites an upstream response's headers for the client.
-pub fn prepare_response(headers: &mut HeaderMap) {
-    remove_hop_by_hop(headers);
+/// An HTTP/2 client sends each cookie as a field of its own (RFC 9113 8.2.3); an HTTP/1.1
+/// upstream reads one `Cookie` line, so they are joined with "; " before forwarding, as that
+/// RFC requires.
+fn join_cookies(headers: &mut HeaderMap) {
+    let joined = {
+        let mut cookies = headers.get_all(COOKIE).iter();
+        let (Some(first), Some(second)) = (cookies.next(), cookies.next()) else {
+            return;
+        };
+        let mut joined = Vec::with_capacity(first.len() + second.len() + 64);
+        joined.extend_from_slice(first.as_bytes());
+        for value in std::iter::once(second).chain(cookies) {
+            joined.extend_from_slice(b"; ");
+            joined.extend_from_slice(value.as_bytes());
+        }
+        joined
+    };
+    // The parts were valid field values, and so is their join.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
+    }
+}
+
+/// Rewrites an upstream response's headers for the client, or says why its framing is not
+/// to be trusted (answered 502 `invalid_response`, as nginx does, not relayed as it was read).
+pub fn prepare_response(headers: &mut HeaderMap) -> Result<(), &'static str> {
+    if !headers.keys().any(is_hop_by_hop) {
+        return Ok(());
+    }
+    if let Some(why) = ambiguous_framing(headers) {
+        return Err(why);
+    }
+    strip_hop_by_hop(headers);
+    Ok(())
 }

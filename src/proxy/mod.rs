@@ -361,7 +361,7 @@ impl Upstream {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let (mut head, _) = response.into_parts();
             let protocol = head.headers.get(http::header::UPGRADE).cloned();
-            headers::prepare_response(&mut head.headers);
+            headers::prepare_response(&mut head.headers).map_err(invalid_response)?;
             if let Some(protocol) = protocol {
                 upgrade::restore_headers(&mut head.headers, protocol);
             }
@@ -377,8 +377,9 @@ impl Upstream {
         // connection has switched to a protocol nobody asked for, and relayed, the 101 would
         // switch the client's connection to nothing.
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            tracing::debug!("upstream switched protocols on a request that asked for no upgrade");
-            return Err(Failure::Upstream(FailureKind::InvalidResponse).into_error());
+            return Err(invalid_response(
+                "switched protocols on a request that asked for no upgrade",
+            ));
         }
 
         let status = response.status();
@@ -405,7 +406,7 @@ impl Upstream {
             });
         }
         let (mut head, body) = response.into_parts();
-        headers::prepare_response(&mut head.headers);
+        headers::prepare_response(&mut head.headers).map_err(invalid_response)?;
         Ok(Response::from_parts(
             head,
             ResponseBody::upstream(body, Some(permit), self.config.timeout),
@@ -450,6 +451,13 @@ impl Upstream {
 
 /// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
 /// only when not 80), or `None` for https.
+/// An upstream response tollgate will not relay (502 `invalid_response`); `why` goes to the
+/// debug log (the failure itself is logged and counted by the caller, with the upstream).
+fn invalid_response(why: &'static str) -> GatewayError {
+    tracing::debug!(why, "upstream response refused");
+    Failure::Upstream(FailureKind::InvalidResponse).into_error()
+}
+
 fn host_header(url: &Uri) -> Option<HeaderValue> {
     if url.scheme() == Some(&Scheme::HTTPS) {
         return None;
