@@ -32,7 +32,7 @@ use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetri
 use crate::proxy::headers::{X_TOLLGATE_KEY_ID, X_TOLLGATE_PLAN};
 use crate::proxy::{ClientInfo, Forward, Upstream};
 use crate::route::{PathError, Router};
-use crate::server::client_ip::client_ip;
+use crate::server::client_ip::{client_ip, is_trusted_peer};
 use crate::server::{Handler, RequestContext};
 
 /// Everything derived from one loaded config. Swapped whole on reload; a request keeps the
@@ -359,6 +359,7 @@ impl Gateway {
                         peer_header: &ctx.peer_header,
                         ip: client,
                         tls: ctx.tls,
+                        trusted_peer: is_trusted_peer(ctx.peer, &server.trusted_proxies),
                     },
                     request_id: &ctx.request_id,
                     max_body_bytes: server.max_body_bytes,

@@ -449,6 +449,44 @@ async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
     assert_eq!(h["host"], up.to_string());
 }
 
+/// From a trusted proxy (a TLS-terminating load balancer), the scheme and host the client
+/// used are kept for the upstream; from any other peer they are this connection's.
+#[tokio::test]
+async fn x_forwarded_proto_and_host_are_kept_only_from_a_trusted_proxy() {
+    let up = echo_upstream().await;
+    let routes = format!(
+        "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+         [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+    );
+    for (server, proto, host) in [
+        (
+            "trusted_proxies = [\"127.0.0.1/32\"]",
+            "https",
+            "api.example.com",
+        ),
+        ("trusted_proxies = [\"10.0.0.0/8\"]", "http", "gateway.test"),
+        ("", "http", "gateway.test"),
+    ] {
+        let gw = TestGateway::start(config(server, &routes)).await;
+        let sent = [
+            ("X-Forwarded-Proto", "https"),
+            ("X-Forwarded-Host", "api.example.com"),
+        ];
+        let r = get(gw.addr, "/v1/x", &sent).await;
+        assert_eq!(r.status, 200, "{}", r.shown());
+        let h = &r.json()["headers"];
+        assert_eq!(h["x-forwarded-proto"], proto, "{server:?}");
+        assert_eq!(h["x-forwarded-host"], host, "{server:?}");
+        // A value that is no scheme is not passed on, even from a trusted proxy.
+        let r = get(gw.addr, "/v1/x", &[("X-Forwarded-Proto", "gopher")]).await;
+        assert_eq!(
+            r.json()["headers"]["x-forwarded-proto"],
+            "http",
+            "{server:?}"
+        );
+    }
+}
+
 /// An HTTP/2 client sends each cookie as a field of its own; the HTTP/1.1 upstream gets them
 /// on one `Cookie` line, joined with "; " (RFC 9113 8.2.3).
 #[tokio::test]

@@ -123,10 +123,29 @@ pub fn prepare_request(
         HeaderValue::from_bytes(&joined).unwrap_or(peer)
     };
     headers.insert(&X_FORWARDED_FOR, xff);
-    headers.insert(
-        &X_FORWARDED_PROTO,
-        HeaderValue::from_static(if client.tls { "https" } else { "http" }),
-    );
+    // From a trusted proxy (a TLS-terminating load balancer, say), the scheme and host the
+    // client used are that proxy's to tell, as Envoy and Kong keep them; from anyone else
+    // they are set from this connection, as nginx sets them.
+    let passed_on = |name: &HeaderName| {
+        client
+            .trusted_peer
+            .then(|| headers.get(name).cloned())
+            .flatten()
+    };
+    let proto = passed_on(&X_FORWARDED_PROTO)
+        .filter(|v| {
+            let v = v.as_bytes();
+            v.eq_ignore_ascii_case(b"https") || v.eq_ignore_ascii_case(b"http")
+        })
+        .unwrap_or(HeaderValue::from_static(if client.tls {
+            "https"
+        } else {
+            "http"
+        }));
+    let host = passed_on(&X_FORWARDED_HOST)
+        .filter(|v| !v.is_empty())
+        .or(host);
+    headers.insert(&X_FORWARDED_PROTO, proto);
     if let Some(host) = host {
         headers.insert(&X_FORWARDED_HOST, host);
     }

@@ -175,6 +175,9 @@ pub struct ClientInfo<'a> {
     pub ip: std::net::IpAddr,
     /// Whether the client connection is TLS.
     pub tls: bool,
+    /// Whether the peer is in `server.trusted_proxies`: its `X-Forwarded-Proto` and
+    /// `X-Forwarded-Host` (the scheme and host the client used before it) are kept.
+    pub trusted_peer: bool,
 }
 
 /// Everything about one request that [`Upstream::forward`] needs besides the request itself.

@@ -36,6 +36,11 @@ pub fn client_ip(peer: SocketAddr, headers: &HeaderMap, trusted: &[IpNet]) -> Ip
     client
 }
 
+/// Whether `peer` is one of `trusted` (a proxy whose `X-Forwarded-*` headers are believed).
+pub fn is_trusted_peer(peer: SocketAddr, trusted: &[IpNet]) -> bool {
+    !trusted.is_empty() && is_trusted(canonical(peer.ip()), trusted)
+}
+
 /// The client a per-IP limit counts `ip` as: an IPv4 address itself, an IPv6 address its
 /// /64 network. One IPv6 subscriber (a home, a VM) is routed a whole /64, so keying on the
 /// full address would hand each of its 2^64 addresses a fresh failed-auth allowance, throttle
