@@ -452,8 +452,6 @@ impl Upstream {
     }
 }
 
-/// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
-/// only when not 80), or `None` for https.
 /// An upstream response tollgate will not relay (502 `invalid_response`); `why` goes to the
 /// debug log (the failure itself is logged and counted by the caller, with the upstream).
 fn invalid_response(why: &'static str) -> GatewayError {
@@ -461,6 +459,8 @@ fn invalid_response(why: &'static str) -> GatewayError {
     Failure::Upstream(FailureKind::InvalidResponse).into_error()
 }
 
+/// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
+/// only when not 80), or `None` for https.
 fn host_header(url: &Uri) -> Option<HeaderValue> {
     if url.scheme() == Some(&Scheme::HTTPS) {
         return None;
