@@ -94,15 +94,20 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Rewrites a client request's headers for the upstream. `authority` is the request target's
-/// (HTTP/2's `:authority`, which stands in for `Host`).
+/// (HTTP/2's `:authority`, which stands in for `Host`); `from_h2` says the client spoke HTTP/2.
 pub fn prepare_request(
     headers: &mut HeaderMap,
     client: ClientInfo,
     request_id: &RequestId,
     authority: Option<&Authority>,
+    from_h2: bool,
 ) {
     remove_hop_by_hop(headers);
-    join_cookies(headers);
+    // An HTTP/1.1 client's Cookie lines go as it sent them, as nginx passes them (RFC 6265
+    // allows it one), and its requests skip the lookup.
+    if from_h2 {
+        join_cookies(headers);
+    }
     // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
     let host = headers
         .remove(HOST)

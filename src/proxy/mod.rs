@@ -297,12 +297,14 @@ impl Upstream {
         let (mut parts, incoming) = request.into_parts();
         let target = self.upstream_target(cx.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
+        let from_h2 = parts.version == Version::HTTP_2;
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
             cx.client,
             cx.request_id,
             parts.uri.authority(),
+            from_h2,
         );
         if let Some(host) = &self.host {
             parts.headers.insert(HOST, host.clone());
