@@ -341,8 +341,19 @@ pub(super) fn load(
     // Every (route, plan) pair has its own request counters, allocated up front.
     let pairs = (config.routes.len() + 1) * (config.plans.len() + 1);
     if pairs > MAX_ROUTE_PLAN_PAIRS {
+        // At the last route or plan written, whichever comes later: one of those pushed it over.
+        let last_route = file.routes.last().map(|r| r.prefix.span());
+        let last_plan = file
+            .plans
+            .values()
+            .map(|p| p.span())
+            .max_by_key(|s| s.start);
+        let at = last_route
+            .into_iter()
+            .chain(last_plan)
+            .max_by_key(|s| s.start);
         v.error(
-            0..0,
+            at.unwrap_or(0..0),
             format!(
                 "{} routes and {} plans are too many: per-route, per-plan metrics need (routes + 1) x (plans + 1) = {pairs} series sets, at most {MAX_ROUTE_PLAN_PAIRS}",
                 config.routes.len(),
@@ -1749,9 +1760,11 @@ mod tests {
         }
         let found = issues(&text);
         assert!(
-            found
-                .iter()
-                .any(|i| i.message.contains("1000 routes and 203 plans are too many")),
+            found.iter().any(
+                |i| i.message.contains("1000 routes and 203 plans are too many")
+                    // At the last route's prefix: 400 lines of plans, then 3 per route.
+                    && (i.line, i.column) == (400 + 999 * 3 + 2, 10)
+            ),
             "{found:#?}"
         );
     }
