@@ -76,8 +76,7 @@ impl Snapshot {
     /// Builds the runtime state for `config`, carrying bucket state over from `previous`
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
     pub fn new(mut config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
-        let keys = KeyStore::new(&config.keys, &config.plans, previous.map(|p| &p.keys));
-        config.keys = Vec::new();
+        let key_list = std::mem::take(&mut config.keys);
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -92,7 +91,7 @@ impl Snapshot {
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
-            keys,
+            keys: KeyStore::from_keys(key_list, &config.plans, previous.map(|p| &p.keys)),
             upstreams: config
                 .upstreams
                 .iter()

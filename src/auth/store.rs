@@ -111,9 +111,20 @@ impl KeyStore {
     /// same limits keeps its buckets, so a reload hands nobody a fresh burst.
     // Records are hashed and compared by digest alone, which never changes; the buckets'
     // interior mutability does not touch the key.
-    #[allow(clippy::mutable_key_type)]
     pub fn new(
         keys: &[KeyConfig],
+        plans: &BTreeMap<PlanName, Plan>,
+        previous: Option<&KeyStore>,
+    ) -> Self {
+        Self::from_keys(keys.to_vec(), plans, previous)
+    }
+
+    /// [`Self::new`] taking the keys: each one's id, plan and scopes move into its record
+    /// instead of being copied and then freed with the config (a million keys' worth of
+    /// allocations at every load).
+    #[allow(clippy::mutable_key_type)]
+    pub fn from_keys(
+        keys: Vec<KeyConfig>,
         plans: &BTreeMap<PlanName, Plan>,
         previous: Option<&KeyStore>,
     ) -> Self {
@@ -141,13 +152,13 @@ impl KeyStore {
             let record = KeyRecord {
                 digest: key.digest,
                 limits,
-                id: key.id.clone(),
-                plan: key.plan.clone(),
-                scopes: key.scopes.clone().into_boxed_slice(),
-                disabled: key.disabled,
                 plan_index: plan_indexes[&key.plan],
                 id_header: HeaderValue::from_str(&key.id.0).expect("key ids are validated"),
                 plan_header: HeaderValue::from_str(&key.plan.0).expect("plan names are validated"),
+                id: key.id,
+                plan: key.plan,
+                scopes: key.scopes.into_boxed_slice(),
+                disabled: key.disabled,
             };
             by_digest.insert(record);
         }
