@@ -383,6 +383,21 @@ async fn upstream_refused_is_a_502_envelope() {
     );
 }
 
+/// A gateway (with `server_extra` in `[server]`) whose one public route `/` goes to a new
+/// [`echo_upstream`]; returns both.
+async fn echo_gateway(server_extra: &str) -> (TestGateway, std::net::SocketAddr) {
+    let up = echo_upstream().await;
+    let gw = TestGateway::start(config(
+        server_extra,
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    (gw, up)
+}
+
 /// An HTTP/2 connection to `addr` without TLS (prior knowledge), ready for requests.
 async fn h2c(
     addr: std::net::SocketAddr,
@@ -422,15 +437,7 @@ async fn h2c_prior_knowledge() {
 /// HTTP/2 has no `Host` line; the request's `:authority` is the host the client asked for.
 #[tokio::test]
 async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
-    let up = echo_upstream().await;
-    let gw = TestGateway::start(config(
-        "",
-        &format!(
-            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
-        ),
-    ))
-    .await;
+    let (gw, up) = echo_gateway("").await;
     let mut sender = h2c(gw.addr).await;
     let req = Request::get("http://api.example.test:8443/v1/x")
         .body(http_body_util::Empty::<Bytes>::new())
@@ -453,11 +460,6 @@ async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
 /// used are kept for the upstream; from any other peer they are this connection's.
 #[tokio::test]
 async fn x_forwarded_proto_and_host_are_kept_only_from_a_trusted_proxy() {
-    let up = echo_upstream().await;
-    let routes = format!(
-        "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-         [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
-    );
     for (server, proto, host) in [
         (
             "trusted_proxies = [\"127.0.0.1/32\"]",
@@ -467,7 +469,7 @@ async fn x_forwarded_proto_and_host_are_kept_only_from_a_trusted_proxy() {
         ("trusted_proxies = [\"10.0.0.0/8\"]", "http", "gateway.test"),
         ("", "http", "gateway.test"),
     ] {
-        let gw = TestGateway::start(config(server, &routes)).await;
+        let (gw, _) = echo_gateway(server).await;
         let sent = [
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "api.example.com"),
@@ -491,15 +493,7 @@ async fn x_forwarded_proto_and_host_are_kept_only_from_a_trusted_proxy() {
 /// on one `Cookie` line, joined with "; " (RFC 9113 8.2.3).
 #[tokio::test]
 async fn h2_cookie_fields_reach_an_http11_upstream_as_one_line() {
-    let up = echo_upstream().await;
-    let gw = TestGateway::start(config(
-        "",
-        &format!(
-            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
-             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
-        ),
-    ))
-    .await;
+    let (gw, _) = echo_gateway("").await;
     let mut sender = h2c(gw.addr).await;
     let req = Request::get(format!("http://{}/v1/x", gw.addr))
         .header("cookie", "a=1")
