@@ -632,16 +632,11 @@ async fn a_stalled_request_body_gets_408() {
             &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\ntimeout = \"{upstream_timeout}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
         ))
         .await;
-        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-        stream
-            .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-part")
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
-            .await
-            .expect("answered within 5s")
-            .unwrap();
+        let buf = exchange_raw(
+            gw.addr,
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nonly-part",
+        )
+        .await;
         let reply = parse_reply(&buf).expect("a response");
         assert_eq!(reply.status, 408, "{upstream_timeout}: {}", reply.text());
         assert_eq!(reply.json()["error"]["code"], "request_timeout");
@@ -836,21 +831,11 @@ async fn heads_the_parser_refuses_get_the_error_style_and_a_request_id() {
 
     // A good request, then a malformed one on the same connection: the first is answered as
     // usual, the second with an error body.
-    let replies = {
-        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
-        stream
-            .write_all(
-                b"GET /status HTTP/1.1\r\nHost: t\r\n\r\nG@T /status HTTP/1.1\r\nHost: t\r\n\r\n",
-            )
-            .await
-            .unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut buf))
-            .await
-            .expect("closed within 5s")
-            .unwrap();
-        buf
-    };
+    let replies = exchange_raw(
+        gw.addr,
+        b"GET /status HTTP/1.1\r\nHost: t\r\n\r\nG@T /status HTTP/1.1\r\nHost: t\r\n\r\n",
+    )
+    .await;
     let second = replies
         .windows(9)
         .skip(1)
