@@ -413,6 +413,18 @@ async fn h2c(
     sender
 }
 
+/// Sends `req` over an HTTP/2 connection to an [`echo_gateway`]; asserts 200 and returns the
+/// upstream's JSON echo of what it received.
+async fn h2_echo(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<Bytes>>,
+    req: Request<http_body_util::Empty<Bytes>>,
+) -> serde_json::Value {
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
 #[tokio::test]
 async fn h2c_prior_knowledge() {
     let gw = TestGateway::start(styled("envelope", "")).await;
@@ -442,10 +454,7 @@ async fn h2_requests_carry_x_forwarded_host_from_the_authority() {
     let req = Request::get("http://api.example.test:8443/v1/x")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let echo = h2_echo(&mut sender, req).await;
     let h = &echo["headers"];
     assert_eq!(
         h["x-forwarded-host"],
@@ -501,10 +510,7 @@ async fn h2_cookie_fields_reach_an_http11_upstream_as_one_line() {
         .header("cookie", "c=3")
         .body(http_body_util::Empty::<Bytes>::new())
         .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let echo = h2_echo(&mut sender, req).await;
     assert_eq!(echo["headers"]["cookie"], "a=1; b=2; c=3");
 }
 
