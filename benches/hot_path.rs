@@ -258,7 +258,7 @@ impl Decider {
             Upto::Authenticate | Upto::Decision => {}
         }
         self.out.clear();
-        let now = tollgate::limit::headers::unix_now();
+        let now = tollgate::limit::headers::unix_time(decision.at);
         identity.record.limits.policy.apply(
             &mut self.out,
             RateLimitHeaders::XRateLimit,
@@ -309,7 +309,7 @@ fn tollgate_decision(c: &mut Criterion) {
     group.bench_function("part_build_headers", |b| {
         b.iter(|| {
             out.clear();
-            let now = tollgate::limit::headers::unix_now();
+            let now = tollgate::limit::headers::unix_time(decision.at);
             record
                 .limits
                 .policy

@@ -611,10 +611,12 @@ impl Handler for Gateway {
         };
         // Every response to a charged request reports the bucket, errors included.
         if let Some(info) = rate {
-            let unix_now = crate::limit::headers::unix_now();
+            // `Reset` counts from the decision, not from now: the upstream's time since then
+            // has refilled the bucket already.
+            let decided = crate::limit::headers::unix_time(info.decision.at);
             let style = snapshot.config.limits.headers;
             info.policy
-                .apply(response.headers_mut(), style, &info.decision, unix_now);
+                .apply(response.headers_mut(), style, &info.decision, decided);
         }
         snapshot.metrics.request(trace.labels, response.status());
         self.metrics.request_duration(started.elapsed());

@@ -187,6 +187,41 @@ async fn headers_on_every_response_to_an_authenticated_request() {
 }
 
 #[tokio::test]
+async fn reset_counts_from_the_decision_not_from_a_slow_upstreams_answer() {
+    // The upstream answers 3 s after the request was charged. The bucket is full again one
+    // token interval (1 s at 60/min) after the charge, so Reset is at most 2 s after the
+    // request was sent: not 1 s after the answer.
+    let slow = upstream(|_req| async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
+    })
+    .await;
+    let extra = format!(
+        r#"
+[[upstreams]]
+name = "slow"
+url = "http://{slow}"
+[[routes]]
+prefix = "/slow/"
+upstream = "slow"
+"#
+    );
+    let (gw, _) = setup(60, 60, "", &extra).await;
+    let sent = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let r = with_key(gw.addr, "/slow/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("59"));
+    let reset: f64 = r.header("x-ratelimit-reset").unwrap().parse().unwrap();
+    assert!(
+        reset >= sent + 1.0 && reset < sent + 3.0,
+        "reset {reset}, sent {sent:.3}"
+    );
+}
+
+#[tokio::test]
 async fn rejected_401_and_403_are_never_charged() {
     let (gw, _) = setup(1, 2, "", "").await;
     for _ in 0..5 {

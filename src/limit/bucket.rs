@@ -9,6 +9,7 @@
 //! does not take a minute token (as the Redis script does); the common rejection (per minute)
 //! then charges nothing else.
 
+use std::cell::Cell;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,16 +35,30 @@ use crate::config::Plan;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tsc;
 
-/// The process's TSC clock, also read by `headers::unix_now`.
+/// The process's TSC clock, also read by `headers::unix_time`.
 pub(crate) static TSC: LazyLock<quanta::Clock> = LazyLock::new(quanta::Clock::new);
+
+thread_local! {
+    /// The raw TSC reading of this thread's last [`Tsc`] read: a decision keeps the reading
+    /// its charge was made at, so its headers need no clock read of their own.
+    static LAST_READING: Cell<u64> = const { Cell::new(0) };
+}
 
 impl Clock for Tsc {
     type Instant = Nanos;
 
+    #[inline]
     fn now(&self) -> Nanos {
         let clock = &*TSC;
-        Nanos::new(clock.delta_as_nanos(0, clock.raw()))
+        let raw = clock.raw();
+        LAST_READING.set(raw);
+        Nanos::new(clock.delta_as_nanos(0, raw))
     }
+}
+
+/// A raw reading of the process's TSC clock, as [`Decision::at`] holds one.
+pub fn tsc_now() -> u64 {
+    TSC.raw()
 }
 
 /// The window a bucket's limit is stated in.
@@ -150,6 +165,7 @@ impl Bucket {
             reset_after: self.intervals(burst - remaining),
             retry_after: Duration::ZERO,
             limit_value: self.limit_value,
+            at: LAST_READING.get(),
         }
     }
 
@@ -163,6 +179,7 @@ impl Bucket {
             reset_after: wait + self.intervals(self.spec.burst.get() - 1),
             retry_after: wait,
             limit_value: self.limit_value,
+            at: LAST_READING.get(),
         }
     }
 }
@@ -215,6 +232,11 @@ pub struct Decision {
     pub retry_after: Duration,
     /// `X-RateLimit-Limit`: that bucket's limit, as a header value built once.
     pub limit_value: &'static HeaderValue,
+    /// When the decision was made, as a raw reading of the process's TSC clock
+    /// ([`tsc_now`]): `reset_after` counts from here, so `X-RateLimit-Reset` is this plus
+    /// `reset_after` however long the upstream then takes. (Limiters on other clocks, in
+    /// tests, leave the thread's last TSC reading here.)
+    pub at: u64,
 }
 
 /// Folds per-bucket outcomes (smallest window first) into one decision. `now` is read only

@@ -61,20 +61,20 @@ impl PolicyHeaders {
         }
     }
 
-    /// Writes the headers for `decision` at wall-clock time `unix_now` (since the epoch).
+    /// Writes the headers for `decision`, made at wall-clock time `decided` (since the epoch).
     pub fn apply(
         &self,
         headers: &mut HeaderMap,
         style: RateLimitHeaders,
         decision: &Decision,
-        unix_now: Duration,
+        decided: Duration,
     ) {
         if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
             headers.insert(&X_RATELIMIT_LIMIT, decision.limit_value.clone());
             headers.insert(&X_RATELIMIT_REMAINING, small_number(decision.remaining));
             headers.insert(
                 &X_RATELIMIT_RESET,
-                reset_value(ceil_secs(unix_now + decision.reset_after)),
+                reset_value(ceil_secs(decided + decision.reset_after)),
             );
         }
         if matches!(style, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
@@ -168,26 +168,37 @@ thread_local! {
     static ANCHOR: Cell<Option<(u64, Duration)>> = const { Cell::new(None) };
 }
 
-/// Wall-clock time since the epoch, for `X-RateLimit-Reset`. The TSC (the limiters' clock,
-/// [`super::bucket::Tsc`]) is read against a per-thread anchor that follows the system clock
-/// every 100 ms, so a request costs a TSC read instead of a `clock_gettime` (about 50 ns on
-/// this VM). Between refreshes the two drift apart by at most NTP's slew rate (0.5 ms/s),
-/// about 50 µs here; a step of the system clock is picked up by the next refresh.
-pub fn unix_now() -> Duration {
+/// Wall-clock time since the epoch at a raw TSC reading (a decision's [`Decision::at`]), for
+/// `X-RateLimit-Reset`. The reading is placed against a per-thread anchor that follows the
+/// system clock every 100 ms, so a request costs no `clock_gettime` (about 50 ns on this VM)
+/// and no clock read at all beyond the one its charge made. Between refreshes the two clocks
+/// drift apart by at most NTP's slew rate (0.5 ms/s), about 50 µs here; a step of the system
+/// clock is picked up by the next refresh.
+pub fn unix_time(at: u64) -> Duration {
     let tsc = &*super::bucket::TSC;
-    let now = tsc.raw();
     ANCHOR.with(|anchor| {
-        if let Some((at, unix)) = anchor.get() {
-            let since = Duration::from_nanos(tsc.delta_as_nanos(at, now));
-            if since < ANCHOR_REFRESH {
-                return unix + since;
+        if let Some((anchor_at, unix)) = anchor.get() {
+            // The reading may precede the anchor: a decision made on another thread before
+            // this one last refreshed.
+            let refresh = ANCHOR_REFRESH.as_nanos() as u64;
+            if at >= anchor_at {
+                let since = tsc.delta_as_nanos(anchor_at, at);
+                if since < refresh {
+                    return unix + Duration::from_nanos(since);
+                }
+            } else {
+                let before = tsc.delta_as_nanos(at, anchor_at);
+                if before < refresh {
+                    return unix.saturating_sub(Duration::from_nanos(before));
+                }
             }
         }
+        let now = tsc.raw();
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         anchor.set(Some((now, unix)));
-        unix
+        unix.saturating_sub(Duration::from_nanos(tsc.delta_as_nanos(at, now)))
     })
 }
 
@@ -231,6 +242,7 @@ mod tests {
             reset_after: Duration::from_millis(reset_ms),
             retry_after: Duration::from_millis(retry_ms),
             limit_value: limit_value(specs()[bucket].limit.get()),
+            at: 0,
         }
     }
 
@@ -262,20 +274,51 @@ mod tests {
         assert_eq!(limit_value(300), "300");
     }
 
+    fn system_now() -> Duration {
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
+    }
+
+    /// `t` lies between `before` and `after`, give or take the TSC drift bound.
+    fn between(before: Duration, t: Duration, after: Duration) {
+        let slack = Duration::from_millis(1);
+        assert!(
+            t + slack >= before && t <= after + slack,
+            "{before:?} {t:?} {after:?}"
+        );
+    }
+
     #[test]
-    fn unix_now_follows_the_system_clock() {
-        // Read between two system clock reads, it lies between them (give or take the TSC
-        // drift bound), whether the anchor was fresh or is reused.
+    fn unix_time_follows_the_system_clock() {
+        // A TSC reading taken between two system clock reads lies between them, whether the
+        // anchor was fresh or is reused.
         for _ in 0..3 {
-            let before = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            let ours = unix_now();
-            let after = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
-            let slack = Duration::from_millis(1);
-            assert!(
-                ours + slack >= before && ours <= after + slack,
-                "{before:?} {ours:?} {after:?}"
-            );
+            let before = system_now();
+            let at = super::super::bucket::tsc_now();
+            let after = system_now();
+            between(before, unix_time(at), after);
         }
+    }
+
+    #[test]
+    fn a_reading_older_than_the_anchor_is_placed_before_it() {
+        // A decision made on one thread may get its headers on another, whose anchor was set
+        // after the decision. A new thread has no anchor: converting the later reading first
+        // sets it, after both readings.
+        std::thread::spawn(|| {
+            let tsc_now = super::super::bucket::tsc_now;
+            let t0 = system_now();
+            let early = tsc_now();
+            let t1 = system_now();
+            let late = tsc_now();
+            let t2 = system_now();
+            let late_unix = unix_time(late);
+            let early_unix = unix_time(early);
+            between(t0, early_unix, t1);
+            between(t1, late_unix, t2);
+            assert!(early_unix <= late_unix);
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]

@@ -151,6 +151,8 @@ fn decision(
         reset_after: Duration::from_micros(reset_us as u64),
         retry_after: Duration::from_micros(retry_us as u64),
         limit_value: limit_value(bucket as usize),
+        // The script ran just before its reply came back.
+        at: crate::limit::bucket::tsc_now(),
     })
 }
 
