@@ -615,8 +615,13 @@ impl Handler for Gateway {
             // has refilled the bucket already.
             let decided = crate::limit::headers::unix_time(info.decision.at);
             let style = snapshot.config.limits.headers;
-            info.policy
-                .apply(response.headers_mut(), style, &info.decision, decided);
+            info.policy.apply(
+                response.headers_mut(),
+                style,
+                &info.decision,
+                decided,
+                || crate::limit::bucket::since(info.decision.at),
+            );
         }
         snapshot.metrics.request(trace.labels, response.status());
         self.metrics.request_duration(started.elapsed());

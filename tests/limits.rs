@@ -190,7 +190,8 @@ async fn headers_on_every_response_to_an_authenticated_request() {
 async fn reset_counts_from_the_decision_not_from_a_slow_upstreams_answer() {
     // The upstream answers 3 s after the request was charged. The bucket is full again one
     // token interval (1 s at 60/min) after the charge, so Reset is at most 2 s after the
-    // request was sent: not 1 s after the answer.
+    // request was sent, not 1 s after the answer; and the IETF `t`, which counts from the
+    // response, is 0.
     let slow = upstream(|_req| async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(b"ok")))
@@ -206,7 +207,7 @@ prefix = "/slow/"
 upstream = "slow"
 "#
     );
-    let (gw, _) = setup(60, 60, "", &extra).await;
+    let (gw, _) = setup(60, 60, r#"headers = "both""#, &extra).await;
     let sent = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -219,6 +220,7 @@ upstream = "slow"
         reset >= sent + 1.0 && reset < sent + 3.0,
         "reset {reset}, sent {sent:.3}"
     );
+    assert_eq!(r.header("ratelimit"), Some("\"tight\";r=59;t=0"));
 }
 
 #[tokio::test]

@@ -645,7 +645,13 @@ fn response_headers(policy: &PolicyHeaders, decision: &Decision, unix_now: Durat
         assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
         response.headers().clone()
     };
-    policy.apply(&mut headers, RateLimitHeaders::Both, decision, unix_now);
+    policy.apply(
+        &mut headers,
+        RateLimitHeaders::Both,
+        decision,
+        unix_now,
+        || Duration::ZERO,
+    );
     headers
 }
 

@@ -61,6 +61,11 @@ pub fn tsc_now() -> u64 {
     TSC.raw()
 }
 
+/// Time since a raw TSC reading.
+pub fn since(at: u64) -> Duration {
+    Duration::from_nanos(TSC.delta_as_nanos(at, tsc_now()))
+}
+
 /// The window a bucket's limit is stated in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {

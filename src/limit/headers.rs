@@ -62,12 +62,15 @@ impl PolicyHeaders {
     }
 
     /// Writes the headers for `decision`, made at wall-clock time `decided` (since the epoch).
+    /// `elapsed` gives the time since the decision (a slow upstream's); it is asked only for
+    /// the IETF `t`, which counts from the response where `X-RateLimit-Reset` is a moment.
     pub fn apply(
         &self,
         headers: &mut HeaderMap,
         style: RateLimitHeaders,
         decision: &Decision,
         decided: Duration,
+        elapsed: impl FnOnce() -> Duration,
     ) {
         if matches!(style, RateLimitHeaders::XRateLimit | RateLimitHeaders::Both) {
             headers.insert(&X_RATELIMIT_LIMIT, decision.limit_value.clone());
@@ -79,10 +82,11 @@ impl PolicyHeaders {
         }
         if matches!(style, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
             headers.insert(&RATELIMIT_POLICY, self.ietf_policy.clone());
+            let elapsed = elapsed();
             let t = if decision.allowed {
-                ceil_secs(decision.reset_after)
+                ceil_secs(decision.reset_after.saturating_sub(elapsed))
             } else {
-                ceil_secs(decision.retry_after).max(1)
+                ceil_secs(decision.retry_after.saturating_sub(elapsed)).max(1)
             };
             // `"pro";r=12;t=3` in a stack buffer: no String per request.
             let prefix = &self.ietf_prefixes[decision.bucket];
@@ -256,6 +260,7 @@ mod tests {
             RateLimitHeaders::XRateLimit,
             &decision(true, 0, 299, 200, 0),
             now,
+            || Duration::ZERO,
         );
         assert_eq!(h["x-ratelimit-limit"], "300");
         assert_eq!(h["x-ratelimit-remaining"], "299");
@@ -330,6 +335,7 @@ mod tests {
             RateLimitHeaders::Ietf,
             &decision(false, 0, 0, 60_000, 200),
             Duration::ZERO,
+            || Duration::ZERO,
         );
         assert_eq!(
             h["ratelimit-policy"],
@@ -343,8 +349,19 @@ mod tests {
             RateLimitHeaders::Both,
             &decision(true, 1, 7, 2_500, 0),
             Duration::ZERO,
+            || Duration::ZERO,
         );
         assert_eq!(h["ratelimit"], "\"pro-day\";r=7;t=3");
         assert_eq!(h["x-ratelimit-limit"], "1000");
+        // `t` counts from the response: 1.2 s after the decision, 1.3 s are left.
+        let mut h = HeaderMap::new();
+        p.apply(
+            &mut h,
+            RateLimitHeaders::Ietf,
+            &decision(true, 1, 7, 2_500, 0),
+            Duration::ZERO,
+            || Duration::from_millis(1_200),
+        );
+        assert_eq!(h["ratelimit"], "\"pro-day\";r=7;t=2");
     }
 }
