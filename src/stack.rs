@@ -239,8 +239,19 @@ impl Gateway {
             self.ip_throttle.blocked(client, now),
         ];
         if let Some(wait) = blocks.into_iter().flatten().max() {
-            snapshot.metrics.decision(LimitOutcome::IpThrottled, None);
-            return Err(GatewayError::IpThrottled { retry_after: wait });
+            // Shadow mode rejects nothing for rate limits, IP blocks included.
+            if snapshot.config.limits.mode == LimitMode::Shadow {
+                self.would_limit.fetch_add(1, Ordering::Relaxed);
+                snapshot.metrics.decision(LimitOutcome::WouldLimit, None);
+                tracing::info!(
+                    decision = "would_limit",
+                    client_ip = %client,
+                    "shadow mode: client IP blocked, let through"
+                );
+            } else {
+                snapshot.metrics.decision(LimitOutcome::IpThrottled, None);
+                return Err(GatewayError::IpThrottled { retry_after: wait });
+            }
         }
 
         // Routed, and forwarded, in normal form: an encoded, doubled or dotted path must not
@@ -455,10 +466,15 @@ impl Gateway {
             );
             return Ok(());
         }
+        snapshot.metrics.decision(LimitOutcome::Limited, plan);
         if self.ip_throttle.record(client, now, &limits.ip_throttle) {
             tracing::warn!(client_ip = %client, block_for = ?limits.ip_throttle.block_for, "ip throttle tripped: client IP blocked after repeated 429s");
+            // The 429 that trips the block says so: told the key's wait, the client would be
+            // refused again when it retries.
+            return Err(GatewayError::IpThrottled {
+                retry_after: limits.ip_throttle.block_for.max(decision.retry_after),
+            });
         }
-        snapshot.metrics.decision(LimitOutcome::Limited, plan);
         Err(GatewayError::RateLimited {
             limit: decision.spec.limit.get(),
             window: decision.spec.window,

@@ -344,11 +344,21 @@ async fn repeated_429s_block_the_client_ip_whatever_key_it_uses() {
     )
     .await;
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
-    for _ in 0..3 {
+    for _ in 0..2 {
         let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.json()["error"]["code"], "rate_limited");
         assert_rate_limited(&r);
     }
+    // The third 429 trips the block, and says so: its Retry-After is the block's, not the
+    // key's minute, which would have the client refused again.
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_ip_throttled(&r);
+    assert_eq!(r.header("retry-after"), Some("300"));
+    assert_eq!(
+        r.header("x-ratelimit-remaining"),
+        Some("0"),
+        "the key's bucket"
+    );
     let r = with_key(gw.addr, "/v1/x", KEY_B).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.json()["error"]["code"], "ip_throttled");
@@ -368,9 +378,8 @@ async fn an_ip_block_ends_after_block_for() {
     )
     .await;
     assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
-    for _ in 0..2 {
-        assert_rate_limited(&with_key(gw.addr, "/v1/x", KEY_A).await);
-    }
+    assert_rate_limited(&with_key(gw.addr, "/v1/x", KEY_A).await);
+    assert_ip_throttled(&with_key(gw.addr, "/v1/x", KEY_A).await);
     let blocked = with_key(gw.addr, "/v1/x", KEY_B).await;
     assert_ip_throttled(&blocked);
     let wait = assert_retry_after(&blocked);
@@ -396,6 +405,25 @@ async fn shadow_mode_lets_everything_through_and_counts_would_limit() {
         "the decision is still reported"
     );
     assert_eq!(gw.gateway.would_limit_count(), 4);
+}
+
+#[tokio::test]
+async fn shadow_mode_lets_a_client_ip_blocked_for_failed_auth_through() {
+    let (gw, _) = setup(
+        60,
+        60,
+        "mode = \"shadow\"\n[limits.failed_auth]\nattempts = 2\nwindow = \"60s\"\nblock_for = \"15m\"",
+        "",
+    )
+    .await;
+    for _ in 0..2 {
+        let r = with_key(gw.addr, "/v1/x", "tg_wrong").await;
+        assert_envelope(&r, 401, "authentication_error");
+    }
+    // The IP would be blocked now: the request is let through, and counted.
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(gw.gateway.would_limit_count(), 1);
 }
 
 #[tokio::test]
