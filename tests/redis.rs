@@ -196,6 +196,17 @@ fn metric(gw: &TestGateway, series: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
+/// The Redis key of key `id`'s `window` bucket, whose name also carries the bucket's limit
+/// and burst; `None` while the bucket has no state (it is full).
+fn state_key(conn: &mut redis::Connection, id: &str, window: &str) -> Option<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("tollgate:{{{id}}}:{window}:*"))
+        .query(conn)
+        .unwrap();
+    assert!(keys.len() <= 1, "one bucket per window: {keys:?}");
+    keys.into_iter().next()
+}
+
 /// Waits (breaker cool-off, reconnect) until a request is decided by Redis again: the key's
 /// minute bucket exists in Redis after it. Returns that request's status.
 async fn until_redis_decides(redis: &RedisServer, addr: SocketAddr) -> u16 {
@@ -203,11 +214,7 @@ async fn until_redis_decides(redis: &RedisServer, addr: SocketAddr) -> u16 {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         let status = with_key(addr, KEY_A).await.status;
-        let exists: bool = redis::cmd("EXISTS")
-            .arg("tollgate:{a}:minute")
-            .query(&mut conn)
-            .unwrap();
-        if exists {
+        if state_key(&mut conn, "a", "minute").is_some() {
             return status;
         }
         assert!(Instant::now() < deadline, "Redis never decided again");
@@ -289,17 +296,39 @@ async fn headers_and_429_come_from_the_shared_bucket() {
 
     // The key layout, and a TTL of the time until the bucket is full again (about 3 min).
     let mut conn = redis.connection();
+    assert_eq!(
+        state_key(&mut conn, "a", "minute").as_deref(),
+        Some("tollgate:{a}:minute:1:3")
+    );
     let ttl: i64 = redis::cmd("PTTL")
-        .arg("tollgate:{a}:minute")
+        .arg("tollgate:{a}:minute:1:3")
         .query(&mut conn)
         .unwrap();
     // (More than the minute to the next token: it is the time to full.)
     assert!((120_000..=180_000).contains(&ttl), "PTTL {ttl}");
-    let b: bool = redis::cmd("EXISTS")
-        .arg("tollgate:{b}:minute")
-        .query(&mut conn)
-        .unwrap();
-    assert!(!b, "an unused key has no state");
+    assert!(
+        state_key(&mut conn, "b", "minute").is_none(),
+        "an unused key has no state"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_moved_to_another_plan_starts_with_a_full_bucket_of_it() {
+    // As in process: the old plan's drained state does not carry over into the new bucket.
+    // (Read with the new parameters, a bucket 3 deep at 1/min drained is a TAT 3 min ahead:
+    // refused for minutes by a plan of 300/min.)
+    let redis = RedisServer::start();
+    let up = echo_upstream().await;
+    let limits = "backend_timeout = \"2s\"";
+    let gw = TestGateway::start(redis_config(&redis.url(), 1, 3, limits, up)).await;
+    let (statuses, _) = burst_of(gw.addr, 4).await;
+    assert_eq!(statuses, [200, 200, 200, 429]);
+    gw.gateway
+        .reload(redis_config(&redis.url(), 300, 300, limits, up));
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("299"));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("300"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -532,10 +561,9 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
 
     // Redis answers again: decisions come from it after the cool-off.
     let mut conn = redis.connection();
-    let _: () = redis::cmd("DEL")
-        .arg("tollgate:{a}:minute")
-        .query(&mut conn)
-        .unwrap();
+    if let Some(key) = state_key(&mut conn, "a", "minute") {
+        let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
+    }
     let back = Instant::now();
     assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
     eprintln!("Redis decided again {:?} after SIGCONT", back.elapsed());
@@ -629,10 +657,14 @@ async fn a_rejecting_bucket_charges_no_other_bucket() {
     assert_eq!(statuses, [200, 200]);
     // Now the minute bucket has tokens and the day bucket none: all or nothing.
     let mut conn = redis.connection();
+    let (minute, day) = (
+        state_key(&mut conn, "a", "minute").unwrap(),
+        state_key(&mut conn, "a", "day").unwrap(),
+    );
     let tats = |conn: &mut redis::Connection| -> (i64, i64) {
         redis::cmd("MGET")
-            .arg("tollgate:{a}:minute")
-            .arg("tollgate:{a}:day")
+            .arg(&minute)
+            .arg(&day)
             .query(conn)
             .unwrap()
     };
@@ -646,10 +678,7 @@ async fn a_rejecting_bucket_charges_no_other_bucket() {
             .contains("per day")
     );
     assert_eq!(tats(&mut conn), before, "a rejection charges no bucket");
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg("tollgate:{a}:day")
-        .query(&mut conn)
-        .unwrap();
+    let ttl: i64 = redis::cmd("PTTL").arg(&day).query(&mut conn).unwrap();
     // All three daily tokens taken: full again in 3 x 8 h.
     let eight_hours = 8 * 3_600 * 1_000;
     assert!(

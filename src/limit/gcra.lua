@@ -3,7 +3,8 @@
 -- with the longest wait: told a shorter one, the client would be refused again. Time comes from Redis, so the clocks
 -- of the gateway instances do not matter.
 --
--- KEYS[i]      tollgate:{<key id>}:<window>, one per bucket (one hash tag: one cluster slot)
+-- KEYS[i]      tollgate:{<key id>}:<window>:<limit>:<burst>, one per bucket (one hash tag:
+--              one cluster slot)
 -- ARGV[2i-1]   the bucket's emission interval in microseconds (window / limit)
 -- ARGV[2i]     the bucket's capacity (burst)
 -- Each key holds the bucket's theoretical arrival time (TAT, Unix microseconds) and expires

@@ -3,8 +3,8 @@
 //!
 //! The script is sent by `EVALSHA` (redis-rs [`Script`] loads it again on `NOSCRIPT`) over one
 //! multiplexed [`ConnectionManager`], which reconnects on its own. Keys are
-//! `tollgate:{<key id>}:<window>`: the hash tag puts all buckets of a key in one Redis Cluster
-//! slot, as a multi-key script requires.
+//! `tollgate:{<key id>}:<window>:<limit>:<burst>` ([`redis_key`]): the hash tag puts all
+//! buckets of a key in one Redis Cluster slot, as a multi-key script requires.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -124,9 +124,17 @@ impl RedisLimiter {
     }
 }
 
-/// `tollgate:{<key id>}:<window>`.
+/// `tollgate:{<key id>}:<window>:<limit>:<burst>`. A bucket of other parameters is another
+/// bucket: a key whose plan or limits change starts full at its new size, as in process, and
+/// is not held to a state the old parameters left (a drained deep bucket read as a new
+/// shallow one would refuse for as long as the old one took to refill).
 pub fn redis_key(id: &str, spec: &BucketSpec) -> String {
-    format!("tollgate:{{{id}}}:{}", spec.window.name())
+    format!(
+        "tollgate:{{{id}}}:{}:{}:{}",
+        spec.window.name(),
+        spec.limit,
+        spec.burst
+    )
 }
 
 /// The script's reply as a [`Decision`]; `limit_value` gives a bucket's `X-RateLimit-Limit`.
@@ -174,11 +182,11 @@ mod tests {
     fn keys_share_one_hash_tag() {
         assert_eq!(
             redis_key("acme-prod", &spec(Window::Minute, 300)),
-            "tollgate:{acme-prod}:minute"
+            "tollgate:{acme-prod}:minute:300:300"
         );
         assert_eq!(
-            redis_key("acme-prod", &spec(Window::Day, 300)),
-            "tollgate:{acme-prod}:day"
+            redis_key("acme-prod", &spec(Window::Day, 1000)),
+            "tollgate:{acme-prod}:day:1000:1000"
         );
     }
 
