@@ -481,6 +481,35 @@ async fn redis_down_with_deny_policy_answers_503() {
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
 }
 
+/// A restarted Redis is used at once: the request that finds the old connection dropped is
+/// tried again on a new one, not denied; and an instance idle while Redis was down finds it
+/// again by itself (background probes), so its next request is not denied either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_redis_decides_at_once_even_for_an_idle_instance() {
+    let mut redis = RedisServer::start();
+    let gw = gateway(
+        &redis,
+        60,
+        5,
+        "on_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
+    )
+    .await;
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    redis.kill();
+    redis.restart();
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(r.status, 200, "restarted while idle: {}", r.shown());
+    assert_eq!(backend_errors(&gw), 0);
+
+    redis.kill();
+    assert_eq!(with_key(gw.addr, KEY_A).await.status, 503);
+    redis.restart();
+    // No requests now: only the background probe (every 2 s) can find Redis back.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(r.status, 200, "idle through the outage: {}", r.shown());
+}
+
 /// Shadow mode rejects nothing for rate limits: with Redis down and `deny`, requests pass.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_with_deny_policy_in_shadow_mode_rejects_nothing() {

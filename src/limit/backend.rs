@@ -2,16 +2,18 @@
 //! every instance. The request path calls [`LimiterBackend::check`] and does not know which.
 //!
 //! With Redis, each call is bounded by `limits.backend_timeout`; an error or timeout opens a
-//! [`Breaker`] for [`DEFAULT_COOL_OFF`], and `limits.on_backend_error` decides those requests:
-//! the key's in-process buckets (`local`), admit (`allow`) or 503 (`deny`). Per-client-IP
-//! buckets (`plans.anonymous`) and the IP tripwires are always local.
+//! [`Breaker`] until a background probe (every [`DEFAULT_COOL_OFF`]) finds Redis answering,
+//! and meanwhile `limits.on_backend_error` decides requests: the key's in-process buckets
+//! (`local`), admit (`allow`) or 503 (`deny`). Per-client-IP buckets (`plans.anonymous`) and
+//! the IP tripwires are always local.
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig};
 use crate::error::{FailureKind, GatewayError};
-use crate::limit::breaker::{Admission, Breaker, DEFAULT_COOL_OFF};
+use crate::limit::breaker::{Breaker, DEFAULT_COOL_OFF};
 use crate::limit::redis::RedisLimiter;
 use crate::limit::{Decision, Limiter};
 use crate::observability::metrics::Metrics;
@@ -33,6 +35,10 @@ pub enum LimiterBackend {
 pub struct Guarded {
     redis: RedisLimiter,
     breaker: Breaker,
+    /// The latest config's `backend_timeout` in nanoseconds, for the background probes: a
+    /// probe slower than requests may be would close the breaker only for requests to time
+    /// out again.
+    probe_timeout: AtomicU64,
 }
 
 impl LimiterBackend {
@@ -41,15 +47,22 @@ impl LimiterBackend {
     pub fn new(limits: &LimitsConfig, previous: Option<&LimiterBackend>) -> Self {
         match limits.backend {
             LimitBackend::Local => LimiterBackend::Local,
-            LimitBackend::Redis => match previous {
-                Some(LimiterBackend::Redis(old)) if old.redis.url() == limits.redis_url => {
-                    LimiterBackend::Redis(old.clone())
-                }
-                _ => LimiterBackend::Redis(Arc::new(Guarded {
-                    redis: RedisLimiter::new(&limits.redis_url),
-                    breaker: Breaker::new(DEFAULT_COOL_OFF),
-                })),
-            },
+            LimitBackend::Redis => {
+                let guarded = match previous {
+                    Some(LimiterBackend::Redis(old)) if old.redis.url() == limits.redis_url => {
+                        old.clone()
+                    }
+                    _ => Arc::new(Guarded {
+                        redis: RedisLimiter::new(&limits.redis_url),
+                        breaker: Breaker::default(),
+                        probe_timeout: AtomicU64::new(0),
+                    }),
+                };
+                guarded
+                    .probe_timeout
+                    .store(limits.backend_timeout.as_nanos() as u64, Ordering::Relaxed);
+                LimiterBackend::Redis(guarded)
+            }
         }
     }
 
@@ -79,13 +92,7 @@ impl Guarded {
         limits: &LimitsConfig,
         metrics: &Metrics,
     ) -> Result<Option<Decision>, GatewayError> {
-        let admission = self.breaker.admit(Instant::now());
-        if admission == Admission::Probe {
-            // Test a failed Redis off the request path: no request waits on a dead backend
-            // after the one that discovered the outage.
-            self.spawn_probe(limits.backend_timeout);
-        }
-        if admission == Admission::Closed {
+        if self.breaker.is_healthy() {
             let error =
                 match tokio::time::timeout(limits.backend_timeout, self.redis.charge(id, local))
                     .await
@@ -101,7 +108,8 @@ impl Guarded {
                 };
             metrics.backend_error();
             // One warning per outage, not one per request; failed probes are debug.
-            if self.breaker.failure(Instant::now()) {
+            if self.breaker.failure() {
+                self.start_prober();
                 tracing::warn!(
                     %error,
                     on_backend_error = policy_name(limits.on_backend_error),
@@ -125,30 +133,42 @@ impl Guarded {
         }
     }
 
-    fn spawn_probe(self: &Arc<Self>, timeout: std::time::Duration) {
-        let guarded = self.clone();
-        tokio::spawn(async move {
-            match tokio::time::timeout(timeout, guarded.redis.probe()).await {
-                Ok(Ok(())) => {
-                    if guarded.breaker.success() {
-                        tracing::info!("redis limiter backend answering again");
-                    }
-                }
-                Ok(Err(error)) => {
-                    guarded.breaker.failure(Instant::now());
-                    tracing::debug!(%error, "redis limiter backend still failing");
-                }
-                Err(_) => {
-                    guarded.breaker.failure(Instant::now());
-                    tracing::debug!("redis limiter backend still not answering");
-                }
-            }
-        });
+    /// Starts, once, the task that probes Redis every cool-off while the breaker is open.
+    /// It holds the backend weakly and ends with it (a reload to another URL).
+    fn start_prober(self: &Arc<Self>) {
+        if self.breaker.start_prober() {
+            tokio::spawn(probe_while_open(Arc::downgrade(self)));
+        }
     }
 
     /// Whether the last call to Redis succeeded.
     pub fn is_healthy(&self) -> bool {
         self.breaker.is_healthy()
+    }
+}
+
+async fn probe_while_open(guarded: Weak<Guarded>) {
+    let mut ticks = tokio::time::interval(DEFAULT_COOL_OFF);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await; // the first tick is immediate: the failure was just seen
+    loop {
+        ticks.tick().await;
+        let Some(guarded) = guarded.upgrade() else {
+            return;
+        };
+        if guarded.breaker.is_healthy() {
+            continue;
+        }
+        let timeout = Duration::from_nanos(guarded.probe_timeout.load(Ordering::Relaxed));
+        match tokio::time::timeout(timeout, guarded.redis.probe()).await {
+            Ok(Ok(())) => {
+                if guarded.breaker.success() {
+                    tracing::info!("redis limiter backend answering again");
+                }
+            }
+            Ok(Err(error)) => tracing::debug!(%error, "redis limiter backend still failing"),
+            Err(_) => tracing::debug!("redis limiter backend still not answering"),
+        }
     }
 }
 

@@ -1,90 +1,56 @@
-//! A circuit breaker for the limiter backend: after a failure, the backend is skipped for a
-//! cool-off period, then one request probes it. A dead Redis therefore costs one
-//! `backend_timeout` per cool-off, not one per request.
+//! A circuit breaker for the limiter backend. After a failure requests skip the backend (and
+//! `on_backend_error` decides them) until a probe finds it answering again. Probes run in the
+//! background every [`DEFAULT_COOL_OFF`], off the request path, so a dead Redis costs one
+//! `backend_timeout` per outage, not one per request; and an instance that is idle when Redis
+//! comes back is using it again within a cool-off, not only after its next request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
-/// How long the backend is skipped after a failure.
+/// How often a failed backend is probed.
 pub const DEFAULT_COOL_OFF: Duration = Duration::from_secs(2);
-
-/// Closed (calls go through), or open until a deadline, after which one caller probes.
-/// What the breaker allows a caller to do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Admission {
-    /// The backend is healthy: call it.
-    Closed,
-    /// The backend failed and its cool-off is over: this caller alone should test it.
-    Probe,
-    /// The backend failed recently: do not call it.
-    Open,
-}
 
 #[derive(Debug)]
 pub struct Breaker {
-    epoch: Instant,
-    cool_off: Duration,
-    /// Milliseconds since `epoch` (plus one) until which calls are skipped; 0 = closed.
-    open_until: AtomicU64,
-    /// Whether the last call succeeded: failures are logged on the healthy -> down edge only.
+    /// Whether the last call succeeded: while not, calls are skipped, and failures are
+    /// logged on the healthy -> down edge only.
     healthy: AtomicBool,
+    /// Whether the background prober has been started (once, at the first failure).
+    prober: AtomicBool,
+}
+
+impl Default for Breaker {
+    fn default() -> Self {
+        Self {
+            healthy: AtomicBool::new(true),
+            prober: AtomicBool::new(false),
+        }
+    }
 }
 
 impl Breaker {
-    /// A closed breaker that stays open `cool_off` after each failure.
-    pub fn new(cool_off: Duration) -> Self {
-        Self {
-            epoch: Instant::now(),
-            cool_off,
-            open_until: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
-        }
-    }
-
-    fn millis(&self, at: Instant) -> u64 {
-        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
-    }
-
-    /// Whether a call may go to the backend at `now`. Once the cool-off is over, exactly one
-    /// caller gets [`Admission::Probe`]; the others keep skipping for another cool-off.
-    pub fn admit(&self, now: Instant) -> Admission {
-        let until = self.open_until.load(Ordering::Acquire);
-        if until == 0 {
-            return Admission::Closed;
-        }
-        let now_ms = self.millis(now);
-        if now_ms < until {
-            return Admission::Open;
-        }
-        let next = self.millis(now + self.cool_off);
-        match self
-            .open_until
-            .compare_exchange(until, next, Ordering::AcqRel, Ordering::Acquire)
-        {
-            Ok(_) => Admission::Probe,
-            Err(_) => Admission::Open,
-        }
+    /// Whether calls may go to the backend.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
 
     /// A call succeeded: closes the breaker. True when this ends an outage.
     pub fn success(&self) -> bool {
-        if self.open_until.load(Ordering::Relaxed) != 0 {
-            self.open_until.store(0, Ordering::Release);
-        }
         !self.healthy.swap(true, Ordering::AcqRel)
     }
 
-    /// A call failed at `now`: opens the breaker for a cool-off. True when this starts an
-    /// outage (the backend was healthy until now).
-    pub fn failure(&self, now: Instant) -> bool {
-        self.open_until
-            .store(self.millis(now + self.cool_off), Ordering::Release);
+    /// A call failed: opens the breaker. True when this starts an outage (the backend was
+    /// healthy until now).
+    pub fn failure(&self) -> bool {
         self.healthy.swap(false, Ordering::AcqRel)
     }
 
-    /// Whether the last call succeeded.
-    pub fn is_healthy(&self) -> bool {
-        self.healthy.load(Ordering::Acquire)
+    /// True for the one caller that should start the background prober. It runs for the
+    /// backend's life and probes only while the breaker is open, so there is never a moment
+    /// when an open breaker has no prober (as there would be between a prober's exit and the
+    /// next outage's start).
+    pub fn start_prober(&self) -> bool {
+        !self.prober.swap(true, Ordering::AcqRel)
     }
 }
 
@@ -93,44 +59,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn open_after_failure_then_one_probe() {
-        let breaker = Breaker::new(Duration::from_secs(2));
-        let t0 = Instant::now();
-        assert_eq!(breaker.admit(t0), Admission::Closed, "closed at first");
-        assert!(breaker.failure(t0), "healthy -> down is reported");
-        assert!(!breaker.failure(t0), "a second failure is not a new outage");
-        assert_eq!(
-            breaker.admit(t0 + Duration::from_millis(1999)),
-            Admission::Open
-        );
-        let later = t0 + Duration::from_millis(2001);
-        assert_eq!(
-            breaker.admit(later),
-            Admission::Probe,
-            "one probe after the cool-off"
-        );
-        assert_eq!(breaker.admit(later), Admission::Open, "only one");
+    fn outages_begin_and_end_once() {
+        let breaker = Breaker::default();
+        assert!(breaker.is_healthy(), "closed at first");
+        assert!(breaker.failure(), "healthy -> down is reported");
+        assert!(!breaker.failure(), "a second failure is not a new outage");
+        assert!(!breaker.is_healthy());
         assert!(breaker.success(), "the probe's success ends the outage");
         assert!(!breaker.success());
-        assert_eq!(breaker.admit(later), Admission::Closed, "closed again");
+        assert!(breaker.is_healthy(), "closed again");
     }
 
     #[test]
-    fn failed_probe_waits_another_cool_off() {
-        let breaker = Breaker::new(Duration::from_secs(2));
-        let t0 = Instant::now();
-        breaker.failure(t0);
-        let probe = t0 + Duration::from_secs(3);
-        assert_eq!(breaker.admit(probe), Admission::Probe);
-        breaker.failure(probe);
-        assert_eq!(
-            breaker.admit(probe + Duration::from_secs(1)),
-            Admission::Open
-        );
-        assert_eq!(
-            breaker.admit(probe + Duration::from_millis(2001)),
-            Admission::Probe
-        );
-        assert!(!breaker.is_healthy());
+    fn one_prober_for_every_outage() {
+        let breaker = Breaker::default();
+        breaker.failure();
+        assert!(breaker.start_prober());
+        breaker.success();
+        breaker.failure();
+        assert!(!breaker.start_prober(), "the first one still runs");
     }
 }

@@ -104,10 +104,26 @@ impl RedisLimiter {
         Ok(())
     }
 
-    /// Charges one request to every bucket of key `id` (`specs` smallest window first).
-    /// Charges one request of key `id` to its buckets in Redis; `local` (the key's in-process
-    /// limiter) gives their parameters and header values.
+    /// Charges one request of key `id` to its buckets in Redis (smallest window first);
+    /// `local` (the key's in-process limiter) gives their parameters and header values.
+    ///
+    /// A connection found dropped (Redis restarted, or an idle connection cut by a firewall)
+    /// is tried once more on the new connection the manager makes: otherwise every restart of
+    /// Redis would cost a cool-off of `on_backend_error` decisions on a healthy Redis. If the
+    /// script ran before the connection dropped, the retry charges the key a second token:
+    /// rare, and on the safe side.
     pub async fn charge(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
+        match self.charge_once(id, local).await {
+            Err(RedisError::Redis(error))
+                if error.is_connection_dropped() && !error.is_connection_refusal() =>
+            {
+                self.charge_once(id, local).await
+            }
+            result => result,
+        }
+    }
+
+    async fn charge_once(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
         let specs = local.specs();
         let mut connection = self.connection()?;
         let mut invocation = self.script.prepare_invoke();
