@@ -238,7 +238,8 @@ impl GatewayError {
                 window,
                 retry_after,
             } => Cow::Owned(format!(
-                "Rate limit of {limit} requests per {} exceeded. Retry after {}s.",
+                "Rate limit of {limit} request{} per {} exceeded. Retry after {}s.",
+                if *limit == 1 { "" } else { "s" },
                 window.name(),
                 retry_after_secs(*retry_after)
             )),

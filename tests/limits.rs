@@ -133,7 +133,7 @@ async fn of_n_concurrent_requests_exactly_capacity_pass() {
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     assert_eq!(
         v["error"]["message"],
-        format!("Rate limit of 1 requests per minute exceeded. Retry after {retry}s.")
+        format!("Rate limit of 1 request per minute exceeded. Retry after {retry}s.")
     );
     assert_eq!(r.header("x-ratelimit-limit"), Some("1"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));

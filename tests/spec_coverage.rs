@@ -380,7 +380,7 @@ async fn check_style(style: &str) {
     assert!(retry >= 1, "Retry-After {retry}");
     assert_eq!(
         message,
-        format!("Rate limit of 1 requests per minute exceeded. Retry after {retry}s."),
+        format!("Rate limit of 1 request per minute exceeded. Retry after {retry}s."),
         "{style}"
     );
 

@@ -236,6 +236,17 @@ fn explain(message: &str, key: Option<&str>) -> String {
                 "`{key}`: {message}; a duration is a string with a unit, like \"30s\" or \"250ms\""
             )
         }
+        // serde names Rust's integer types: say what is meant, and name the key.
+        Some(key) if message.starts_with("invalid type") => {
+            let message = ["i64", "u64", "u32", "u16", "usize"]
+                .iter()
+                .find_map(|ty| message.strip_suffix(&format!("expected {ty}")))
+                .map_or_else(
+                    || message.to_owned(),
+                    |head| format!("{head}expected a whole number"),
+                );
+            format!("`{key}`: {message}")
+        }
         _ => message.to_owned(),
     }
 }
@@ -883,7 +894,7 @@ impl Validator<'_, '_> {
             {
                 self.error(
                     q.span(),
-                    "auth.query_param may only hold letters, digits, '_', '-' and '.'",
+                    "auth.query_param may only hold ASCII letters, digits, '_', '-' and '.'",
                 );
                 None
             } else {
@@ -1052,7 +1063,7 @@ impl Validator<'_, '_> {
             if !valid_identifier(name, 64) {
                 self.error(
                     plan.span(),
-                    format!("plan name \"{name}\" may only hold letters, digits, '_', '-', '.' and ':' (1-64 characters)"),
+                    format!("plan name \"{name}\" may only hold ASCII letters, digits, '_', '-', '.' and ':' (1-64 characters)"),
                 );
             }
             let p = plan.get_ref();
@@ -1111,7 +1122,7 @@ impl Validator<'_, '_> {
             if !valid_identifier(id, 128) {
                 self.error(
                     k.id.span(),
-                    "key id may only hold letters, digits, '_', '-', '.' and ':' (1-128 characters)",
+                    "key id may only hold ASCII letters, digits, '_', '-', '.' and ':' (1-128 characters)",
                 );
             }
             let here = format!(
@@ -1193,7 +1204,7 @@ impl Validator<'_, '_> {
             if !valid_identifier(name, 64) {
                 self.error(
                     u.name.span(),
-                    "upstream name may only hold letters, digits, '_', '-', '.' and ':' (1-64 characters)",
+                    "upstream name may only hold ASCII letters, digits, '_', '-', '.' and ':' (1-64 characters)",
                 );
             }
             if names.insert(name, ()).is_some() {
@@ -1665,6 +1676,11 @@ mod tests {
             2,
             "invalid type: string \"two\"",
         ),
+        (
+            "[plans.free]\nrequests_per_minute = 1.5",
+            2,
+            "`requests_per_minute`: invalid type: floating point `1.5`, expected a whole number",
+        ),
         ("[server\nlisten = 1", 1, ""),
         (
             "[server]\nworkers = 100000",
@@ -1956,7 +1972,7 @@ mod tests {
         assert_eq!(
             lines,
             vec![
-                (2, "invalid type: integer `5`, expected a string"),
+                (2, "`id`: invalid type: integer `5`, expected a string"),
                 (5, "missing field `id`")
             ]
         );
