@@ -163,6 +163,17 @@ async fn gateway(redis: &RedisServer, rpm: u32, burst: u32, limits: &str) -> Tes
     TestGateway::start(redis_config(&redis.url(), rpm, burst, limits, up)).await
 }
 
+/// A gateway on a plan of 60/min, 5 deep, that answers 503 while Redis is down.
+async fn deny_gateway(redis: &RedisServer) -> TestGateway {
+    gateway(
+        redis,
+        60,
+        5,
+        "on_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
+    )
+    .await
+}
+
 async fn with_key(addr: SocketAddr, key: &str) -> Reply {
     get(addr, "/v1/x", &[("X-API-Key", key)]).await
 }
@@ -454,13 +465,7 @@ async fn redis_down_with_allow_policy_admits_without_headers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_with_deny_policy_answers_503() {
     let mut redis = RedisServer::start();
-    let gw = gateway(
-        &redis,
-        60,
-        5,
-        "on_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
-    )
-    .await;
+    let gw = deny_gateway(&redis).await;
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
 
     redis.kill();
@@ -487,13 +492,7 @@ async fn redis_down_with_deny_policy_answers_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_redis_decides_at_once_even_for_an_idle_instance() {
     let mut redis = RedisServer::start();
-    let gw = gateway(
-        &redis,
-        60,
-        5,
-        "on_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
-    )
-    .await;
+    let gw = deny_gateway(&redis).await;
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
     redis.kill();
     redis.restart();
