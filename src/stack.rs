@@ -502,13 +502,30 @@ impl Gateway {
 
 /// Refuses requests whose framing or target a proxy and an upstream could disagree on
 /// (request smuggling): `Transfer-Encoding` together with `Content-Length`, any transfer
-/// coding but a single `chunked`, and an absolute-form target whose authority disagrees with
-/// `Host`. hyper already refuses duplicate differing `Content-Length`, HTTP/1.0 with
-/// `Transfer-Encoding`, obs-fold, bad chunk sizes and control bytes in headers.
+/// coding but a single `chunked`, an HTTP/1.1 request without exactly one valid `Host` (RFC
+/// 9112 3.2: the upstream, and `X-Forwarded-Host`, would get the attacker's pick), and an
+/// absolute-form target whose authority disagrees with `Host`. hyper already refuses
+/// duplicate differing `Content-Length`, HTTP/1.0 with `Transfer-Encoding`, obs-fold, bad
+/// chunk sizes and control bytes in headers.
 fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError> {
     let headers = request.headers();
     if let Some(why) = crate::proxy::headers::ambiguous_framing(headers) {
         return Err(GatewayError::BadRequest(why));
+    }
+    let mut hosts = headers.get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if request.version() == http::Version::HTTP_11 => {
+            return Err(GatewayError::BadRequest("the Host header is missing"));
+        }
+        (Some(_), Some(_)) => {
+            return Err(GatewayError::BadRequest("more than one Host header"));
+        }
+        (Some(host), None) if !valid_host(host.as_bytes()) => {
+            return Err(GatewayError::BadRequest(
+                "the Host header is not a valid host",
+            ));
+        }
+        _ => {}
     }
     if request.version() <= http::Version::HTTP_11
         && let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))
@@ -521,6 +538,12 @@ fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError>
         ));
     }
     Ok(())
+}
+
+/// `host[:port]` as RFC 9110 7.2 allows it in `Host` (empty too, for a target without an
+/// authority): a URI authority without user info.
+fn valid_host(value: &[u8]) -> bool {
+    value.is_empty() || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())
 }
 
 /// Replaces the request's path, keeping its query.

@@ -672,7 +672,7 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
         &format!("[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n[[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"),
     ))
     .await;
-    let cases: [(&str, &[u8]); 8] = [
+    let cases: [(&str, &[u8]); 12] = [
         ("chunked, chunked", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n"),
         ("two TE headers", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
         ("gzip coding", b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\n"),
@@ -681,6 +681,10 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
         ("obs-fold", b"GET / HTTP/1.1\r\nHost: t\r\nX-Folded: a\r\n  b\r\n\r\n"),
         ("control byte in a header", b"GET / HTTP/1.1\r\nHost: t\r\nX-A: a\x01b\r\n\r\n"),
         ("Host disagrees with absolute-form target", b"GET http://other.example/ HTTP/1.1\r\nHost: t\r\n\r\n"),
+        ("no Host", b"GET / HTTP/1.1\r\nX-A: a\r\n\r\n"),
+        ("no Host, absolute-form target", b"GET http://other.example/ HTTP/1.1\r\n\r\n"),
+        ("two Host headers", b"GET / HTTP/1.1\r\nHost: t\r\nHost: u\r\n\r\n"),
+        ("an invalid Host", b"GET / HTTP/1.1\r\nHost: t u\r\n\r\n"),
     ];
     for (name, raw) in cases {
         let mut stream = TcpStream::connect(gw.addr).await.unwrap();
@@ -705,13 +709,16 @@ async fn ambiguous_framing_is_refused_and_never_reaches_the_upstream() {
         "nothing reached the upstream"
     );
 
-    // A well-formed absolute-form request whose authority matches Host is fine.
-    let r = send_raw(
-        gw.addr,
-        b"GET http://t/ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    // A well-formed absolute-form request whose authority matches Host is fine, and so are
+    // an HTTP/1.0 request without Host and a Host with a port or an IPv6 address.
+    for raw in [
+        &b"GET http://t/ok HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"[..],
+        b"GET /ok HTTP/1.0\r\n\r\n",
+        b"GET /ok HTTP/1.1\r\nHost: [::1]:8080\r\nConnection: close\r\n\r\n",
+    ] {
+        let r = send_raw(gw.addr, raw).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(raw));
+    }
 }
 
 #[tokio::test]
