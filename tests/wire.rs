@@ -187,6 +187,14 @@ async fn request_ids_kept_replaced_generated() {
     let id = r.header("x-request-id").unwrap().to_owned();
     assert_generated_id(&id);
     assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
+
+    // Two IDs, even valid ones: neither is kept (which did the client mean?), and the
+    // upstream gets the new one alone.
+    let two = [("X-Request-Id", "one"), ("X-Request-Id", "two")];
+    let r = get(gw.addr, "/v1/echo", &two).await;
+    let id = r.header("x-request-id").unwrap().to_owned();
+    assert_generated_id(&id);
+    assert_eq!(r.json()["headers"]["x-request-id"], id.as_str());
 }
 
 fn assert_error_plain(reply: &Reply, status: u16) -> String {

@@ -23,12 +23,14 @@ pub struct RequestId(HeaderValue);
 
 impl RequestId {
     /// The client's `X-Request-Id` if it is 1-128 chars of `[A-Za-z0-9._:-]`, else a new one.
+    /// Two `X-Request-Id` fields get a new one too: which the client meant would be a guess,
+    /// and whatever logged the other could not be matched.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        headers
-            .get(&X_REQUEST_ID)
-            .filter(|v| is_valid(v.as_bytes()))
-            .map(|v| Self(v.clone()))
-            .unwrap_or_else(Self::generate)
+        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        match (ids.next(), ids.next()) {
+            (Some(id), None) if is_valid(id.as_bytes()) => Self(id.clone()),
+            _ => Self::generate(),
+        }
     }
 
     /// Parses a string under the same rules (for tests and tools).
@@ -129,6 +131,11 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("client-id-1"));
         assert_eq!(RequestId::from_headers(&h).as_str(), "client-id-1");
+        h.append(&X_REQUEST_ID, HeaderValue::from_static("client-id-2"));
+        assert!(
+            RequestId::from_headers(&h).as_str().starts_with("req_"),
+            "two IDs: neither is kept"
+        );
         h.insert(&X_REQUEST_ID, HeaderValue::from_static("bad id"));
         assert!(RequestId::from_headers(&h).as_str().starts_with("req_"));
     }
