@@ -1292,6 +1292,13 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         let _ = stream.set_zero_linger();
     })
     .await;
+    // Speaks plain HTTP where TLS is expected: the handshake fails.
+    let (plain, _) = fault_upstream(|mut stream| async move {
+        let mut hello = [0u8; 512];
+        let _ = stream.read(&mut hello).await;
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    })
+    .await;
     // The process binds port 0 and logs where it listens: a port picked here and released
     // for it to bind could be taken by another test in between.
     let dir = tempfile::tempdir().unwrap();
@@ -1303,9 +1310,11 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
              [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
              [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
              [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
+             [[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
              [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\nauth = false\n\
              [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n\
-             [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n"
+             [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n\
+             [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = false\n"
         ),
     )
     .unwrap();
@@ -1336,6 +1345,28 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
             redact(&line.to_string())
         );
     }
+
+    // A failed TLS handshake is `connect_refused` too; its reason is in a warning of its own.
+    let reply = get(addr, "/plain/x", &[]).await;
+    let id = assert_failure(&reply, 502, "bad_gateway", plain);
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("could not connect"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "WARN", "{}", redact(&line.to_string()));
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("corrupt message")),
+        "{}",
+        redact(&line.to_string())
+    );
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("upstream failure"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        v["kind"],
+        "connect_refused",
+        "{}",
+        redact(&line.to_string())
+    );
 
     // After the head: the 200 is already out, so the abort is logged from the body.
     let raw = String::from_utf8_lossy(&raw_exchange(addr, "/cut/x").await).into_owned();

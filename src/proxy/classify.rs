@@ -135,6 +135,14 @@ fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hy
     None
 }
 
+/// Whether a failure to connect was something other than a refused connection or the
+/// connect timer (a TLS handshake or certificate, DNS, an unreachable network). Its kind,
+/// `connect_refused`, does not tell ops which, so the error itself is worth a warning.
+pub fn needs_detail(failure: Failure, error: &(dyn std::error::Error + 'static)) -> bool {
+    failure == Failure::Upstream(FailureKind::ConnectRefused)
+        && source_io_kind(error) != Some(std::io::ErrorKind::ConnectionRefused)
+}
+
 /// An error and its sources on one line, for logs.
 pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut out = error.to_string();

@@ -34,7 +34,7 @@ use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
 use crate::observability::metrics::Metrics;
-use classify::{Failure, classify, classify_pool, error_chain};
+use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use pool::{Pool, PoolFailure};
 use tls::Connector;
 
@@ -555,7 +555,11 @@ async fn attempt(
     deadline: &Deadline,
 ) -> Result<Response<Incoming>, Failed> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
-        tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
+        if needs_detail(failure, error) {
+            tracing::warn!(error = %error_chain(error), "could not connect to the upstream");
+        } else {
+            tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
+        }
         failure
     };
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
