@@ -35,7 +35,7 @@ use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
-use pool::{Pool, PoolFailure};
+use pool::{Pool, PoolFailure, Retire};
 use tls::Connector;
 
 pub use classify::may_retry;
@@ -358,7 +358,14 @@ impl Upstream {
             );
             outcome = attempt(transport, request, &deadline).await;
         }
-        let mut response = outcome.map_err(|(failure, _)| failure.into_error())?;
+        let (mut response, retire) = outcome.map_err(|(failure, _)| failure.into_error())?;
+        // A response that is refused below ends its connection's use (see `Retire`).
+        let retired = |error: GatewayError| {
+            if let Some(retire) = &retire {
+                retire.retire();
+            }
+            error
+        };
 
         if let Some((_, client_upgrade)) = upgrade
             && upgrade::accepted(&response)
@@ -366,7 +373,8 @@ impl Upstream {
             let upstream_upgrade = hyper::upgrade::on(&mut response);
             let (mut head, _) = response.into_parts();
             let protocol = head.headers.get(http::header::UPGRADE).cloned();
-            headers::prepare_response(&mut head.headers).map_err(invalid_response)?;
+            headers::prepare_response(&mut head.headers)
+                .map_err(|why| retired(invalid_response(why)))?;
             if let Some(protocol) = protocol {
                 upgrade::restore_headers(&mut head.headers, protocol);
             }
@@ -382,9 +390,9 @@ impl Upstream {
         // connection has switched to a protocol nobody asked for, and relayed, the 101 would
         // switch the client's connection to nothing.
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            return Err(invalid_response(
+            return Err(retired(invalid_response(
                 "switched protocols on a request that asked for no upgrade",
-            ));
+            )));
         }
 
         let status = response.status();
@@ -396,8 +404,9 @@ impl Upstream {
                     | StatusCode::GATEWAY_TIMEOUT
             )
         {
-            // The upstream's page is dropped unread (its connection is not reused): it may
-            // name internal hosts, versions or stack traces.
+            // The upstream's page is dropped unread: it may name internal hosts, versions or
+            // stack traces. (Its framing was sound, so a connection that has read it whole
+            // stays in use: an overloaded upstream is not sent new connects for its 503s.)
             // Every 503 tells the client when to come back: the upstream's own Retry-After,
             // else this upstream's `retry_after`.
             let retry_after = response.headers().get(RETRY_AFTER).cloned().or_else(|| {
@@ -411,7 +420,8 @@ impl Upstream {
             });
         }
         let (mut head, body) = response.into_parts();
-        headers::prepare_response(&mut head.headers).map_err(invalid_response)?;
+        headers::prepare_response(&mut head.headers)
+            .map_err(|why| retired(invalid_response(why)))?;
         Ok(Response::from_parts(
             head,
             ResponseBody::upstream(body, Some(permit), self.config.timeout),
@@ -548,12 +558,13 @@ impl Deadline {
     }
 }
 
-/// One try: the response head by `deadline`, or the classified failure.
+/// One try: the response head by `deadline` (with, from the pool, a handle to retire its
+/// connection), or the classified failure.
 async fn attempt(
     transport: Transport<'_>,
     request: Request<RequestBody>,
     deadline: &Deadline,
-) -> Result<Response<Incoming>, Failed> {
+) -> Result<(Response<Incoming>, Option<Retire>), Failed> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         if needs_detail(failure, error) {
             tracing::warn!(error = %error_chain(error), "could not connect to the upstream");
@@ -565,14 +576,14 @@ async fn attempt(
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
         Transport::Pool(pool) => match deadline.run(pool.send(request)).await {
-            Some(Ok(response)) => Ok(response),
+            Some(Ok((response, retire))) => Ok((response, Some(retire))),
             Some(Err(PoolFailure { error, request })) => {
                 Err((log(classify_pool(&error), &error), request))
             }
             None => Err(timed_out()),
         },
         Transport::Client(client) => match deadline.run(client.request(request)).await {
-            Some(Ok(response)) => Ok(response),
+            Some(Ok(response)) => Ok((response, None)),
             Some(Err(error)) => Err((log(classify(&error), &error), None)),
             None => Err(timed_out()),
         },

@@ -22,7 +22,8 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -56,6 +57,28 @@ type PendingResponse =
 struct Pooled {
     sender: SendRequest<RequestBody>,
     last_used: Instant,
+    /// Set through [`Retire`]: the connection takes no further request and is dropped.
+    retired: Arc<AtomicBool>,
+}
+
+impl Pooled {
+    /// Whether the connection can take no more requests.
+    fn is_done(&self) -> bool {
+        self.sender.is_closed() || self.retired.load(Ordering::Relaxed)
+    }
+}
+
+/// The connection a response came on. A response tollgate refuses as invalid (ambiguous
+/// framing, an unasked protocol switch) retires its connection: hyper would otherwise reuse it once the body was read, and after a response
+/// two parsers could frame differently, nothing more should be read from that socket.
+#[derive(Debug, Clone)]
+pub struct Retire(Arc<AtomicBool>);
+
+impl Retire {
+    /// The connection takes no further request; it closes once its current exchange is done.
+    pub fn retire(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 impl fmt::Debug for Pool {
@@ -151,12 +174,12 @@ impl Pool {
     pub async fn send(
         &self,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, PoolFailure> {
+    ) -> Result<(Response<Incoming>, Retire), PoolFailure> {
         let mut request = Some(request);
         let pending = self.checkout(&mut request);
         let request = match (pending, request) {
-            (Some(pending), _) => match pending.await {
-                Ok(response) => return Ok(response),
+            (Some((pending, retire)), _) => match pending.await {
+                Ok(response) => return Ok((response, retire)),
                 Err(mut error) => match error.take_message() {
                     // Never written: safe to send again, whatever the method, on a new
                     // connection (so this happens at most once).
@@ -181,7 +204,7 @@ impl Pool {
     async fn send_on_new_connection(
         &self,
         request: Request<RequestBody>,
-    ) -> Result<Response<Incoming>, PoolFailure> {
+    ) -> Result<(Response<Incoming>, Retire), PoolFailure> {
         let mut sender = match self.connect().await {
             Ok(sender) => sender,
             Err(error) => {
@@ -192,13 +215,17 @@ impl Pool {
             }
         };
         let pending = sender.try_send_request(request);
+        let retired = Arc::new(AtomicBool::new(false));
+        let retire = Retire(retired.clone());
         self.lock().push_back(Pooled {
             sender,
             last_used: Instant::now(),
+            retired,
         });
-        pending
-            .await
-            .map_err(|e| PoolError::Send(e.into_error()).into())
+        match pending.await {
+            Ok(response) => Ok((response, retire)),
+            Err(e) => Err(PoolError::Send(e.into_error()).into()),
+        }
     }
 
     /// Hands `request` to a ready connection (see the module docs for which), dropping
@@ -207,7 +234,7 @@ impl Pool {
     fn checkout(
         &self,
         request: &mut Option<Request<RequestBody>>,
-    ) -> Option<impl Future<Output = PendingResponse> + use<>> {
+    ) -> Option<(impl Future<Output = PendingResponse> + use<>, Retire)> {
         let now = Instant::now();
         let mut connections = self.lock();
         self.drop_idle(&mut connections, now);
@@ -218,14 +245,17 @@ impl Pool {
         let mut taken = None;
         for i in recent.chain(oldest) {
             let connection = &mut connections[i];
-            if connection.sender.is_closed() {
+            if connection.is_done() {
                 saw_closed = true;
                 continue;
             }
             if connection.sender.is_ready()
                 && let Some(request) = request.take()
             {
-                taken = Some(connection.sender.try_send_request(request));
+                taken = Some((
+                    connection.sender.try_send_request(request),
+                    Retire(connection.retired.clone()),
+                ));
                 connection.last_used = now;
                 // Most recently used goes last (from either end of the list, O(1)).
                 if let Some(used) = connections.remove(i) {
@@ -235,7 +265,7 @@ impl Pool {
             }
         }
         if saw_closed {
-            connections.retain(|c| !c.sender.is_closed());
+            connections.retain(|c| !c.is_done());
         }
         taken
     }
@@ -250,7 +280,7 @@ impl Pool {
         // not keep the idle ones behind it open.
         self.lock().retain(|c| {
             let idle = c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout;
-            !(c.sender.is_closed() || idle)
+            !(c.is_done() || idle)
         });
     }
 
@@ -259,7 +289,7 @@ impl Pool {
         let expired = connections
             .iter()
             .take_while(|c| {
-                c.sender.is_closed()
+                c.is_done()
                     || (c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout)
             })
             .count();
@@ -384,7 +414,7 @@ mod tests {
             connections.push_front(connection);
         }
         for _ in 0..3 {
-            let response = pool.send(get()).await.ok().expect("a response");
+            let (response, _) = pool.send(get()).await.ok().expect("a response");
             let _ = response.into_body().collect().await;
             settle(&pool, 8, 1).await;
         }
@@ -399,7 +429,7 @@ mod tests {
             Duration::from_secs(90),
         );
         for _ in 0..3 {
-            let response = pool.send(get()).await.ok().expect("a response");
+            let (response, _) = pool.send(get()).await.ok().expect("a response");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             // The connection task marks the connection ready once it has read the response.
