@@ -541,9 +541,38 @@ fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError>
 }
 
 /// `host[:port]` as RFC 9110 7.2 allows it in `Host` (empty too, for a target without an
-/// authority): a URI authority without user info.
+/// authority): a URI authority without user info. Checked in place: `http`'s `Authority`
+/// parser would copy the value into an allocation on every request.
 fn valid_host(value: &[u8]) -> bool {
-    value.is_empty() || (!value.contains(&b'@') && http::uri::Authority::try_from(value).is_ok())
+    let (host, port) = match value {
+        [b'[', ..] => match value.iter().position(|&b| b == b']') {
+            Some(end) => (&value[..=end], &value[end + 1..]),
+            None => return false,
+        },
+        _ => match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon..]),
+            None => (value, &b""[..]),
+        },
+    };
+    let port_ok = match port {
+        [] => true,
+        [b':', digits @ ..] => digits.iter().all(u8::is_ascii_digit),
+        _ => false,
+    };
+    // RFC 3986: an IP-literal in brackets, or a reg-name / IPv4 address (unreserved,
+    // pct-encoded and sub-delims characters).
+    let host_ok = match host {
+        [b'[', inner @ .., b']'] => {
+            !inner.is_empty()
+                && inner
+                    .iter()
+                    .all(|&b| b.is_ascii_alphanumeric() || b":.-_~%!$&'()*+,;=".contains(&b))
+        }
+        _ => host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b".-_~%!$&'()*+,;=".contains(&b)),
+    };
+    port_ok && host_ok
 }
 
 /// Replaces the request's path, keeping its query.
@@ -718,6 +747,39 @@ impl Handler for Gateway {
             .sweep(now, &snapshot.config.limits.ip_throttle);
         for upstream in snapshot.upstreams.iter() {
             upstream.close_idle_connections();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_host;
+
+    #[test]
+    fn host_values() {
+        for good in [
+            "",
+            "t",
+            "api.example.com:8080",
+            "127.0.0.1",
+            "[::1]:8080",
+            "[fe80::1%25eth0]",
+            "host:",
+        ] {
+            assert!(valid_host(good.as_bytes()), "{good:?}");
+        }
+        for bad in [
+            "x y",
+            "user@host",
+            "[::1",
+            "[::1]x",
+            "[]",
+            "host:80a",
+            "a/b",
+            "a:1:2",
+            "h\"",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
         }
     }
 }
