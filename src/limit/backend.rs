@@ -140,11 +140,6 @@ impl Guarded {
             tokio::spawn(probe_while_open(Arc::downgrade(self)));
         }
     }
-
-    /// Whether the last call to Redis succeeded.
-    pub fn is_healthy(&self) -> bool {
-        self.breaker.is_healthy()
-    }
 }
 
 async fn probe_while_open(guarded: Weak<Guarded>) {

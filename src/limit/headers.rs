@@ -250,17 +250,29 @@ mod tests {
         }
     }
 
+    /// The headers `p` writes for `decision`, made at `decided`, `elapsed` before the response.
+    fn headers(
+        p: &PolicyHeaders,
+        style: RateLimitHeaders,
+        decision: &Decision,
+        decided: Duration,
+        elapsed: Duration,
+    ) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        p.apply(&mut h, style, decision, decided, || elapsed);
+        h
+    }
+
     #[test]
     fn x_ratelimit_headers() {
         let p = PolicyHeaders::new("pro", &specs());
-        let mut h = HeaderMap::new();
         let now = Duration::from_millis(1_706_140_799_500);
-        p.apply(
-            &mut h,
+        let h = headers(
+            &p,
             RateLimitHeaders::XRateLimit,
             &decision(true, 0, 299, 200, 0),
             now,
-            || Duration::ZERO,
+            Duration::ZERO,
         );
         assert_eq!(h["x-ratelimit-limit"], "300");
         assert_eq!(h["x-ratelimit-remaining"], "299");
@@ -308,12 +320,14 @@ mod tests {
     fn a_reading_older_than_the_anchor_is_placed_before_it() {
         // A decision made on one thread may get its headers on another, whose anchor was set
         // after the decision. A new thread has no anchor: converting the later reading first
-        // sets it, after both readings.
+        // sets it, after both readings. The two readings are 20 ms apart, well beyond the
+        // slack, so an early reading placed at the anchor instead would be caught.
         std::thread::spawn(|| {
             let tsc_now = super::super::bucket::tsc_now;
             let t0 = system_now();
             let early = tsc_now();
             let t1 = system_now();
+            std::thread::sleep(Duration::from_millis(20));
             let late = tsc_now();
             let t2 = system_now();
             let late_unix = unix_time(late);
@@ -329,13 +343,12 @@ mod tests {
     #[test]
     fn ietf_headers() {
         let p = PolicyHeaders::new("pro", &specs());
-        let mut h = HeaderMap::new();
-        p.apply(
-            &mut h,
+        let h = headers(
+            &p,
             RateLimitHeaders::Ietf,
             &decision(false, 0, 0, 60_000, 200),
             Duration::ZERO,
-            || Duration::ZERO,
+            Duration::ZERO,
         );
         assert_eq!(
             h["ratelimit-policy"],
@@ -343,24 +356,22 @@ mod tests {
         );
         assert_eq!(h["ratelimit"], "\"pro\";r=0;t=1");
         assert!(h.get("x-ratelimit-limit").is_none());
-        let mut h = HeaderMap::new();
-        p.apply(
-            &mut h,
+        let h = headers(
+            &p,
             RateLimitHeaders::Both,
             &decision(true, 1, 7, 2_500, 0),
             Duration::ZERO,
-            || Duration::ZERO,
+            Duration::ZERO,
         );
         assert_eq!(h["ratelimit"], "\"pro-day\";r=7;t=3");
         assert_eq!(h["x-ratelimit-limit"], "1000");
         // `t` counts from the response: 1.2 s after the decision, 1.3 s are left.
-        let mut h = HeaderMap::new();
-        p.apply(
-            &mut h,
+        let h = headers(
+            &p,
             RateLimitHeaders::Ietf,
             &decision(true, 1, 7, 2_500, 0),
             Duration::ZERO,
-            || Duration::from_millis(1_200),
+            Duration::from_millis(1_200),
         );
         assert_eq!(h["ratelimit"], "\"pro-day\";r=7;t=2");
     }
