@@ -102,6 +102,8 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     seen: u64,
+    /// Whether the client body was ever polled.
+    touched: bool,
     stall: Duration,
     /// Armed the first time the body waits; boxed so the body stays `Unpin` for the client.
     timer: Option<Pin<Box<Sleep>>>,
@@ -116,10 +118,17 @@ impl RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            touched: false,
             stall,
             timer: None,
             progress: Some(Arc::new(BodyProgress::new())),
         }
+    }
+
+    /// The client's body, if not a byte of it was read (a request that came back from a
+    /// connect that failed).
+    pub fn into_unread(self) -> Option<Incoming> {
+        self.inner.filter(|_| !self.touched)
     }
 
     /// When the body last moved, for a streamed body.
@@ -134,6 +143,7 @@ impl RequestBody {
             inner: None,
             limit: 0,
             seen: 0,
+            touched: false,
             stall: Duration::ZERO,
             timer: None,
             progress: None,
@@ -153,6 +163,7 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        this.touched = true;
         let polled = Pin::new(inner).poll_frame(cx);
         if let Some(progress) = &this.progress {
             progress.set_waiting_on_client(polled.is_pending());

@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use crate::auth::extract::{bearer_token, query_without};
 use crate::auth::{Identity, KeyRecord, KeyStore};
 use crate::body::ResponseBody;
-use crate::config::{Config, MAX_URI_BYTES, RouteTarget};
+use crate::config::{Config, MAX_HEADER_FIELDS, MAX_URI_BYTES, RouteTarget};
 use crate::config::{LimitMode, PlanName};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
@@ -186,7 +186,8 @@ impl Gateway {
     async fn pipeline<'s>(
         &self,
         snapshot: &'s Snapshot,
-        mut request: Request<Incoming>,
+        mut request: Request<()>,
+        body: &mut Option<Incoming>,
         ctx: &RequestContext,
         rate: &mut Option<RateInfo<'s>>,
         trace: &mut Trace<'s>,
@@ -211,7 +212,8 @@ impl Gateway {
                 .iter()
                 .map(|(name, value)| name.as_str().len() + value.len() + 4)
                 .sum::<usize>();
-        if head_bytes as u64 > server.max_header_bytes {
+        // One rule for both protocols: HTTP/1.1's parser counts fields, HTTP/2 has no count.
+        if head_bytes as u64 > server.max_header_bytes || too_many_fields(request.headers()) {
             return Err(GatewayError::HeadersTooLarge {
                 limit: server.max_header_bytes,
             });
@@ -333,6 +335,11 @@ impl Gateway {
         }
 
         strip_credentials(&mut request, auth);
+        crate::proxy::headers::drop_underscored(
+            request.headers_mut(),
+            server.underscores_in_headers,
+            &auth.header,
+        );
         set_identity_headers(request.headers_mut(), identity.as_ref());
 
         match &route.config.target {
@@ -383,7 +390,7 @@ impl Gateway {
                 // Boxed: forwarding's state is kilobytes, and inline it would be copied with
                 // every move of the request's future (into hyper, through the panic and span
                 // wrappers), on every path, rejections included.
-                let outcome = Box::pin(upstream.forward(request, forward)).await;
+                let outcome = Box::pin(upstream.forward(request, body, forward)).await;
                 let latency = sent.elapsed();
                 snapshot.metrics.upstream_duration(*index, latency);
                 trace.upstream_latency = Some(latency);
@@ -504,7 +511,7 @@ impl Gateway {
 /// (request smuggling): `Transfer-Encoding` together with `Content-Length`, any transfer
 /// coding but a single `chunked`, an HTTP/1.1 request without exactly one valid `Host` (RFC
 /// 9112 3.2: the upstream, and `X-Forwarded-Host`, would get the attacker's pick), and an
-/// absolute-form target whose authority disagrees with `Host`. hyper already refuses
+/// absolute-form target or HTTP/2 `:authority` that disagrees with `Host`. hyper already refuses
 /// duplicate differing `Content-Length`, HTTP/1.0 with `Transfer-Encoding`, obs-fold, bad
 /// chunk sizes and control bytes in headers.
 fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError> {
@@ -527,8 +534,9 @@ fn reject_ambiguous_framing<B>(request: &Request<B>) -> Result<(), GatewayError>
         }
         _ => {}
     }
-    if request.version() <= http::Version::HTTP_11
-        && let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))
+    // HTTP/1.1's absolute-form target, or HTTP/2's `:authority` (RFC 9113 8.3.1: a `Host`
+    // that names another entity makes the request malformed).
+    if let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))
         && !host
             .as_bytes()
             .eq_ignore_ascii_case(authority.as_str().as_bytes())
@@ -573,6 +581,17 @@ fn valid_host(value: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b".-_~%!$&'()*+,;=".contains(&b)),
     };
     port_ok && host_ok
+}
+
+/// More than [`MAX_HEADER_FIELDS`] fields, counting an HTTP/2 client's `Cookie` crumbs (RFC
+/// 9113 8.2.3) as the one line they are joined into.
+fn too_many_fields(headers: &HeaderMap) -> bool {
+    let fields = headers.len();
+    if fields <= MAX_HEADER_FIELDS {
+        return false;
+    }
+    let cookies = headers.get_all(http::header::COOKIE).iter().count();
+    fields - cookies.saturating_sub(1) > MAX_HEADER_FIELDS
 }
 
 /// Replaces the request's path, keeping its query.
@@ -632,6 +651,87 @@ fn strip_credentials<B>(request: &mut Request<B>, auth: &crate::config::AuthConf
     }
 }
 
+/// An HTTP/1.x request body left unread this long or this large after an early answer is
+/// not waited for: the answer says `Connection: close` instead. Like nginx, which discards
+/// the body of a request it answered early, so the connection can carry the next request.
+pub const DISCARD_BODY_BYTES: u64 = 64 * 1024;
+
+/// See [`DISCARD_BODY_BYTES`].
+pub const DISCARD_BODY_TIME: Duration = Duration::from_secs(1);
+
+/// An HTTP/1.x request that came with a body. Answered without reading it all, the client's
+/// next request on the connection would be read from the middle of this body, so hyper
+/// closes the connection; unsaid, that close reaches a keep-alive client as a reset.
+struct UnreadBody {
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it sends the body.
+    expects_continue: bool,
+}
+
+impl UnreadBody {
+    /// `Some` for an HTTP/1.x request with a body still to come.
+    fn of(head: &http::request::Parts, body: &Incoming) -> Option<Self> {
+        if head.version >= http::Version::HTTP_2 || http_body::Body::is_end_stream(body) {
+            // HTTP/2: an unread body ends its own stream (RST_STREAM), never the connection.
+            return None;
+        }
+        let expects_continue = head
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        Some(Self { expects_continue })
+    }
+
+    /// After the answer is made: a body that was never forwarded (`body` still here) is read
+    /// and discarded, within [`DISCARD_BODY_BYTES`] and [`DISCARD_BODY_TIME`], so the
+    /// connection stays open; otherwise, or when forwarding failed (the body may be half
+    /// sent), the answer says `Connection: close` so the client knows before it sends again.
+    async fn settle(
+        self,
+        body: Option<Incoming>,
+        forwarded_ok: bool,
+        response: &mut Response<ResponseBody>,
+    ) {
+        let kept = match body {
+            // A client waiting for `100 Continue` has sent nothing: asking for the body now
+            // would tell it to upload something that is refused already.
+            Some(body) => !self.expects_continue && discard(body).await,
+            // The upstream answered: its connection read what it wanted of the body.
+            None => forwarded_ok,
+        };
+        if !kept {
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Reads `body` to its end and drops the bytes; `false` if it is larger than
+/// [`DISCARD_BODY_BYTES`] (declared or seen), fails, or takes longer than
+/// [`DISCARD_BODY_TIME`].
+async fn discard(mut body: Incoming) -> bool {
+    use http_body_util::BodyExt;
+    if http_body::Body::size_hint(&body).lower() > DISCARD_BODY_BYTES {
+        return false;
+    }
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > DISCARD_BODY_BYTES {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DISCARD_BODY_TIME, read)
+        .await
+        .unwrap_or(false)
+}
+
 /// Sets `X-Tollgate-Key-Id` and `X-Tollgate-Plan` for an authenticated request, after removing
 /// any copy the client sent (so they cannot be spoofed).
 fn set_identity_headers(headers: &mut HeaderMap, identity: Option<&Identity>) {
@@ -656,9 +756,22 @@ impl Handler for Gateway {
         let snapshot = self.snapshot.load_full();
         let mut rate = None;
         let mut trace = Trace::default();
+        // The body stays here until the request is forwarded: a request answered before
+        // that still has it, to discard (see `settle_unread_body`).
+        let (head, incoming) = request.into_parts();
+        let unread = UnreadBody::of(&head, &incoming);
+        let mut body = Some(incoming);
         let outcome = self
-            .pipeline(&snapshot, request, ctx, &mut rate, &mut trace)
+            .pipeline(
+                &snapshot,
+                Request::from_parts(head, ()),
+                &mut body,
+                ctx,
+                &mut rate,
+                &mut trace,
+            )
             .await;
+        let forwarded_ok = outcome.is_ok() && body.is_none();
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
@@ -690,6 +803,9 @@ impl Handler for Gateway {
                 decided,
                 || crate::limit::bucket::since(info.decision.at),
             );
+        }
+        if let Some(unread) = unread {
+            unread.settle(body, forwarded_ok, &mut response).await;
         }
         snapshot.metrics.request(trace.labels, response.status());
         self.metrics.request_duration(started.elapsed());

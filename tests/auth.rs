@@ -470,3 +470,138 @@ fn failure_messages_mask_test_keys() {
         "{\"x-api-key\":\"tg_***\",\"q\":\"a=1&api_key=tg_***&b=2\"}"
     );
 }
+
+/// A real WSGI upstream (Python's `wsgiref`), which reads `X_Tollgate_Key_Id` and
+/// `X-Tollgate-Key-Id` as one variable, `HTTP_X_TOLLGATE_KEY_ID`, as CGI, PHP and many
+/// frameworks do. Answers with its `HTTP_*` environment as JSON. Killed when dropped.
+struct WsgiUpstream {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl WsgiUpstream {
+    fn start() -> Self {
+        const APP: &str = r#"
+import json
+from wsgiref.simple_server import make_server, WSGIRequestHandler
+class Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+def app(environ, start_response):
+    body = json.dumps({k: v for k, v in environ.items() if k.startswith("HTTP_")}).encode()
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+    return [body]
+server = make_server("127.0.0.1", 0, app, handler_class=Quiet)
+print(server.server_port, flush=True)
+server.serve_forever()
+"#;
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", APP])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 (tests/run.sh installs it)");
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().expect("stdout")),
+            &mut line,
+        )
+        .expect("the WSGI server's port");
+        let port: u16 = line.trim().parse().expect("a port");
+        Self {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for WsgiUpstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Identity, forwarding and credential headers spelt with underscores never reach a WSGI
+/// upstream as the values tollgate vouches for: by default every client field with `_` in
+/// its name is dropped (as nginx does); with `underscores_in_headers = true` the others pass
+/// and those that stand for tollgate's own still go.
+#[tokio::test]
+async fn identity_headers_cannot_be_spoofed_with_underscores() {
+    let wsgi = WsgiUpstream::start();
+    let spoofs = [
+        ("X-API-Key", GOOD),
+        ("X_Tollgate_Key_Id", "admin"),
+        ("x_tollgate_plan", "enterprise"),
+        ("X_Tollgate_Key_Meta_Customer_Id", "cus_victim"),
+        ("X_Forwarded_For", "6.6.6.6"),
+        ("X_Forwarded_Host", "evil.test"),
+        ("X_Request_Id", "forged"),
+        ("X_API_Key", "tg_forged_key"),
+        ("X_Custom_Field", "kept"),
+    ];
+    for allowed in [false, true] {
+        let text = format!(
+            r#"
+[[keys]]
+id = "acme-prod"
+key = "{good}"
+plan = "pro"
+[[upstreams]]
+name = "wsgi"
+url = "http://{wsgi}"
+[[routes]]
+prefix = "/v1/"
+upstream = "wsgi"
+[[routes]]
+prefix = "/public/"
+upstream = "wsgi"
+auth = false
+"#,
+            good = digest(GOOD),
+            wsgi = wsgi.addr,
+        );
+        let gw = TestGateway::start(config(
+            &format!("underscores_in_headers = {allowed}"),
+            &text,
+        ))
+        .await;
+        let reply = get(gw.addr, "/v1/x", &spoofs).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        let env = reply.json();
+        let id = reply.header("x-request-id").unwrap();
+        assert_eq!(
+            env["HTTP_X_TOLLGATE_KEY_ID"], "acme-prod",
+            "allowed={allowed}: {env}"
+        );
+        assert_eq!(
+            env["HTTP_X_TOLLGATE_PLAN"], "pro",
+            "allowed={allowed}: {env}"
+        );
+        assert_eq!(
+            env["HTTP_X_FORWARDED_FOR"], "127.0.0.1",
+            "allowed={allowed}: {env}"
+        );
+        assert_eq!(
+            env["HTTP_X_FORWARDED_HOST"], "gateway.test",
+            "allowed={allowed}: {env}"
+        );
+        assert_eq!(env["HTTP_X_REQUEST_ID"], id, "allowed={allowed}: {env}");
+        for absent in ["HTTP_X_API_KEY", "HTTP_X_TOLLGATE_KEY_META_CUSTOMER_ID"] {
+            assert!(
+                env.get(absent).is_none(),
+                "allowed={allowed}: {absent} in {env}"
+            );
+        }
+        let custom = env.get("HTTP_X_CUSTOM_FIELD");
+        if allowed {
+            assert_eq!(custom.unwrap(), "kept", "{env}");
+        } else {
+            assert!(custom.is_none(), "{env}");
+        }
+        // A public route without a key: no identity at all.
+        let reply = get(gw.addr, "/public/x", &spoofs[1..]).await;
+        let env = reply.json();
+        assert!(env.get("HTTP_X_TOLLGATE_KEY_ID").is_none(), "{env}");
+        assert!(env.get("HTTP_X_TOLLGATE_PLAN").is_none(), "{env}");
+    }
+}

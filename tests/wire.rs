@@ -962,3 +962,107 @@ async fn an_ipv6_wildcard_listens_beside_an_ipv4_address_on_the_same_port() {
     }
     drop(gw);
 }
+
+/// Sends `fields` extra header fields (`x-fNNNN: v`) and `extra` on an HTTP/2 connection;
+/// returns the status and body.
+async fn h2_with_fields(
+    addr: std::net::SocketAddr,
+    path: &str,
+    fields: usize,
+    extra: &[(&str, &str)],
+) -> (u16, serde_json::Value) {
+    let mut sender = h2c(addr).await;
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    for i in 0..fields {
+        req = req.header(format!("x-f{i:04}"), "v");
+    }
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let resp = sender
+        .send_request(req.body(http_body_util::Empty::<Bytes>::new()).unwrap())
+        .await
+        .expect("an answer");
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&body).unwrap_or_default())
+}
+
+/// HTTP/2 requests get the HTTP/1.1 field limit at the head, before routing (431 envelope):
+/// a fixed-response route answers nothing else, and an upstream never sees them. Cookie
+/// crumbs count as the one line they are joined into.
+#[tokio::test]
+async fn h2_field_limit_is_applied_at_the_head_like_http11() {
+    let (up, seen) = counting_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "{ROUTES}[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/public/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    for (path, fields) in [
+        ("/status", 150),
+        ("/status", 1200),
+        ("/public/x", 150),
+        ("/public/x", 1200),
+    ] {
+        let (status, body) = h2_with_fields(gw.addr, path, fields, &[]).await;
+        assert_eq!(status, 431, "{path} with {fields} fields: {body}");
+        assert_eq!(body["error"]["code"], "headers_too_large", "{body}");
+    }
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "forwarded"
+    );
+    // HTTP/1.1, the same count: 431 too.
+    let mut head = String::from("GET /status HTTP/1.1\r\nHost: t\r\n");
+    for i in 0..150 {
+        head.push_str(&format!("x-f{i:04}: v\r\n"));
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    let reply = send_raw(gw.addr, head.as_bytes()).await;
+    assert_envelope(&reply, 431, "headers_too_large");
+    // At the limit, and 150 cookie crumbs (one line once joined): answered.
+    let (status, _) = h2_with_fields(gw.addr, "/public/x", 95, &[]).await;
+    assert_eq!(status, 200);
+    let crumbs: Vec<(String, String)> = (0..150)
+        .map(|i| ("cookie".into(), format!("c{i}=1")))
+        .collect();
+    let crumbs: Vec<(&str, &str)> = crumbs
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let (status, body) = h2_with_fields(gw.addr, "/public/x", 0, &crumbs).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// HTTP/2: a `Host` that names another entity than `:authority` makes the request malformed
+/// (RFC 9113 8.3.1): 400, never forwarded. The same host, in any case, is fine.
+#[tokio::test]
+async fn h2_host_disagreeing_with_the_authority_is_a_400() {
+    let (up, seen) = counting_upstream().await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    let (status, body) = h2_with_fields(gw.addr, "/x", 0, &[("host", "evil.test")]).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "bad_request", "{body}");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "forwarded"
+    );
+    let authority = gw.addr.to_string().to_uppercase();
+    let (status, body) = h2_with_fields(gw.addr, "/x", 0, &[("host", &authority)]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

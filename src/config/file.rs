@@ -91,6 +91,7 @@ pub struct ServerFile {
     pub max_connections: Option<Spanned<i64>>,
     pub shutdown_grace: Option<SpannedStr>,
     pub trusted_proxies: Option<Vec<SpannedStr>>,
+    pub underscores_in_headers: Option<bool>,
     pub tls: Option<TlsFile>,
 }
 

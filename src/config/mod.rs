@@ -44,6 +44,9 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Longest request target accepted before 414 (8 KiB, as SPEC.md fixes it).
 pub const MAX_URI_BYTES: usize = 8 * 1024;
+/// Most header fields a request may carry before 431, on HTTP/1.1 and HTTP/2 alike (hyper's
+/// HTTP/1.1 parser limit, which HTTP/2 does not have).
+pub const MAX_HEADER_FIELDS: usize = 100;
 /// Default `auth.header`.
 pub const DEFAULT_AUTH_HEADER: &str = "x-api-key";
 /// Default `limits.redis_url`.
@@ -127,6 +130,11 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Peers whose `X-Forwarded-For` is believed. Default none.
     pub trusted_proxies: Vec<IpNet>,
+    /// Client header fields with `_` in the name are forwarded (nginx's
+    /// `underscores_in_headers`). Default false: they are dropped, since CGI-style servers read
+    /// `X_Tollgate_Key_Id` and `X-Tollgate-Key-Id` as one variable. Either way a field that
+    /// reads as one tollgate sets or removes (identity, forwarding, the credential) is dropped.
+    pub underscores_in_headers: bool,
     /// TLS termination, when configured.
     pub tls: Option<TlsConfig>,
 }

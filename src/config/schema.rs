@@ -34,6 +34,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
             "max_connections",
             "shutdown_grace",
             "trusted_proxies",
+            "underscores_in_headers",
             "tls",
         ],
         "server.tls" => &["cert", "key"],

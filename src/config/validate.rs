@@ -794,6 +794,7 @@ impl Validator<'_, '_> {
                 "server.shutdown_grace",
             ),
             trusted_proxies,
+            underscores_in_headers: s.underscores_in_headers.unwrap_or(false),
             tls,
         }
     }

@@ -32,6 +32,50 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_FOR
 }
 
+/// Removes client fields with `_` in the name before forwarding: every one unless
+/// `server.underscores_in_headers` (`allowed`), as nginx ignores them by default, and always
+/// those that, read with `_` as `-` (as CGI, WSGI, PHP and many frameworks read names),
+/// stand for a field tollgate sets or removes. Else a client's `X_Tollgate_Key_Id: admin`
+/// would reach such an upstream as the identity tollgate vouches for.
+pub fn drop_underscored(headers: &mut HeaderMap, allowed: bool, credential: &HeaderName) {
+    // Almost no request has one: one pass over the names, no allocation.
+    if !headers.keys().any(|name| name.as_str().contains('_')) {
+        return;
+    }
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| {
+            name.as_str().contains('_') && (!allowed || stands_for_ours(name.as_str(), credential))
+        })
+        .cloned()
+        .collect();
+    for name in dropped {
+        tracing::debug!(
+            header = name.as_str(),
+            "client header with an underscore dropped"
+        );
+        headers.remove(name);
+    }
+}
+
+/// Whether `name` (lower case, as `HeaderName` keeps it), with `_` read as `-`, is a field
+/// tollgate sets, reads or removes on the way to the upstream.
+fn stands_for_ours(name: &str, credential: &HeaderName) -> bool {
+    let dashed = name.replace('_', "-");
+    let is = |ours: &str| dashed == ours;
+    dashed.starts_with("x-tollgate-")
+        || dashed.starts_with("x-forwarded-")
+        || is(X_REQUEST_ID.as_str())
+        || is("forwarded")
+        || is("x-real-ip")
+        || is(credential.as_str())
+        || is(CONTENT_LENGTH.as_str())
+        || is(TRANSFER_ENCODING.as_str())
+        || is(KEEP_ALIVE.as_str())
+        || is(PROXY_CONNECTION.as_str())
+        || is("proxy-authorization")
+}
+
 /// What makes a message's framing ambiguous, if anything: a transfer coding other than one
 /// `chunked` (a coding passed on undecoded, or one two parsers could read differently), or
 /// `Transfer-Encoding` beside `Content-Length` (RFC 9112 6.3: a sign of smuggling).

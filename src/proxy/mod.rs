@@ -270,9 +270,13 @@ impl Upstream {
 
     /// Forwards `request` and returns the upstream's response with its body streaming, or
     /// the failure the client gets instead.
+    ///
+    /// `client_body` is taken once the request passes this upstream's gates; a request that
+    /// never left tollgate (refused at a gate, or its connect failed) gives it back unread.
     pub async fn forward(
         &self,
-        mut request: Request<Incoming>,
+        mut request: Request<()>,
+        client_body: &mut Option<Incoming>,
         cx: Forward<'_>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         // Neither gate may touch the upstream.
@@ -294,7 +298,7 @@ impl Upstream {
         // request is taken apart.
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
-        let (mut parts, incoming) = request.into_parts();
+        let (mut parts, ()) = request.into_parts();
         let target = self.upstream_target(cx.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         let from_h2 = parts.version == Version::HTTP_2;
@@ -326,6 +330,7 @@ impl Upstream {
             }
         };
 
+        let incoming = client_body.take().ok_or(GatewayError::Internal)?;
         let body_empty = incoming.is_end_stream();
         let body = if body_empty {
             RequestBody::empty()
@@ -358,7 +363,10 @@ impl Upstream {
             );
             outcome = attempt(transport, request, &deadline).await;
         }
-        let (mut response, retire) = outcome.map_err(|(failure, _)| failure.into_error())?;
+        let (mut response, retire) = outcome.map_err(|(failure, returned)| {
+            *client_body = returned.and_then(|request| request.into_body().into_unread());
+            failure.into_error()
+        })?;
         // A response that is refused below ends its connection's use (see `Retire`).
         let retired = |error: GatewayError| {
             if let Some(retire) = &retire {

@@ -40,7 +40,7 @@ use tracing::Instrument;
 
 use crate::admin;
 use crate::body::ResponseBody;
-use crate::config::{Config, MAX_URI_BYTES, ServerConfig};
+use crate::config::{Config, MAX_HEADER_FIELDS, MAX_URI_BYTES, ServerConfig};
 use crate::error::GatewayError;
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
@@ -266,6 +266,8 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .header_read_timeout(None)
         // Bounds the read buffer and, for a client that does not read, the write buffer.
         .max_buf_size(MIN_READ_BUFFER.max(2 * head_limit))
+        // More fields: hyper's 431, rewritten as tollgate's envelope (see `timeouts`).
+        .max_headers(MAX_HEADER_FIELDS)
         .keep_alive(true);
     builder
         .http2()

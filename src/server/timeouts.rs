@@ -57,6 +57,16 @@ const PROTOCOL_H2: u8 = 2;
 /// still sends (so it gets the response rather than a reset) before it is dropped.
 const LINGER: Duration = Duration::from_secs(1);
 
+/// Closing an HTTP/1.1 connection after a response, the longest wait for the client's next
+/// bytes (or its close) while what it still sends is read and dropped: closed with unread
+/// bytes, the connection would be reset, and the client could lose the response it has not
+/// read yet (a client still uploading a body reads only when it is done). nginx's
+/// `lingering_timeout`.
+const LINGER_QUIET: Duration = Duration::from_secs(2);
+
+/// The longest such a close lingers in all (nginx's `lingering_time`).
+const LINGER_MAX: Duration = Duration::from_secs(30);
+
 /// A slot of [`Waits`] whose body is not waiting.
 const NOT_WAITING: u64 = u64::MAX;
 
@@ -158,6 +168,14 @@ pub struct Activity {
     writing: AtomicBool,
     /// [`GuardedIo`] is to answer [`Refusal::HeadTimeout`] and end the connection.
     farewell_due: AtomicBool,
+    /// The driver closed the connection with nothing in flight (idle, or a stop): the client
+    /// owes no bytes, so the close does not linger.
+    quiet_close: AtomicBool,
+    /// A closing connection lingers (see [`LINGER_QUIET`]): when it started, plus one (zero:
+    /// it does not linger) ...
+    linger_started: AtomicU64,
+    /// ... and when the client last sent bytes while it lingers.
+    linger_last: AtomicU64,
 }
 
 impl Activity {
@@ -177,6 +195,9 @@ impl Activity {
             waker: AtomicWaker::new(),
             writing: AtomicBool::new(false),
             farewell_due: AtomicBool::new(false),
+            quiet_close: AtomicBool::new(false),
+            linger_started: AtomicU64::new(0),
+            linger_last: AtomicU64::new(0),
         })
     }
 
@@ -342,8 +363,16 @@ impl Activity {
                 )
             });
         }
-        if let Some(since) = closing_since {
-            return Some((after(since, bounds.header_read), Expiry::CloseOverdue));
+        let lingering = match self.linger_started.load(Relaxed) {
+            0 => None,
+            started => Some(
+                after(self.linger_last.load(Relaxed), LINGER_QUIET)
+                    .min(after(started - 1, LINGER_MAX)),
+            ),
+        };
+        let closing = closing_since.map(|since| after(since, bounds.header_read));
+        if let Some(at) = lingering.into_iter().chain(closing).min() {
+            return Some((at, Expiry::CloseOverdue));
         }
         match self.head_started.load(Relaxed) {
             0 => Some((
@@ -352,6 +381,24 @@ impl Activity {
             )),
             started => Some((after(started - 1, bounds.header_read), Expiry::HeadTimeout)),
         }
+    }
+
+    /// Whether a close by hyper should linger: on HTTP/1.1, unless the driver closed an idle
+    /// connection.
+    fn wants_linger(&self) -> bool {
+        self.protocol.load(Relaxed) == PROTOCOL_H1 && !self.quiet_close.load(Relaxed)
+    }
+
+    fn linger_started(&self) {
+        let now = self.now();
+        self.linger_last.store(now, Relaxed);
+        self.linger_started.store(now + 1, Relaxed);
+        self.changed();
+    }
+
+    /// Bytes arrived while lingering: the client is still sending (its deadline moves later).
+    fn lingered(&self) {
+        self.linger_last.store(self.now(), Relaxed);
     }
 
     /// Resolves when something moved the deadline earlier.
@@ -437,6 +484,9 @@ where
     }
     loop {
         if stopping && closing_since.is_none() && !activity.head_in_progress() {
+            if activity.in_flight.load(Relaxed) == 0 {
+                activity.quiet_close.store(true, Relaxed);
+            }
             shutdown(conn.as_mut());
             closing_since = Some(activity.now());
         }
@@ -461,6 +511,7 @@ where
                 match expiry {
                     Expiry::Idle => {
                         tracing::debug!(reason = expiry.as_str(), "closing the connection");
+                        activity.quiet_close.store(true, Relaxed);
                         shutdown(conn.as_mut());
                         closing_since = Some(activity.now());
                     }
@@ -518,6 +569,12 @@ pin_project_lite::pin_project! {
         said: bool,
         // Dropped with the transport (see `GuardedIo::closed`).
         open: Option<tokio::sync::oneshot::Sender<()>>,
+        // The client closed its side (a read returned nothing).
+        eof_seen: bool,
+        // The write side is shut; what the client still sends is read and dropped while
+        // `lingering` (see `LINGER_QUIET`).
+        shut: bool,
+        lingering: bool,
     }
 }
 
@@ -536,6 +593,9 @@ impl<T> GuardedIo<T> {
             unsaid: None,
             said: false,
             open: None,
+            eof_seen: false,
+            shut: false,
+            lingering: false,
         }
     }
 
@@ -690,6 +750,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
         ready!(this.inner.poll_read(cx, buf))?;
         let fresh = &buf.filled()[before..];
         if fresh.is_empty() {
+            *this.eof_seen = true;
             return Poll::Ready(Ok(()));
         }
         if !*this.protocol_known {
@@ -712,7 +773,7 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
+impl<T: AsyncRead + AsyncWrite> AsyncWrite for GuardedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -752,13 +813,43 @@ impl<T: AsyncWrite> AsyncWrite for GuardedIo<T> {
         self.guard_write(cx, polled)
     }
 
+    /// Shuts the write side; on an HTTP/1.1 connection hyper closes after a response (the
+    /// client asked to close, or a request body was left unread), then reads and drops what
+    /// the client still sends until it closes too, bounded by [`LINGER_QUIET`] and
+    /// [`LINGER_MAX`] (as nginx's lingering close): a close with unread bytes would reset the
+    /// connection and could take the response with it.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.said {
             return Poll::Ready(Ok(()));
         }
-        ready!(self.as_mut().poll_unsaid(cx))?;
-        let polled = self.as_mut().project().inner.poll_shutdown(cx);
-        self.guard_write(cx, polled)
+        if !self.shut {
+            ready!(self.as_mut().poll_unsaid(cx))?;
+            let polled = self.as_mut().project().inner.poll_shutdown(cx);
+            ready!(self.as_mut().guard_write(cx, polled))?;
+            let this = self.as_mut().project();
+            *this.shut = true;
+            *this.lingering = !*this.eof_seen && this.activity.wants_linger();
+            if *this.lingering {
+                this.activity.linger_started();
+            }
+        }
+        let this = self.project();
+        if !*this.lingering {
+            return Poll::Ready(Ok(()));
+        }
+        let mut inner = this.inner;
+        let mut scratch = [0u8; 8192];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match ready!(inner.as_mut().poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => this.activity.lingered(),
+                // The client closed, or the connection failed: nothing more to wait for.
+                _ => {
+                    *this.lingering = false;
+                    return Poll::Ready(Ok(()));
+                }
+            }
+        }
     }
 }
 

@@ -174,6 +174,63 @@ pub async fn exchange_raw(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     buf
 }
 
+/// On a connection the client keeps open (keep-alive), writes `request` while reading one
+/// whole response (framed by its Content-Length or chunks), as a client that uploads and
+/// listens at once. Fails if the write fails (a reset, a broken pipe) or the connection ends
+/// before the response does.
+pub async fn exchange_on(stream: &mut TcpStream, request: &[u8]) -> io::Result<Reply> {
+    let (mut read, mut write) = stream.split();
+    let send = async { write.write_all(request).await };
+    let receive = async {
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 16 * 1024];
+        loop {
+            if let Some(reply) = parse_reply(&buf).filter(framed) {
+                return Ok(reply);
+            }
+            let n = read.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("closed after {} bytes of a response", buf.len()),
+                ));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    let exchanged = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(send, receive)
+    })
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no response within 10s"))?;
+    match exchanged {
+        (Ok(()), Ok(reply)) => Ok(reply),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// A response whose length is known from its head (so [`parse_reply`] did not stop at what
+/// has arrived so far).
+fn framed(reply: &Reply) -> bool {
+    reply.header("content-length").is_some()
+        || reply
+            .header("transfer-encoding")
+            .is_some_and(|v| v.contains("chunked"))
+}
+
+/// After a response that said `Connection: close`: the server's close arrives as a clean end
+/// of stream (not a reset) within 10 s, and nothing comes before it.
+pub async fn assert_clean_close(stream: &mut TcpStream) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest))
+        .await
+        .expect("the server closes within 10s");
+    match read {
+        Ok(_) => assert!(rest.is_empty(), "bytes after the response: {rest:?}"),
+        Err(e) => panic!("the connection was not closed cleanly: {e}"),
+    }
+}
+
 /// Writes `request` as is, reads to EOF, parses the (first) response.
 pub async fn send_raw(addr: SocketAddr, request: &[u8]) -> Reply {
     let buf = exchange_raw(addr, request).await;
