@@ -64,6 +64,8 @@ pub struct BodyProgress {
     /// Whether the body is waiting for the client's next bytes (the upstream asked for more,
     /// so it is not the upstream holding things up).
     waiting_on_client: AtomicBool,
+    /// The client's body has ended (its last frame was handed on).
+    finished: AtomicBool,
 }
 
 impl BodyProgress {
@@ -72,6 +74,7 @@ impl BodyProgress {
             base: Instant::now(),
             last: AtomicU64::new(0),
             waiting_on_client: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         }
     }
 
@@ -83,6 +86,12 @@ impl BodyProgress {
 
     fn set_waiting_on_client(&self, waiting: bool) {
         self.waiting_on_client.store(waiting, Ordering::Relaxed);
+    }
+
+    /// Whether the whole body was handed on: an upstream that answers before that has not
+    /// read it all, and the client is still sending what nobody will read.
+    pub fn finished(&self) -> bool {
+        self.finished.load(Ordering::Relaxed)
     }
 
     fn moved(&self) {
@@ -183,6 +192,10 @@ impl Body for RequestBody {
                 }
                 if let Some(progress) = &this.progress {
                     progress.moved();
+                    // hyper stops at a body that says it has ended, without a last poll.
+                    if this.inner.as_ref().is_some_and(Body::is_end_stream) {
+                        progress.finished.store(true, Ordering::Relaxed);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -190,6 +203,7 @@ impl Body for RequestBody {
             Poll::Ready(None) => {
                 if let Some(progress) = &this.progress {
                     progress.moved();
+                    progress.finished.store(true, Ordering::Relaxed);
                 }
                 Poll::Ready(None)
             }

@@ -430,6 +430,13 @@ impl Upstream {
         let (mut head, body) = response.into_parts();
         headers::prepare_response(&mut head.headers)
             .map_err(|why| retired(invalid_response(why)))?;
+        // The upstream answered before it took the whole body: what the client still sends
+        // is read by nobody, and the connection cannot carry another request after it. Said
+        // now, the client knows before it sends one (HTTP/2 streams end on their own).
+        if !from_h2 && deadline.body.as_ref().is_some_and(|body| !body.finished()) {
+            head.headers
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
         Ok(Response::from_parts(
             head,
             ResponseBody::upstream(body, Some(permit), self.config.timeout),
