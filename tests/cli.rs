@@ -106,6 +106,112 @@ upstream = "cor"
     }
 }
 
+/// Runs `tollgate check` on `path`; fails the test if it has not exited within 10 s (it is
+/// killed then, so a check that blocks fails instead of hanging the suite). Returns the exit
+/// code and stderr.
+fn check_within_10s(path: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`tollgate check --config {}` blocked", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_a_fifo_at_once_instead_of_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("tollgate.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, stderr) = check_within_10s(&fifo);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: cannot read config: not a regular file (a FIFO)",
+            fifo.display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// What `check` says about a duplicate key, an integer past 64 bits, a UTF-16 or binary
+/// file, and a route prefix no request can match.
+#[test]
+fn check_says_what_is_wrong_with_files_and_values_it_cannot_take() {
+    let route = "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n";
+    let utf16: Vec<u8> = std::iter::once(0xFEFF_u16)
+        .chain(format!("[server]\nworkers = 1\n{route}").encode_utf16())
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let mut binary = b"[server]\nworkers = 1\n".to_vec();
+    binary.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0]);
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "dup.toml",
+            format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 2\nlisten = \"127.0.0.1:2\"\n{route}"
+            )
+            .into_bytes(),
+            ":4:1: duplicate key `listen` (first defined at {p}:2:1); a key may be defined once",
+        ),
+        (
+            "big.toml",
+            format!("[plans.free]\nrequests_per_minute = 99999999999999999999\n{route}")
+                .into_bytes(),
+            ":2:23: `requests_per_minute`: 99999999999999999999 is too large; a whole number from 1 to 4294967295",
+        ),
+        (
+            "utf16.toml",
+            utf16,
+            ": cannot read config: the file is UTF-16 (it starts with a UTF-16 byte order mark, bytes 0-1); a config is UTF-8 text; save it as UTF-8",
+        ),
+        (
+            "binary.toml",
+            binary,
+            ": cannot read config: the file is binary, not text: a NUL byte at byte offset 28; a config is UTF-8 text; save it as UTF-8",
+        ),
+        (
+            "cafe.toml",
+            "[[routes]]\nprefix = \"/café/\"\nrespond = { status = 200 }\n"
+                .as_bytes()
+                .to_vec(),
+            ":2:10: route prefix \"/café/\" would match no request: it holds 'é', and clients send non-ASCII characters percent-encoded (a request path is ASCII); write it percent-encoded: \"/caf%C3%A9/\"",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let (code, stderr) = check_within_10s(&path);
+        let p = path.display().to_string();
+        let expected = format!("{p}{}\n{p}: 1 error\n", expected.replace("{p}", &p));
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert_eq!(stderr, expected, "{name}");
+    }
+}
+
 #[test]
 fn running_with_an_invalid_config_exits_1_with_the_errors() {
     let (_dir, path) = temp_config("bad.toml", "[server]\nlisten = 5\n");
