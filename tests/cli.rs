@@ -473,6 +473,144 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
     assert_eq!(child.0.wait().unwrap().code(), Some(0));
 }
 
+/// A config for the gateway at `addr` (admin at `admin`) whose one route answers `body`;
+/// `server` lines are added to `[server]`. Its `[[routes]]` come last, after `[auth]`.
+fn served(addr: SocketAddr, admin: SocketAddr, server: &str, body: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{addr}\"\n{server}\n[admin]\nlisten = \"{admin}\"\n\
+         [auth]\nheader = \"X-Key\"\n\
+         [[routes]]\nprefix = \"/\"\nauth = false\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+    )
+}
+
+/// `text` cut just after its `[auth]` table, as a file being written is seen half-way.
+fn cut_after_auth(text: &str) -> &str {
+    &text[..text.find("[[routes]]").expect("a route")]
+}
+
+const FAILED_RELOADS: &str = "tollgate_config_reloads_total{result=\"failed\"}";
+
+/// Asserts the gateway still serves `body` and is ready, once `failed` reloads are counted.
+async fn refused(addr: SocketAddr, admin: SocketAddr, failed: f64, body: &str) {
+    eventually(&format!("{failed} failed reloads counted"), || async {
+        metric(admin, FAILED_RELOADS).await >= failed
+    })
+    .await;
+    assert_eq!(
+        get(addr, "/x", &[]).await.text(),
+        body,
+        "the old routes serve"
+    );
+    let ready = get(admin, "/readyz", &[]).await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+}
+
+/// Ends the gateway with SIGTERM and returns its log.
+fn stop(child: ChildGuard, logs: std::thread::JoinHandle<String>) -> String {
+    signal(&child, "-TERM");
+    let logs = logs.join().unwrap();
+    drop(child);
+    logs
+}
+
+/// Under `server.watch`, a config file truncated (or cut after `[auth]`) is refused: no
+/// routes. The old routes keep serving, `/readyz` stays ready, the refusal is logged and
+/// counted, and the watcher, still on, picks up the good file written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_config_cut_short_is_refused_and_the_next_good_one_applied() {
+    let (addr, admin) = (free_port(), free_port());
+    let good = |body: &str| served(addr, admin, "watch = true", body);
+    let (_dir, path) = temp_config("gw.toml", &good("one"));
+    let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
+    assert_eq!(get(addr, "/x", &[]).await.text(), "one");
+
+    std::fs::File::create(&path).unwrap(); // truncated
+    refused(addr, admin, 1.0, "one").await;
+    std::fs::write(&path, good("two")).unwrap();
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "two"
+    })
+    .await;
+
+    let failed = metric(admin, FAILED_RELOADS).await;
+    std::fs::write(&path, cut_after_auth(&good("three"))).unwrap();
+    refused(addr, admin, failed + 1.0, "two").await;
+    std::fs::write(&path, good("four")).unwrap();
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "four"
+    })
+    .await;
+
+    let logs = stop(child, logs);
+    assert!(
+        logs.contains("config reload rejected; keeping the running config")
+            && logs.contains(&format!("{}:1:1: no [[routes]]", path.display()))
+            && logs.contains(&format!("{}:8:1: no [[routes]]", path.display())),
+        "{logs}"
+    );
+}
+
+/// The same by SIGHUP: an empty file and one cut after `[auth]` are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_an_empty_config_and_one_cut_after_auth() {
+    let (addr, admin) = (free_port(), free_port());
+    let good = |body: &str| served(addr, admin, "", body);
+    let (_dir, path) = temp_config("gw.toml", &good("one"));
+    let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
+    assert_eq!(get(addr, "/x", &[]).await.text(), "one");
+
+    let cut = good("two");
+    for (n, text) in ["", cut_after_auth(&cut)].into_iter().enumerate() {
+        std::fs::write(&path, text).unwrap();
+        signal(&child, "-HUP");
+        refused(addr, admin, n as f64 + 1.0, "one").await;
+    }
+    std::fs::write(&path, good("three")).unwrap();
+    signal(&child, "-HUP");
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "three"
+    })
+    .await;
+
+    let logs = stop(child, logs);
+    let p = path.display();
+    for expected in [
+        format!("{p}:1:1: no [[routes]]: every request would be answered 404 not_found"),
+        format!("{p}:8:1: no [[routes]]: every request would be answered 404 not_found"),
+    ] {
+        assert!(logs.contains(&expected), "{expected} not in:\n{logs}");
+    }
+}
+
+/// A config with no routes is an error for `check` (a reload would refuse it, and a gateway
+/// will not start with it), at the end of the file.
+#[test]
+fn check_and_start_refuse_a_config_with_no_routes() {
+    let (_dir, path) = temp_config(
+        "gw.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\n",
+    );
+    let (code, stderr) = check_within_10s(&path);
+    let p = path.display();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{p}:6:1: no [[routes]]: every request would be answered 404 not_found. tollgate does not start with such a config")),
+        "{stderr}"
+    );
+    let out = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "human"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [[routes]]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plaintext_keys_never_reach_the_logs() {
     const VALID: &str = "tg_live_LOGCHECKvalid0123456789abcdefghijk";

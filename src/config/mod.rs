@@ -436,6 +436,20 @@ impl Config {
         Self::from_text(path, &text)
     }
 
+    /// [`Config::load`] for a config the gateway is to serve: at start, on reload and in
+    /// `check`. It must also have a route: a config with none answers every request 404
+    /// while `/readyz` says ready, and it is what a file cut short looks like (an editor or
+    /// a deploy tool truncates it, then writes it), since routes are written last. The
+    /// issue is at the end of the file, where the routes would go.
+    pub fn load_to_serve(path: &Path) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let config = Self::from_text(path, &text)?;
+        if config.routes.is_empty() {
+            return Err(ConfigError::Invalid(vec![validate::no_routes(path, &text)]));
+        }
+        Ok(config)
+    }
+
     /// Parses and validates config text; `path` is used in messages and `keys_file` is read
     /// from disk.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -669,5 +683,31 @@ mod tests {
         // A UTF-8 byte order mark is UTF-8: dropped, and the text read.
         std::fs::write(&path, b"\xef\xbb\xbf[server]\nworkers = 2\n").unwrap();
         assert_eq!(Config::load(&path).unwrap().server.workers, 2);
+    }
+
+    #[test]
+    fn a_config_to_serve_needs_a_route_and_the_error_is_at_the_end_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tollgate.toml");
+        let full = "[server]\nlisten = \"127.0.0.1:0\"\n[auth]\nheader = \"X-Key\"\n\
+                    [[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n";
+        // Empty, and cut after `[auth]`: valid TOML, valid settings, no routes.
+        let cut = &full[..full.find("[[routes]]").unwrap()];
+        for (text, line) in [("", 1), (cut, 5)] {
+            std::fs::write(&path, text).unwrap();
+            assert!(Config::load(&path).is_ok(), "every value is valid");
+            let err = Config::load_to_serve(&path).unwrap_err();
+            let issues = err.issues();
+            assert!(
+                issues.len() == 1
+                    && (issues[0].line, issues[0].column) == (line, 1)
+                    && issues[0]
+                        .message
+                        .starts_with("no [[routes]]: every request would be answered 404"),
+                "{text:?}: {issues:#?}"
+            );
+        }
+        std::fs::write(&path, full).unwrap();
+        assert_eq!(Config::load_to_serve(&path).unwrap().routes.len(), 1);
     }
 }

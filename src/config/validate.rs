@@ -226,6 +226,15 @@ fn nearest_in_value(
     }
 }
 
+/// The issue for a config with no routes (see `Config::load_to_serve`), at the end of the
+/// file: where routes would go, and where a file cut short ends.
+pub(super) fn no_routes(path: &Path, text: &str) -> ConfigIssue {
+    Source::new(path, text).issue(
+        text.len()..text.len(),
+        "no [[routes]]: every request would be answered 404 not_found. tollgate does not start with such a config, and a reload keeps the running one; if this file should have routes, it ends early (cut short, or read while it was being written)",
+    )
+}
+
 /// `[[keys]]` items per piece of a large keys file (a handful in unit tests, so that they
 /// cross pieces).
 #[cfg(not(test))]
