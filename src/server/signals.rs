@@ -54,8 +54,8 @@ pub async fn reload_in_background(path: &std::path::Path, gateway: &Arc<Gateway>
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.server, &new.server);
     [
-        // Were a reload to turn it off, the watcher would miss the next change, which is how
-        // a truncated file turned watching off and the fixed file went unnoticed.
+        // A reload that turned it off (an empty file reads as `watch = false`) would stop the
+        // watcher that is to pick up the fixed file.
         ("server.watch", a.watch != b.watch),
         ("server.listen", a.listen != b.listen),
         ("admin.listen", old.admin.listen != new.admin.listen),
