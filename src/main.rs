@@ -63,7 +63,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+    match Config::load_to_serve(path) {
         Ok(config) => {
             println!(
                 "{}: ok ({} routes, {} upstreams, {} keys, {} plans)",
@@ -115,7 +115,7 @@ fn gen_key(prefix: &str) -> ExitCode {
 }
 
 fn run(path: PathBuf) -> ExitCode {
-    let config = match Config::load(&path) {
+    let config = match Config::load_to_serve(&path) {
         Ok(config) => config,
         Err(error) => {
             for line in error.to_string().lines() {

@@ -106,6 +106,112 @@ upstream = "cor"
     }
 }
 
+/// Runs `tollgate check` on `path`; fails the test if it has not exited within 10 s (it is
+/// killed then, so a check that blocks fails instead of hanging the suite). Returns the exit
+/// code and stderr.
+fn check_within_10s(path: &std::path::Path) -> (Option<i32>, String) {
+    let mut child = tollgate()
+        .arg("check")
+        .arg("--config")
+        .arg(path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("`tollgate check --config {}` blocked", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_a_fifo_at_once_instead_of_blocking() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("tollgate.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, stderr) = check_within_10s(&fifo);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}: cannot read config: not a regular file (a FIFO)",
+            fifo.display()
+        )),
+        "{stderr}"
+    );
+}
+
+/// What `check` says about a duplicate key, an integer past 64 bits, a UTF-16 or binary
+/// file, and a route prefix no request can match.
+#[test]
+fn check_says_what_is_wrong_with_files_and_values_it_cannot_take() {
+    let route = "[[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n";
+    let utf16: Vec<u8> = std::iter::once(0xFEFF_u16)
+        .chain(format!("[server]\nworkers = 1\n{route}").encode_utf16())
+        .flat_map(u16::to_le_bytes)
+        .collect();
+    let mut binary = b"[server]\nworkers = 1\n".to_vec();
+    binary.extend_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0, 0, 0]);
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "dup.toml",
+            format!(
+                "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 2\nlisten = \"127.0.0.1:2\"\n{route}"
+            )
+            .into_bytes(),
+            ":4:1: duplicate key `listen` (first defined at {p}:2:1); a key may be defined once",
+        ),
+        (
+            "big.toml",
+            format!("[plans.free]\nrequests_per_minute = 99999999999999999999\n{route}")
+                .into_bytes(),
+            ":2:23: `requests_per_minute`: 99999999999999999999 is too large; a whole number from 1 to 4294967295",
+        ),
+        (
+            "utf16.toml",
+            utf16,
+            ": cannot read config: the file is UTF-16 (it starts with a UTF-16 byte order mark, bytes 0-1); a config is UTF-8 text; save it as UTF-8",
+        ),
+        (
+            "binary.toml",
+            binary,
+            ": cannot read config: the file is binary, not text: a NUL byte at byte offset 28; a config is UTF-8 text; save it as UTF-8",
+        ),
+        (
+            "cafe.toml",
+            "[[routes]]\nprefix = \"/café/\"\nrespond = { status = 200 }\n"
+                .as_bytes()
+                .to_vec(),
+            ":2:10: route prefix \"/café/\" would match no request: it holds 'é', and clients send non-ASCII characters percent-encoded (a request path is ASCII); write it percent-encoded: \"/caf%C3%A9/\"",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (name, bytes, expected) in cases {
+        let path = dir.path().join(name);
+        std::fs::write(&path, bytes).unwrap();
+        let (code, stderr) = check_within_10s(&path);
+        let p = path.display().to_string();
+        let expected = format!("{p}{}\n{p}: 1 error\n", expected.replace("{p}", &p));
+        assert_eq!(code, Some(1), "{name}: {stderr}");
+        assert_eq!(stderr, expected, "{name}");
+    }
+}
+
 #[test]
 fn running_with_an_invalid_config_exits_1_with_the_errors() {
     let (_dir, path) = temp_config("bad.toml", "[server]\nlisten = 5\n");
@@ -365,6 +471,144 @@ async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
 
     signal(&child, "-TERM");
     assert_eq!(child.0.wait().unwrap().code(), Some(0));
+}
+
+/// A config for the gateway at `addr` (admin at `admin`) whose one route answers `body`;
+/// `server` lines are added to `[server]`. Its `[[routes]]` come last, after `[auth]`.
+fn served(addr: SocketAddr, admin: SocketAddr, server: &str, body: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{addr}\"\n{server}\n[admin]\nlisten = \"{admin}\"\n\
+         [auth]\nheader = \"X-Key\"\n\
+         [[routes]]\nprefix = \"/\"\nauth = false\nrespond = {{ status = 200, body = \"{body}\" }}\n"
+    )
+}
+
+/// `text` cut just after its `[auth]` table, as a file being written is seen half-way.
+fn cut_after_auth(text: &str) -> &str {
+    &text[..text.find("[[routes]]").expect("a route")]
+}
+
+const FAILED_RELOADS: &str = "tollgate_config_reloads_total{result=\"failed\"}";
+
+/// Asserts the gateway still serves `body` and is ready, once `failed` reloads are counted.
+async fn refused(addr: SocketAddr, admin: SocketAddr, failed: f64, body: &str) {
+    eventually(&format!("{failed} failed reloads counted"), || async {
+        metric(admin, FAILED_RELOADS).await >= failed
+    })
+    .await;
+    assert_eq!(
+        get(addr, "/x", &[]).await.text(),
+        body,
+        "the old routes serve"
+    );
+    let ready = get(admin, "/readyz", &[]).await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+}
+
+/// Ends the gateway with SIGTERM and returns its log.
+fn stop(child: ChildGuard, logs: std::thread::JoinHandle<String>) -> String {
+    signal(&child, "-TERM");
+    let logs = logs.join().unwrap();
+    drop(child);
+    logs
+}
+
+/// Under `server.watch`, a config file truncated (or cut after `[auth]`) is refused: no
+/// routes. The old routes keep serving, `/readyz` stays ready, the refusal is logged and
+/// counted, and the watcher, still on, picks up the good file written back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watched_config_cut_short_is_refused_and_the_next_good_one_applied() {
+    let (addr, admin) = (free_port(), free_port());
+    let good = |body: &str| served(addr, admin, "watch = true", body);
+    let (_dir, path) = temp_config("gw.toml", &good("one"));
+    let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
+    assert_eq!(get(addr, "/x", &[]).await.text(), "one");
+
+    std::fs::File::create(&path).unwrap(); // truncated
+    refused(addr, admin, 1.0, "one").await;
+    std::fs::write(&path, good("two")).unwrap();
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "two"
+    })
+    .await;
+
+    let failed = metric(admin, FAILED_RELOADS).await;
+    std::fs::write(&path, cut_after_auth(&good("three"))).unwrap();
+    refused(addr, admin, failed + 1.0, "two").await;
+    std::fs::write(&path, good("four")).unwrap();
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "four"
+    })
+    .await;
+
+    let logs = stop(child, logs);
+    assert!(
+        logs.contains("config reload rejected; keeping the running config")
+            && logs.contains(&format!("{}:1:1: no [[routes]]", path.display()))
+            && logs.contains(&format!("{}:8:1: no [[routes]]", path.display())),
+        "{logs}"
+    );
+}
+
+/// The same by SIGHUP: an empty file and one cut after `[auth]` are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_refuses_an_empty_config_and_one_cut_after_auth() {
+    let (addr, admin) = (free_port(), free_port());
+    let good = |body: &str| served(addr, admin, "", body);
+    let (_dir, path) = temp_config("gw.toml", &good("one"));
+    let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
+    assert_eq!(get(addr, "/x", &[]).await.text(), "one");
+
+    let cut = good("two");
+    for (n, text) in ["", cut_after_auth(&cut)].into_iter().enumerate() {
+        std::fs::write(&path, text).unwrap();
+        signal(&child, "-HUP");
+        refused(addr, admin, n as f64 + 1.0, "one").await;
+    }
+    std::fs::write(&path, good("three")).unwrap();
+    signal(&child, "-HUP");
+    eventually("the good file applied", || async {
+        get(addr, "/x", &[]).await.text() == "three"
+    })
+    .await;
+
+    let logs = stop(child, logs);
+    let p = path.display();
+    for expected in [
+        format!("{p}:1:1: no [[routes]]: every request would be answered 404 not_found"),
+        format!("{p}:8:1: no [[routes]]: every request would be answered 404 not_found"),
+    ] {
+        assert!(logs.contains(&expected), "{expected} not in:\n{logs}");
+    }
+}
+
+/// A config with no routes is an error for `check` (a reload would refuse it, and a gateway
+/// will not start with it), at the end of the file.
+#[test]
+fn check_and_start_refuse_a_config_with_no_routes() {
+    let (_dir, path) = temp_config(
+        "gw.toml",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[auth]\n",
+    );
+    let (code, stderr) = check_within_10s(&path);
+    let p = path.display();
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{p}:6:1: no [[routes]]: every request would be answered 404 not_found. tollgate does not start with such a config")),
+        "{stderr}"
+    );
+    let out = tollgate()
+        .arg("--config")
+        .arg(&path)
+        .args(["--log-format", "human"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [[routes]]"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

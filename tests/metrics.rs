@@ -248,7 +248,13 @@ async fn reloads_are_counted_and_the_config_hash_follows_the_file() {
     let (_, before) = scrape(gw.admin).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
-    std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\n").unwrap();
+    // A config a reload takes: the running one's listeners, and a route.
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+         [[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n",
+    )
+    .unwrap();
     tollgate::server::signals::reload(&path, &gw.gateway);
     std::fs::write(&path, "[server]\nlisten = 5\n").unwrap();
     tollgate::server::signals::reload(&path, &gw.gateway);

@@ -90,7 +90,12 @@ fn parse<T: serde::de::DeserializeOwned>(
     let mut doc = match DeTable::parse(src.text) {
         Ok(doc) => doc,
         Err(e) => {
-            issues.push(src.issue(e.span().unwrap_or(0..0), e.message().trim()));
+            let span = e.span().unwrap_or(0..0);
+            let message = match e.message().trim() {
+                "duplicate key" => duplicate_key(src, &span),
+                other => other.to_owned(),
+            };
+            issues.push(src.issue(span, message));
             return None;
         }
     };
@@ -132,6 +137,102 @@ fn parse<T: serde::de::DeserializeOwned>(
             Err(e) => e,
         };
     }
+}
+
+/// toml's "duplicate key", with the key and where it was first defined. toml knows that
+/// place but does not say it; the recovered document (which keeps the first definition) has
+/// it: the nearest key of that name before the duplicate, which is the one in the same table
+/// unless a nested table in between has a key of the same name.
+fn duplicate_key(src: &Source<'_>, span: &std::ops::Range<usize>) -> String {
+    let raw = src.text.get(span.clone()).unwrap_or("").trim();
+    let name = raw.trim_matches(|c| c == '"' || c == '\'');
+    let line_start = src.text[..span.start.min(src.text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let header = src.text[line_start..].trim_start().starts_with('[');
+    let what = if header { "table" } else { "key" };
+    let mut first: Option<std::ops::Range<usize>> = None;
+    if header {
+        // The recovered document holds the table under its second header: find the first
+        // header line of the same name instead.
+        let normal = |line: &str| -> String {
+            let line = line.split('#').next().unwrap_or("");
+            line.chars().filter(|c| !c.is_whitespace()).collect()
+        };
+        let end = src.text[line_start..]
+            .find('\n')
+            .map_or(src.text.len(), |i| line_start + i);
+        let wanted = normal(&src.text[line_start..end]);
+        let mut offset = 0;
+        for line in src.text[..line_start].split_inclusive('\n') {
+            if normal(line) == wanted {
+                let column = line.len() - line.trim_start().len();
+                first = Some(offset + column..offset + column);
+                break;
+            }
+            offset += line.len();
+        }
+    } else {
+        let (doc, _) = DeTable::parse_recoverable(src.text);
+        nearest_key_before(doc.get_ref(), name, span.start, &mut first);
+    }
+    match first {
+        Some(at) => {
+            let at = src.issue(at, "");
+            format!(
+                "duplicate {what} `{name}` (first defined at {}:{}:{}); a {what} may be defined once",
+                at.file.display(),
+                at.line,
+                at.column
+            )
+        }
+        None => format!("duplicate {what} `{name}`; a {what} may be defined once"),
+    }
+}
+
+/// The span of the last key named `name` that starts before `before`, anywhere in `table`.
+fn nearest_key_before(
+    table: &DeTable<'_>,
+    name: &str,
+    before: usize,
+    found: &mut Option<std::ops::Range<usize>>,
+) {
+    for (key, value) in table.iter() {
+        let span = key.span();
+        if key.get_ref() == name
+            && span.start < before
+            && found.as_ref().is_none_or(|f| f.start < span.start)
+        {
+            *found = Some(span);
+        }
+        nearest_in_value(value.get_ref(), name, before, found);
+    }
+}
+
+fn nearest_in_value(
+    value: &toml::de::DeValue<'_>,
+    name: &str,
+    before: usize,
+    found: &mut Option<std::ops::Range<usize>>,
+) {
+    match value {
+        toml::de::DeValue::Table(t) => nearest_key_before(t, name, before, found),
+        toml::de::DeValue::Array(items) => {
+            for item in items.iter() {
+                nearest_in_value(item.get_ref(), name, before, found);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The issue for a config with no routes (see `Config::load_to_serve`), at the end of the
+/// file: where routes would go, and where a file cut short ends.
+pub(super) fn no_routes(path: &Path, text: &str) -> ConfigIssue {
+    Source::new(path, text).issue(
+        text.len()..text.len(),
+        "no [[routes]]: every request would be answered 404 not_found. tollgate does not start with such a config, and a reload keeps the running one; if this file should have routes, it ends early (cut short, or read while it was being written)",
+    )
 }
 
 /// `[[keys]]` items per piece of a large keys file (a handful in unit tests, so that they
@@ -224,6 +325,9 @@ const DURATION_KEYS: [&str; 10] = [
 /// words name our types ("untagged enum OneOrMany") or miss the way to write it. `key` is the
 /// setting the value was under.
 fn explain(message: &str, key: Option<&str>) -> String {
+    if let Some(explained) = out_of_range(message, key) {
+        return explained;
+    }
     match key {
         Some(key) if message.contains("untagged enum OneOrMany") => {
             format!("`{key}` must be an address like \"0.0.0.0:8080\", or a list of them")
@@ -249,6 +353,52 @@ fn explain(message: &str, key: Option<&str>) -> String {
         }
         _ => message.to_owned(),
     }
+}
+
+/// The whole numbers each integer setting takes (after validation; serde's types are wider).
+fn integer_range(key: &str) -> Option<(i128, i128)> {
+    Some(match key {
+        "requests_per_minute"
+        | "burst"
+        | "requests_per_hour"
+        | "requests_per_day"
+        | "max_connections"
+        | "max_inflight"
+        | "rejections"
+        | "attempts" => (1, u32::MAX.into()),
+        "workers" => (0, MAX_WORKERS as i128),
+        "status" => (200, 599),
+        "max_header_bytes" => (1, MAX_HEADER_BYTES_CEILING.into()),
+        "max_body_bytes" => (1, i64::MAX.into()),
+        _ => return None,
+    })
+}
+
+/// serde's words for an integer its type cannot hold: "invalid type: integer `N` as i128"
+/// (past what TOML's 64 bits hold) or "invalid value: integer `N`, expected usize" (say, a
+/// negative `workers`), said as "too large" or "too small" with the range the setting takes.
+fn out_of_range(message: &str, key: Option<&str>) -> Option<String> {
+    let rest = message
+        .strip_prefix("invalid type: integer `")
+        .filter(|r| r.contains("` as i128"))
+        .or_else(|| message.strip_prefix("invalid value: integer `"))?;
+    let number = &rest[..rest.find('`')?];
+    let size = if number.starts_with('-') {
+        "too small"
+    } else {
+        "too large"
+    };
+    let (low, high) = key
+        .and_then(integer_range)
+        .unwrap_or((i64::MIN.into(), i64::MAX.into()));
+    let range = format!("a whole number from {low} to {high}");
+    Some(match (key, number.parse::<i128>()) {
+        (Some(key), Ok(n)) if (low..=high).contains(&n) => {
+            format!("`{key}`: {number} is not a valid value; {range}")
+        }
+        (Some(key), _) => format!("`{key}`: {number} is {size}; {range}"),
+        (None, _) => format!("{number} is {size}; {range}"),
+    })
 }
 
 /// A value taken out of a document: the key it was under, and the span of the table it was
@@ -375,20 +525,7 @@ pub(super) fn load(
 
     let keys_file_text;
     if let Some(keys_path) = config.auth.keys_file.clone() {
-        // A FIFO or device would block the reload that opens it.
-        let read_regular = |path: &Path| {
-            if path.exists() && !path.is_file() {
-                return Err(ConfigError::Read {
-                    path: path.to_owned(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::InvalidInput,
-                        "not a regular file",
-                    ),
-                });
-            }
-            read(path)
-        };
-        match read_regular(&keys_path) {
+        match read(&keys_path) {
             Ok(text) => {
                 keys_file_text = text;
                 let ksrc = Source::new(&keys_path, &keys_file_text);
@@ -1274,6 +1411,16 @@ impl Validator<'_, '_> {
                     .any(|b| b.is_ascii_control() || b == b' ' || b == b'?' || b == b'#')
             {
                 self.error(r.prefix.span(), format!("route prefix \"{prefix}\" must start with '/' and hold no spaces, '?' or '#'"));
+            } else if let Some((c, encoded)) = unmatchable(prefix) {
+                let why = if c.is_ascii() {
+                    "requests with it unencoded in the path are refused (400)"
+                } else {
+                    "clients send non-ASCII characters percent-encoded (a request path is ASCII)"
+                };
+                self.error(
+                    r.prefix.span(),
+                    format!("route prefix \"{prefix}\" would match no request: it holds '{c}', and {why}; write it percent-encoded: \"{encoded}\""),
+                );
             }
             if prefixes.insert(prefix, ()).is_some() {
                 self.error(
@@ -1387,6 +1534,27 @@ impl Validator<'_, '_> {
             content_type,
         })
     }
+}
+
+/// When a route prefix holds characters no request path holds as they are, the first of
+/// them and the prefix with each percent-encoded (upper-case hex, RFC 3986's normal form):
+/// non-ASCII characters, which clients percent-encode, and `<`, `>` and `` ` ``, which the
+/// request parser refuses unencoded.
+fn unmatchable(prefix: &str) -> Option<(char, String)> {
+    use std::fmt::Write;
+    let never = |c: char| !c.is_ascii() || matches!(c, '<' | '>' | '`');
+    let first = prefix.chars().find(|&c| never(c))?;
+    let mut encoded = String::with_capacity(prefix.len() * 3);
+    for c in prefix.chars() {
+        if never(c) {
+            for b in c.encode_utf8(&mut [0; 4]).bytes() {
+                let _ = write!(encoded, "%{b:02X}");
+            }
+        } else {
+            encoded.push(c);
+        }
+    }
+    Some((first, encoded))
 }
 
 /// `[A-Za-z0-9._:-]{1,max}`: ids that are safe in logs, metrics labels and headers.
@@ -1703,6 +1871,36 @@ mod tests {
             3,
             "a port from 1 to 65535",
         ),
+        (
+            "[server]\nlisten = \"127.0.0.1:1\"\nworkers = 2\nlisten = \"127.0.0.1:2\"",
+            4,
+            "duplicate key `listen` (first defined at t.toml:2:1)",
+        ),
+        (
+            "[server]\nworkers = 1\n[admin]\n[ server ] # again\nworkers = 2",
+            4,
+            "duplicate table `server` (first defined at t.toml:1:1)",
+        ),
+        (
+            "[plans.free]\nrequests_per_minute = 99999999999999999999",
+            2,
+            "`requests_per_minute`: 99999999999999999999 is too large; a whole number from 1 to 4294967295",
+        ),
+        (
+            "[server]\nworkers = -1",
+            2,
+            "`workers`: -1 is too small; a whole number from 0 to 1024",
+        ),
+        (
+            "[[routes]]\nprefix = \"/café/\"\nrespond = { status = 200 }",
+            2,
+            "route prefix \"/café/\" would match no request: it holds 'é', and clients send non-ASCII characters percent-encoded (a request path is ASCII); write it percent-encoded: \"/caf%C3%A9/\"",
+        ),
+        (
+            "[[routes]]\nprefix = \"/a<b>/\"\nrespond = { status = 200 }",
+            2,
+            "it holds '<', and requests with it unencoded in the path are refused (400); write it percent-encoded: \"/a%3Cb%3E/\"",
+        ),
     ];
 
     #[test]
@@ -1833,6 +2031,71 @@ mod tests {
             let found = issues(text);
             assert!(
                 found.len() == 1 && found[0].line == 2 && found[0].message.contains(fragment),
+                "{text}: {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_duplicate_names_the_key_and_where_it_was_first_defined() {
+        for (text, expected) in [
+            // The same name in another table earlier is not the first definition.
+            (
+                "[admin]\nlisten = \"127.0.0.1:1\"\n[server]\nlisten = \"127.0.0.1:2\"\nlisten = \"127.0.0.1:3\"",
+                (5, "duplicate key `listen` (first defined at t.toml:4:1)"),
+            ),
+            // In an array of tables: the item's own key, not the previous item's.
+            (
+                "[[routes]]\nprefix = \"/a\"\n[[routes]]\nprefix = \"/b\"\nprefix = \"/c\"",
+                (5, "duplicate key `prefix` (first defined at t.toml:4:1)"),
+            ),
+            (
+                "[[routes]]\nprefix = \"/\"\nrespond = { status = 200, status = 201 }",
+                (3, "duplicate key `status` (first defined at t.toml:3:13)"),
+            ),
+            (
+                "[server]\n\"workers\" = 1\nworkers = 2",
+                (3, "duplicate key `workers` (first defined at t.toml:2:1)"),
+            ),
+        ] {
+            let found = issues(text);
+            assert!(
+                found.len() == 1
+                    && found[0].line == expected.0
+                    && found[0].message.starts_with(expected.1),
+                "{text}: {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn integers_out_of_range_say_so_with_the_range() {
+        for (text, expected) in [
+            (
+                "[plans.free]\nrequests_per_minute = -99999999999999999999",
+                "`requests_per_minute`: -99999999999999999999 is too small; a whole number from 1 to 4294967295",
+            ),
+            (
+                "[server]\nworkers = 99999999999999999999",
+                "`workers`: 99999999999999999999 is too large; a whole number from 0 to 1024",
+            ),
+            (
+                "[server]\nmax_body_bytes = 99999999999999999999",
+                "`max_body_bytes`: 99999999999999999999 is too large; a whole number from 1 to 9223372036854775807",
+            ),
+            (
+                "[[routes]]\nprefix = \"/\"\nrespond = { status = 99999999999999999999 }",
+                "`status`: 99999999999999999999 is too large; a whole number from 200 to 599",
+            ),
+            (
+                "[errors]\nfields = { n = 99999999999999999999 }",
+                "99999999999999999999 is too large; a whole number from -9223372036854775808 to 9223372036854775807",
+            ),
+        ] {
+            let found = issues(text);
+            assert!(
+                found.iter().any(|i| i.line == 2 || i.line == 3)
+                    && found.iter().any(|i| i.message.ends_with(expected)),
                 "{text}: {found:#?}"
             );
         }

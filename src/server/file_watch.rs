@@ -2,8 +2,9 @@
 //!
 //! Polls both files' modification time and length every [`WATCH_INTERVAL`] (no inotify
 //! dependency; one `stat` per file per second is nothing). A change runs the same reload as
-//! SIGHUP: parse and validate here, off the request path, then swap. Whether to watch is read
-//! from the running config at every tick, so a reload can turn it on or off.
+//! SIGHUP: parse and validate here, off the request path, then swap, or refuse the file and
+//! keep watching. `server.watch` takes a restart (a reload that changes it is refused), so a
+//! file cut short can never turn the watcher off.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,20 +24,21 @@ fn stamp(path: &Path) -> Stamp {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn stamps(path: &Path, gateway: &Gateway) -> (Stamp, Stamp) {
-    let keys_file = gateway.snapshot().config.auth.keys_file.clone();
-    (stamp(path), keys_file.as_deref().and_then(stamp))
+fn keys_file(gateway: &Gateway) -> Option<PathBuf> {
+    gateway.snapshot().config.auth.keys_file.clone()
 }
 
 /// Reloads `path` into `gateway` whenever it or its keys file changes, while the running
 /// config has `server.watch = true`. Checks every `every`; never returns.
 pub async fn reload_on_change(path: PathBuf, gateway: Arc<Gateway>, every: Duration) {
-    let mut seen = stamps(&path, &gateway);
+    let mut keys = keys_file(&gateway);
+    let stamps = |keys: &Option<PathBuf>| (stamp(&path), keys.as_deref().and_then(stamp));
+    let mut seen = stamps(&keys);
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         interval.tick().await;
-        let now = stamps(&path, &gateway);
+        let now = stamps(&keys);
         if now == seen {
             continue;
         }
@@ -46,7 +48,13 @@ pub async fn reload_on_change(path: PathBuf, gateway: Arc<Gateway>, every: Durat
         }
         tracing::info!(path = %path.display(), "config or keys file changed; reloading");
         signals::reload_in_background(&path, &gateway).await;
-        // The reload may have named a different keys file.
-        seen = stamps(&path, &gateway);
+        // `seen` stays what was stamped before the reload: a file written while the reload
+        // read it (a truncated file filled in, say) differs at the next tick and is read
+        // again. Only a keys file the reload newly named is stamped afresh.
+        let named = keys_file(&gateway);
+        if named != keys {
+            keys = named;
+            seen.1 = keys.as_deref().and_then(stamp);
+        }
     }
 }

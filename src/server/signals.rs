@@ -25,8 +25,8 @@ pub fn catch_sighup() -> std::io::Result<Signal> {
 }
 
 /// Reloads `path` into `gateway` on every SIGHUP caught by `hup` (one that came before this
-/// started is handled at once). An invalid file is logged with every error and the running
-/// config stays.
+/// started is handled at once). A file [`reload`] refuses is logged and the running config
+/// stays.
 pub async fn reload_on_sighup(mut hup: Signal, path: PathBuf, gateway: Arc<Gateway>) {
     while hup.recv().await.is_some() {
         reload_in_background(&path, &gateway).await;
@@ -54,6 +54,9 @@ pub async fn reload_in_background(path: &std::path::Path, gateway: &Arc<Gateway>
 pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     let (a, b) = (&old.server, &new.server);
     [
+        // A reload that turned it off (an empty file reads as `watch = false`) would stop the
+        // watcher that is to pick up the fixed file.
+        ("server.watch", a.watch != b.watch),
         ("server.listen", a.listen != b.listen),
         ("admin.listen", old.admin.listen != new.admin.listen),
         ("server.workers", a.workers != b.workers),
@@ -88,21 +91,16 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
     .collect()
 }
 
-/// Loads, validates and swaps in the config at `path`.
+/// Loads, validates and swaps in the config at `path`, all of it or none of it. The running
+/// config stays, and the attempt is logged with why and counted as a `failed` reload, when
+/// the file is invalid, has no routes (see [`Config::load_to_serve`]: a file cut short), or
+/// changes a setting that takes a restart ([`restart_only_changes`]). Applying the rest of
+/// such a file would leave the gateway running neither the old file nor the new one; nginx
+/// rolls back a reload it cannot complete, and Envoy rejects a config update it cannot apply,
+/// in the same way.
 pub fn reload(path: &std::path::Path, gateway: &Gateway) {
-    match Config::load(path) {
-        Ok(config) => {
-            let old = gateway.snapshot();
-            let stay = restart_only_changes(&old.config, &config);
-            if !stay.is_empty() {
-                tracing::warn!(
-                    settings = stay.join(", "),
-                    "config reloaded, but these settings take a restart; the listeners keep their running values (README: Operations)"
-                );
-            }
-            gateway.reload(config);
-            tracing::info!(path = %path.display(), "config reloaded");
-        }
+    let config = match Config::load_to_serve(path) {
+        Ok(config) => config,
         Err(error) => {
             gateway.metrics().reload(false);
             for line in error.to_string().lines() {
@@ -111,8 +109,21 @@ pub fn reload(path: &std::path::Path, gateway: &Gateway) {
                     "config reload rejected; keeping the running config"
                 );
             }
+            return;
         }
+    };
+    let stay = restart_only_changes(&gateway.snapshot().config, &config);
+    if !stay.is_empty() {
+        gateway.metrics().reload(false);
+        tracing::error!(
+            path = %path.display(),
+            settings = stay.join(", "),
+            "config reload rejected: these settings take a restart, and a reload applies all of the file or none of it; keeping the running config (restart to apply the file)"
+        );
+        return;
     }
+    gateway.reload(config);
+    tracing::info!(path = %path.display(), "config reloaded");
 }
 
 #[cfg(test)]
@@ -133,11 +144,12 @@ mod tests {
             "max_body_bytes applies at once"
         );
         let new = config(
-            "idle_timeout = \"5s\"\nmax_connections = 10\nworkers = 3\nmax_body_bytes = \"1MiB\"",
+            "idle_timeout = \"5s\"\nmax_connections = 10\nworkers = 3\nmax_body_bytes = \"1MiB\"\nwatch = true",
         );
         assert_eq!(
             restart_only_changes(&old, &new),
             [
+                "server.watch",
                 "server.workers",
                 "server.idle_timeout",
                 "server.max_connections"

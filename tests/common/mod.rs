@@ -447,3 +447,26 @@ pub fn assert_retry_after(reply: &Reply) -> u64 {
     assert!(secs >= 1, "Retry-After {secs}: {reply:?}");
     secs
 }
+
+/// Polls `check` every 50 ms until it holds; fails the test naming `what` after 10 s.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < Duration::from_secs(10), "never: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one series on `admin`'s `/metrics`, written as exposed (`name{label="v"}`),
+/// or 0 when it is not there.
+pub async fn metric(admin: SocketAddr, series: &str) -> f64 {
+    let text = get(admin, "/metrics", &[]).await.text();
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
