@@ -74,8 +74,11 @@ impl LogThrottle {
 /// map is copied only to add a throttle.
 #[derive(Debug, Default)]
 pub struct LogThrottles {
-    by_kind: ArcSwap<HashMap<&'static str, HashMap<Box<str>, Arc<LogThrottle>>>>,
+    by_kind: ArcSwap<HashMap<&'static str, BySubject>>,
 }
+
+/// One kind's throttles, by subject.
+type BySubject = HashMap<Box<str>, Arc<LogThrottle>>;
 
 impl LogThrottles {
     /// [`LogThrottle::admit`] on the throttle of `kind` and `subject`.
