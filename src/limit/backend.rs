@@ -184,7 +184,7 @@ impl Guarded {
             Err(_) => format!("no answer within {timeout:?}"),
         };
         if !self.outage_logged.load(Ordering::Relaxed)
-            && let Some(suppressed) = self.warning.admit()
+            && let Some(suppressed) = self.warning.readmit()
         {
             self.outage_logged.store(true, Ordering::Relaxed);
             tracing::warn!(

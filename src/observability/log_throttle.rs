@@ -42,11 +42,18 @@ impl LogThrottle {
     /// `Some(n)`: write the line now, with `n`, the number of lines left out since the last
     /// one; `None`: leave it out (it is counted for the next).
     pub fn admit(&self) -> Option<u64> {
-        self.admit_at(ORIGIN.elapsed())
+        self.admit_at(ORIGIN.elapsed(), true)
     }
 
-    /// [`admit`](Self::admit) at `now`, a time since [`ORIGIN`].
-    fn admit_at(&self, now: Duration) -> Option<u64> {
+    /// [`admit`](Self::admit) for a line already counted as left out, tried again later (the
+    /// Redis outage warning, until it is written): a refusal is not counted a second time.
+    pub fn readmit(&self) -> Option<u64> {
+        self.admit_at(ORIGIN.elapsed(), false)
+    }
+
+    /// [`admit`](Self::admit) at `now`, a time since [`ORIGIN`]; a refusal is counted if
+    /// `count`.
+    fn admit_at(&self, now: Duration, count: bool) -> Option<u64> {
         let now = now.as_millis() as u64;
         let next = self.next_ms.load(Ordering::Relaxed);
         // Of callers racing at the end of a period, the one whose swap lands writes the line.
@@ -63,7 +70,9 @@ impl LogThrottle {
         {
             return Some(self.suppressed.swap(0, Ordering::Relaxed));
         }
-        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        if count {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
         None
     }
 }
@@ -117,27 +126,41 @@ mod tests {
     #[test]
     fn one_line_a_period_carrying_the_count_left_out() {
         let throttle = LogThrottle::new();
-        assert_eq!(throttle.admit_at(ms(5_000)), Some(0), "the first line");
+        assert_eq!(
+            throttle.admit_at(ms(5_000), true),
+            Some(0),
+            "the first line"
+        );
         for at in [5_000, 5_001, 5_500, 5_999] {
-            assert_eq!(throttle.admit_at(ms(at)), None, "{at} ms");
+            assert_eq!(throttle.admit_at(ms(at), true), None, "{at} ms");
         }
         assert_eq!(
-            throttle.admit_at(ms(6_000)),
+            throttle.admit_at(ms(6_000), true),
             Some(4),
             "a period on, with the 4 left out"
         );
-        assert_eq!(throttle.admit_at(ms(6_999)), None);
+        assert_eq!(throttle.admit_at(ms(6_999), true), None);
         assert_eq!(
-            throttle.admit_at(ms(60_000)),
+            throttle.admit_at(ms(60_000), true),
             Some(1),
             "after a quiet spell at once"
         );
-        assert_eq!(throttle.admit_at(ms(60_001)), None);
+        assert_eq!(throttle.admit_at(ms(60_001), true), None);
+    }
+
+    #[test]
+    fn a_line_tried_again_is_not_counted_again() {
+        let throttle = LogThrottle::new();
+        assert_eq!(throttle.admit_at(ms(0), true), Some(0));
+        assert_eq!(throttle.admit_at(ms(10), true), None, "left out, counted");
+        assert_eq!(throttle.admit_at(ms(20), false), None, "tried again");
+        assert_eq!(throttle.admit_at(ms(30), false), None, "and again");
+        assert_eq!(throttle.admit_at(ms(1_000), false), Some(1), "counted once");
     }
 
     #[test]
     fn a_line_at_the_start_of_the_clock() {
-        assert_eq!(LogThrottle::new().admit_at(ms(0)), Some(0));
+        assert_eq!(LogThrottle::new().admit_at(ms(0), true), Some(0));
     }
 
     #[test]
@@ -171,7 +194,7 @@ mod tests {
                 .map(|_| {
                     scope.spawn(|| {
                         (0..1_000)
-                            .filter(|_| throttle.admit_at(ms(10)).is_some())
+                            .filter(|_| throttle.admit_at(ms(10), true).is_some())
                             .count()
                     })
                 })
@@ -182,6 +205,6 @@ mod tests {
                 .sum::<usize>()
         });
         assert_eq!(written, 1);
-        assert_eq!(throttle.admit_at(ms(1_010)), Some(3_999));
+        assert_eq!(throttle.admit_at(ms(1_010), true), Some(3_999));
     }
 }
