@@ -410,28 +410,40 @@ impl Gateway {
     }
 }
 
-/// One warning per upstream failure: kind (like Envoy's response flags), status, upstream.
+/// A line per upstream failure: kind (like Envoy's response flags), status, upstream; at most
+/// one a second per kind and upstream, with the number left out since the last one
+/// (`suppressed`): an overloaded or failing upstream fails every request, and a line for each
+/// would flood the log. Metrics count every failure.
 fn log_upstream_failure(error: &GatewayError, upstream: &Upstream) {
     let status = error.status().as_u16();
     let name = upstream.config.name.as_str();
+    // Throttled by the metrics' kind label (`status_503` for the upstream's own 503).
+    let Some(kind) =
+        upstream_failure_kind(error).or_else(|| error.failure_kind().map(|kind| kind.as_str()))
+    else {
+        return;
+    };
+    let Some(suppressed) =
+        crate::observability::log_throttle::upstream_failures().admit(kind, name)
+    else {
+        return;
+    };
     match error {
         GatewayError::UpstreamStatus { .. } => {
             tracing::info!(
                 status,
                 upstream = name,
+                suppressed,
                 "upstream answered with a gateway error; body replaced by an envelope"
             )
         }
-        _ => {
-            if let Some(kind) = error.failure_kind() {
-                tracing::warn!(
-                    kind = kind.as_str(),
-                    status,
-                    upstream = name,
-                    "upstream failure"
-                );
-            }
-        }
+        _ => tracing::warn!(
+            kind,
+            status,
+            upstream = name,
+            suppressed,
+            "upstream failure"
+        ),
     }
 }
 

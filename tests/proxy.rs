@@ -1396,3 +1396,119 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         redact(&line.to_string())
     );
 }
+
+/// Overload and maintenance 503s come in floods (every request while an upstream is saturated
+/// or switched off): the warning is written at most once a second per kind and upstream, each
+/// line counting the ones left out before it (`suppressed`), so the lines still account for
+/// every failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
+    // Holds every request: with max_inflight = 1 the first one keeps the only slot.
+    let (slow, accepted) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"busy\"\nurl = \"http://{slow}\"\nmax_inflight = 1\n\
+             timeout = \"60s\"\n\
+             [[upstreams]]\nname = \"off\"\nurl = \"http://{slow}\"\nmaintenance = true\n\
+             [[routes]]\nprefix = \"/busy/\"\nupstream = \"busy\"\nauth = false\n\
+             [[routes]]\nprefix = \"/off/\"\nupstream = \"off\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr in {listening}"))
+        .parse()
+        .unwrap();
+    // Takes the slot: the request is sent, its answer never awaited.
+    let mut holder = TcpStream::connect(addr).await.unwrap();
+    holder
+        .write_all(b"GET /busy/hold HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while accepted.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slot is never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // 2.5 s of both floods, then after a quiet second one more of each: its line carries the
+    // count of the last second of the flood.
+    let flood_started = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut failed = 0;
+                while flood_started.elapsed() < Duration::from_millis(2_500) {
+                    for path in ["/busy/x", "/off/x"] {
+                        assert_eq!(get(addr, path, &[]).await.status, 503, "{path}");
+                        failed += 1;
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut each = 0;
+    for task in tasks {
+        each += task.await.unwrap() / 2;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for path in ["/busy/x", "/off/x"] {
+        assert_eq!(get(addr, path, &[]).await.status, 503, "{path}");
+    }
+    each += 1;
+    let span = flood_started.elapsed();
+
+    // (lines, failures they account for) of `kind` on `upstream`.
+    let logged = |kind: &str, upstream: &str| {
+        let lines = process.lines.lock().unwrap();
+        let mine: Vec<serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "upstream failure" && v["upstream"] == upstream)
+            .collect();
+        for v in &mine {
+            assert_eq!(v["kind"], kind, "{v}");
+            assert_eq!(v["level"], "WARN", "{v}");
+            assert!(v["span"]["request_id"].is_string(), "{v}");
+        }
+        let accounted: u64 = mine
+            .iter()
+            .map(|v| 1 + v["suppressed"].as_u64().unwrap_or(0))
+            .sum();
+        (mine.len(), accounted)
+    };
+    for (kind, upstream) in [("overloaded", "busy"), ("maintenance", "off")] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while logged(kind, upstream).1 < each && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (lines, accounted) = logged(kind, upstream);
+        eprintln!("{upstream}: {each} failures in {span:?}, {lines} lines");
+        assert!(each >= 50, "a flood of {each} failures only");
+        assert_eq!(
+            accounted, each,
+            "{upstream}: the lines' counts add up to the failures"
+        );
+        assert!(
+            lines as u64 <= span.as_secs() + 2,
+            "{lines} lines for {each} {kind} failures in {span:?}: more than one a second"
+        );
+    }
+}

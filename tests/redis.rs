@@ -218,7 +218,7 @@ fn state_key(conn: &mut redis::Connection, id: &str, window: &str) -> Option<Str
     keys.into_iter().next()
 }
 
-/// Waits (breaker cool-off, reconnect) until a request is decided by Redis again: the key's
+/// Waits (breaker probes, reconnect) until a request is decided by Redis again: the key's
 /// minute bucket exists in Redis after it. Returns that request's status.
 async fn until_redis_decides(redis: &RedisServer, addr: SocketAddr) -> u16 {
     let mut conn = redis.connection();
@@ -503,10 +503,94 @@ async fn a_restarted_redis_decides_at_once_even_for_an_idle_instance() {
     redis.kill();
     assert_eq!(with_key(gw.addr, KEY_A).await.status, 503);
     redis.restart();
-    // No requests now: only the background probe (every 2 s) can find Redis back.
-    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    // No requests now: only the background probes can find Redis back.
+    tokio::time::sleep(
+        tollgate::limit::breaker::MAX_PROBE_INTERVAL * 2 + Duration::from_millis(500),
+    )
+    .await;
     let r = with_key(gw.addr, KEY_A).await;
     assert_eq!(r.status, 200, "idle through the outage: {}", r.shown());
+}
+
+/// A 1 s Redis outage under `deny`, the realistic kind (the server killed and started again
+/// on the same port), with requests at a steady rate throughout: the 503s end at most one
+/// probe interval after Redis answers again, so the first probe after it is back must find it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_outage_denies_for_at_most_the_outage_and_one_probe_interval() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tollgate::limit::breaker::MAX_PROBE_INTERVAL;
+
+    let mut redis = RedisServer::start();
+    // Short, as in production (the default is 20 ms), so the request that finds Redis gone
+    // gives up before the connection's own reconnect attempts end; far above a loaded host's
+    // scheduling delays, so no healthy reply counts as a failure.
+    let gw = gateway(
+        &redis,
+        60_000,
+        60_000,
+        "on_backend_error = \"deny\"\nbackend_timeout = \"150ms\"",
+    )
+    .await;
+    let addr = gw.addr;
+    let start = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut sent = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let at = start.elapsed();
+                sent.push((at, with_key(addr, KEY_A).await.status));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            sent
+        }
+    });
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = start.elapsed();
+    tokio::task::block_in_place(|| redis.kill());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokio::task::block_in_place(|| redis.restart());
+    let back = start.elapsed();
+    tokio::time::sleep(MAX_PROBE_INTERVAL + Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.await.unwrap();
+
+    let others: Vec<_> = sent
+        .iter()
+        .filter(|(_, s)| *s != 200 && *s != 503)
+        .collect();
+    assert!(others.is_empty(), "only 200 or 503: {others:?}");
+    let denied: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, s)| *s == 503)
+        .map(|(at, _)| *at)
+        .collect();
+    let (Some(first), Some(last)) = (denied.first(), denied.last()) else {
+        panic!("no 503 at all: the outage went unnoticed");
+    };
+    assert!(*first >= killed, "a 503 before the outage at {first:?}");
+    let outage = back - killed;
+    let denying = *last - killed;
+    eprintln!(
+        "outage {outage:?}; 503s for {denying:?} after the kill ({} of {} requests)",
+        denied.len(),
+        sent.len()
+    );
+    let slack = Duration::from_millis(300);
+    assert!(
+        denying <= outage + MAX_PROBE_INTERVAL + slack,
+        "503s for {denying:?} after a {outage:?} outage: more than the outage, one probe \
+         interval ({MAX_PROBE_INTERVAL:?}) and {slack:?}"
+    );
+    let after: Vec<u16> = sent
+        .iter()
+        .filter(|(at, _)| *at > *last)
+        .map(|(_, s)| *s)
+        .collect();
+    assert!(after.len() >= 20 && after.iter().all(|s| *s == 200));
 }
 
 /// Shadow mode rejects nothing for rate limits: with Redis down and `deny`, requests pass.
@@ -548,7 +632,7 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     let started = Instant::now();
     let (statuses, outage) = burst_of(gw.addr, 50).await;
     let elapsed = started.elapsed();
-    // Past the cool-off the breaker probes Redis in the background: still no request waits.
+    // Past several probes (in the background): still no request waits.
     tokio::time::sleep(Duration::from_millis(2_100)).await;
     let (later_statuses, later) = burst_of(gw.addr, 20).await;
     assert_eq!(count(&later_statuses, 200), 20);
@@ -587,7 +671,7 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
         "every request of the outage was decided in process"
     );
 
-    // Redis answers again: decisions come from it after the cool-off.
+    // Redis answers again: decisions come from it after a probe.
     let mut conn = redis.connection();
     if let Some(key) = state_key(&mut conn, "a", "minute") {
         let _: () = redis::cmd("DEL").arg(key).query(&mut conn).unwrap();
@@ -599,7 +683,7 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
 
 /// A Redis that answers PING but cannot run the script (a read-only replica after a
 /// failover): the breaker's probe runs the script itself, so it stays open instead of closing
-/// every cool-off only for the next request to fail again.
+/// at every probe only for the next request to fail again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
     let redis = RedisServer::start();
@@ -622,7 +706,7 @@ async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
         .arg("1")
         .query(&mut conn)
         .unwrap();
-    // Two cool-offs and more of steady traffic, all decided in process.
+    // Several probes' worth of steady traffic, all decided in process.
     let until = Instant::now() + Duration::from_millis(4_600);
     while Instant::now() < until {
         assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);

@@ -2,20 +2,24 @@
 //! every instance. The request path calls [`LimiterBackend::check`] and does not know which.
 //!
 //! With Redis, each call is bounded by `limits.backend_timeout`; an error or timeout opens a
-//! [`Breaker`] until a background probe (every [`DEFAULT_COOL_OFF`]) finds Redis answering,
-//! and meanwhile `limits.on_backend_error` decides requests: the key's in-process buckets
-//! (`local`), admit (`allow`) or 503 (`deny`). Per-client-IP buckets (`plans.anonymous`) and
-//! the IP tripwires are always local.
+//! [`Breaker`] until a background probe ([`probe_waits`]: soon after the failure, then at
+//! most every [`MAX_PROBE_INTERVAL`](crate::limit::breaker::MAX_PROBE_INTERVAL)) finds Redis
+//! answering, and meanwhile `limits.on_backend_error` decides requests: the key's in-process
+//! buckets (`local`), admit (`allow`) or 503 (`deny`). Per-client-IP buckets
+//! (`plans.anonymous`) and the IP tripwires are always local.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig};
 use crate::error::{FailureKind, GatewayError};
-use crate::limit::breaker::{Breaker, DEFAULT_COOL_OFF};
+use crate::limit::breaker::{Breaker, probe_waits};
 use crate::limit::redis::RedisLimiter;
 use crate::limit::{Decision, Limiter};
+use crate::observability::log_throttle::LogThrottle;
 use crate::observability::metrics::Metrics;
 
 /// `Retry-After` of the 503 `on_backend_error = "deny"` answers with.
@@ -39,6 +43,20 @@ pub struct Guarded {
     /// probe slower than requests may be would close the breaker only for requests to time
     /// out again.
     probe_timeout: AtomicU64,
+    /// Wakes the prober when an outage begins, and when this is dropped (so that it ends).
+    outage_began: Arc<Notify>,
+    /// The outage warning's: one line a second however fast Redis flaps.
+    warning: LogThrottle,
+    /// Whether the current outage's warning was written. One left out is written by the
+    /// prober once the throttle allows (the log must not go quiet about an outage that
+    /// lasts), and the end of an outage never mentioned is not logged either.
+    outage_logged: AtomicBool,
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        self.outage_began.notify_one();
+    }
 }
 
 impl LimiterBackend {
@@ -56,6 +74,9 @@ impl LimiterBackend {
                         redis: RedisLimiter::new(&limits.redis_url),
                         breaker: Breaker::default(),
                         probe_timeout: AtomicU64::new(0),
+                        outage_began: Arc::new(Notify::new()),
+                        warning: LogThrottle::new(),
+                        outage_logged: AtomicBool::new(false),
                     }),
                 };
                 guarded
@@ -99,7 +120,7 @@ impl Guarded {
                 {
                     Ok(Ok(decision)) => {
                         if self.breaker.success() {
-                            tracing::info!("redis limiter backend answering again");
+                            self.log_recovery();
                         }
                         return Ok(Some(decision));
                     }
@@ -107,15 +128,20 @@ impl Guarded {
                     Err(_) => format!("no answer within {:?}", limits.backend_timeout),
                 };
             metrics.backend_error();
-            // One warning per outage, not one per request; failed probes are debug.
+            // One warning per outage at most, not one per request; failed probes are debug.
             if self.breaker.failure() {
                 self.start_prober();
-                tracing::warn!(
-                    %error,
-                    on_backend_error = policy_name(limits.on_backend_error),
-                    cool_off = ?DEFAULT_COOL_OFF,
-                    "redis limiter backend failed; deciding by on_backend_error until it answers"
-                );
+                self.outage_began.notify_one();
+                let logged = self.warning.admit().map(|suppressed| {
+                    tracing::warn!(
+                        %error,
+                        on_backend_error = policy_name(limits.on_backend_error),
+                        suppressed,
+                        "redis limiter backend failed; deciding by on_backend_error until it answers"
+                    )
+                });
+                self.outage_logged
+                    .store(logged.is_some(), Ordering::Relaxed);
             } else {
                 tracing::debug!(%error, "redis limiter backend still failing");
             }
@@ -133,36 +159,64 @@ impl Guarded {
         }
     }
 
-    /// Starts, once, the task that probes Redis every cool-off while the breaker is open.
-    /// It holds the backend weakly and ends with it (a reload to another URL).
+    /// Starts, once, the task that probes Redis while the breaker is open. It holds the
+    /// backend weakly and ends with it (a reload to another URL).
     fn start_prober(self: &Arc<Self>) {
         if self.breaker.start_prober() {
-            tokio::spawn(probe_while_open(Arc::downgrade(self)));
+            tokio::spawn(probe_while_open(
+                Arc::downgrade(self),
+                self.outage_began.clone(),
+            ));
+        }
+    }
+
+    /// One probe; true when Redis answered and the breaker is closed.
+    async fn probe(&self) -> bool {
+        let timeout = Duration::from_nanos(self.probe_timeout.load(Ordering::Relaxed));
+        let error = match tokio::time::timeout(timeout, self.redis.probe()).await {
+            Ok(Ok(())) => {
+                if self.breaker.success() {
+                    self.log_recovery();
+                }
+                return true;
+            }
+            Ok(Err(error)) => error.to_string(),
+            Err(_) => format!("no answer within {timeout:?}"),
+        };
+        if !self.outage_logged.load(Ordering::Relaxed)
+            && let Some(suppressed) = self.warning.readmit()
+        {
+            self.outage_logged.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                %error,
+                suppressed,
+                "redis limiter backend failed; deciding by on_backend_error until it answers"
+            );
+        } else {
+            tracing::debug!(%error, "redis limiter backend still failing");
+        }
+        false
+    }
+
+    fn log_recovery(&self) {
+        if self.outage_logged.swap(false, Ordering::Relaxed) {
+            tracing::info!("redis limiter backend answering again");
         }
     }
 }
 
-async fn probe_while_open(guarded: Weak<Guarded>) {
-    let mut ticks = tokio::time::interval(DEFAULT_COOL_OFF);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await; // the first tick is immediate: the failure was just seen
+/// Waits for each outage, then probes until Redis answers ([`probe_waits`]).
+async fn probe_while_open(guarded: Weak<Guarded>, outage_began: Arc<Notify>) {
     loop {
-        ticks.tick().await;
-        let Some(guarded) = guarded.upgrade() else {
-            return;
-        };
-        if guarded.breaker.is_healthy() {
-            continue;
-        }
-        let timeout = Duration::from_nanos(guarded.probe_timeout.load(Ordering::Relaxed));
-        match tokio::time::timeout(timeout, guarded.redis.probe()).await {
-            Ok(Ok(())) => {
-                if guarded.breaker.success() {
-                    tracing::info!("redis limiter backend answering again");
-                }
+        outage_began.notified().await;
+        for wait in probe_waits() {
+            tokio::time::sleep(wait).await;
+            let Some(guarded) = guarded.upgrade() else {
+                return;
+            };
+            if guarded.breaker.is_healthy() || guarded.probe().await {
+                break;
             }
-            Ok(Err(error)) => tracing::debug!(%error, "redis limiter backend still failing"),
-            Err(_) => tracing::debug!("redis limiter backend still not answering"),
         }
     }
 }

@@ -1,15 +1,21 @@
 //! A circuit breaker for the limiter backend. After a failure requests skip the backend (and
 //! `on_backend_error` decides them) until a probe finds it answering again. Probes run in the
-//! background every [`DEFAULT_COOL_OFF`], off the request path, so a dead Redis costs one
-//! `backend_timeout` per outage, not one per request; and an instance that is idle when Redis
-//! comes back is using it again within a cool-off, not only after its next request.
+//! background, off the request path: the first [`FIRST_PROBE_AFTER`] the outage began, each
+//! later one after twice the previous wait, up to [`MAX_PROBE_INTERVAL`]. So a dead Redis
+//! costs one `backend_timeout` per outage, not one per request; a restart (back within a
+//! second or so) is found soon after; and an instance that is idle when Redis comes back is
+//! using it again within a probe interval, not only after its next request.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-/// How often a failed backend is probed.
-pub const DEFAULT_COOL_OFF: Duration = Duration::from_secs(2);
+/// How long after an outage began the backend is first probed.
+pub const FIRST_PROBE_AFTER: Duration = Duration::from_millis(100);
 
+/// The longest wait between two probes: the most an outage outlasts Redis' return.
+pub const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Whether calls may go to the backend, and whether its background prober was started.
 #[derive(Debug)]
 pub struct Breaker {
     /// Whether the last call succeeded: while not, calls are skipped, and failures are
@@ -54,9 +60,26 @@ impl Breaker {
     }
 }
 
+/// The waits before each probe of one outage: [`FIRST_PROBE_AFTER`], then doubling up to
+/// [`MAX_PROBE_INTERVAL`].
+pub fn probe_waits() -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(FIRST_PROBE_AFTER), |wait| {
+        Some((*wait * 2).min(MAX_PROBE_INTERVAL))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn probes_start_soon_and_back_off_to_the_interval() {
+        let waits: Vec<u64> = probe_waits()
+            .take(7)
+            .map(|w| w.as_millis() as u64)
+            .collect();
+        assert_eq!(waits, [100, 200, 400, 800, 1000, 1000, 1000]);
+    }
 
     #[test]
     fn outages_begin_and_end_once() {

@@ -2,12 +2,15 @@
 //! bucket of a key atomically, so every gateway instance sharing the Redis sees one limit.
 //!
 //! The script is sent by `EVALSHA` (redis-rs [`Script`] loads it again on `NOSCRIPT`) over one
-//! multiplexed [`ConnectionManager`], which reconnects on its own. Keys are
+//! multiplexed [`ConnectionManager`], which reconnects on its own; the breaker's probe makes a
+//! new one and hands it to requests when it finds Redis back. Keys are
 //! `tollgate:{<key id>}:<window>:<limit>:<burst>` ([`redis_key`]): the hash tag puts all
 //! buckets of a key in one Redis Cluster slot, as a multi-key script requires.
 
-use std::sync::OnceLock;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, Script};
@@ -37,8 +40,9 @@ pub enum RedisError {
 pub struct RedisLimiter {
     url: String,
     client: Result<Client, String>,
-    /// Created on first use, inside the runtime (the manager spawns a task).
-    connection: OnceLock<ConnectionManager>,
+    /// The connection requests use. Created on first use, inside the runtime (the manager
+    /// spawns a task); replaced by the one a successful probe made.
+    connection: ArcSwapOption<ConnectionManager>,
     script: Script,
 }
 
@@ -56,7 +60,7 @@ impl RedisLimiter {
         Self {
             url: url.to_owned(),
             client: Client::open(url).map_err(|e| e.to_string()),
-            connection: OnceLock::new(),
+            connection: ArcSwapOption::empty(),
             script: Script::new(GCRA_SCRIPT),
         }
     }
@@ -67,9 +71,19 @@ impl RedisLimiter {
     }
 
     fn connection(&self) -> Result<ConnectionManager, RedisError> {
-        if let Some(connection) = self.connection.get() {
-            return Ok(connection.clone());
+        if let Some(connection) = &*self.connection.load() {
+            return Ok(ConnectionManager::clone(connection));
         }
+        let made = Arc::new(self.new_connection()?);
+        let previous = self
+            .connection
+            .compare_and_swap(&None::<Arc<ConnectionManager>>, Some(made.clone()));
+        // Another request may have made one meanwhile: every request uses the one stored.
+        Ok(ConnectionManager::clone(previous.as_ref().unwrap_or(&made)))
+    }
+
+    /// A new connection manager; nothing connects until its first command.
+    fn new_connection(&self) -> Result<ConnectionManager, RedisError> {
         let client = self
             .client
             .as_ref()
@@ -82,17 +96,25 @@ impl RedisLimiter {
             .set_max_delay(Duration::from_millis(500))
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(None);
-        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(self.connection.get_or_init(|| manager).clone())
+        Ok(ConnectionManager::new_lazy_with_config(
+            client.clone(),
+            config,
+        )?)
     }
 
     /// The circuit breaker's probe: the charge script itself, on a bucket of no key's (its
     /// id holds a control character, which key ids cannot) that expires within a
     /// millisecond. A `PING` would pass on a Redis that answers but cannot run the script (a
     /// read-only replica after a failover, out of memory), and the breaker would close only to
-    /// open again on the next request, every cool-off.
+    /// open again on the next request, every probe.
+    ///
+    /// It runs on a new connection, which becomes the requests' one when the script answers.
+    /// The requests' manager would fail the probe once more after Redis is back: a reconnect
+    /// that failed while Redis was down (each gives up after its few quick retries) stays its
+    /// connection, and it hands that error to the next command before it tries again: the
+    /// first probe after a restart would fail, and the outage last a probe interval longer.
     pub async fn probe(&self) -> Result<(), RedisError> {
-        let mut connection = self.connection()?;
+        let mut connection = self.new_connection()?;
         let _: [i64; 5] = self
             .script
             .prepare_invoke()
@@ -101,6 +123,7 @@ impl RedisLimiter {
             .arg(1)
             .invoke_async(&mut connection)
             .await?;
+        self.connection.store(Some(Arc::new(connection)));
         Ok(())
     }
 
@@ -109,7 +132,7 @@ impl RedisLimiter {
     ///
     /// A connection found dropped (Redis restarted, or an idle connection cut by a firewall)
     /// is tried once more on the new connection the manager makes: otherwise every restart of
-    /// Redis would cost a cool-off of `on_backend_error` decisions on a healthy Redis. If the
+    /// Redis would cost a probe interval of `on_backend_error` decisions on a healthy Redis. If the
     /// script ran before the connection dropped, the retry charges the key a second token:
     /// rare, and on the safe side.
     pub async fn charge(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
