@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Response, StatusCode};
 
-use crate::body::ResponseBody;
 use crate::config::{ErrorStyle, ErrorsConfig};
 use crate::observability::RequestId;
 
@@ -327,10 +326,11 @@ impl ErrorRenderer {
     }
 
     /// The complete error response: status, JSON body, and the error's own headers
-    /// (`Allow`, `Retry-After`). The server adds `X-Request-Id`.
-    pub fn render(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
+    /// (`Allow`, `Retry-After`). The server adds `X-Request-Id`. A plain `Bytes` body: the
+    /// caller wraps it in whatever body type it sends (errors know nothing of bodies).
+    pub fn render(&self, error: &GatewayError, request_id: &RequestId) -> Response<Bytes> {
         let body = self.body(error.code(), &error.message(), request_id);
-        let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+        let mut response = Response::new(Bytes::from(body));
         *response.status_mut() = error.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);

@@ -13,7 +13,6 @@
 
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod auth;
 pub mod body;
 pub mod config;
@@ -21,11 +20,13 @@ pub mod error;
 pub mod limit;
 pub mod observability;
 pub mod proxy;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod stack;
 
 pub use config::Config;
+pub use server::admin;
 pub use error::GatewayError;
 pub use server::{Handler, RequestContext, Server};
 pub use stack::Gateway;

@@ -9,7 +9,8 @@ use clap::{Parser, Subcommand};
 use tollgate::auth::{ApiKey, key};
 use tollgate::config::Config;
 use tollgate::observability::logging::{self, LogFormat};
-use tollgate::server::{Server, file_watch, signals};
+use tollgate::reload::{self, file_watch};
+use tollgate::server::{Server, signals};
 use tollgate::stack::Gateway;
 
 /// A rate-limiting reverse proxy / API gateway.
@@ -149,7 +150,7 @@ fn run(path: PathBuf) -> ExitCode {
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
-        tokio::spawn(signals::reload_on_sighup(
+        tokio::spawn(reload::reload_on_sighup(
             hup,
             path.clone(),
             gateway.clone(),

@@ -319,7 +319,7 @@ impl Gateway {
             (None, Some(anonymous)) => Some(RateInfo {
                 decision: anonymous
                     .limiter
-                    .check(&crate::server::client_ip::limit_key(client)),
+                    .check(&crate::limit::limit_key(client)),
                 policy: &anonymous.policy,
             }),
             (None, None) => None,
@@ -799,7 +799,7 @@ impl Handler for Gateway {
                     );
                 }
                 // In the request's own snapshot's style, like everything else about it.
-                snapshot.renderer.render(&error, &ctx.request_id)
+                snapshot.renderer.render(&error, &ctx.request_id).map(ResponseBody::full)
             }
         };
         // Every response to a charged request reports the bucket, errors included.
@@ -840,7 +840,10 @@ impl Handler for Gateway {
 
     fn render_error(&self, error: &GatewayError, request_id: &RequestId) -> Response<ResponseBody> {
         let snapshot = self.snapshot.load();
-        let response = snapshot.renderer.render(error, request_id);
+        let response = snapshot
+            .renderer
+            .render(error, request_id)
+            .map(ResponseBody::full);
         // Counted like any answer, under no route and no plan (nothing of the request was
         // read, or its handler panicked before counting it).
         snapshot

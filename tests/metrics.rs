@@ -255,9 +255,9 @@ async fn reloads_are_counted_and_the_config_hash_follows_the_file() {
          [[routes]]\nprefix = \"/\"\nrespond = { status = 200 }\n",
     )
     .unwrap();
-    tollgate::server::signals::reload(&path, &gw.gateway);
+    tollgate::reload::reload(&path, &gw.gateway);
     std::fs::write(&path, "[server]\nlisten = 5\n").unwrap();
-    tollgate::server::signals::reload(&path, &gw.gateway);
+    tollgate::reload::reload(&path, &gw.gateway);
     let (_, after) = scrape(gw.admin).await;
     assert_eq!(
         value(&after, "tollgate_config_reloads_total{result=\"ok\"}"),

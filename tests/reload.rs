@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use tollgate::auth::ApiKey;
-use tollgate::server::file_watch::reload_on_change;
+use tollgate::reload::file_watch::reload_on_change;
 
 const KEY_A: &str = "tg_test_reload_a_0123456789abcdefghij";
 const KEY_B: &str = "tg_test_reload_b_0123456789abcdefghij";
@@ -145,13 +145,13 @@ async fn a_reload_that_changes_a_setting_needing_a_restart_applies_nothing() {
         .enumerate()
     {
         std::fs::write(&path, text(server, "two")).unwrap();
-        tollgate::server::signals::reload(&path, &gw.gateway);
+        tollgate::reload::reload(&path, &gw.gateway);
         assert_eq!(get(gw.addr, "/", &[]).await.text(), "one", "{server}");
         assert_eq!(metric(gw.admin, failed).await, n as f64 + 1.0, "{server}");
     }
 
     std::fs::write(&path, text("", "two")).unwrap();
-    tollgate::server::signals::reload(&path, &gw.gateway);
+    tollgate::reload::reload(&path, &gw.gateway);
     assert_eq!(get(gw.addr, "/", &[]).await.text(), "two");
     assert_eq!(
         metric(gw.admin, "tollgate_config_reloads_total{result=\"ok\"}").await,

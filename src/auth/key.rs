@@ -6,6 +6,8 @@ use std::fmt;
 use rand::Rng;
 use sha2::{Digest, Sha256};
 
+use crate::observability::request_id::BASE62;
+
 /// A plaintext API key. Its `Debug` and `Display` are redacted, so it cannot leak into logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -167,8 +169,6 @@ impl fmt::Debug for KeyDigest {
     }
 }
 
-/// The base62 alphabet used for generated keys and request IDs.
-pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// Base62 characters in a generated key: 43 * log2(62) = 256 bits of entropy.
 pub const GENERATED_KEY_CHARS: usize = 43;

@@ -12,7 +12,7 @@ pub mod tripwire;
 
 pub use backend::LimiterBackend;
 pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Window};
-pub use tripwire::IpTripwire;
+pub use tripwire::{IpTripwire, limit_key};
 
 /// One key's buckets and the header parts that describe them, in one allocation: every
 /// request charges the one and reads the other, so they share cache lines. Shared by the

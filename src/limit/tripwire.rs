@@ -15,7 +15,17 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 
 use crate::config::Tripwire;
-use crate::server::client_ip::limit_key;
+
+/// The client a per-IP limit counts `ip` as: an IPv4 address itself, an IPv6 address its
+/// /64 network. One IPv6 subscriber (a home, a VM) is routed a whole /64, so keying on the
+/// full address would hand each of its 2^64 addresses a fresh failed-auth allowance, throttle
+/// count and anonymous bucket.
+pub fn limit_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
+}
 
 /// Most client IPs one tripwire tracks at once (about 100 bytes each).
 pub const MAX_TRACKED_IPS: usize = 100_000;

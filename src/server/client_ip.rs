@@ -41,17 +41,6 @@ pub fn is_trusted_peer(peer: SocketAddr, trusted: &[IpNet]) -> bool {
     !trusted.is_empty() && is_trusted(canonical(peer.ip()), trusted)
 }
 
-/// The client a per-IP limit counts `ip` as: an IPv4 address itself, an IPv6 address its
-/// /64 network. One IPv6 subscriber (a home, a VM) is routed a whole /64, so keying on the
-/// full address would hand each of its 2^64 addresses a fresh failed-auth allowance, throttle
-/// count and anonymous bucket.
-pub fn limit_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
-    }
-}
-
 fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
     trusted.iter().any(|net| net.contains(&ip))
 }

@@ -9,8 +9,8 @@
 //!
 //! [`Gateway`]: crate::stack::Gateway
 
+pub mod admin;
 pub mod client_ip;
-pub mod file_watch;
 pub mod signals;
 pub mod timeouts;
 pub mod tls;
@@ -38,7 +38,6 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
-use crate::admin;
 use crate::body::ResponseBody;
 use crate::config::{Config, MAX_HEADER_FIELDS, MAX_URI_BYTES, ServerConfig};
 use crate::error::GatewayError;
@@ -213,10 +212,11 @@ impl<H: Handler> Server<H> {
             ));
         }
         tracing::info!(addr = %self.admin.local_addr()?, "admin listening");
+        let handler = self.handler.clone();
         let admin_task = tokio::spawn(admin::serve(
             self.admin,
             self.ready.clone(),
-            self.handler.clone(),
+            Arc::new(move || handler.metrics()),
             admin::Timeouts {
                 head: self.settings.header_read_timeout,
                 lifetime: self.settings.idle_timeout,

@@ -22,7 +22,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::observability::metrics;
-use crate::server::Handler;
 
 /// Most admin connections open at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -36,11 +35,14 @@ pub struct Timeouts {
     pub lifetime: Duration,
 }
 
+/// The `/metrics` text, if the served handler keeps metrics.
+pub type MetricsText = Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
 /// Serves the admin endpoints until the task is aborted.
-pub async fn serve<H: Handler>(
+pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
-    handler: Arc<H>,
+    metrics_text: MetricsText,
     timeouts: Timeouts,
 ) {
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -55,7 +57,7 @@ pub async fn serve<H: Handler>(
             continue;
         };
         let ready = ready.clone();
-        let handler = handler.clone();
+        let metrics_text = metrics_text.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -78,7 +80,7 @@ pub async fn serve<H: Handler>(
                         StatusCode::SERVICE_UNAVAILABLE,
                         Bytes::from_static(b"not ready\n"),
                     ),
-                    "/metrics" => match handler.metrics() {
+                    "/metrics" => match metrics_text() {
                         Some(text) => {
                             content_type = metrics::CONTENT_TYPE;
                             (StatusCode::OK, Bytes::from(text))

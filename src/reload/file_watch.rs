@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::server::signals;
+use crate::reload;
 use crate::stack::Gateway;
 
 /// How often the files are checked.
@@ -47,7 +47,7 @@ pub async fn reload_on_change(path: PathBuf, gateway: Arc<Gateway>, every: Durat
             continue;
         }
         tracing::info!(path = %path.display(), "config or keys file changed; reloading");
-        signals::reload_in_background(&path, &gateway).await;
+        reload::reload_in_background(&path, &gateway).await;
         // `seen` stays what was stamped before the reload: a file written while the reload
         // read it (a truncated file filled in, say) differs at the next tick and is read
         // again. Only a keys file the reload newly named is stamped afresh.
