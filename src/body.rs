@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use crate::proxy::inflight::InflightSlot;
 use bytes::Bytes;
+use http::{HeaderValue, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -227,6 +228,87 @@ impl Body for RequestBody {
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// An HTTP/1.x request body left unread this long or this large after an early answer is
+/// not waited for: the answer says `Connection: close` instead. Like nginx, which discards
+/// the body of a request it answered early, so the connection can carry the next request.
+pub const DISCARD_BODY_BYTES: u64 = 64 * 1024;
+
+/// See [`DISCARD_BODY_BYTES`].
+pub const DISCARD_BODY_TIME: Duration = Duration::from_secs(1);
+
+/// An HTTP/1.x request that came with a body. Answered without reading it all, the client's
+/// next request on the connection would be read from the middle of this body, so hyper
+/// closes the connection; unsaid, that close reaches a keep-alive client as a reset.
+pub struct UnreadBody {
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it sends the body.
+    expects_continue: bool,
+}
+
+impl UnreadBody {
+    /// `Some` for an HTTP/1.x request with a body still to come.
+    pub fn of(head: &http::request::Parts, body: &Incoming) -> Option<Self> {
+        if head.version >= http::Version::HTTP_2 || http_body::Body::is_end_stream(body) {
+            // HTTP/2: an unread body ends its own stream (RST_STREAM), never the connection.
+            return None;
+        }
+        let expects_continue = head
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        Some(Self { expects_continue })
+    }
+
+    /// After the answer is made: a body that was never forwarded (`body` still here) is read
+    /// and discarded, within [`DISCARD_BODY_BYTES`] and [`DISCARD_BODY_TIME`], so the
+    /// connection stays open; otherwise, or when forwarding failed (the body may be half
+    /// sent), the answer says `Connection: close` so the client knows before it sends again.
+    pub async fn settle(
+        self,
+        body: Option<Incoming>,
+        forwarded_ok: bool,
+        response: &mut Response<ResponseBody>,
+    ) {
+        let kept = match body {
+            // A client waiting for `100 Continue` has sent nothing: asking for the body now
+            // would tell it to upload something that is refused already.
+            Some(body) => !self.expects_continue && discard(body).await,
+            // The upstream answered: its connection read what it wanted of the body.
+            None => forwarded_ok,
+        };
+        if !kept {
+            response
+                .headers_mut()
+                .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        }
+    }
+}
+
+/// Reads `body` to its end and drops the bytes; `false` if it is larger than
+/// [`DISCARD_BODY_BYTES`] (declared or seen), fails, or takes longer than
+/// [`DISCARD_BODY_TIME`].
+async fn discard(mut body: Incoming) -> bool {
+    use http_body_util::BodyExt;
+    if http_body::Body::size_hint(&body).lower() > DISCARD_BODY_BYTES {
+        return false;
+    }
+    let read = async {
+        let mut seen = 0u64;
+        while let Some(frame) = body.frame().await {
+            let Ok(frame) = frame else { return false };
+            if let Some(data) = frame.data_ref() {
+                seen += data.len() as u64;
+                if seen > DISCARD_BODY_BYTES {
+                    return false;
+                }
+            }
+        }
+        true
+    };
+    tokio::time::timeout(DISCARD_BODY_TIME, read)
+        .await
+        .unwrap_or(false)
 }
 
 pin_project! {

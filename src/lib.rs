@@ -26,7 +26,7 @@ pub mod server;
 pub mod stack;
 
 pub use config::Config;
-pub use server::admin;
 pub use error::GatewayError;
+pub use server::admin;
 pub use server::{Handler, RequestContext, Server};
 pub use stack::Gateway;

@@ -150,11 +150,7 @@ fn run(path: PathBuf) -> ExitCode {
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
-        tokio::spawn(reload::reload_on_sighup(
-            hup,
-            path.clone(),
-            gateway.clone(),
-        ));
+        tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));
         tokio::spawn(file_watch::reload_on_change(
             path,
             gateway,

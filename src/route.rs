@@ -1,9 +1,10 @@
 //! Route matching: the longest configured prefix wins; the route decides methods, auth,
 //! scopes and the target (an upstream or a fixed response).
 
-use http::{HeaderValue, Method};
+use http::{HeaderValue, Method, Request, Uri};
 
 use crate::config::RouteConfig;
+use crate::error::GatewayError;
 
 /// A route ready for matching.
 #[derive(Debug, Clone)]
@@ -17,6 +18,41 @@ pub struct Route {
 }
 
 impl Route {
+    /// 405 with `Allow` for a method the route forbids.
+    pub fn check_method(&self, method: &Method) -> Result<(), GatewayError> {
+        if self.allows(method) {
+            return Ok(());
+        }
+        Err(GatewayError::MethodNotAllowed {
+            method: method.clone(),
+            allow: self
+                .allow
+                .clone()
+                .unwrap_or_else(|| HeaderValue::from_static("")),
+        })
+    }
+
+    /// With `strip_prefix`, the path the upstream gets: `path` (or, when the route matched
+    /// only once segment parameters were dropped, `params_dropped`) without the prefix,
+    /// always starting with `/`. `None` without `strip_prefix`.
+    pub fn stripped_path(&self, path: &str, params_dropped: Option<&str>) -> Option<String> {
+        if !self.config.strip_prefix {
+            return None;
+        }
+        let prefix = self.config.prefix.as_str();
+        let rest = match path.strip_prefix(prefix) {
+            Some(rest) => rest,
+            None => params_dropped
+                .and_then(|p| p.strip_prefix(prefix))
+                .unwrap_or(""),
+        };
+        Some(if rest.starts_with('/') {
+            rest.to_owned()
+        } else {
+            format!("/{rest}")
+        })
+    }
+
     /// Whether `method` may use this route. A route that allows GET also allows HEAD, as in
     /// nginx.
     pub fn allows(&self, method: &Method) -> bool {
@@ -149,6 +185,49 @@ impl Router {
             .iter()
             .find(|r| path.starts_with(r.config.prefix.as_str()))
     }
+
+    /// The route of `request`, whose path is put in normal form first (and forwarded so):
+    /// an encoded, doubled or dotted path must not reach a route other than the one the
+    /// upstream will serve. 400 for an encoded slash, 404 when no route matches.
+    pub fn resolve<B>(&self, request: &mut Request<B>) -> Result<Resolved<'_>, GatewayError> {
+        match normalize_path(request.uri().path()) {
+            Ok(None) => {}
+            Ok(Some(normal)) => set_path(request, &normal)?,
+            Err(PathError::EncodedSlash) => {
+                return Err(GatewayError::BadRequest("encoded slash in the path"));
+            }
+        }
+        let params_dropped = without_params(request.uri().path());
+        let route = self
+            .find(params_dropped.as_deref().unwrap_or(request.uri().path()))
+            .ok_or(GatewayError::NoRoute)?;
+        Ok(Resolved {
+            route,
+            params_dropped,
+        })
+    }
+}
+
+/// A request's route, from [`Router::resolve`].
+#[derive(Debug)]
+pub struct Resolved<'r> {
+    /// The route.
+    pub route: &'r Route,
+    /// The path the route was matched on, when segment parameters were dropped from it.
+    pub params_dropped: Option<String>,
+}
+
+/// Replaces the request's path, keeping its query.
+fn set_path<B>(request: &mut Request<B>, path: &str) -> Result<(), GatewayError> {
+    let invalid = || GatewayError::BadRequest("invalid path");
+    let target = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    let mut parts = request.uri().clone().into_parts();
+    parts.path_and_query = Some(target.parse().map_err(|_| invalid())?);
+    *request.uri_mut() = Uri::from_parts(parts).map_err(|_| invalid())?;
+    Ok(())
 }
 
 #[cfg(test)]

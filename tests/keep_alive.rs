@@ -11,7 +11,7 @@ use common::*;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use tokio::net::{TcpListener, TcpStream};
-use tollgate::stack::DISCARD_BODY_BYTES;
+use tollgate::body::DISCARD_BODY_BYTES;
 
 /// A gateway with routes that answer before reading a body: a dead upstream, a route that
 /// needs a key, a fixed response; `/echo/` reaches a live upstream, and bodies over 1 MiB are

@@ -5,7 +5,7 @@
 use std::borrow::Cow;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, Uri};
+use http::{HeaderMap, HeaderValue, Request, Uri};
 
 use crate::config::AuthConfig;
 use crate::error::GatewayError;
@@ -170,6 +170,50 @@ fn percent_decode(value: &[u8]) -> Cow<'_, [u8]> {
 
 fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Removes the credential before forwarding, unless `auth.forward_key`: the key header, a
+/// Bearer `Authorization`, and the query parameter.
+pub fn strip_credentials<B>(request: &mut Request<B>, auth: &AuthConfig) {
+    if auth.forward_key {
+        return;
+    }
+    let headers = request.headers_mut();
+    headers.remove(&auth.header);
+    // Every Bearer line goes, wherever it is among the `Authorization` lines (the key may
+    // have come from any of them); other schemes are the upstream's business and stay.
+    if auth.bearer
+        && headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .any(|v| bearer_token(v.as_bytes()).is_some())
+    {
+        let kept: Vec<HeaderValue> = headers
+            .get_all(AUTHORIZATION)
+            .iter()
+            .filter(|v| bearer_token(v.as_bytes()).is_none())
+            .cloned()
+            .collect();
+        headers.remove(AUTHORIZATION);
+        for value in kept {
+            headers.append(AUTHORIZATION, value);
+        }
+    }
+    if let (Some(param), Some(query)) = (&auth.query_param, request.uri().query()) {
+        // Only rebuild the URI when the parameter is actually there.
+        if query_pairs(query).any(|(k, _)| k == param.as_bytes()) {
+            let path = request.uri().path();
+            let rebuilt = match query_without(query, param) {
+                Some(rest) => format!("{path}?{rest}"),
+                None => path.to_owned(),
+            };
+            let mut parts = request.uri().clone().into_parts();
+            parts.path_and_query = rebuilt.parse().ok();
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -169,7 +169,6 @@ impl fmt::Debug for KeyDigest {
     }
 }
 
-
 /// Base62 characters in a generated key: 43 * log2(62) = 256 bits of entropy.
 pub const GENERATED_KEY_CHARS: usize = 43;
 

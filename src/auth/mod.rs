@@ -12,6 +12,7 @@ pub mod store;
 pub use key::{ApiKey, KeyDigest};
 pub use store::{KeyRecord, KeyStore};
 
+pub use extract::strip_credentials;
 use extract::{CredentialSource, Presented};
 use http::{HeaderMap, Uri};
 

@@ -5,6 +5,7 @@
 pub mod backend;
 pub mod breaker;
 pub mod bucket;
+pub mod guard;
 pub mod headers;
 pub mod ip_table;
 pub mod redis;
@@ -12,6 +13,7 @@ pub mod tripwire;
 
 pub use backend::LimiterBackend;
 pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Window};
+pub use guard::Guard;
 pub use tripwire::{IpTripwire, limit_key};
 
 /// One key's buckets and the header parts that describe them, in one allocation: every

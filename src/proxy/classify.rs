@@ -4,9 +4,11 @@
 use http::Method;
 use hyper_util::client::legacy::Error as ClientError;
 
+use super::Upstream;
 use super::pool::PoolError;
 use crate::body::RequestBodyError;
 use crate::error::{FailureKind, GatewayError};
+use crate::observability::metrics::Metrics;
 
 /// What went wrong with one attempt, before it is turned into a response.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -153,6 +155,68 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
         current = e.source();
     }
     out
+}
+
+/// Logs an upstream failure (throttled, see [`log_upstream_failure`]) and counts it in
+/// `tollgate_upstream_failures_total` by its kind.
+pub fn report_failure(error: &GatewayError, upstream: &Upstream, metrics: &Metrics) {
+    log_upstream_failure(error, upstream);
+    if let Some(kind) = upstream_failure_kind(error) {
+        metrics.upstream_failure(&upstream.config.name, kind);
+    }
+}
+
+/// A line per upstream failure: kind (like Envoy's response flags), status, upstream; at most
+/// one a second per kind and upstream, with the number left out since the last one
+/// (`suppressed`): an overloaded or failing upstream fails every request, and a line for each
+/// would flood the log. Metrics count every failure.
+fn log_upstream_failure(error: &GatewayError, upstream: &Upstream) {
+    let status = error.status().as_u16();
+    let name = upstream.config.name.as_str();
+    // Throttled by the metrics' kind label (`status_503` for the upstream's own 503).
+    let Some(kind) =
+        upstream_failure_kind(error).or_else(|| error.failure_kind().map(|kind| kind.as_str()))
+    else {
+        return;
+    };
+    let Some(suppressed) =
+        crate::observability::log_throttle::upstream_failures().admit(kind, name)
+    else {
+        return;
+    };
+    match error {
+        GatewayError::UpstreamStatus { .. } => {
+            tracing::info!(
+                status,
+                upstream = name,
+                suppressed,
+                "upstream answered with a gateway error; body replaced by an envelope"
+            )
+        }
+        _ => tracing::warn!(
+            kind,
+            status,
+            upstream = name,
+            suppressed,
+            "upstream failure"
+        ),
+    }
+}
+
+/// The `kind` label of an upstream failure: the failure kind, or `status_50x` when the
+/// upstream itself answered 502/503/504 (normalized into an envelope).
+fn upstream_failure_kind(error: &GatewayError) -> Option<&'static str> {
+    match error {
+        GatewayError::UpstreamStatus { status, .. } => Some(match status.as_u16() {
+            502 => "status_502",
+            503 => "status_503",
+            _ => "status_504",
+        }),
+        _ => error
+            .failure_kind()
+            .filter(|kind| kind.is_upstream())
+            .map(|kind| kind.as_str()),
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,17 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_FORWARDED_FOR
 }
 
+/// Sets `X-Tollgate-Key-Id` and `X-Tollgate-Plan` to an authenticated request's key id and
+/// plan, after removing any copy the client sent (so they cannot be spoofed).
+pub fn set_identity(headers: &mut HeaderMap, identity: Option<(&HeaderValue, &HeaderValue)>) {
+    headers.remove(&X_TOLLGATE_KEY_ID);
+    headers.remove(&X_TOLLGATE_PLAN);
+    if let Some((key_id, plan)) = identity {
+        headers.insert(&X_TOLLGATE_KEY_ID, key_id.clone());
+        headers.insert(&X_TOLLGATE_PLAN, plan.clone());
+    }
+}
+
 /// Removes client fields with `_` in the name before forwarding: every one unless
 /// `server.underscores_in_headers` (`allowed`), as nginx ignores them by default, and always
 /// those that, read with `_` as `-` (as CGI, WSGI, PHP and many frameworks read names),

@@ -9,6 +9,7 @@
 //! [`upgrade`] tunnels WebSockets.
 
 pub mod classify;
+pub mod framing;
 pub mod headers;
 pub mod inflight;
 pub mod pool;

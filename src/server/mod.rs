@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod client_ip;
+pub mod head_limits;
 pub mod signals;
 pub mod timeouts;
 pub mod tls;

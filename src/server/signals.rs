@@ -3,7 +3,6 @@
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_requested() {
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
