@@ -1,0 +1,129 @@
+//! [`drive`]: polls one connection while it enforces its time bounds, from one deadline
+//! computed from [`Activity`].
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::Poll;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{Activity, Bounds, Expiry, LINGER};
+
+/// How a driven connection ended.
+#[derive(Debug)]
+pub enum Ended<E> {
+    /// The connection finished by itself (cleanly or with `E`).
+    Finished(Result<(), E>),
+    /// A bound expired and the connection was dropped.
+    Dropped(&'static str),
+}
+
+/// Polls `conn` to completion while enforcing `bounds` from `activity`.
+///
+/// - Idle past `idle_timeout`, or `stop` turned true: a graceful shutdown (via `shutdown`).
+///   On a stop, an HTTP/1.1 request whose head is owed (see [`Activity::head_in_progress`])
+///   is served first, and hyper closes the connection after its response; requests in flight
+///   always finish; idle keep-alive connections close at once.
+/// - A head not complete within `header_read_timeout`: on HTTP/1.1, when nothing else is
+///   owed, [`GuardedIo`] answers it ([`Refusal::HeadTimeout`]) and ends the connection;
+///   otherwise dropped.
+/// - A stalled response, or a connection asked to close (or answered) that still stays open
+///   `header_read_timeout` later (after an answer: at most [`LINGER`]) with nothing in
+///   flight: dropped.
+///
+/// [`GuardedIo`]: super::GuardedIo
+/// [`Refusal::HeadTimeout`]: super::Refusal::HeadTimeout
+pub async fn drive<C, E>(
+    conn: C,
+    mut shutdown: impl FnMut(Pin<&mut C>),
+    activity: &Activity,
+    mut bounds: Bounds,
+    mut stop: watch::Receiver<bool>,
+) -> Ended<E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut conn = std::pin::pin!(conn);
+    let timer = tokio::time::sleep(Duration::ZERO);
+    let mut timer = std::pin::pin!(timer);
+    // The deadline the timer is set to. A later deadline does not reset it (resetting touches
+    // the timer wheel): it fires early, the deadline is recomputed, and it is set again.
+    let mut armed: Option<u64> = None;
+    // When `shutdown` was called.
+    let mut closing_since: Option<u64> = None;
+    let mut stopping = *stop.borrow_and_update();
+    let mut watching_stop = !stopping;
+    if stopping {
+        // Accepted as the server stops: read what the client has already sent before
+        // deciding whether there is a request to serve.
+        activity.draining.store(true, Relaxed);
+        let first = std::future::poll_fn(|cx| Poll::Ready(conn.as_mut().poll(cx))).await;
+        if let Poll::Ready(ended) = first {
+            return Ended::Finished(ended);
+        }
+    }
+    loop {
+        if stopping && closing_since.is_none() && !activity.head_in_progress() {
+            if activity.in_flight.load(Relaxed) == 0 {
+                activity.quiet_close.store(true, Relaxed);
+            }
+            shutdown(conn.as_mut());
+            closing_since = Some(activity.now());
+        }
+        if let Some((at, _)) = activity.next_deadline(&bounds, closing_since)
+            && armed.is_none_or(|armed| at < armed)
+        {
+            timer.as_mut().reset(activity.instant(at));
+            armed = Some(at);
+        }
+        tokio::select! {
+            biased;
+            ended = conn.as_mut() => return Ended::Finished(ended),
+            () = std::future::poll_fn(|cx| activity.poll_changed(cx)) => {}
+            () = timer.as_mut(), if armed.is_some() => {
+                armed = None;
+                let Some((at, expiry)) = activity.next_deadline(&bounds, closing_since) else {
+                    continue;
+                };
+                if at > activity.now() {
+                    continue;
+                }
+                match expiry {
+                    Expiry::Idle => {
+                        tracing::debug!(reason = expiry.as_str(), "closing the connection");
+                        activity.quiet_close.store(true, Relaxed);
+                        shutdown(conn.as_mut());
+                        closing_since = Some(activity.now());
+                    }
+                    // Dropped, not shut down: hyper finishes the head of a connection's first
+                    // request before a graceful shutdown takes effect, and nothing is in
+                    // flight to lose.
+                    Expiry::HeadTimeout | Expiry::ResponseStalled | Expiry::CloseOverdue => {
+                        if expiry == Expiry::HeadTimeout
+                            && activity.can_answer_head()
+                            && !activity.farewell_due.swap(true, Relaxed)
+                        {
+                            tracing::debug!(reason = expiry.as_str(), "answering and closing");
+                            closing_since = Some(activity.now());
+                            // Now it bounds the lingering read only.
+                            bounds.header_read = bounds.header_read.min(LINGER);
+                            continue;
+                        }
+                        tracing::debug!(reason = expiry.as_str(), "dropping the connection");
+                        return Ended::Dropped(expiry.as_str());
+                    }
+                }
+            }
+            changed = stop.changed(), if watching_stop => {
+                // An error means the server is gone without a stop: nothing will send one.
+                watching_stop = changed.is_ok() && !*stop.borrow_and_update();
+                if changed.is_ok() && !watching_stop {
+                    stopping = true;
+                    activity.draining.store(true, Relaxed);
+                }
+            }
+        }
+    }
+}
