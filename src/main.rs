@@ -187,11 +187,17 @@ fn run(path: PathBuf) -> ExitCode {
 mod heap {
     use std::time::Duration;
 
-    /// Between two trims. A trim of a heap with nothing to release takes microseconds; after
-    /// a burst it releases what the burst freed, and pages touched again are faulted back in.
+    /// How often the trimmer looks.
     pub const TRIM_INTERVAL: Duration = Duration::from_secs(5);
 
-    /// A thread of its own: a trim locks each malloc arena in turn, never a runtime worker.
+    /// CPU time (user + system, in the kernel's 100 Hz ticks) below which a `TRIM_INTERVAL`
+    /// counts as quiet: 10% of one core. Under load a trim is skipped: it would hand back
+    /// pages the next requests fault in again, and it holds each malloc arena's lock while it
+    /// walks it (8-21 ms measured under an h2 flood, against 0.3 ms idle).
+    const QUIET_TICKS: u64 = TRIM_INTERVAL.as_secs() * 100 / 10;
+
+    /// A thread of its own, never a runtime worker: every `TRIM_INTERVAL` that the process
+    /// was quiet, trim. Memory freed by a burst goes back within two intervals of its end.
     pub fn spawn_trimmer() {
         if !cfg!(all(target_os = "linux", target_env = "gnu")) {
             return;
@@ -199,16 +205,36 @@ mod heap {
         let spawned = std::thread::Builder::new()
             .name("heap-trim".into())
             .spawn(|| {
+                let mut last = cpu_ticks();
                 loop {
                     std::thread::sleep(TRIM_INTERVAL);
-                    let started = std::time::Instant::now();
-                    let released = trim();
-                    tracing::trace!(took = ?started.elapsed(), released, "heap trimmed");
+                    let now = cpu_ticks();
+                    let busy = match (last, now) {
+                        (Some(last), Some(now)) => now.saturating_sub(last) > QUIET_TICKS,
+                        _ => false,
+                    };
+                    if !busy {
+                        let started = std::time::Instant::now();
+                        let released = trim();
+                        tracing::trace!(took = ?started.elapsed(), released, "heap trimmed");
+                    }
+                    // The trim's own CPU time is not load.
+                    last = cpu_ticks();
                 }
             });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start the heap trim thread; freed memory stays with the allocator");
         }
+    }
+
+    /// This process's user + system CPU time in ticks (`/proc/self/stat` fields 14 and 15).
+    fn cpu_ticks() -> Option<u64> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name (field 2) may hold spaces and parentheses: count after its ')'.
+        let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_ascii_whitespace();
+        let utime: u64 = fields.nth(11)?.parse().ok()?;
+        let stime: u64 = fields.next()?.parse().ok()?;
+        Some(utime + stime)
     }
 
     /// glibc's `malloc_trim(0)`: true when it released memory.
