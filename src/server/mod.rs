@@ -56,6 +56,12 @@ const MIN_READ_BUFFER: usize = 64 * 1024;
 /// write buffer.
 const H2_MAX_SEND_BUF: usize = 64 * 1024;
 
+/// HTTP/2 streams a client may have open at once on one connection
+/// (`SETTINGS_MAX_CONCURRENT_STREAMS`): the smallest value RFC 9113 recommends, HAProxy's
+/// default (nginx: 128, hyper: 200). Each open stream is a spawned task of a few KiB plus its
+/// buffers, so the peak memory of a flood is about `max_connections` × this × that.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 100;
+
 /// Pause after an accept error (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -274,6 +280,7 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_send_buf_size(H2_MAX_SEND_BUF)
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
         .max_header_list_size(u32::try_from(2 * head_limit).unwrap_or(u32::MAX));
     builder
 }
