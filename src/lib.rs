@@ -6,7 +6,7 @@
 //! accept (server/) -> request id + trace span -> route match -> auth -> rate limit -> proxy -> upstream
 //!                     (observability/)          (route.rs)    (auth/)   (limit/)     (proxy/)
 //! every rejection or failure on the way -> error.rs (one GatewayError -> one envelope renderer)
-//! config/ (file structs -> validated Config, hot-swapped)     admin.rs (/healthz /readyz /metrics)
+//! config/ (file structs -> validated Config, hot-swapped)     server/admin.rs (/healthz /readyz /metrics)
 //! ```
 //!
 //! [`stack`] is the one place the pipeline is assembled; [`server`] hands it every request.

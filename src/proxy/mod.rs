@@ -184,7 +184,7 @@ impl Upstream {
         &self,
         mut request: Request<()>,
         client_body: &mut Option<Incoming>,
-        cx: Forward<'_>,
+        how: Forward<'_>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         // Neither gate may touch the upstream.
         if self.config.maintenance {
@@ -206,14 +206,14 @@ impl Upstream {
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
-        let target = self.upstream_target(cx.path, &parts.uri)?;
+        let target = self.upstream_target(how.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         let from_h2 = parts.version == Version::HTTP_2;
         parts.version = Version::HTTP_11;
         headers::prepare_request(
             &mut parts.headers,
-            cx.client,
-            cx.request_id,
+            how.client,
+            how.request_id,
             parts.uri.authority(),
             from_h2,
         );
@@ -242,7 +242,7 @@ impl Upstream {
         let body = if body_empty {
             RequestBody::empty()
         } else {
-            RequestBody::new(incoming, cx.max_body_bytes, cx.body_read_timeout)
+            RequestBody::new(incoming, how.max_body_bytes, how.body_read_timeout)
         };
         // A replay is allowed only for these (see `may_retry`). The pool gives back a request
         // it could not connect for; hyper-util's client does not, so for it a copy of the
@@ -297,7 +297,7 @@ impl Upstream {
                 client_upgrade,
                 upstream_upgrade,
                 Some(permit),
-                cx.idle_timeout,
+                how.idle_timeout,
             );
             return Ok(Response::from_parts(head, ResponseBody::empty()));
         }
@@ -311,7 +311,7 @@ impl Upstream {
         }
 
         let status = response.status();
-        if cx.normalize_5xx
+        if how.normalize_5xx
             && matches!(
                 status,
                 StatusCode::BAD_GATEWAY
