@@ -105,6 +105,13 @@ pub fn normalize_path(path: &str) -> Result<Option<String>, PathError> {
                 decoded.push(b);
                 i += 3;
             }
+            // Kept escaped, in RFC 3986's normal form (upper-case hex), as route prefixes
+            // are compiled: `%c3%a9` (curl) and `%C3%A9` (browsers) are one path.
+            Some(_) => {
+                decoded.push(b'%');
+                decoded.extend(bytes[i + 1..i + 3].iter().map(u8::to_ascii_uppercase));
+                i += 3;
+            }
             _ => {
                 decoded.push(bytes[i]);
                 i += 1;
@@ -147,6 +154,31 @@ pub fn without_params(path: &str) -> Option<String> {
     Some(kept.join("/"))
 }
 
+/// `route` with the escapes of its prefix in upper-case hex, the form [`normalize_path`]
+/// gives request paths, so `%c3%a9` in a config matches what clients send.
+fn upper_case_escapes(route: &RouteConfig) -> RouteConfig {
+    let mut route = route.clone();
+    let bytes = route.prefix.clone().into_bytes();
+    if bytes.contains(&b'%') {
+        let mut out = Vec::with_capacity(bytes.len());
+        let mut i = 0;
+        while i < bytes.len() {
+            match bytes.get(i..i + 3) {
+                Some([b'%', hi, lo]) if hex(*hi).is_some() && hex(*lo).is_some() => {
+                    out.extend([b'%', hi.to_ascii_uppercase(), lo.to_ascii_uppercase()]);
+                    i += 3;
+                }
+                _ => {
+                    out.push(bytes[i]);
+                    i += 1;
+                }
+            }
+        }
+        route.prefix = String::from_utf8(out).unwrap_or_else(|_| route.prefix.clone());
+    }
+    route
+}
+
 fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
@@ -163,6 +195,7 @@ impl Router {
         let mut routes: Vec<Route> = routes
             .iter()
             .enumerate()
+            .map(|(index, r)| (index, upper_case_escapes(r)))
             .map(|(index, r)| Route {
                 index,
                 allow: r.methods.as_ref().map(|methods| {
@@ -172,7 +205,7 @@ impl Router {
                     }
                     HeaderValue::from_str(&names.join(", ")).expect("method names are valid")
                 }),
-                config: r.clone(),
+                config: r,
             })
             .collect();
         routes.sort_by_key(|r| std::cmp::Reverse(r.config.prefix.len()));
@@ -281,6 +314,7 @@ mod tests {
             ("/v1/admin/.", "/v1/admin/"),
             ("/../../etc/passwd", "/etc/passwd"),
             ("/v1/a%20b/c%3Fd", "/v1/a%20b/c%3Fd"),
+            ("/caf%c3%a9/x%3f", "/caf%C3%A9/x%3F"),
             ("/v1/50%", "/v1/50%"),
             ("/v1/%zz", "/v1/%zz"),
             ("/v1/admin;jsessionid=1/x", "/v1/admin;jsessionid=1/x"),
@@ -301,6 +335,21 @@ mod tests {
                 Err(PathError::EncodedSlash),
                 "{slash}"
             );
+        }
+    }
+
+    /// A prefix written with lower-case escapes matches what browsers (upper case) and curl
+    /// (lower case) send: both sides are compared in upper-case hex.
+    #[test]
+    fn escapes_match_in_either_case() {
+        for prefix in ["/caf%C3%A9/", "/caf%c3%a9/"] {
+            let r = Router::new(&[route(prefix, None)]);
+            for path in ["/caf%C3%A9/menu", "/caf%c3%a9/menu", "/caf%C3%a9/menu"] {
+                let normal = normalize_path(path)
+                    .unwrap()
+                    .unwrap_or_else(|| path.to_owned());
+                assert!(r.find(&normal).is_some(), "{prefix} {path}");
+            }
         }
     }
 
