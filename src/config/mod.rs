@@ -3,11 +3,19 @@
 //! Two stages, as in Sōzu: [`file`] holds serde structs that mirror the file exactly
 //! (`deny_unknown_fields`), and [`validate`] turns them into the [`Config`] below, collecting
 //! every mistake with its file, line and column. Runtime code only sees [`Config`].
+//!
+//! The bottom floor of the crate: it imports nothing else of it. [`types`] holds the
+//! identifiers every floor above shares (plan name, key id, key digest, window), and [`tls`]
+//! loads the certificates `[server.tls]` names.
 
 pub mod file;
 mod schema;
+pub mod tls;
+pub mod types;
 pub mod units;
 mod validate;
+
+pub use types::{DigestError, KeyDigest, KeyId, PlanName, Window};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -19,8 +27,6 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode, Uri};
 use ipnet::IpNet;
-
-use crate::auth::KeyDigest;
 
 /// Default listen address of the gateway.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -264,26 +270,6 @@ pub struct LimitsConfig {
     pub ip_throttle: Tripwire,
     /// Repeated 401s from one IP. Default 20 in 60 s blocks for 15 min.
     pub failed_auth: Tripwire,
-}
-
-/// A plan's name (`free`, `pro`, ...).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PlanName(pub Arc<str>);
-
-impl fmt::Display for PlanName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// A key's public identifier, safe for logs, metrics and headers.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct KeyId(pub Arc<str>);
-
-impl fmt::Display for KeyId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
 }
 
 /// `[plans.<name>]`.

@@ -19,7 +19,6 @@ use super::file::*;
 use super::schema::strip_unknown;
 use super::units::{parse_duration, parse_size};
 use super::*;
-use crate::auth::KeyDigest;
 
 /// Error body keys that `errors.fields` may not overwrite.
 const RESERVED_ERROR_FIELDS: [&str; 6] = [
@@ -865,7 +864,7 @@ impl Validator<'_, '_> {
             if self.issues.len() > issues {
                 return None;
             }
-            match crate::server::tls::server_config(&cert, &key) {
+            match super::tls::server_config(&cert, &key) {
                 Ok(server_config) => Some(TlsConfig {
                     cert,
                     key,
