@@ -765,8 +765,8 @@ fn columns_point_at_the_value() {
     assert_eq!((found[0].line, found[0].column), (2, 18));
 }
 
-/// Every key the schema walk allows deserializes (file structs are `deny_unknown_fields`,
-/// so a key missing from either list fails here).
+/// A config that sets every key loads: the schema walk (which takes its lists from the file
+/// structs), the `deny_unknown_fields` file structs and validation agree on each.
 #[test]
 fn the_schema_and_the_file_structs_agree() {
     let dir = std::env::temp_dir().join(format!("tollgate-schema-{}", std::process::id()));
