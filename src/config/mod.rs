@@ -1,10 +1,10 @@
 //! Configuration: the TOML file of SPEC.md, validated into the types the gateway runs on.
 //!
-//! Two stages, as in Sōzu: [`file`] holds serde structs that mirror the file exactly
-//! (`deny_unknown_fields`), which [`parse`] fills from the text [`read`](mod@read) got from
-//! disk, with every syntax, unknown-key and type error at its place; [`validate`] then turns
-//! them into the [`Config`] below, collecting every other mistake with its file, line and
-//! column. Runtime code only sees [`Config`].
+//! Two stages, as in Sōzu: [`file`](mod@file) holds serde structs that mirror the file exactly
+//! (`deny_unknown_fields`), which `parse` fills from the text `read` got from disk, with every
+//! syntax, unknown-key and type error at its place; `validate` then turns them into the
+//! [`Config`] below, collecting every other mistake with its file, line and column. Runtime
+//! code only sees [`Config`].
 //!
 //! The bottom floor of the crate: it imports nothing else of it. [`types`] holds the
 //! identifiers every floor above shares (plan name, key id, key digest, window), and [`tls`]
