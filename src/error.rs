@@ -83,7 +83,7 @@ pub enum GatewayError {
         /// The limit of the bucket that rejected.
         limit: u32,
         /// Its window.
-        window: crate::limit::Window,
+        window: crate::config::Window,
         /// Wait until one request will be admitted; sent as `Retry-After`.
         retry_after: Duration,
     },

@@ -4,6 +4,8 @@
 //! `deny_unknown_fields`, and values that need checking beyond their TOML type (durations,
 //! sizes, URLs, CIDRs, cross references) are kept as [`Spanned`] raw values so that
 //! validation can point at the exact line and column, and report every mistake at once.
+//! The field names are also the schema: `schema.rs` reads them to report every unknown key of
+//! a file before deserializing, so a field added here is a key the file may hold.
 //! Runtime code never sees these types.
 
 use std::collections::BTreeMap;

@@ -2,99 +2,93 @@
 //!
 //! serde's `deny_unknown_fields` stops at the first unknown key. Ops fixing a config want every
 //! mistake at once, so the parsed document is walked first: every unknown key is reported with
-//! its line, then removed, and deserialization goes on to find the remaining errors. The file
-//! structs keep `deny_unknown_fields` as the backstop; a test proves the two lists agree.
+//! its line, then removed, and deserialization goes on to find the remaining errors. The keys
+//! a table may hold are read from its file struct (the field names serde's derive hands to the
+//! deserializer), so the file structs are the one list; they keep `deny_unknown_fields` as the
+//! backstop.
 
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, Visitor};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
+use super::file::*;
+
 /// Keys allowed at a table path; `None` means any key (a map such as `plans` or `errors.fields`).
+/// `keys_file` is the top level of the keys file.
 fn allowed(path: &str) -> Option<&'static [&'static str]> {
     Some(match path {
-        "" => &[
-            "server",
-            "admin",
-            "errors",
-            "auth",
-            "limits",
-            "plans",
-            "keys",
-            "upstreams",
-            "routes",
-        ],
-        "server" => &[
-            "listen",
-            "workers",
-            "watch",
-            "header_read_timeout",
-            "body_read_timeout",
-            "idle_timeout",
-            "max_header_bytes",
-            "max_body_bytes",
-            "max_connections",
-            "shutdown_grace",
-            "trusted_proxies",
-            "underscores_in_headers",
-            "tls",
-        ],
-        "server.tls" => &["cert", "key"],
-        "admin" => &["listen"],
-        "errors" => &["style", "normalize_upstream_5xx", "fields"],
-        "auth" => &[
-            "header",
-            "bearer",
-            "query_param",
-            "forward_key",
-            "keys_file",
-        ],
-        "limits" => &[
-            "backend",
-            "redis_url",
-            "backend_timeout",
-            "on_backend_error",
-            "headers",
-            "mode",
-            "ip_throttle",
-            "failed_auth",
-        ],
-        "limits.ip_throttle" => &["rejections", "window", "block_for"],
-        "limits.failed_auth" => &["attempts", "window", "block_for"],
-        "plans.*" => &[
-            "requests_per_minute",
-            "burst",
-            "requests_per_hour",
-            "requests_per_day",
-        ],
-        "keys[]" => &[
-            "id",
-            "key",
-            "plan",
-            "scopes",
-            "requests_per_minute",
-            "disabled",
-        ],
-        "upstreams[]" => &[
-            "name",
-            "url",
-            "connect_timeout",
-            "timeout",
-            "max_inflight",
-            "maintenance",
-            "retry_after",
-            "ca_file",
-        ],
-        "routes[]" => &[
-            "prefix",
-            "upstream",
-            "scopes",
-            "methods",
-            "auth",
-            "strip_prefix",
-            "respond",
-        ],
-        "routes[].respond" => &["status", "body", "content_type"],
+        "" => fields::<FileConfig>(),
+        "keys_file" => fields::<KeysFile>(),
+        "server" => fields::<ServerFile>(),
+        "server.tls" => fields::<TlsFile>(),
+        "admin" => fields::<AdminFile>(),
+        "errors" => fields::<ErrorsFile>(),
+        "auth" => fields::<AuthFile>(),
+        "limits" => fields::<LimitsFile>(),
+        "limits.ip_throttle" => fields::<IpThrottleFile>(),
+        "limits.failed_auth" => fields::<FailedAuthFile>(),
+        "plans.*" => fields::<PlanFile>(),
+        "keys[]" => fields::<KeyFile>(),
+        "upstreams[]" => fields::<UpstreamFile>(),
+        "routes[]" => fields::<RouteFile>(),
+        "routes[].respond" => fields::<RespondFile>(),
         _ => return None,
     })
+}
+
+/// The keys a file struct takes, in declaration order: the field list serde's derive passes
+/// to `deserialize_struct`, caught by a deserializer that stops there.
+fn fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields
+}
+
+/// A deserializer that records the field list of the struct asked of it, and nothing else.
+struct FieldNames<'a>(&'a mut &'static [&'static str]);
+
+/// How [`FieldNames`] ends every call: it never produces a value.
+#[derive(Debug)]
+struct Stop;
+
+impl fmt::Display for Stop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("field names read")
+    }
+}
+
+impl std::error::Error for Stop {}
+
+impl de::Error for Stop {
+    fn custom<T: fmt::Display>(_: T) -> Self {
+        Stop
+    }
+}
+
+impl<'de> Deserializer<'de> for FieldNames<'_> {
+    type Error = Stop;
+
+    fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+        Err(Stop)
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        fields: &'static [&'static str],
+        _: V,
+    ) -> Result<V::Value, Stop> {
+        *self.0 = fields;
+        Err(Stop)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        option unit unit_struct newtype_struct seq tuple tuple_struct map enum identifier
+        ignored_any
+    }
 }
 
 /// The path of a child table: map entries (`plans.<name>`) collapse to `*`.
@@ -125,12 +119,7 @@ pub fn strip_unknown(table: &mut DeTable<'_>, root: &str) -> Vec<UnknownKey> {
 }
 
 fn walk(table: &mut DeTable<'_>, path: &str, found: &mut Vec<UnknownKey>) {
-    let allowed = if path == "keys_file" {
-        Some(&["keys"][..])
-    } else {
-        allowed(path)
-    };
-    if let Some(allowed) = allowed {
+    if let Some(allowed) = allowed(path) {
         let unknown: Vec<_> = table
             .keys()
             .filter(|key| !allowed.contains(&key.get_ref().as_ref()))
@@ -230,5 +219,59 @@ mod tests {
         assert!(msgs[0].contains("`listn` in [server]"));
         assert!(msgs[1].contains("`bogus` in [[routes]]"));
         assert!(msgs[2].contains("`rpm` in a [plans.<name>] table"));
+    }
+
+    /// One unknown key in every table the file structs define: a table missing from
+    /// `allowed` would pass its keys on to serde, which reports only the first.
+    #[test]
+    fn every_table_of_the_file_structs_is_checked() {
+        let tables = [
+            "[server]",
+            "[server.tls]",
+            "[admin]",
+            "[errors]",
+            "[auth]",
+            "[limits]",
+            "[limits.ip_throttle]",
+            "[limits.failed_auth]",
+            "[plans.free]",
+            "[[keys]]",
+            "[[upstreams]]",
+            "[[routes]]",
+        ];
+        let mut text = "bogus = 1\n".to_owned();
+        for table in tables {
+            text.push_str(&format!("{table}\nbogus = 1\n"));
+        }
+        text.push_str("respond = { bogus = 1 }\n");
+        let mut doc = DeTable::parse(&text).unwrap().into_inner();
+        let found = strip_unknown(&mut doc, "");
+        assert_eq!(found.len(), tables.len() + 2, "{found:#?}");
+        assert!(
+            found[13].message.contains("in [routes.respond]"),
+            "{found:#?}"
+        );
+
+        let mut doc = DeTable::parse("bogus = 1\n[[keys]]\nbogus = 1\n")
+            .unwrap()
+            .into_inner();
+        let found = strip_unknown(&mut doc, "keys_file");
+        assert_eq!(found.len(), 2, "{found:#?}");
+        assert!(
+            found[0].message.contains("expected one of: keys"),
+            "{found:#?}"
+        );
+
+        // A struct serde reads as a map (`#[serde(flatten)]`, say) gives no field list:
+        // every key of its table would be refused.
+        for path in [
+            "",
+            "keys_file",
+            "server",
+            "limits.failed_auth",
+            "routes[].respond",
+        ] {
+            assert!(!allowed(path).unwrap().is_empty(), "{path}");
+        }
     }
 }

@@ -66,36 +66,8 @@ pub fn since(at: u64) -> Duration {
     Duration::from_nanos(TSC.delta_as_nanos(at, tsc_now()))
 }
 
-/// The window a bucket's limit is stated in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Window {
-    /// `requests_per_minute`.
-    Minute,
-    /// `requests_per_hour`.
-    Hour,
-    /// `requests_per_day`.
-    Day,
-}
-
-impl Window {
-    /// Length in seconds.
-    pub fn seconds(self) -> u64 {
-        match self {
-            Window::Minute => 60,
-            Window::Hour => 3_600,
-            Window::Day => 86_400,
-        }
-    }
-
-    /// "minute", "hour", "day".
-    pub fn name(self) -> &'static str {
-        match self {
-            Window::Minute => "minute",
-            Window::Hour => "hour",
-            Window::Day => "day",
-        }
-    }
-}
+// The window lives with the config types, where `error.rs` names it too.
+pub use crate::config::Window;
 
 /// One bucket's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,4 @@
-//! Accepting clients: listeners, connection limits, TLS termination ([`tls`]), HTTP/1.1 + h2
+//! Accepting clients: listeners, connection limits, TLS termination ([`config::tls`]), HTTP/1.1 + h2
 //! (h2c by prior knowledge, or h2 by ALPN over TLS), the per-connection time bounds
 //! ([`timeouts`]: header, idle, stalled writes), the per-request ID and span, panic
 //! containment, and graceful shutdown.
@@ -8,13 +8,13 @@
 //! does, even panic, the client gets a response with `X-Request-Id`.
 //!
 //! [`Gateway`]: crate::stack::Gateway
+//! [`config::tls`]: crate::config::tls
 
 pub mod admin;
 pub mod client_ip;
 pub mod head_limits;
 pub mod signals;
 pub mod timeouts;
-pub mod tls;
 
 use std::convert::Infallible;
 use std::future::Future;

@@ -1,10 +1,10 @@
-//! TLS termination on the client side: rustls (ring provider), TLS 1.2 and 1.3 only, ALPN
-//! `h2` then `http/1.1`, a PEM certificate chain and private key.
+//! The certificate loader for TLS termination on the client side: rustls (ring provider), TLS
+//! 1.2 and 1.3 only, ALPN `h2` then `http/1.1`, a PEM certificate chain and private key.
 //!
 //! The [`ServerConfig`] is built during config validation (so `tollgate check` and a reload
 //! reject unusable files) and lives in the config snapshot: a reload with new files serves the
-//! new certificate to new connections, while existing connections keep theirs. The handshake
-//! runs in the connection's task, never in the accept loop, bounded by
+//! new certificate to new connections, while existing connections keep theirs. The server runs
+//! the handshake in the connection's task, never in the accept loop, bounded by
 //! `server.header_read_timeout`.
 
 use std::path::{Path, PathBuf};

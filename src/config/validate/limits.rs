@@ -1,0 +1,135 @@
+//! `[limits]`: the rate-limit backend, its failure policy, and the per-IP tripwires.
+
+use super::*;
+
+impl Validator<'_, '_> {
+    fn tripwire(
+        &mut self,
+        count: &Option<Spanned<i64>>,
+        window: &Option<SpannedStr>,
+        block_for: &Option<SpannedStr>,
+        defaults: (u32, Duration, Duration),
+        (table, count_name): (&str, &str),
+    ) -> Tripwire {
+        Tripwire {
+            count: self.positive_or(count, defaults.0, &format!("{table}.{count_name}")),
+            window: self.duration(window, defaults.1, &format!("{table}.window")),
+            block_for: self.duration(block_for, defaults.2, &format!("{table}.block_for")),
+        }
+    }
+
+    pub(super) fn limits(&mut self, l: LimitsFile) -> LimitsConfig {
+        let redis_url = match &l.redis_url {
+            None => DEFAULT_REDIS_URL.to_owned(),
+            Some(u) => {
+                let text = u.get_ref().trim();
+                // Parsed as the client will parse it, so `check` catches what would otherwise
+                // fail on the first request. The URL is not echoed: it may hold a password.
+                let problem = if text.starts_with("rediss://") {
+                    Some("TLS to Redis (rediss://) is not built in; use redis:// (through a TLS tunnel such as stunnel if the link needs one)".to_owned())
+                } else if !["redis://", "unix://", "redis+unix://"]
+                    .iter()
+                    .any(|p| text.starts_with(p) && text.len() > p.len())
+                {
+                    Some("not a URL like \"redis://127.0.0.1:6379\"".to_owned())
+                } else {
+                    redis::IntoConnectionInfo::into_connection_info(text)
+                        .err()
+                        .map(|e| {
+                            format!(
+                                "not a usable Redis URL ({})",
+                                e.detail().unwrap_or(e.category())
+                            )
+                        })
+                };
+                if let Some(problem) = problem {
+                    self.error(u.span(), format!("limits.redis_url: {problem}"));
+                }
+                text.to_owned()
+            }
+        };
+        let ip_throttle = l.ip_throttle.as_ref().map(|t| {
+            self.tripwire(
+                &t.rejections,
+                &t.window,
+                &t.block_for,
+                (
+                    DEFAULT_IP_THROTTLE_REJECTIONS,
+                    DEFAULT_IP_THROTTLE_WINDOW,
+                    DEFAULT_IP_THROTTLE_BLOCK,
+                ),
+                ("limits.ip_throttle", "rejections"),
+            )
+        });
+        let failed_auth = l.failed_auth.as_ref().map(|t| {
+            self.tripwire(
+                &t.attempts,
+                &t.window,
+                &t.block_for,
+                (
+                    DEFAULT_FAILED_AUTH_ATTEMPTS,
+                    DEFAULT_FAILED_AUTH_WINDOW,
+                    DEFAULT_FAILED_AUTH_BLOCK,
+                ),
+                ("limits.failed_auth", "attempts"),
+            )
+        });
+        let nz = |n| NonZeroU32::new(n).expect("defaults are non-zero");
+        LimitsConfig {
+            backend: self.enumeration(
+                &l.backend,
+                &[
+                    ("local", LimitBackend::Local),
+                    ("redis", LimitBackend::Redis),
+                ],
+                LimitBackend::Local,
+                "limits.backend",
+            ),
+            redis_url,
+            backend_timeout: self.duration(
+                &l.backend_timeout,
+                DEFAULT_BACKEND_TIMEOUT,
+                "limits.backend_timeout",
+            ),
+            on_backend_error: self.enumeration(
+                &l.on_backend_error,
+                &[
+                    ("local", BackendErrorPolicy::Local),
+                    ("allow", BackendErrorPolicy::Allow),
+                    ("deny", BackendErrorPolicy::Deny),
+                ],
+                BackendErrorPolicy::Local,
+                "limits.on_backend_error",
+            ),
+            headers: self.enumeration(
+                &l.headers,
+                &[
+                    ("x-ratelimit", RateLimitHeaders::XRateLimit),
+                    ("ietf", RateLimitHeaders::Ietf),
+                    ("both", RateLimitHeaders::Both),
+                ],
+                RateLimitHeaders::XRateLimit,
+                "limits.headers",
+            ),
+            mode: self.enumeration(
+                &l.mode,
+                &[
+                    ("enforce", LimitMode::Enforce),
+                    ("shadow", LimitMode::Shadow),
+                ],
+                LimitMode::Enforce,
+                "limits.mode",
+            ),
+            ip_throttle: ip_throttle.unwrap_or(Tripwire {
+                count: nz(DEFAULT_IP_THROTTLE_REJECTIONS),
+                window: DEFAULT_IP_THROTTLE_WINDOW,
+                block_for: DEFAULT_IP_THROTTLE_BLOCK,
+            }),
+            failed_auth: failed_auth.unwrap_or(Tripwire {
+                count: nz(DEFAULT_FAILED_AUTH_ATTEMPTS),
+                window: DEFAULT_FAILED_AUTH_WINDOW,
+                block_for: DEFAULT_FAILED_AUTH_BLOCK,
+            }),
+        }
+    }
+}
