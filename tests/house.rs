@@ -39,7 +39,6 @@ const FLOORS: &[(&str, u8)] = &[
     ("limit", 6),
     ("proxy", 6),
     ("server", 6),
-    ("admin", 6),
     // 7: Snapshot, Gateway: the pipeline.
     ("stack", 7),
     // 8: the CLI and reloading, over everything.
