@@ -4,7 +4,8 @@
 //! - [`gateway`]: configs and the gateway under test (in process), its `/metrics`;
 //! - [`client`]: raw HTTP/1.1 requests and the [`Reply`] a client sees;
 //! - [`upstream`]: upstreams to proxy to (echo, counting, raw fault, refusing);
-//! - [`assert`]: assertions on replies (envelopes, request IDs, upstream failures).
+//! - [`assert`]: assertions on replies (envelopes, request IDs, upstream failures);
+//! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests.
 
 // Each test binary uses its own part of the harness: the rest is unused there.
 #![allow(dead_code, unused_imports)]
@@ -12,6 +13,7 @@
 pub mod assert;
 pub mod client;
 pub mod gateway;
+pub mod key_store;
 pub mod upstream;
 
 pub use assert::*;
