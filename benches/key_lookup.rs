@@ -6,19 +6,21 @@
 //! Run: `cargo bench --bench key_lookup -- --warm-up-time 1 --measurement-time 3`
 
 use std::hint::black_box;
-use std::num::NonZeroU32;
 use std::sync::Arc;
+
+#[path = "../tests/common/key_store.rs"]
+mod key_store;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use tollgate::auth::{ApiKey, KeyDigest, KeyStore};
-use tollgate::config::{KeyConfig, KeyId, Plan, PlanName};
+use tollgate::config::{KeyConfig, KeyId};
 
 fn key_text(n: usize) -> String {
     format!("tg_live_{n:043}")
 }
 
 fn store(size: usize) -> KeyStore {
-    let plan = PlanName(Arc::from("pro"));
+    let plan = key_store::pro();
     let keys: Vec<KeyConfig> = (0..size)
         .map(|n| KeyConfig {
             id: KeyId(Arc::from(format!("key-{n}").as_str())),
@@ -29,19 +31,7 @@ fn store(size: usize) -> KeyStore {
             disabled: false,
         })
         .collect();
-    let rpm = NonZeroU32::new(300).unwrap();
-    let plans = [(
-        plan,
-        Plan {
-            requests_per_minute: rpm,
-            burst: rpm,
-            requests_per_hour: None,
-            requests_per_day: None,
-        },
-    )]
-    .into_iter()
-    .collect();
-    KeyStore::new(&keys, &plans, None)
+    key_store::one_plan_store(&keys)
 }
 
 fn lookup(c: &mut Criterion) {

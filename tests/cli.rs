@@ -790,7 +790,7 @@ struct UpstreamCounts {
     inside: std::sync::atomic::AtomicUsize,
 }
 
-async fn counting_upstream() -> (SocketAddr, std::sync::Arc<UpstreamCounts>) {
+async fn load_upstream() -> (SocketAddr, std::sync::Arc<UpstreamCounts>) {
     use std::sync::atomic::Ordering::SeqCst;
     let counts = std::sync::Arc::new(UpstreamCounts::default());
     let seen = counts.clone();
@@ -941,7 +941,7 @@ fn proxy_config(addr: SocketAddr, admin: SocketAddr, up: SocketAddr, extra: &str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_under_load_cut_no_request() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    let (up, counts) = counting_upstream().await;
+    let (up, counts) = load_upstream().await;
     let (addr, admin) = (free_port(), free_port());
     let version = |n: usize| {
         proxy_config(
@@ -996,7 +996,7 @@ async fn sighup_reloads_under_load_cut_no_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_completes_everything_in_flight_then_refuses() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-    let (up, counts) = counting_upstream().await;
+    let (up, counts) = load_upstream().await;
     let (addr, admin) = (free_port(), free_port());
     let (_dir, path) = temp_config("gw.toml", &proxy_config(addr, admin, up, ""));
     let mut child = spawn_gateway(&path);

@@ -78,10 +78,6 @@ fn unix_now() -> u64 {
         .as_secs()
 }
 
-async fn with_key(addr: SocketAddr, path: &str, key: &str) -> Reply {
-    get(addr, path, &[("X-API-Key", key)]).await
-}
-
 /// Requests with key a until one is limited, and returns that 429. For tests that must wait
 /// for a refill, and so use a fast rate: on a loaded machine one request can take longer than
 /// a token interval, so "the next request is limited" may not hold, but one that follows
@@ -500,5 +496,198 @@ async fn public_routes_are_limited_per_client_ip_by_the_anonymous_plan() {
             .status,
         200,
         "another /64"
+    );
+}
+
+#[tokio::test]
+async fn a_key_with_its_own_requests_per_minute_is_limited_and_reported_by_it() {
+    let up = echo_upstream().await;
+    let cfg = config(
+        "",
+        &format!(
+            "[plans.pro]\nrequests_per_minute = 600\n\
+             [[keys]]\nid = \"custom\"\nkey = \"{a}\"\nplan = \"pro\"\nrequests_per_minute = 2\n\
+             [[keys]]\nid = \"plain\"\nkey = \"{b}\"\nplan = \"pro\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"/v1/\"\nupstream = \"up\"\n",
+            a = digest(KEY_A),
+            b = digest(KEY_B),
+        ),
+    );
+    let gw = TestGateway::start(cfg).await;
+
+    // One token every 30 s, two deep: nothing refills during the test.
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"), "{r:?}");
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    let retry = assert_rate_limited_per(&r, 2, "minute");
+    assert_json_content_type(&r);
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+    assert!((1..=30).contains(&retry), "Retry-After {retry}");
+    assert_eq!(r.json()["request_id"], r.header("x-request-id").unwrap());
+
+    // The override is the key's own: another key on the same plan has the plan's limit.
+    let r = with_key(gw.addr, "/v1/x", KEY_B).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-limit"), Some("600"), "{r:?}");
+}
+
+/// A gateway with `limits` (TOML lines of `[limits]`, or empty), plan `name` defined by
+/// `plan` (its TOML lines), key `KEY_A` on it, and a route `prefix` to an echo upstream.
+async fn one_key_gateway(limits: &str, name: &str, plan: &str, prefix: &str) -> TestGateway {
+    let up = echo_upstream().await;
+    let limits = if limits.is_empty() {
+        String::new()
+    } else {
+        format!("[limits]\n{limits}\n")
+    };
+    let cfg = config(
+        "",
+        &format!(
+            "{limits}[plans.{name}]\n{plan}\n\
+             [[keys]]\nid = \"a\"\nkey = \"{}\"\nplan = \"{name}\"\n\
+             [[upstreams]]\nname = \"up\"\nurl = \"http://{up}\"\n\
+             [[routes]]\nprefix = \"{prefix}\"\nupstream = \"up\"\n",
+            digest(KEY_A)
+        ),
+    );
+    TestGateway::start(cfg).await
+}
+
+#[tokio::test]
+async fn an_empty_hourly_bucket_is_a_429_naming_the_hour_and_reported_in_the_headers() {
+    let gw = one_key_gateway(
+        "",
+        "hourly",
+        "requests_per_minute = 600\nrequests_per_hour = 2",
+        "/",
+    )
+    .await;
+
+    // The hourly bucket (1 left) is closer to empty than the minute one (599 left).
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("1"), "{r:?}");
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    let retry = assert_rate_limited_per(&r, 2, "hour");
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"), "{r:?}");
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"), "{r:?}");
+    // Two an hour: the next token comes 30 minutes after the first was taken.
+    assert!((1700..=1800).contains(&retry), "Retry-After {retry}");
+}
+
+/// Asserts a 429 `rate_limited` (default error style) whose message names `limit` per
+/// `window` and the wait `Retry-After` gives; returns that wait.
+fn assert_rate_limited_per(r: &Reply, limit: u32, window: &str) -> u64 {
+    assert_rate_limited(r);
+    let retry = assert_retry_after(r);
+    assert_eq!(
+        r.json()["error"]["message"],
+        format!("Rate limit of {limit} requests per {window} exceeded. Retry after {retry}s."),
+        "{}",
+        r.shown()
+    );
+    retry
+}
+
+#[tokio::test]
+async fn shadow_mode_passes_over_limit_requests_and_counts_would_limit_in_metrics() {
+    let gw = one_key_gateway(
+        "mode = \"shadow\"",
+        "tight",
+        "requests_per_minute = 1\nburst = 1",
+        "/v1/",
+    )
+    .await;
+
+    // One token a minute: the second and third requests are over the limit.
+    for n in 0..3 {
+        let r = with_key(gw.addr, "/v1/shadow", KEY_A).await;
+        assert_eq!(r.status, 200, "request {n}: {}", r.shown());
+        assert_eq!(
+            r.json()["path"],
+            "/v1/shadow",
+            "request {n} reached the upstream"
+        );
+    }
+
+    let scrape = get(gw.admin, "/metrics", &[]).await;
+    assert_eq!(scrape.status, 200);
+    let text = scrape.text();
+    let would_limit = metric_in(
+        &text,
+        "tollgate_rate_limit_decisions_total{decision=\"would_limit\",plan=\"tight\"}",
+    );
+    assert_eq!(would_limit, Some(2.0), "{text}");
+    let allowed = metric_in(
+        &text,
+        "tollgate_rate_limit_decisions_total{decision=\"allowed\",plan=\"tight\"}",
+    );
+    assert_eq!(allowed, Some(1.0), "{text}");
+    let limited = metric_in(
+        &text,
+        "tollgate_rate_limit_decisions_total{decision=\"limited\",plan=\"tight\"}",
+    )
+    .unwrap_or(0.0);
+    assert_eq!(limited, 0.0, "nothing was rejected: {text}");
+}
+
+#[tokio::test]
+async fn ietf_headers_list_the_daily_policy_and_report_the_bucket_closest_to_empty() {
+    let gw = one_key_gateway(
+        "headers = \"ietf\"",
+        "daily",
+        "requests_per_minute = 100\nrequests_per_day = 3",
+        "/",
+    )
+    .await;
+    let policy = "\"daily\";q=100;w=60, \"daily-day\";q=3;w=86400";
+
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.status, 200, "{}", r.shown());
+    assert_eq!(r.header("ratelimit-policy"), Some(policy), "{r:?}");
+    // The daily bucket (2 left) is closer to empty than the minute one (99 left).
+    let ratelimit = r.header("ratelimit").expect("RateLimit header");
+    assert!(
+        ratelimit.starts_with("\"daily-day\";r=2;t="),
+        "RateLimit {ratelimit}"
+    );
+    assert!(
+        r.header("x-ratelimit-limit").is_none(),
+        "ietf only: no X-RateLimit-*: {r:?}"
+    );
+
+    with_key(gw.addr, "/x", KEY_A).await;
+    with_key(gw.addr, "/x", KEY_A).await;
+    let r = with_key(gw.addr, "/x", KEY_A).await;
+    assert_eq!(r.status, 429, "{}", r.shown());
+    assert_envelope(&r, 429, "rate_limited");
+    assert_retry_after(&r);
+    assert_eq!(r.header("ratelimit-policy"), Some(policy), "{r:?}");
+    let retry = r.header("retry-after").expect("Retry-After on a 429");
+    assert_eq!(
+        r.header("ratelimit"),
+        Some(format!("\"daily-day\";r=0;t={retry}").as_str()),
+        "{r:?}"
+    );
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        message.starts_with("Rate limit of 3 requests per day exceeded."),
+        "{message}"
     );
 }

@@ -4,12 +4,14 @@
 //!
 //! Case counts are kept small enough for the whole file to run in a few seconds in debug.
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::key_store::{one_plan_store, pro_key};
 use governor::clock::FakeRelativeClock;
 use http::header::{AUTHORIZATION, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
@@ -18,7 +20,7 @@ use tollgate::GatewayError;
 use tollgate::auth::extract::{CredentialSource, extract};
 use tollgate::auth::{ApiKey, KeyStore, authenticate};
 use tollgate::config::{
-    AuthConfig, Config, ConfigError, ErrorStyle, ErrorsConfig, KeyConfig, KeyId, Plan, PlanName,
+    AuthConfig, Config, ConfigError, ErrorStyle, ErrorsConfig, KeyConfig, Plan, PlanName,
     RateLimitHeaders,
 };
 use tollgate::error::ErrorRenderer;
@@ -341,30 +343,11 @@ fn store() -> KeyStore {
 }
 
 fn store_with(keys: &[(String, String)]) -> KeyStore {
-    let rpm = nz(300);
-    let plans: BTreeMap<PlanName, Plan> = [(
-        PlanName(Arc::from("pro")),
-        Plan {
-            requests_per_minute: rpm,
-            burst: rpm,
-            requests_per_hour: None,
-            requests_per_day: None,
-        },
-    )]
-    .into_iter()
-    .collect();
     let keys: Vec<KeyConfig> = keys
         .iter()
-        .map(|(id, secret)| KeyConfig {
-            id: KeyId(Arc::from(id.as_str())),
-            digest: ApiKey::new(secret.clone()).digest(),
-            plan: PlanName(Arc::from("pro")),
-            scopes: Vec::new(),
-            requests_per_minute: None,
-            disabled: false,
-        })
+        .map(|(id, secret)| pro_key(id, secret, &[]))
         .collect();
-    KeyStore::new(&keys, &plans, None)
+    one_plan_store(&keys)
 }
 
 fn auth_config(header: &str, bearer: bool, query_param: Option<&str>) -> AuthConfig {

@@ -174,17 +174,13 @@ async fn deny_gateway(redis: &RedisServer) -> TestGateway {
     .await
 }
 
-async fn with_key(addr: SocketAddr, key: &str) -> Reply {
-    get(addr, "/v1/x", &[("X-API-Key", key)]).await
-}
-
 /// `n` sequential requests; their statuses and latencies.
 async fn burst_of(addr: SocketAddr, n: usize) -> (Vec<u16>, Vec<Duration>) {
     let mut statuses = Vec::new();
     let mut latencies = Vec::new();
     for _ in 0..n {
         let sent = Instant::now();
-        statuses.push(with_key(addr, KEY_A).await.status);
+        statuses.push(with_key(addr, "/v1/x", KEY_A).await.status);
         latencies.push(sent.elapsed());
     }
     (statuses, latencies)
@@ -195,16 +191,14 @@ fn count(statuses: &[u16], status: u16) -> usize {
 }
 
 fn backend_errors(gw: &TestGateway) -> u64 {
-    metric(gw, "tollgate_limiter_backend_errors_total")
+    counter(gw, "tollgate_limiter_backend_errors_total")
 }
 
-fn metric(gw: &TestGateway, series: &str) -> u64 {
+/// The value of `series` in the gateway's own metrics (no admin round trip); fails when it is
+/// not there.
+fn counter(gw: &TestGateway, series: &str) -> u64 {
     let text = gw.gateway.metrics().encode();
-    text.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    metric_in(&text, series).unwrap_or_else(|| panic!("no {series} in\n{text}")) as u64
 }
 
 /// The Redis key of key `id`'s `window` bucket, whose name also carries the bucket's limit
@@ -224,7 +218,7 @@ async fn until_redis_decides(redis: &RedisServer, addr: SocketAddr) -> u16 {
     let mut conn = redis.connection();
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let status = with_key(addr, KEY_A).await.status;
+        let status = with_key(addr, "/v1/x", KEY_A).await.status;
         if state_key(&mut conn, "a", "minute").is_some() {
             return status;
         }
@@ -247,7 +241,7 @@ async fn two_gateways_sharing_redis_admit_exactly_capacity() {
         tasks.push(tokio::spawn(async move {
             let mut statuses = Vec::new();
             for _ in 0..2 {
-                statuses.push(with_key(addr, KEY_A).await.status);
+                statuses.push(with_key(addr, "/v1/x", KEY_A).await.status);
             }
             statuses
         }));
@@ -265,7 +259,7 @@ async fn two_gateways_sharing_redis_admit_exactly_capacity() {
     assert_eq!(count(&statuses, 429), 71);
     assert_eq!(backend_errors(&one) + backend_errors(&two), 0);
     // The other key is untouched, on either gateway.
-    assert_eq!(with_key(two.addr, KEY_B).await.status, 200);
+    assert_eq!(with_key(two.addr, "/v1/x", KEY_B).await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,18 +272,18 @@ async fn headers_and_429_come_from_the_shared_bucket() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let r = with_key(one.addr, KEY_A).await;
+    let r = with_key(one.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-ratelimit-limit"), Some("1"));
     assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
-    let r = with_key(two.addr, KEY_A).await;
+    let r = with_key(two.addr, "/v1/x", KEY_A).await;
     assert_eq!(
         r.header("x-ratelimit-remaining"),
         Some("1"),
         "the other gateway sees the same bucket"
     );
-    assert_eq!(with_key(one.addr, KEY_A).await.status, 200);
-    let r = with_key(two.addr, KEY_A).await;
+    assert_eq!(with_key(one.addr, "/v1/x", KEY_A).await.status, 200);
+    let r = with_key(two.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 429);
     let v = r.json();
     assert_eq!(v["error"]["code"], "rate_limited");
@@ -336,7 +330,7 @@ async fn a_key_moved_to_another_plan_starts_with_a_full_bucket_of_it() {
     assert_eq!(statuses, [200, 200, 200, 429]);
     gw.gateway
         .reload(redis_config(&redis.url(), 300, 300, limits, up));
-    let r = with_key(gw.addr, KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 200, "{}", r.shown());
     assert_eq!(r.header("x-ratelimit-remaining"), Some("299"));
     assert_eq!(r.header("x-ratelimit-limit"), Some("300"));
@@ -348,11 +342,11 @@ async fn a_shared_bucket_refills_from_redis_time() {
     // 60/min: one token a second, one deep, so a wait never banks more than one token.
     let one = gateway(&redis, 60, 1, "backend_timeout = \"2s\"").await;
     let two = gateway(&redis, 60, 1, "backend_timeout = \"2s\"").await;
-    assert_eq!(with_key(one.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(one.addr, "/v1/x", KEY_A).await.status, 200);
     // A request slower than a second may find the next token: ask until limited.
     let mut limited = None;
     for _ in 0..50 {
-        let r = with_key(two.addr, KEY_A).await;
+        let r = with_key(two.addr, "/v1/x", KEY_A).await;
         if r.status != 200 {
             limited = Some(r);
             break;
@@ -366,7 +360,10 @@ async fn a_shared_bucket_refills_from_redis_time() {
     // Refill comes from Redis time: one token a second later, for either gateway. Both ask
     // at once, so they are decided within the second until the token after.
     tokio::time::sleep(Duration::from_millis(1_050)).await;
-    let (a, b) = tokio::join!(with_key(two.addr, KEY_A), with_key(one.addr, KEY_A));
+    let (a, b) = tokio::join!(
+        with_key(two.addr, "/v1/x", KEY_A),
+        with_key(one.addr, "/v1/x", KEY_A)
+    );
     let mut statuses = [a.status, b.status];
     statuses.sort_unstable();
     assert_eq!(statuses, [200, 429], "exactly one token refilled");
@@ -378,7 +375,7 @@ async fn shadow_mode_and_ip_throttle_work_with_redis() {
     // One token a minute: nothing refills between the requests, so the counts are exact.
     let shadow = gateway(&redis, 1, 2, "mode = \"shadow\"\nbackend_timeout = \"2s\"").await;
     for _ in 0..5 {
-        assert_eq!(with_key(shadow.addr, KEY_B).await.status, 200);
+        assert_eq!(with_key(shadow.addr, "/v1/x", KEY_B).await.status, 200);
     }
     assert_eq!(shadow.gateway.would_limit_count(), 3);
 
@@ -391,7 +388,7 @@ async fn shadow_mode_and_ip_throttle_work_with_redis() {
     .await;
     let (statuses, _) = burst_of(throttled.addr, 6).await;
     assert_eq!(statuses, [200, 200, 429, 429, 429, 429]);
-    let r = with_key(throttled.addr, KEY_A).await;
+    let r = with_key(throttled.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.json()["error"]["code"], "ip_throttled");
 }
 
@@ -439,7 +436,7 @@ async fn redis_down_with_allow_policy_admits_without_headers() {
 
     redis.kill();
     for _ in 0..20 {
-        let r = with_key(gw.addr, KEY_A).await;
+        let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.status, 200);
         assert_eq!(
             r.header("x-ratelimit-remaining"),
@@ -449,7 +446,7 @@ async fn redis_down_with_allow_policy_admits_without_headers() {
     }
     assert!(backend_errors(&gw) >= 1);
     assert_eq!(
-        metric(
+        counter(
             &gw,
             "tollgate_limiter_fallbacks_total{on_backend_error=\"allow\"}"
         ),
@@ -466,11 +463,11 @@ async fn redis_down_with_allow_policy_admits_without_headers() {
 async fn redis_down_with_deny_policy_answers_503() {
     let mut redis = RedisServer::start();
     let gw = deny_gateway(&redis).await;
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
 
     redis.kill();
     for _ in 0..20 {
-        let r = with_key(gw.addr, KEY_A).await;
+        let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.status, 503);
         assert_eq!(r.header("retry-after"), Some("1"));
         assert_eq!(r.json()["error"]["code"], "service_unavailable");
@@ -483,7 +480,7 @@ async fn redis_down_with_deny_policy_answers_503() {
 
     redis.restart();
     assert_eq!(until_redis_decides(&redis, gw.addr).await, 200);
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
 }
 
 /// A restarted Redis is used at once: the request that finds the old connection dropped is
@@ -493,22 +490,22 @@ async fn redis_down_with_deny_policy_answers_503() {
 async fn a_restarted_redis_decides_at_once_even_for_an_idle_instance() {
     let mut redis = RedisServer::start();
     let gw = deny_gateway(&redis).await;
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     redis.kill();
     redis.restart();
-    let r = with_key(gw.addr, KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 200, "restarted while idle: {}", r.shown());
     assert_eq!(backend_errors(&gw), 0);
 
     redis.kill();
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 503);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 503);
     redis.restart();
     // No requests now: only the background probes can find Redis back.
     tokio::time::sleep(
         tollgate::limit::breaker::MAX_PROBE_INTERVAL * 2 + Duration::from_millis(500),
     )
     .await;
-    let r = with_key(gw.addr, KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 200, "idle through the outage: {}", r.shown());
 }
 
@@ -541,7 +538,7 @@ async fn a_one_second_outage_denies_for_at_most_the_outage_and_one_probe_interva
             let mut sent = Vec::new();
             while !stop.load(Ordering::Relaxed) {
                 let at = start.elapsed();
-                sent.push((at, with_key(addr, KEY_A).await.status));
+                sent.push((at, with_key(addr, "/v1/x", KEY_A).await.status));
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             sent
@@ -604,10 +601,10 @@ async fn redis_down_with_deny_policy_in_shadow_mode_rejects_nothing() {
         "mode = \"shadow\"\non_backend_error = \"deny\"\nbackend_timeout = \"2s\"",
     )
     .await;
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     redis.kill();
     for _ in 0..5 {
-        let r = with_key(gw.addr, KEY_A).await;
+        let r = with_key(gw.addr, "/v1/x", KEY_A).await;
         assert_eq!(r.status, 200, "{}", r.shown());
     }
 }
@@ -663,7 +660,7 @@ async fn hung_redis_costs_one_timeout_per_cool_off_not_per_request() {
     assert!(slow <= 2, "{slow} requests waited for Redis");
     assert_eq!(backend_errors(&gw), slow as u64);
     assert_eq!(
-        metric(
+        counter(
             &gw,
             "tollgate_limiter_fallbacks_total{on_backend_error=\"local\"}"
         ),
@@ -696,7 +693,7 @@ async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
         "on_backend_error = \"local\"\nbackend_timeout = \"2s\"",
     )
     .await;
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
     assert_eq!(backend_errors(&gw), 0);
 
     // A replica of a master that does not exist: reads and PING work, writes are refused.
@@ -709,7 +706,7 @@ async fn a_redis_that_answers_but_cannot_write_keeps_the_breaker_open() {
     // Several probes' worth of steady traffic, all decided in process.
     let until = Instant::now() + Duration::from_millis(4_600);
     while Instant::now() < until {
-        assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
+        assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
@@ -759,7 +756,7 @@ upstream = "up"
 async fn a_rejecting_bucket_charges_no_other_bucket() {
     let redis = RedisServer::start();
     let gw = daily_plan_gateway(&redis, "requests_per_minute = 10\nrequests_per_day = 3").await;
-    let r = with_key(gw.addr, KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(
         r.header("x-ratelimit-remaining"),
         Some("2"),
@@ -781,7 +778,7 @@ async fn a_rejecting_bucket_charges_no_other_bucket() {
             .unwrap()
     };
     let before = tats(&mut conn);
-    let r = with_key(gw.addr, KEY_A).await;
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 429);
     assert!(
         r.json()["error"]["message"]
@@ -809,8 +806,8 @@ async fn a_refusal_reports_the_longest_wait_of_the_empty_buckets() {
         "requests_per_minute = 60\nburst = 1\nrequests_per_day = 1",
     )
     .await;
-    assert_eq!(with_key(gw.addr, KEY_A).await.status, 200);
-    let r = with_key(gw.addr, KEY_A).await;
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 429, "{}", r.shown());
     let retry_after: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!(

@@ -1,0 +1,295 @@
+//! The log lines of upstream failures, read from the real binary's stderr: each carries its
+//! failure kind and the request ID, and a repeated failure is logged once a second with a
+//! count.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Runs the real binary with JSON logs, collecting its stderr lines.
+struct Process {
+    child: std::process::Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Process {
+    fn start(config: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("--config")
+            .arg(config)
+            .args(["--log-format", "json"])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                sink.lock().unwrap().push(line.unwrap_or_default());
+            }
+        });
+        let process = Self { child, lines };
+        process.wait_for(|l| l.contains("admin listening"));
+        process
+    }
+
+    fn wait_for(&self, found: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(line) = self.lines.lock().unwrap().iter().find(|l| found(l)) {
+                return line.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no such log line in:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_log_lines_carry_the_kind_and_the_request_id() {
+    let dead = refusing_addr();
+    let (hang, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (cut, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await;
+    // Speaks plain HTTP where TLS is expected: the handshake fails.
+    let (plain, _) = fault_upstream(|mut stream| async move {
+        let mut hello = [0u8; 512];
+        let _ = stream.read(&mut hello).await;
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    })
+    .await;
+    // The process binds port 0 and logs where it listens: a port picked here and released
+    // for it to bind could be taken by another test in between.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
+             [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
+             [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
+             [[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
+             [[routes]]\nprefix = \"/dead/\"\nupstream = \"dead\"\nauth = false\n\
+             [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n\
+             [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n\
+             [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr in {listening}"))
+        .parse()
+        .unwrap();
+    for (path, status, code, kind) in [
+        ("/dead/x", 502, "bad_gateway", "connect_refused"),
+        ("/hang/x", 504, "gateway_timeout", "timeout"),
+    ] {
+        let reply = get(addr, path, &[]).await;
+        let upstream = if kind == "timeout" { hang } else { dead };
+        let id = assert_failure(&reply, status, code, upstream);
+        let line = process.wait_for(|l| l.contains(&id) && l.contains("upstream failure"));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["kind"], kind, "{}", redact(&line.to_string()));
+        assert_eq!(v["level"], "WARN", "{}", redact(&line.to_string()));
+        assert_eq!(
+            v["span"]["request_id"],
+            id.as_str(),
+            "{}",
+            redact(&line.to_string())
+        );
+    }
+
+    // A failed TLS handshake is `connect_refused` too; its reason is in a warning of its own.
+    let reply = get(addr, "/plain/x", &[]).await;
+    let id = assert_failure(&reply, 502, "bad_gateway", plain);
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("could not connect"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "WARN", "{}", redact(&line.to_string()));
+    assert!(
+        v["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("corrupt message")),
+        "{}",
+        redact(&line.to_string())
+    );
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("upstream failure"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(
+        v["kind"],
+        "connect_refused",
+        "{}",
+        redact(&line.to_string())
+    );
+
+    // After the head: the 200 is already out, so the abort is logged from the body.
+    let raw = String::from_utf8_lossy(&get_until_closed(addr, "/cut/x").await).into_owned();
+    let id = raw
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("x-request-id"))
+        .map(|(_, value)| value.trim().to_owned())
+        .expect("X-Request-Id on the 200");
+    let line = process.wait_for(|l| l.contains(&id) && l.contains("client stream aborted"));
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["kind"], "reset", "{}", redact(&line.to_string()));
+    assert_eq!(
+        v["span"]["request_id"],
+        id.as_str(),
+        "{}",
+        redact(&line.to_string())
+    );
+}
+
+/// Overload and maintenance 503s come in floods (every request while an upstream is saturated
+/// or switched off): the warning is written at most once a second per kind and upstream, each
+/// line counting the ones left out before it (`suppressed`), so the lines still account for
+/// every failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
+    // Holds every request: with max_inflight = 1 the first one keeps the only slot.
+    let (slow, accepted) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"busy\"\nurl = \"http://{slow}\"\nmax_inflight = 1\n\
+             timeout = \"60s\"\n\
+             [[upstreams]]\nname = \"off\"\nurl = \"http://{slow}\"\nmaintenance = true\n\
+             [[routes]]\nprefix = \"/busy/\"\nupstream = \"busy\"\nauth = false\n\
+             [[routes]]\nprefix = \"/off/\"\nupstream = \"off\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr in {listening}"))
+        .parse()
+        .unwrap();
+    // Takes the slot: the request is sent, its answer never awaited.
+    let mut holder = TcpStream::connect(addr).await.unwrap();
+    holder
+        .write_all(b"GET /busy/hold HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    while accepted.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slot is never taken"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // 2.5 s of both floods, then after a quiet second one more of each: its line carries the
+    // count of the last second of the flood.
+    let flood_started = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut failed = 0;
+                while flood_started.elapsed() < Duration::from_millis(2_500) {
+                    for path in ["/busy/x", "/off/x"] {
+                        assert_eq!(get(addr, path, &[]).await.status, 503, "{path}");
+                        failed += 1;
+                    }
+                }
+                failed
+            })
+        })
+        .collect();
+    let mut each = 0;
+    for task in tasks {
+        each += task.await.unwrap() / 2;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    for path in ["/busy/x", "/off/x"] {
+        assert_eq!(get(addr, path, &[]).await.status, 503, "{path}");
+    }
+    each += 1;
+    let span = flood_started.elapsed();
+
+    // (lines, failures they account for) of `kind` on `upstream`.
+    let logged = |kind: &str, upstream: &str| {
+        let lines = process.lines.lock().unwrap();
+        let mine: Vec<serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"] == "upstream failure" && v["upstream"] == upstream)
+            .collect();
+        for v in &mine {
+            assert_eq!(v["kind"], kind, "{v}");
+            assert_eq!(v["level"], "WARN", "{v}");
+            assert!(v["span"]["request_id"].is_string(), "{v}");
+        }
+        let accounted: u64 = mine
+            .iter()
+            .map(|v| 1 + v["suppressed"].as_u64().unwrap_or(0))
+            .sum();
+        (mine.len(), accounted)
+    };
+    for (kind, upstream) in [("overloaded", "busy"), ("maintenance", "off")] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while logged(kind, upstream).1 < each && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (lines, accounted) = logged(kind, upstream);
+        eprintln!("{upstream}: {each} failures in {span:?}, {lines} lines");
+        assert!(each >= 50, "a flood of {each} failures only");
+        assert_eq!(
+            accounted, each,
+            "{upstream}: the lines' counts add up to the failures"
+        );
+        assert!(
+            lines as u64 <= span.as_secs() + 2,
+            "{lines} lines for {each} {kind} failures in {span:?}: more than one a second"
+        );
+    }
+}
