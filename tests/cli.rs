@@ -832,7 +832,16 @@ async fn attempt(addr: SocketAddr, path: &str) -> Outcome {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = match tokio::net::TcpStream::connect(addr).await {
         Ok(stream) => stream,
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Outcome::Refused,
+        // A handshake the kernel was completing as the listener closed is reset: refused
+        // all the same, before a byte of the request was sent.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            return Outcome::Refused;
+        }
         Err(e) => return Outcome::Broken(format!("connect: {e}")),
     };
     let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
