@@ -536,7 +536,7 @@ async fn identity_headers_cannot_be_spoofed_with_underscores() {
         ("X_Forwarded_For", "6.6.6.6"),
         ("X_Forwarded_Host", "evil.test"),
         ("X_Request_Id", "forged"),
-        ("X_API_Key", "tg_forged_key"),
+        ("X_API_Key", "tg_test_forged_0123456789abcdef"),
         ("X_Custom_Field", "kept"),
     ];
     for allowed in [false, true] {
@@ -568,40 +568,43 @@ auth = false
         let reply = get(gw.addr, "/v1/x", &spoofs).await;
         assert_eq!(reply.status, 200, "{reply:?}");
         let env = reply.json();
+        // Failure messages show the environment with test keys masked.
+        let shown = redact(&env.to_string());
         let id = reply.header("x-request-id").unwrap();
         assert_eq!(
             env["HTTP_X_TOLLGATE_KEY_ID"], "acme-prod",
-            "allowed={allowed}: {env}"
+            "allowed={allowed}: {shown}"
         );
         assert_eq!(
             env["HTTP_X_TOLLGATE_PLAN"], "pro",
-            "allowed={allowed}: {env}"
+            "allowed={allowed}: {shown}"
         );
         assert_eq!(
             env["HTTP_X_FORWARDED_FOR"], "127.0.0.1",
-            "allowed={allowed}: {env}"
+            "allowed={allowed}: {shown}"
         );
         assert_eq!(
             env["HTTP_X_FORWARDED_HOST"], "gateway.test",
-            "allowed={allowed}: {env}"
+            "allowed={allowed}: {shown}"
         );
-        assert_eq!(env["HTTP_X_REQUEST_ID"], id, "allowed={allowed}: {env}");
+        assert_eq!(env["HTTP_X_REQUEST_ID"], id, "allowed={allowed}: {shown}");
         for absent in ["HTTP_X_API_KEY", "HTTP_X_TOLLGATE_KEY_META_CUSTOMER_ID"] {
             assert!(
                 env.get(absent).is_none(),
-                "allowed={allowed}: {absent} in {env}"
+                "allowed={allowed}: {absent} in {shown}"
             );
         }
         let custom = env.get("HTTP_X_CUSTOM_FIELD");
         if allowed {
-            assert_eq!(custom.unwrap(), "kept", "{env}");
+            assert_eq!(custom.unwrap(), "kept", "{shown}");
         } else {
-            assert!(custom.is_none(), "{env}");
+            assert!(custom.is_none(), "{shown}");
         }
         // A public route without a key: no identity at all.
         let reply = get(gw.addr, "/public/x", &spoofs[1..]).await;
         let env = reply.json();
-        assert!(env.get("HTTP_X_TOLLGATE_KEY_ID").is_none(), "{env}");
-        assert!(env.get("HTTP_X_TOLLGATE_PLAN").is_none(), "{env}");
+        let shown = redact(&env.to_string());
+        assert!(env.get("HTTP_X_TOLLGATE_KEY_ID").is_none(), "{shown}");
+        assert!(env.get("HTTP_X_TOLLGATE_PLAN").is_none(), "{shown}");
     }
 }
