@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use crate::observability::log_throttle::upstream_failures;
 use crate::proxy::inflight::InflightSlot;
 use bytes::Bytes;
 use http::{HeaderValue, Response};
@@ -311,6 +312,10 @@ async fn discard(mut body: Incoming) -> bool {
         .unwrap_or(false)
 }
 
+/// The subject of the throttled warnings of upstream bodies that fail after their head (one
+/// line a second per kind, with the count left out; every failure is still counted).
+const AFTER_HEAD: &str = "after the response head";
+
 pin_project! {
     /// A response body: fixed bytes from tollgate, or the upstream's body.
     #[project = ResponseBodyProj]
@@ -398,13 +403,17 @@ impl Body for ResponseBody {
                         *waiting = true;
                         let timer = timer.as_mut().expect("armed above");
                         ready!(timer.as_mut().poll(cx));
-                        span.in_scope(|| {
-                            tracing::warn!(
-                                kind = crate::error::FailureKind::Timeout.as_str(),
-                                stalled_for = ?stall,
-                                "upstream body stalled after the response head: client stream aborted"
-                            )
-                        });
+                        let kind = crate::error::FailureKind::Timeout.as_str();
+                        if let Some(suppressed) = upstream_failures().admit(kind, AFTER_HEAD) {
+                            span.in_scope(|| {
+                                tracing::warn!(
+                                    kind,
+                                    stalled_for = ?stall,
+                                    suppressed,
+                                    "upstream body stalled after the response head: client stream aborted"
+                                )
+                            });
+                        }
                         if let Some(slot) = permit.take() {
                             slot.count_timeout_after_head();
                         }
@@ -416,13 +425,17 @@ impl Body for ResponseBody {
                     // stream (no terminating chunk, or a short Content-Length body) instead of
                     // ending it cleanly.
                     Some(Err(error)) => {
-                        span.in_scope(|| {
-                            tracing::warn!(
-                                kind = crate::error::FailureKind::Reset.as_str(),
-                                error = %error,
-                                "upstream failure after the response head: client stream aborted"
-                            )
-                        });
+                        let kind = crate::error::FailureKind::Reset.as_str();
+                        if let Some(suppressed) = upstream_failures().admit(kind, AFTER_HEAD) {
+                            span.in_scope(|| {
+                                tracing::warn!(
+                                    kind,
+                                    error = %error,
+                                    suppressed,
+                                    "upstream failure after the response head: client stream aborted"
+                                )
+                            });
+                        }
                         if let Some(slot) = permit.take() {
                             slot.count_reset_after_head();
                         }

@@ -293,3 +293,86 @@ async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
         );
     }
 }
+
+/// The reason a connect failed (a TLS handshake that fails on every request) and an upstream
+/// body cut after its head are written at most once a second too, with the count left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_connect_and_mid_body_failures_log_one_line_a_second() {
+    // Speaks plain HTTP where TLS is expected: the handshake fails.
+    let (plain, _) = fault_upstream(|mut stream| async move {
+        let mut hello = [0u8; 512];
+        let _ = stream.read(&mut hello).await;
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    })
+    .await;
+    let (cut, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
+             [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
+             [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = false\n\
+             [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no addr in {listening}"))
+        .parse()
+        .unwrap();
+    let started = Instant::now();
+    let (mut connects, mut cuts) = (0u64, 0u64);
+    while started.elapsed() < Duration::from_millis(2_000) {
+        assert_eq!(get(addr, "/plain/x", &[]).await.status, 502);
+        connects += 1;
+        get_until_closed(addr, "/cut/x").await;
+        cuts += 1;
+    }
+    let span = started.elapsed();
+    // (lines, failures they account for) with `message`.
+    let logged = |message: &str| {
+        let lines = process.lines.lock().unwrap();
+        let mine: Vec<serde_json::Value> = lines
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["message"].as_str().is_some_and(|m| m.contains(message)))
+            .collect();
+        let accounted: u64 = mine
+            .iter()
+            .map(|v| 1 + v["suppressed"].as_u64().unwrap_or(0))
+            .sum();
+        (mine.len() as u64, accounted)
+    };
+    for (message, failures) in [
+        ("could not connect to the upstream", connects),
+        ("client stream aborted", cuts),
+    ] {
+        let (lines, accounted) = logged(message);
+        eprintln!("{message}: {failures} failures in {span:?}, {lines} lines");
+        assert!(failures >= 20, "only {failures} failures");
+        assert!(lines >= 1, "{message}: not logged at all");
+        assert!(
+            lines <= span.as_secs() + 2,
+            "{lines} '{message}' lines for {failures} failures in {span:?}"
+        );
+        // The last second's count is carried by a line not yet written: no more than the
+        // failures are accounted for.
+        assert!(accounted <= failures, "{accounted} > {failures}");
+    }
+}

@@ -108,8 +108,9 @@ impl LogThrottles {
     }
 }
 
-/// The throttles of the request path's upstream failure warnings, by failure kind and
-/// upstream name. Process-wide, so a reload (which builds new upstreams) keeps them.
+/// The throttles of the warnings that repeat per request or connection (upstream failures,
+/// failed accepts), by kind and subject (such as an upstream's name). Process-wide, so a
+/// reload (which builds new upstreams) keeps them.
 pub fn upstream_failures() -> &'static LogThrottles {
     static THROTTLES: LazyLock<LogThrottles> = LazyLock::new(LogThrottles::default);
     &THROTTLES

@@ -32,6 +32,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
+use crate::observability::log_throttle::upstream_failures;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use pool::{Pool, PoolFailure, Retire};
@@ -258,7 +259,13 @@ impl Upstream {
             timeout: self.config.timeout,
             body: body.progress(),
         };
-        let mut outcome = attempt(transport, Request::from_parts(parts, body), &deadline).await;
+        let mut outcome = attempt(
+            transport,
+            Request::from_parts(parts, body),
+            &deadline,
+            &self.config.name,
+        )
+        .await;
         if let Err((failure, returned)) = &mut outcome
             && replayable
             && may_retry(&method, true, *failure)
@@ -268,7 +275,7 @@ impl Upstream {
                 failed = ?failure,
                 "could not connect to the upstream; retrying once on a fresh connection"
             );
-            outcome = attempt(transport, request, &deadline).await;
+            outcome = attempt(transport, request, &deadline, &self.config.name).await;
         }
         let (mut response, retire) = outcome.map_err(|(failure, returned)| {
             *client_body = returned.and_then(|request| request.into_body().into_unread());
@@ -486,10 +493,19 @@ async fn attempt(
     transport: Transport<'_>,
     request: Request<RequestBody>,
     deadline: &Deadline,
+    upstream: &str,
 ) -> Result<(Response<Incoming>, Option<Retire>), Failed> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         if needs_detail(failure, error) {
-            tracing::warn!(error = %error_chain(error), "could not connect to the upstream");
+            // A bad certificate fails every request: one line a second, with the count.
+            if let Some(suppressed) = upstream_failures().admit("connect_detail", upstream) {
+                tracing::warn!(
+                    error = %error_chain(error),
+                    upstream,
+                    suppressed,
+                    "could not connect to the upstream"
+                );
+            }
         } else {
             tracing::debug!(error = %error_chain(error), ?failure, "upstream request failed");
         }

@@ -44,6 +44,7 @@ use crate::config::{Config, MAX_HEADER_FIELDS, MAX_URI_BYTES, ServerConfig};
 use crate::error::GatewayError;
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
+use crate::observability::log_throttle::upstream_failures;
 use crate::observability::request_id::X_REQUEST_ID;
 use timeouts::{Activity, Bounds, Ended, GuardedIo, Refusal, TrackedBody};
 
@@ -304,7 +305,10 @@ async fn accept_loop<H: Handler>(
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors, every accept fails: one line a second.
+                    if let Some(suppressed) = upstream_failures().admit("accept", "") {
+                        tracing::warn!(error = %e, suppressed, "accept failed");
+                    }
                     tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
                     continue;
                 }
