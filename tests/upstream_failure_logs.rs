@@ -50,6 +50,31 @@ impl Process {
         process
     }
 
+    /// Writes `config` (listeners on port 0) to a file, starts the binary on it, and returns
+    /// it with the address it logs it listens on. (A port picked here and released for the
+    /// process to bind could be taken by another test in between.)
+    fn serving(config: &str) -> (Self, SocketAddr, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gw.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{config}"
+            ),
+        )
+        .unwrap();
+        let process = Self::start(&path);
+        let listening = process.wait_for(|l| {
+            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+        });
+        let addr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no addr in {listening}"))
+            .parse()
+            .unwrap();
+        (process, addr, dir)
+    }
+
     fn wait_for(&self, found: impl Fn(&str) -> bool) -> String {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -66,6 +91,32 @@ impl Process {
     }
 }
 
+/// An upstream that speaks plain HTTP where TLS is expected: every handshake fails.
+async fn plain_where_tls_is_expected() -> SocketAddr {
+    fault_upstream(|mut stream| async move {
+        let mut hello = [0u8; 512];
+        let _ = stream.read(&mut hello).await;
+        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+    })
+    .await
+    .0
+}
+
+/// An upstream that sends a 200 head announcing 1,000 bytes and 10 of them, then resets the
+/// connection after `wait`.
+async fn cut_after_the_head(wait: Duration) -> SocketAddr {
+    fault_upstream(move |mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
+            .await;
+        tokio::time::sleep(wait).await;
+        let _ = stream.set_zero_linger();
+    })
+    .await
+    .0
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failure_log_lines_carry_the_kind_and_the_request_id() {
     let dead = refusing_addr();
@@ -74,31 +125,10 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
         tokio::time::sleep(Duration::from_secs(30)).await;
     })
     .await;
-    let (cut, _) = fault_upstream(|mut stream| async move {
-        let _ = read_head(&mut stream).await;
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-            .await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = stream.set_zero_linger();
-    })
-    .await;
-    // Speaks plain HTTP where TLS is expected: the handshake fails.
-    let (plain, _) = fault_upstream(|mut stream| async move {
-        let mut hello = [0u8; 512];
-        let _ = stream.read(&mut hello).await;
-        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
-    })
-    .await;
-    // The process binds port 0 and logs where it listens: a port picked here and released
-    // for it to bind could be taken by another test in between.
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
+    let cut = cut_after_the_head(Duration::from_millis(100)).await;
+    let plain = plain_where_tls_is_expected().await;
+    let (process, addr, _dir) = Process::serving(&format!(
+        "[[upstreams]]\nname = \"dead\"\nurl = \"http://{dead}\"\n\
              [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
              [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
              [[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
@@ -106,18 +136,7 @@ async fn failure_log_lines_carry_the_kind_and_the_request_id() {
              [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n\
              [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n\
              [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = false\n"
-        ),
-    )
-    .unwrap();
-    let process = Process::start(&path);
-    let listening = process.wait_for(|l| {
-        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
-    });
-    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no addr in {listening}"))
-        .parse()
-        .unwrap();
+    ));
     for (path, status, code, kind) in [
         ("/dead/x", 502, "bad_gateway", "connect_refused"),
         ("/hang/x", 504, "gateway_timeout", "timeout"),
@@ -190,29 +209,13 @@ async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
         tokio::time::sleep(Duration::from_secs(60)).await;
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[upstreams]]\nname = \"busy\"\nurl = \"http://{slow}\"\nmax_inflight = 1\n\
+    let (process, addr, _dir) = Process::serving(&format!(
+        "[[upstreams]]\nname = \"busy\"\nurl = \"http://{slow}\"\nmax_inflight = 1\n\
              timeout = \"60s\"\n\
              [[upstreams]]\nname = \"off\"\nurl = \"http://{slow}\"\nmaintenance = true\n\
              [[routes]]\nprefix = \"/busy/\"\nupstream = \"busy\"\nauth = false\n\
              [[routes]]\nprefix = \"/off/\"\nupstream = \"off\"\nauth = false\n"
-        ),
-    )
-    .unwrap();
-    let process = Process::start(&path);
-    let listening = process.wait_for(|l| {
-        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
-    });
-    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no addr in {listening}"))
-        .parse()
-        .unwrap();
+    ));
     // Takes the slot: the request is sent, its answer never awaited.
     let mut holder = TcpStream::connect(addr).await.unwrap();
     holder
@@ -298,44 +301,14 @@ async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
 /// body cut after its head are written at most once a second too, with the count left out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeated_connect_and_mid_body_failures_log_one_line_a_second() {
-    // Speaks plain HTTP where TLS is expected: the handshake fails.
-    let (plain, _) = fault_upstream(|mut stream| async move {
-        let mut hello = [0u8; 512];
-        let _ = stream.read(&mut hello).await;
-        let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
-    })
-    .await;
-    let (cut, _) = fault_upstream(|mut stream| async move {
-        let _ = read_head(&mut stream).await;
-        let _ = stream
-            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789")
-            .await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let _ = stream.set_zero_linger();
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gw.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
-             [[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
+    let plain = plain_where_tls_is_expected().await;
+    let cut = cut_after_the_head(Duration::from_millis(20)).await;
+    let (process, addr, _dir) = Process::serving(&format!(
+        "[[upstreams]]\nname = \"plain\"\nurl = \"https://{plain}\"\n\
              [[upstreams]]\nname = \"cut\"\nurl = \"http://{cut}\"\n\
              [[routes]]\nprefix = \"/plain/\"\nupstream = \"plain\"\nauth = false\n\
              [[routes]]\nprefix = \"/cut/\"\nupstream = \"cut\"\nauth = false\n"
-        ),
-    )
-    .unwrap();
-    let process = Process::start(&path);
-    let listening = process.wait_for(|l| {
-        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
-    });
-    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no addr in {listening}"))
-        .parse()
-        .unwrap();
+    ));
     let started = Instant::now();
     let (mut connects, mut cuts) = (0u64, 0u64);
     while started.elapsed() < Duration::from_millis(2_000) {
@@ -359,8 +332,9 @@ async fn repeated_connect_and_mid_body_failures_log_one_line_a_second() {
             .sum();
         (mine.len() as u64, accounted)
     };
+    // A GET that could not connect is tried once more: two connect failures per request.
     for (message, failures) in [
-        ("could not connect to the upstream", connects),
+        ("could not connect to the upstream", 2 * connects),
         ("client stream aborted", cuts),
     ] {
         let (lines, accounted) = logged(message);
