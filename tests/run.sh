@@ -45,6 +45,8 @@ need_pkg redis-server redis-server
 # The signal tests (tests/cli.rs, tests/redis.rs) send signals with kill(1), which slim images
 # lack.
 need_pkg kill procps
+# tests/auth.rs runs a WSGI upstream (Python's wsgiref); the soak's load generator is Python too.
+need_pkg python3 python3
 
 # The slow-loris test holds about 2,000 sockets (client and server ends in one process);
 # Debian's default soft limit is 1,024 descriptors.
@@ -71,7 +73,6 @@ fi
 
 # A 20 s soak of the release binary: mixed load, upstream faults, reloads; checks no crash,
 # steady RSS, fds back to baseline, every request answered (benches/soak.sh, README "Soak").
-need_pkg python3 python3
 step "soak (20 s): benches/soak.sh 20"
 bash benches/soak.sh 20
 
