@@ -316,8 +316,13 @@ pub struct KeyConfig {
 pub struct UpstreamConfig {
     /// Name routes refer to.
     pub name: String,
-    /// Base URL: scheme, authority and an optional path prefix.
+    /// Base URL: scheme, authority and an optional path prefix (the first target's: every
+    /// target shares the scheme and the path prefix).
     pub url: Uri,
+    /// `targets` (or `url` as the one target), in file order; never empty.
+    pub targets: Vec<TargetConfig>,
+    /// How requests are spread over `targets`. Default round robin.
+    pub balance: Balance,
     /// Refused or unreachable within this: 502. Default 2 s.
     pub connect_timeout: Duration,
     /// No response head within this: 504. Default 30 s.
@@ -330,6 +335,25 @@ pub struct UpstreamConfig {
     pub retry_after: Duration,
     /// Extra CA certificate (PEM) for `https` upstreams.
     pub ca_file: Option<PathBuf>,
+}
+
+/// One target of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Its URL (scheme, authority and the upstream's path prefix).
+    pub url: Uri,
+    /// Its share of the requests, relative to the other targets'. Default 1.
+    pub weight: NonZeroU32,
+}
+
+/// `upstreams.balance`: how an upstream's requests are spread over its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// `"round_robin"`: smooth weighted round robin (nginx's), the default.
+    RoundRobin,
+    /// `"least_inflight"`: the target with the fewest requests in flight; ties go to the
+    /// heavier target, then round robin.
+    LeastInflight,
 }
 
 /// What a route does with a request.

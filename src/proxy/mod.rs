@@ -13,6 +13,7 @@ pub mod framing;
 pub mod headers;
 pub mod inflight;
 pub mod pool;
+pub mod targets;
 pub mod tls;
 pub mod upgrade;
 
@@ -35,6 +36,7 @@ use crate::observability::RequestId;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use pool::{Pool, PoolFailure, Retire};
+use targets::{Balancer, Target};
 use tls::Connector;
 
 pub use inflight::InflightSlot;
@@ -43,7 +45,7 @@ use inflight::Slots;
 pub use classify::may_retry;
 
 /// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One upstream: its connection pool and its in-flight gate.
 #[derive(Debug, Clone)]
@@ -59,16 +61,15 @@ pub struct Upstream {
     /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
     /// `Upgrade`. The same client as `client` for plain-http upstreams.
     upgrade_client: Client<Connector, RequestBody>,
-    /// The keep-alive pool of a plain-http upstream; https ones use `client`.
-    pool: Option<Arc<Pool>>,
+    /// Its targets, each with its own keep-alive pool when plain http (https ones use
+    /// `client`).
+    targets: Arc<[Target]>,
+    /// Picks the target of each request; `None` with one target.
+    balancer: Option<Arc<Balancer>>,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
     slots: Arc<Slots>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
     base_path: String,
-    /// `Host` for plain-http upstreams (always HTTP/1.1), built once: left to the pooled
-    /// client, it is formatted for every request. https upstreams may speak h2, where the
-    /// client sends `:authority` instead, so they still get the client's.
-    host: Option<HeaderValue>,
 }
 
 /// What the proxy needs to know about the client side of a request.
@@ -118,13 +119,14 @@ impl Upstream {
             .as_deref()
             .and_then(|path| std::fs::read(path).ok());
         let same_connection = |p: &&Upstream| {
-            p.config.url == config.url
+            p.config.url.scheme() == config.url.scheme()
                 && p.config.connect_timeout == config.connect_timeout
                 && p.config.ca_file == config.ca_file
                 && p.ca_pem == ca_pem
         };
-        let (client, upgrade_client, pool) = match previous.filter(same_connection) {
-            Some(p) => (p.client.clone(), p.upgrade_client.clone(), p.pool.clone()),
+        let kept = previous.filter(same_connection);
+        let (client, upgrade_client) = match kept.filter(|p| p.config.targets == config.targets) {
+            Some(p) => (p.client.clone(), p.upgrade_client.clone()),
             None => {
                 let client = build_client(tls::connector(config, true));
                 let upgrade_client = if config.url.scheme() == Some(&Scheme::HTTPS) {
@@ -132,9 +134,20 @@ impl Upstream {
                 } else {
                     client.clone()
                 };
-                (client, upgrade_client, pool_for(config))
+                (client, upgrade_client)
             }
         };
+        // A target that stays keeps its pool: a reload does not drop its warm connections.
+        let targets: Arc<[Target]> = config
+            .targets
+            .iter()
+            .map(|t| {
+                let same = kept.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
+                Target::new(t, config.connect_timeout, same)
+            })
+            .collect();
+        let balancer =
+            (targets.len() > 1).then(|| Arc::new(Balancer::new(config.balance, targets.len())));
         // The same upstream keeps its gate across reloads, resized in place when
         // `max_inflight` changed: a new gate would let in a full new allowance on top of the
         // requests still in flight.
@@ -155,17 +168,17 @@ impl Upstream {
             client,
             ca_pem,
             upgrade_client,
-            pool,
+            targets,
+            balancer,
             slots,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
-            host: host_header(&config.url),
         }
     }
 
     /// Closes pooled connections idle past the pool's idle timeout (called on the server's
     /// housekeeping tick, so they go even when no request comes to pass them).
     pub fn close_idle_connections(&self) {
-        if let Some(pool) = &self.pool {
+        for pool in self.targets.iter().filter_map(|t| t.pool.as_deref()) {
             pool.close_idle();
         }
     }
@@ -193,7 +206,7 @@ impl Upstream {
                 retry_after: self.config.retry_after,
             });
         }
-        let permit = self
+        let mut permit = self
             .slots
             .try_take()
             .ok_or(GatewayError::ServiceUnavailable {
@@ -206,6 +219,10 @@ impl Upstream {
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
+        let to = self.pick()?;
+        if self.balancer.is_some() {
+            permit.count_on(&to.load);
+        }
         let target = self.upstream_target(how.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         let from_h2 = parts.version == Version::HTTP_2;
@@ -217,13 +234,13 @@ impl Upstream {
             parts.uri.authority(),
             from_h2,
         );
-        if let Some(host) = &self.host {
+        if let Some(host) = &to.host {
             parts.headers.insert(HOST, host.clone());
         }
-        let transport = match (&upgrade, &self.pool) {
+        let transport = match (&upgrade, &to.pool) {
             (Some((protocol, _)), _) => {
                 upgrade::restore_headers(&mut parts.headers, protocol.clone());
-                parts.uri = self.absolute_uri(target)?;
+                parts.uri = absolute_uri(&to.url, target)?;
                 Transport::Client(&self.upgrade_client)
             }
             (None, Some(pool)) => {
@@ -232,7 +249,7 @@ impl Upstream {
                 Transport::Pool(pool)
             }
             (None, None) => {
-                parts.uri = self.absolute_uri(target)?;
+                parts.uri = absolute_uri(&to.url, target)?;
                 Transport::Client(&self.client)
             }
         };
@@ -377,13 +394,24 @@ impl Upstream {
         PathAndQuery::try_from(pq).map_err(|_| invalid())
     }
 
-    /// `target` on the upstream URL's scheme and authority, for hyper-util's client.
-    fn absolute_uri(&self, target: PathAndQuery) -> Result<Uri, GatewayError> {
-        let mut parts = self.config.url.clone().into_parts();
-        parts.scheme.get_or_insert(Scheme::HTTP);
-        parts.path_and_query = Some(target);
-        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
+    /// The target of the next request.
+    fn pick(&self) -> Result<&Target, GatewayError> {
+        let Some(balancer) = &self.balancer else {
+            return Ok(&self.targets[0]);
+        };
+        let index = balancer
+            .pick(&self.targets, |_| true)
+            .ok_or(GatewayError::Internal)?;
+        Ok(&self.targets[index])
     }
+}
+
+/// `target` on `url`'s scheme and authority, for hyper-util's client.
+fn absolute_uri(url: &Uri, target: PathAndQuery) -> Result<Uri, GatewayError> {
+    let mut parts = url.clone().into_parts();
+    parts.scheme.get_or_insert(Scheme::HTTP);
+    parts.path_and_query = Some(target);
+    Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
 }
 
 /// An upstream response tollgate will not relay (502 `invalid_response`); `why` goes to the
@@ -391,20 +419,6 @@ impl Upstream {
 fn invalid_response(why: &'static str) -> GatewayError {
     tracing::debug!(why, "upstream response refused");
     Failure::Upstream(FailureKind::InvalidResponse).into_error()
-}
-
-/// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
-/// only when not 80), or `None` for https.
-fn host_header(url: &Uri) -> Option<HeaderValue> {
-    if url.scheme() == Some(&Scheme::HTTPS) {
-        return None;
-    }
-    let authority = url.authority()?;
-    let text = match authority.port_u16() {
-        Some(port) if port != 80 => format!("{}:{port}", authority.host()),
-        _ => authority.host().to_owned(),
-    };
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 
 fn build_client(connector: Connector) -> Client<Connector, RequestBody> {
@@ -510,22 +524,4 @@ async fn attempt(
             None => Err(timed_out()),
         },
     }
-}
-
-/// The pool of a plain-http upstream (`None` for https).
-fn pool_for(config: &UpstreamConfig) -> Option<Arc<Pool>> {
-    if config.url.scheme() == Some(&Scheme::HTTPS) {
-        return None;
-    }
-    let authority = config.url.authority()?;
-    let target = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    Some(Arc::new(Pool::new(
-        target,
-        config.connect_timeout,
-        POOL_IDLE_TIMEOUT,
-    )))
 }

@@ -1,0 +1,229 @@
+//! An upstream's targets: one keep-alive pool per target, and the balancer that picks the
+//! target of each request (smooth weighted round robin, as nginx's, or least in flight).
+//!
+//! Part of the proxy box: [`Upstream::forward`](super::Upstream::forward) asks [`Targets`]
+//! for a target before it builds the request, and again for a different one on a retry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::uri::Scheme;
+use http::{HeaderValue, Uri};
+
+use super::pool::Pool;
+use crate::config::{Balance, TargetConfig};
+
+/// One target of an upstream.
+#[derive(Debug)]
+pub struct Target {
+    /// Its URL (the upstream's scheme and base path, the target's authority).
+    pub url: Uri,
+    /// `host:port`, for the access log and metric labels.
+    pub label: String,
+    /// Its share of the requests, relative to the other targets'.
+    pub weight: u32,
+    /// Its keep-alive pool when the upstream is plain http; https ones use the upstream's
+    /// hyper-util client, which pools by authority.
+    pub pool: Option<Arc<Pool>>,
+    /// `Host` for plain-http targets (always HTTP/1.1), built once (see `Upstream`).
+    pub host: Option<HeaderValue>,
+    /// Requests to this target in flight (heads or bodies still streaming); counted only when
+    /// the upstream has more than one target.
+    pub load: Arc<AtomicUsize>,
+}
+
+impl Target {
+    /// A target for `config`, keeping `previous`'s pool (the same target before a reload)
+    /// when given.
+    pub fn new(
+        config: &TargetConfig,
+        connect_timeout: Duration,
+        previous: Option<&Target>,
+    ) -> Self {
+        let https = config.url.scheme() == Some(&Scheme::HTTPS);
+        let port = config
+            .url
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 });
+        let host = config.url.host().unwrap_or("");
+        let label = format!("{host}:{port}");
+        let pool = match previous {
+            Some(previous) => previous.pool.clone(),
+            None => (!https).then(|| {
+                Arc::new(Pool::new(
+                    label.clone(),
+                    connect_timeout,
+                    super::POOL_IDLE_TIMEOUT,
+                ))
+            }),
+        };
+        Self {
+            url: config.url.clone(),
+            label,
+            weight: config.weight.get(),
+            pool,
+            host: (!https).then(|| host_header(host, port)).flatten(),
+            load: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+}
+
+/// The `Host` the pooled client would send to a plain-http target (`host[:port]`, the port
+/// only when not 80).
+fn host_header(host: &str, port: u16) -> Option<HeaderValue> {
+    let text = match port {
+        80 => host.to_owned(),
+        port => format!("{host}:{port}"),
+    };
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+}
+
+/// Which target each request goes to.
+#[derive(Debug)]
+pub struct Balancer {
+    balance: Balance,
+    /// Smooth weighted round robin's current weight of each target.
+    current: Mutex<Vec<i64>>,
+    /// Where least_inflight starts looking: ties go round robin.
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    /// A balancer over `count` targets.
+    pub fn new(balance: Balance, count: usize) -> Self {
+        Self {
+            balance,
+            current: Mutex::new(vec![0; count]),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// The target for the next request among those `eligible` says may take it, or `None`
+    /// when none may.
+    pub fn pick(&self, targets: &[Target], eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        match self.balance {
+            Balance::RoundRobin => self.round_robin(targets, eligible),
+            Balance::LeastInflight => self.least_inflight(targets, eligible),
+        }
+    }
+
+    /// nginx's smooth weighted round robin: every eligible target gains its weight, the one
+    /// with the most is picked and gives back the total. Over any run of sum-of-weights
+    /// picks each target gets exactly its weight, interleaved rather than in bursts.
+    fn round_robin(&self, targets: &[Target], eligible: impl Fn(usize) -> bool) -> Option<usize> {
+        let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = 0i64;
+        let mut best: Option<usize> = None;
+        for (i, target) in targets.iter().enumerate() {
+            if !eligible(i) {
+                continue;
+            }
+            let weight = i64::from(target.weight);
+            current[i] += weight;
+            total += weight;
+            if best.is_none_or(|b| current[i] > current[b]) {
+                best = Some(i);
+            }
+        }
+        let best = best?;
+        current[best] -= total;
+        Some(best)
+    }
+
+    /// The eligible target with the fewest requests in flight; ties go to the heavier one,
+    /// then to the first from a start that moves on with every request.
+    fn least_inflight(
+        &self,
+        targets: &[Target],
+        eligible: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let n = targets.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
+        let mut best: Option<(usize, usize, u32)> = None;
+        for i in (start..n).chain(0..start) {
+            if !eligible(i) {
+                continue;
+            }
+            let load = targets[i].load.load(Ordering::Relaxed);
+            let weight = targets[i].weight;
+            let better = match best {
+                None => true,
+                Some((_, l, w)) => load < l || (load == l && weight > w),
+            };
+            if better {
+                best = Some((i, load, weight));
+            }
+        }
+        best.map(|(i, _, _)| i)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn targets(weights: &[u32]) -> Vec<Target> {
+        weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let config = TargetConfig {
+                    url: format!("http://127.0.0.1:{}", 3000 + i).parse().unwrap(),
+                    weight: NonZeroU32::new(*w).unwrap(),
+                };
+                Target::new(&config, Duration::from_secs(1), None)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_gives_each_target_its_weight_interleaved() {
+        let targets = targets(&[5, 1, 1]);
+        let balancer = Balancer::new(Balance::RoundRobin, 3);
+        let picks: Vec<usize> = (0..7)
+            .map(|_| balancer.pick(&targets, |_| true).unwrap())
+            .collect();
+        // nginx's documented sequence for weights 5, 1, 1.
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn round_robin_skips_targets_that_may_not_take_requests() {
+        let targets = targets(&[1, 1, 2]);
+        let balancer = Balancer::new(Balance::RoundRobin, 3);
+        for _ in 0..8 {
+            assert_ne!(balancer.pick(&targets, |i| i != 2), Some(2));
+        }
+        assert_eq!(balancer.pick(&targets, |_| false), None);
+    }
+
+    #[test]
+    fn least_inflight_prefers_the_idle_target_then_the_heavier_one() {
+        let targets = targets(&[1, 1, 2]);
+        let balancer = Balancer::new(Balance::LeastInflight, 3);
+        targets[2].load.store(3, Ordering::Relaxed);
+        targets[0].load.store(1, Ordering::Relaxed);
+        for _ in 0..6 {
+            assert_eq!(balancer.pick(&targets, |_| true), Some(1));
+        }
+        targets[1].load.store(1, Ordering::Relaxed);
+        targets[2].load.store(1, Ordering::Relaxed);
+        for _ in 0..6 {
+            assert_eq!(
+                balancer.pick(&targets, |_| true),
+                Some(2),
+                "ties: the heavier"
+            );
+        }
+        targets[2].load.store(5, Ordering::Relaxed);
+        let picks: Vec<_> = (0..4)
+            .map(|_| balancer.pick(&targets, |_| true).unwrap())
+            .collect();
+        assert!(
+            picks.contains(&0) && picks.contains(&1),
+            "ties of equal weight rotate: {picks:?}"
+        );
+    }
+}
