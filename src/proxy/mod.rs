@@ -11,6 +11,7 @@
 pub mod classify;
 pub mod framing;
 pub mod headers;
+pub mod health;
 pub mod inflight;
 pub mod pool;
 pub mod targets;
@@ -35,8 +36,9 @@ use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
+use health::Ejection;
 use pool::{Pool, PoolFailure, Retire};
-use targets::{Balancer, Target};
+use targets::{Balancer, Target, Tried};
 use tls::Connector;
 
 pub use inflight::InflightSlot;
@@ -66,6 +68,8 @@ pub struct Upstream {
     targets: Arc<[Target]>,
     /// Picks the target of each request; `None` with one target.
     balancer: Option<Arc<Balancer>>,
+    /// When a failing target is taken out.
+    ejection: Ejection,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
     slots: Arc<Slots>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
@@ -168,6 +172,11 @@ impl Upstream {
             client,
             ca_pem,
             upgrade_client,
+            ejection: Ejection {
+                after: config.eject_after,
+                base: config.eject_for,
+                max_ejected: targets.len() * config.max_ejected_percent as usize / 100,
+            },
             targets,
             balancer,
             slots,
@@ -219,7 +228,13 @@ impl Upstream {
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
-        let to = self.pick()?;
+        let mut tried = Tried::default();
+        let now = std::time::Instant::now();
+        let index = self
+            .pick(now, &tried)
+            .ok_or_else(|| self.no_healthy_target(now))?;
+        tried.add(index);
+        let to = &self.targets[index];
         if self.balancer.is_some() {
             permit.count_on(&to.load);
         }
@@ -234,25 +249,11 @@ impl Upstream {
             parts.uri.authority(),
             from_h2,
         );
-        if let Some(host) = &to.host {
-            parts.headers.insert(HOST, host.clone());
+        if let Some((protocol, _)) = &upgrade {
+            upgrade::restore_headers(&mut parts.headers, protocol.clone());
         }
-        let transport = match (&upgrade, &to.pool) {
-            (Some((protocol, _)), _) => {
-                upgrade::restore_headers(&mut parts.headers, protocol.clone());
-                parts.uri = absolute_uri(&to.url, target)?;
-                Transport::Client(&self.upgrade_client)
-            }
-            (None, Some(pool)) => {
-                // Origin form: the pool writes the target as it is.
-                parts.uri = Uri::from(target);
-                Transport::Pool(pool)
-            }
-            (None, None) => {
-                parts.uri = absolute_uri(&to.url, target)?;
-                Transport::Client(&self.client)
-            }
-        };
+        let upgrading = upgrade.is_some();
+        let transport = self.aim(to, upgrading, &mut parts.uri, &mut parts.headers, target)?;
 
         let incoming = client_body.take().ok_or(GatewayError::Internal)?;
         let body_empty = incoming.is_end_stream();
@@ -266,8 +267,15 @@ impl Upstream {
         // head is kept.
         let replayable = classify::replayable(&parts.method, body_empty);
         let method = parts.method.clone();
-        let mut replay =
-            (replayable && matches!(transport, Transport::Client(_))).then(|| replay_of(&parts));
+        // With several targets a reset is retried on another one too, and the pool gives
+        // back only what it could not connect for.
+        let several = self.targets.len() > 1;
+        let keep_copy = if several {
+            body_empty
+        } else {
+            replayable && matches!(transport, Transport::Client(_))
+        };
+        let mut replay = keep_copy.then(|| replay_of(&parts));
         // One deadline for both attempts: a retry never stretches `timeout`. A streamed body
         // moves it: the response head is due `timeout` after the request's last bytes.
         let deadline = Deadline {
@@ -276,16 +284,62 @@ impl Upstream {
             body: body.progress(),
         };
         let mut outcome = attempt(transport, Request::from_parts(parts, body), &deadline).await;
-        if let Err((failure, returned)) = &mut outcome
-            && replayable
-            && may_retry(&method, true, *failure)
-            && let Some(request) = returned.take().map(|r| *r).or(replay.take())
-        {
-            tracing::debug!(
-                failed = ?failure,
-                "could not connect to the upstream; retrying once on a fresh connection"
-            );
-            outcome = attempt(transport, request, &deadline).await;
+        self.observe(index, &outcome);
+        if !several {
+            if let Err((failure, returned)) = &mut outcome
+                && self.config.retries > 0
+                && replayable
+                && may_retry(&method, true, *failure)
+                && let Some(request) = returned.take().map(|r| *r).or(replay.take())
+            {
+                tracing::debug!(
+                    failed = ?failure,
+                    "could not connect to the upstream; retrying once on a fresh connection"
+                );
+                outcome = attempt(transport, request, &deadline).await;
+                self.observe(index, &outcome);
+            }
+        } else {
+            for _ in 0..self.config.retries {
+                let Err((failure, returned)) = &mut outcome else {
+                    break;
+                };
+                if !classify::may_retry_elsewhere(&method, body_empty, *failure) {
+                    break;
+                }
+                let Some(next) = self.pick(std::time::Instant::now(), &tried) else {
+                    break;
+                };
+                // What the failed attempt gave back (its body unread), else the copy.
+                let Some(mut request) = returned.take().map(|r| *r).or_else(|| {
+                    replay
+                        .as_ref()
+                        .filter(|_| body_empty)
+                        .map(replay_of_request)
+                }) else {
+                    break;
+                };
+                tried.add(next);
+                let to = &self.targets[next];
+                permit.count_on(&to.load);
+                let target = request
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .ok_or(GatewayError::Internal)?;
+                let (head, body) = request.into_parts();
+                let mut head = head;
+                let transport =
+                    self.aim(to, upgrading, &mut head.uri, &mut head.headers, target)?;
+                request = Request::from_parts(head, body);
+                tracing::debug!(
+                    failed = ?failure,
+                    target = %to.label,
+                    "upstream target failed before its response head; retrying on another"
+                );
+                outcome = attempt(transport, request, &deadline).await;
+                self.observe(next, &outcome);
+            }
         }
         let (mut response, retire) = outcome.map_err(|(failure, returned)| {
             *client_body = returned.and_then(|request| request.into_body().into_unread());
@@ -394,15 +448,34 @@ impl Upstream {
         PathAndQuery::try_from(pq).map_err(|_| invalid())
     }
 
-    /// The target of the next request.
-    fn pick(&self) -> Result<&Target, GatewayError> {
-        let Some(balancer) = &self.balancer else {
-            return Ok(&self.targets[0]);
-        };
-        let index = balancer
-            .pick(&self.targets, |_| true)
-            .ok_or(GatewayError::Internal)?;
-        Ok(&self.targets[index])
+    /// Points a request at `to`: its `Host`, and the URI its transport wants (origin form for
+    /// the pool, absolute for hyper-util's client).
+    fn aim<'a>(
+        &'a self,
+        to: &'a Target,
+        upgrading: bool,
+        uri: &mut Uri,
+        headers: &mut http::HeaderMap,
+        target: PathAndQuery,
+    ) -> Result<Transport<'a>, GatewayError> {
+        if let Some(host) = &to.host {
+            headers.insert(HOST, host.clone());
+        }
+        Ok(match (upgrading, &to.pool) {
+            (true, _) => {
+                *uri = absolute_uri(&to.url, target)?;
+                Transport::Client(&self.upgrade_client)
+            }
+            (false, Some(pool)) => {
+                // Origin form: the pool writes the target as it is.
+                *uri = Uri::from(target);
+                Transport::Pool(pool)
+            }
+            (false, None) => {
+                *uri = absolute_uri(&to.url, target)?;
+                Transport::Client(&self.client)
+            }
+        })
     }
 }
 
@@ -439,6 +512,16 @@ fn replay_of(parts: &http::request::Parts) -> Request<RequestBody> {
     *replay.uri_mut() = parts.uri.clone();
     *replay.version_mut() = parts.version;
     *replay.headers_mut() = parts.headers.clone();
+    replay
+}
+
+/// Another copy of a replay copy, for the next retry.
+fn replay_of_request(request: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut replay = Request::new(RequestBody::empty());
+    *replay.method_mut() = request.method().clone();
+    *replay.uri_mut() = request.uri().clone();
+    *replay.version_mut() = request.version();
+    *replay.headers_mut() = request.headers().clone();
     replay
 }
 

@@ -11,8 +11,12 @@ use std::time::Duration;
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 
+use super::Failed;
+use super::classify::Failure;
+use super::health::{Health, State};
 use super::pool::Pool;
 use crate::config::{Balance, TargetConfig};
+use crate::error::{FailureKind, GatewayError};
 
 /// One target of an upstream.
 #[derive(Debug)]
@@ -31,6 +35,8 @@ pub struct Target {
     /// Requests to this target in flight (heads or bodies still streaming); counted only when
     /// the upstream has more than one target.
     pub load: Arc<AtomicUsize>,
+    /// Its passive health.
+    pub health: Health,
 }
 
 impl Target {
@@ -65,6 +71,7 @@ impl Target {
             pool,
             host: (!https).then(|| host_header(host, port)).flatten(),
             load: Arc::new(AtomicUsize::new(0)),
+            health: Health::default(),
         }
     }
 }
@@ -156,6 +163,106 @@ impl Balancer {
             }
         }
         best.map(|(i, _, _)| i)
+    }
+}
+
+impl super::Upstream {
+    /// The target of the next request at `now`, not one already `tried`; `None` when every
+    /// other target is ejected.
+    pub(super) fn pick(&self, now: std::time::Instant, tried: &Tried) -> Option<usize> {
+        if self.balancer.is_none() && !self.ejection.enabled() {
+            return (!tried.has(0)).then_some(0);
+        }
+        let may_take = |i: usize| {
+            !tried.has(i)
+                && match self.targets[i].health.state(now) {
+                    State::In => true,
+                    State::Returned => {
+                        tracing::warn!(
+                            upstream = %self.config.name,
+                            target = %self.targets[i].label,
+                            "upstream target back in rotation after its ejection"
+                        );
+                        true
+                    }
+                    State::Out(_) => false,
+                }
+        };
+        match &self.balancer {
+            Some(balancer) => balancer.pick(&self.targets, may_take),
+            None => may_take(0).then_some(0),
+        }
+    }
+
+    /// The 503 when every target is ejected: back when the first ejection ends.
+    pub(super) fn no_healthy_target(&self, now: std::time::Instant) -> GatewayError {
+        let first_back = self
+            .targets
+            .iter()
+            .filter_map(|t| match t.health.state(now) {
+                State::Out(until) => Some(until - now),
+                _ => None,
+            })
+            .min();
+        GatewayError::ServiceUnavailable {
+            kind: FailureKind::NoHealthyTarget,
+            retry_after: first_back.unwrap_or(self.config.retry_after),
+        }
+    }
+
+    /// Counts an attempt's outcome toward its target's passive health.
+    pub(super) fn observe<T>(&self, index: usize, outcome: &Result<T, Failed>) {
+        if !self.ejection.enabled() {
+            return;
+        }
+        let target = &self.targets[index];
+        let failure = match outcome {
+            Ok(_) => return target.health.success(),
+            Err((Failure::Upstream(kind), _)) => *kind,
+            Err(_) => return,
+        };
+        if !matches!(
+            failure,
+            FailureKind::ConnectRefused
+                | FailureKind::ConnectTimeout
+                | FailureKind::Reset
+                | FailureKind::Timeout
+        ) {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let others_out = (self.targets.iter().enumerate())
+            .filter(|(i, t)| *i != index && t.health.is_out(now))
+            .count();
+        if let Some(length) = target.health.failure(now, others_out, &self.ejection) {
+            tracing::warn!(
+                upstream = %self.config.name,
+                target = %target.label,
+                kind = failure.as_str(),
+                ejected_for_s = length.as_secs(),
+                "upstream target ejected after consecutive failures"
+            );
+        }
+    }
+}
+
+/// The targets a request has been sent to (at most `1 + retries`, so 4).
+#[derive(Default)]
+pub(super) struct Tried {
+    indices: [usize; 4],
+    len: usize,
+}
+
+impl Tried {
+    pub(super) fn add(&mut self, index: usize) {
+        if self.len < self.indices.len() {
+            self.indices[self.len] = index;
+            self.len += 1;
+        }
+    }
+
+    pub(super) fn has(&self, index: usize) -> bool {
+        self.indices[..self.len].contains(&index)
     }
 }
 

@@ -36,6 +36,25 @@ impl Validator<'_, '_> {
                     Balance::RoundRobin,
                     &field("balance"),
                 ),
+                eject_after: self.whole_in(
+                    &u.eject_after,
+                    0..=1000,
+                    DEFAULT_EJECT_AFTER,
+                    &field("eject_after"),
+                ),
+                eject_for: self.duration(&u.eject_for, DEFAULT_EJECT_FOR, &field("eject_for")),
+                max_ejected_percent: self.whole_in(
+                    &u.max_ejected_percent,
+                    0..=100,
+                    DEFAULT_MAX_EJECTED_PERCENT,
+                    &field("max_ejected_percent"),
+                ),
+                retries: self.whole_in(
+                    &u.retries,
+                    0..=MAX_RETRIES,
+                    DEFAULT_RETRIES,
+                    &field("retries"),
+                ),
                 connect_timeout: self.duration(
                     &u.connect_timeout,
                     DEFAULT_CONNECT_TIMEOUT,

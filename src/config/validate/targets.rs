@@ -107,6 +107,32 @@ impl Validator<'_, '_> {
         }
     }
 
+    /// A whole number in `range`, or `default` when unset (or wrong, after saying so).
+    pub(super) fn whole_in(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        range: std::ops::RangeInclusive<u32>,
+        default: u32,
+        name: &str,
+    ) -> u32 {
+        let Some(value) = value else { return default };
+        match u32::try_from(*value.get_ref()) {
+            Ok(n) if range.contains(&n) => n,
+            _ => {
+                self.error(
+                    value.span(),
+                    format!(
+                        "{name} must be a whole number from {} to {}, got {}",
+                        range.start(),
+                        range.end(),
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
     /// An http:// or https:// URL with a host, an optional port and path, and no query.
     fn target_url(&mut self, text: &str, span: std::ops::Range<usize>, name: &str) -> Option<Uri> {
         match text.trim().parse::<Uri>() {

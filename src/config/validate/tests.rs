@@ -298,6 +298,26 @@ const MISTAKES: &[(&str, usize, &str)] = &[
         "balance must be one of \"round_robin\", \"least_inflight\"",
     ),
     (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\neject_after = -1",
+        4,
+        "upstream \"u\": eject_after must be a whole number from 0 to 1000, got -1",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nmax_ejected_percent = 101",
+        4,
+        "max_ejected_percent must be a whole number from 0 to 100, got 101",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\neject_for = \"0s\"",
+        4,
+        "eject_for must be greater than zero",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nretries = 4",
+        4,
+        "upstream \"u\": retries must be a whole number from 0 to 3, got 4",
+    ),
+    (
         "[[routes]]\nprefix = \"/\"\nupstream = \"core\"",
         3,
         "upstream \"core\" is not defined",
