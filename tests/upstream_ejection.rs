@@ -134,6 +134,31 @@ async fn a_killed_target_is_ejected_and_gets_requests_again_after_eject_for() {
         "too slow to tell"
     );
     assert_eq!(a.seen(), 2, "an ejected target got requests");
+    let series = |name: &str, target: SocketAddr| {
+        format!("tollgate_upstream_{name}{{upstream=\"up\",target=\"{target}\"}}")
+    };
+    assert_eq!(
+        metric(gw.admin, &series("ejections_total", a.addr)).await,
+        1.0
+    );
+    assert_eq!(
+        metric(gw.admin, &series("ejections_total", b.addr)).await,
+        0.0
+    );
+    let text = get(gw.admin, "/metrics", &[]).await.text();
+    assert_eq!(
+        metric_in(&text, &series("target_healthy", a.addr)),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric_in(&text, &series("target_healthy", b.addr)),
+        Some(1.0)
+    );
+    let retried = "tollgate_upstream_retries_total{upstream=\"up\",outcome=\"ok\"}";
+    assert!(
+        metric_in(&text, retried).unwrap_or(0.0) >= 2.0,
+        "the GETs that failed on a went on to b"
+    );
 
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for _ in 0..10 {
@@ -143,6 +168,10 @@ async fn a_killed_target_is_ejected_and_gets_requests_again_after_eject_for() {
         a.seen() >= 6,
         "a got {} requests after its ejection",
         a.seen() - 2
+    );
+    assert_eq!(
+        metric(gw.admin, &series("target_healthy", a.addr)).await,
+        1.0
     );
 }
 

@@ -293,3 +293,60 @@ async fn repeated_upstream_failures_log_one_line_a_second_with_a_count() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_ejection_and_return_are_logged_and_access_lines_name_the_target() {
+    let dead = refusing_addr();
+    let up = echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [[upstreams]]\nname = \"pair\"\ntargets = [\"http://{dead}\", \"http://{up}\"]\n\
+             eject_after = 1\neject_for = \"1s\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"pair\"\nauth = false\n"
+        ),
+    )
+    .unwrap();
+    let process = Process::start(&path);
+    let listening = process.wait_for(|l| {
+        serde_json::from_str::<serde_json::Value>(l).is_ok_and(|v| v["message"] == "listening")
+    });
+    let addr: SocketAddr = serde_json::from_str::<serde_json::Value>(&listening).unwrap()["addr"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let json = |line: String| serde_json::from_str::<serde_json::Value>(&line).unwrap();
+    for _ in 0..2 {
+        assert_eq!(get(addr, "/", &[]).await.status, 200);
+    }
+    let ejected = json(process.wait_for(|l| l.contains("upstream target ejected")));
+    assert_eq!(ejected["level"], "WARN");
+    assert_eq!(ejected["upstream"], "pair");
+    assert_eq!(ejected["upstream_target"], dead.to_string());
+    assert_eq!(ejected["ejected_for_s"], 1);
+    // Both requests were answered by the live target, one after a retry.
+    let access: Vec<serde_json::Value> = process
+        .lines
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "tollgate::access")
+        .collect();
+    assert_eq!(access.len(), 2);
+    assert!(
+        access
+            .iter()
+            .all(|v| v["upstream_target"] == up.to_string())
+    );
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(addr, "/", &[]).await.status, 200);
+    let back = json(process.wait_for(|l| l.contains("back in rotation")));
+    assert_eq!(back["level"], "WARN");
+    assert_eq!(back["upstream_target"], dead.to_string());
+}

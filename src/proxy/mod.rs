@@ -28,6 +28,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use crate::body::{RequestBody, ResponseBody};
@@ -70,6 +71,10 @@ pub struct Upstream {
     balancer: Option<Arc<Balancer>>,
     /// When a failing target is taken out.
     ejection: Ejection,
+    /// `tollgate_upstream_retries_total{upstream, outcome="ok"}`.
+    retries_ok: Counter,
+    /// `tollgate_upstream_retries_total{upstream, outcome="failed"}`.
+    retries_failed: Counter,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
     slots: Arc<Slots>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
@@ -147,9 +152,19 @@ impl Upstream {
             .iter()
             .map(|t| {
                 let same = kept.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
-                Target::new(t, config.connect_timeout, same)
+                Target::new(&config.name, t, config.connect_timeout, same, metrics)
             })
             .collect();
+        if let Some(p) = previous {
+            for gone in p
+                .targets
+                .iter()
+                .filter(|o| !targets.iter().any(|t| t.url == o.url))
+            {
+                metrics.forget_target(&config.name, &gone.label);
+            }
+        }
+        let (retries_ok, retries_failed) = metrics.retry_counters(&config.name);
         let balancer =
             (targets.len() > 1).then(|| Arc::new(Balancer::new(config.balance, targets.len())));
         // The same upstream keeps its gate across reloads, resized in place when
@@ -179,6 +194,8 @@ impl Upstream {
             },
             targets,
             balancer,
+            retries_ok,
+            retries_failed,
             slots,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
         }
@@ -192,6 +209,11 @@ impl Upstream {
         }
     }
 
+    /// The `host:port` of target `index`, for the access log.
+    pub fn target_label(&self, index: usize) -> Option<&Arc<str>> {
+        self.targets.get(index).map(|t| &t.label)
+    }
+
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
     pub fn in_flight(&self) -> usize {
         self.slots.in_use()
@@ -202,11 +224,14 @@ impl Upstream {
     ///
     /// `client_body` is taken once the request passes this upstream's gates; a request that
     /// never left tollgate (refused at a gate, or its connect failed) gives it back unread.
+    /// `sent_to` is set to the index of the last target the request was sent to (see
+    /// [`Upstream::target_label`]).
     pub async fn forward(
         &self,
         mut request: Request<()>,
         client_body: &mut Option<Incoming>,
         how: Forward<'_>,
+        sent_to: &mut Option<usize>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         // Neither gate may touch the upstream.
         if self.config.maintenance {
@@ -234,6 +259,7 @@ impl Upstream {
             .pick(now, &tried)
             .ok_or_else(|| self.no_healthy_target(now))?;
         tried.add(index);
+        *sent_to = Some(index);
         let to = &self.targets[index];
         if self.balancer.is_some() {
             permit.count_on(&to.load);
@@ -320,6 +346,7 @@ impl Upstream {
                     break;
                 };
                 tried.add(next);
+                *sent_to = Some(next);
                 let to = &self.targets[next];
                 permit.count_on(&to.load);
                 let target = request
@@ -334,11 +361,15 @@ impl Upstream {
                 request = Request::from_parts(head, body);
                 tracing::debug!(
                     failed = ?failure,
-                    target = %to.label,
+                    upstream_target = %to.label,
                     "upstream target failed before its response head; retrying on another"
                 );
                 outcome = attempt(transport, request, &deadline).await;
                 self.observe(next, &outcome);
+                match &outcome {
+                    Ok(_) => self.retries_ok.inc(),
+                    Err(_) => self.retries_failed.inc(),
+                };
             }
         }
         let (mut response, retire) = outcome.map_err(|(failure, returned)| {

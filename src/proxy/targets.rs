@@ -17,6 +17,9 @@ use super::health::{Health, State};
 use super::pool::Pool;
 use crate::config::{Balance, TargetConfig};
 use crate::error::{FailureKind, GatewayError};
+use crate::observability::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// One target of an upstream.
 #[derive(Debug)]
@@ -24,7 +27,7 @@ pub struct Target {
     /// Its URL (the upstream's scheme and base path, the target's authority).
     pub url: Uri,
     /// `host:port`, for the access log and metric labels.
-    pub label: String,
+    pub label: Arc<str>,
     /// Its share of the requests, relative to the other targets'.
     pub weight: u32,
     /// Its keep-alive pool when the upstream is plain http; https ones use the upstream's
@@ -37,15 +40,21 @@ pub struct Target {
     pub load: Arc<AtomicUsize>,
     /// Its passive health.
     pub health: Health,
+    /// `tollgate_upstream_target_healthy{upstream, target}`.
+    pub healthy: Gauge,
+    /// `tollgate_upstream_ejections_total{upstream, target}`.
+    pub ejections: Counter,
 }
 
 impl Target {
-    /// A target for `config`, keeping `previous`'s pool (the same target before a reload)
-    /// when given.
+    /// A target of `upstream` for `config`, keeping `previous`'s pool (the same target
+    /// before a reload) when given.
     pub fn new(
+        upstream: &str,
         config: &TargetConfig,
         connect_timeout: Duration,
         previous: Option<&Target>,
+        metrics: &Metrics,
     ) -> Self {
         let https = config.url.scheme() == Some(&Scheme::HTTPS);
         let port = config
@@ -54,6 +63,7 @@ impl Target {
             .unwrap_or(if https { 443 } else { 80 });
         let host = config.url.host().unwrap_or("");
         let label = format!("{host}:{port}");
+        let (healthy, ejections) = metrics.target_series(upstream, &label);
         let pool = match previous {
             Some(previous) => previous.pool.clone(),
             None => (!https).then(|| {
@@ -66,12 +76,14 @@ impl Target {
         };
         Self {
             url: config.url.clone(),
-            label,
+            label: label.into(),
             weight: config.weight.get(),
             pool,
             host: (!https).then(|| host_header(host, port)).flatten(),
             load: Arc::new(AtomicUsize::new(0)),
             health: Health::default(),
+            healthy,
+            ejections,
         }
     }
 }
@@ -178,9 +190,10 @@ impl super::Upstream {
                 && match self.targets[i].health.state(now) {
                     State::In => true,
                     State::Returned => {
+                        self.targets[i].healthy.set(1);
                         tracing::warn!(
                             upstream = %self.config.name,
-                            target = %self.targets[i].label,
+                            upstream_target = %self.targets[i].label,
                             "upstream target back in rotation after its ejection"
                         );
                         true
@@ -235,9 +248,11 @@ impl super::Upstream {
             .filter(|(i, t)| *i != index && t.health.is_out(now))
             .count();
         if let Some(length) = target.health.failure(now, others_out, &self.ejection) {
+            target.healthy.set(0);
+            target.ejections.inc();
             tracing::warn!(
                 upstream = %self.config.name,
-                target = %target.label,
+                upstream_target = %target.label,
                 kind = failure.as_str(),
                 ejected_for_s = length.as_secs(),
                 "upstream target ejected after consecutive failures"
@@ -280,7 +295,7 @@ mod tests {
                     url: format!("http://127.0.0.1:{}", 3000 + i).parse().unwrap(),
                     weight: NonZeroU32::new(*w).unwrap(),
                 };
-                Target::new(&config, Duration::from_secs(1), None)
+                Target::new("u", &config, Duration::from_secs(1), None, &Metrics::new())
             })
             .collect()
     }
