@@ -254,10 +254,7 @@ impl Upstream {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
         let mut tried = Tried::default();
-        let now = std::time::Instant::now();
-        let index = self
-            .pick(now, &tried)
-            .ok_or_else(|| self.no_healthy_target(now))?;
+        let index = self.pick(&tried).ok_or_else(|| self.no_healthy_target())?;
         tried.add(index);
         *sent_to = Some(index);
         let to = &self.targets[index];
@@ -333,7 +330,7 @@ impl Upstream {
                 if !classify::may_retry_elsewhere(&method, body_empty, *failure) {
                     break;
                 }
-                let Some(next) = self.pick(std::time::Instant::now(), &tried) else {
+                let Some(next) = self.pick(&tried) else {
                     break;
                 };
                 // What the failed attempt gave back (its body unread), else the copy.

@@ -6,7 +6,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
@@ -179,12 +179,14 @@ impl Balancer {
 }
 
 impl super::Upstream {
-    /// The target of the next request at `now`, not one already `tried`; `None` when every
-    /// other target is ejected.
-    pub(super) fn pick(&self, now: std::time::Instant, tried: &Tried) -> Option<usize> {
+    /// The target of the next request, not one already `tried`; `None` when every other
+    /// target is ejected.
+    pub(super) fn pick(&self, tried: &Tried) -> Option<usize> {
+        // A one-target upstream that can never be ejected (the default): no clock read.
         if self.balancer.is_none() && !self.ejection.enabled() {
             return (!tried.has(0)).then_some(0);
         }
+        let now = Instant::now();
         let may_take = |i: usize| {
             !tried.has(i)
                 && match self.targets[i].health.state(now) {
@@ -208,7 +210,8 @@ impl super::Upstream {
     }
 
     /// The 503 when every target is ejected: back when the first ejection ends.
-    pub(super) fn no_healthy_target(&self, now: std::time::Instant) -> GatewayError {
+    pub(super) fn no_healthy_target(&self) -> GatewayError {
+        let now = Instant::now();
         let first_back = self
             .targets
             .iter()
@@ -243,7 +246,7 @@ impl super::Upstream {
         ) {
             return;
         }
-        let now = std::time::Instant::now();
+        let now = Instant::now();
         let others_out = (self.targets.iter().enumerate())
             .filter(|(i, t)| *i != index && t.health.is_out(now))
             .count();
