@@ -1,12 +1,13 @@
-//! Forwarding to upstreams: keep-alive connection pools, the `max_inflight` and
-//! `maintenance` gates, header rewriting, upgrades, one replay of idempotent requests that
-//! could not connect, and the classification of upstream failures into [`GatewayError`]s.
+//! Forwarding to upstreams: their targets and keep-alive connection pools, the
+//! `max_inflight` and `maintenance` gates, header rewriting, upgrades, retries (on another
+//! target, when safe), and the classification of upstream failures into [`GatewayError`]s.
 //!
 //! The last box of the flow. Bodies stream both ways; nothing is buffered whole. Module map:
-//! [`pool`] keeps the HTTP/1.1 connections of plain-http upstreams, [`tls`] builds the
-//! connector of hyper-util's client (https upstreams, upgrades; TCP + rustls), [`headers`]
-//! rewrites heads, [`classify`] turns client errors into failure kinds and decides retries,
-//! [`upgrade`] tunnels WebSockets.
+//! [`targets`] picks each request's target (weighted round robin or least in flight),
+//! [`health`] ejects targets that keep failing, [`pool`] keeps the HTTP/1.1 connections of
+//! each plain-http target, [`tls`] builds the connector of hyper-util's client (https
+//! upstreams, upgrades; TCP + rustls), [`headers`] rewrites heads, [`classify`] turns client
+//! errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
 
 pub mod classify;
 pub mod framing;
@@ -351,8 +352,7 @@ impl Upstream {
                     .path_and_query()
                     .cloned()
                     .ok_or(GatewayError::Internal)?;
-                let (head, body) = request.into_parts();
-                let mut head = head;
+                let (mut head, body) = request.into_parts();
                 let transport =
                     self.aim(to, upgrading, &mut head.uri, &mut head.headers, target)?;
                 request = Request::from_parts(head, body);
