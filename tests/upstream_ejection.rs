@@ -19,18 +19,22 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
-/// A gateway with one upstream `up` of `targets` (TOML array text) and `extra` lines.
-async fn targets_gateway(targets: &[SocketAddr], extra: &str) -> TestGateway {
+/// A config with one upstream `up` of `targets` (and `extra` lines) behind a public route.
+fn targets_config(targets: &[SocketAddr], extra: &str) -> tollgate::Config {
     let list: Vec<String> = targets.iter().map(|a| format!("\"http://{a}\"")).collect();
-    TestGateway::start(config(
+    config(
         "",
         &format!(
             "[[upstreams]]\nname = \"up\"\ntargets = [{}]\n{extra}\n\
              [[routes]]\nprefix = \"/\"\nupstream = \"up\"\nauth = false\n",
             list.join(", ")
         ),
-    ))
-    .await
+    )
+}
+
+/// A gateway with [`targets_config`].
+async fn targets_gateway(targets: &[SocketAddr], extra: &str) -> TestGateway {
+    TestGateway::start(targets_config(targets, extra)).await
 }
 
 /// A counting upstream that can be killed (listener and every connection closed) and
@@ -288,4 +292,39 @@ async fn one_target_killed_under_load_fails_no_get() {
         "{} failed GETs: {failed:#?}",
         failed.len()
     );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_an_ejected_target_out() {
+    let mut a = Killable::start().await;
+    let b = Killable::start().await;
+    let extra = "eject_after = 2\neject_for = \"5s\"";
+    let gw = targets_gateway(&[a.addr, b.addr], extra).await;
+    for _ in 0..2 {
+        assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
+    }
+    a.kill();
+    for _ in 0..6 {
+        assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
+    }
+    a.revive().await;
+    let ejected_at = std::time::Instant::now();
+    // The same upstream, one setting changed: its targets stay, and so does their health.
+    gw.gateway.reload(targets_config(
+        &[a.addr, b.addr],
+        &format!("{extra}\ntimeout = \"20s\""),
+    ));
+    for _ in 0..10 {
+        assert_eq!(get(gw.addr, "/", &[]).await.status, 200);
+    }
+    assert!(
+        ejected_at.elapsed() < Duration::from_secs(4),
+        "too slow to tell"
+    );
+    assert_eq!(a.seen(), 1, "the reload put an ejected target back");
+    let healthy = format!(
+        "tollgate_upstream_target_healthy{{upstream=\"up\",target=\"{}\"}}",
+        a.addr
+    );
+    assert_eq!(metric(gw.admin, &healthy).await, 0.0);
 }

@@ -147,13 +147,22 @@ impl Upstream {
                 (client, upgrade_client)
             }
         };
-        // A target that stays keeps its pool: a reload does not drop its warm connections.
+        // A target that stays keeps its health and its pool: a reload neither puts an ejected
+        // target back nor drops warm connections.
         let targets: Arc<[Target]> = config
             .targets
             .iter()
             .map(|t| {
-                let same = kept.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
-                Target::new(&config.name, t, config.connect_timeout, same, metrics)
+                let same = previous.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
+                let keep_pool = kept.is_some();
+                Target::new(
+                    &config.name,
+                    t,
+                    config.connect_timeout,
+                    same,
+                    keep_pool,
+                    metrics,
+                )
             })
             .collect();
         if let Some(p) = previous {

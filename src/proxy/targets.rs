@@ -38,8 +38,8 @@ pub struct Target {
     /// Requests to this target in flight (heads or bodies still streaming); counted only when
     /// the upstream has more than one target.
     pub load: Arc<AtomicUsize>,
-    /// Its passive health.
-    pub health: Health,
+    /// Its passive health, shared with the same target of the config before a reload.
+    pub health: Arc<Health>,
     /// `tollgate_upstream_target_healthy{upstream, target}`.
     pub healthy: Gauge,
     /// `tollgate_upstream_ejections_total{upstream, target}`.
@@ -47,13 +47,15 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target of `upstream` for `config`, keeping `previous`'s pool (the same target
-    /// before a reload) when given.
+    /// A target of `upstream` for `config`. `previous` is the same target (same URL) in the
+    /// config a reload replaces: its health and in-flight count carry over, and its pool too
+    /// when `keep_pool` (the connection settings did not change).
     pub fn new(
         upstream: &str,
         config: &TargetConfig,
         connect_timeout: Duration,
         previous: Option<&Target>,
+        keep_pool: bool,
         metrics: &Metrics,
     ) -> Self {
         let https = config.url.scheme() == Some(&Scheme::HTTPS);
@@ -64,7 +66,11 @@ impl Target {
         let host = config.url.host().unwrap_or("");
         let label = format!("{host}:{port}");
         let (healthy, ejections) = metrics.target_series(upstream, &label);
-        let pool = match previous {
+        let health = previous.map_or_else(Arc::default, |p| p.health.clone());
+        if health.is_out(Instant::now()) {
+            healthy.set(0);
+        }
+        let pool = match previous.filter(|_| keep_pool) {
             Some(previous) => previous.pool.clone(),
             None => (!https).then(|| {
                 Arc::new(Pool::new(
@@ -80,8 +86,8 @@ impl Target {
             weight: config.weight.get(),
             pool,
             host: (!https).then(|| host_header(host, port)).flatten(),
-            load: Arc::new(AtomicUsize::new(0)),
-            health: Health::default(),
+            load: previous.map_or_else(Arc::default, |p| p.load.clone()),
+            health,
             healthy,
             ejections,
         }
@@ -298,7 +304,14 @@ mod tests {
                     url: format!("http://127.0.0.1:{}", 3000 + i).parse().unwrap(),
                     weight: NonZeroU32::new(*w).unwrap(),
                 };
-                Target::new("u", &config, Duration::from_secs(1), None, &Metrics::new())
+                Target::new(
+                    "u",
+                    &config,
+                    Duration::from_secs(1),
+                    None,
+                    false,
+                    &Metrics::new(),
+                )
             })
             .collect()
     }
