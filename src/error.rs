@@ -33,6 +33,8 @@ pub enum FailureKind {
     Overloaded,
     /// The upstream is in maintenance.
     Maintenance,
+    /// Every target of the upstream is ejected.
+    NoHealthyTarget,
     /// The rate-limit backend is down and the policy is `deny`.
     BackendDown,
 }
@@ -48,6 +50,7 @@ impl FailureKind {
             FailureKind::Timeout => "timeout",
             FailureKind::Overloaded => "overloaded",
             FailureKind::Maintenance => "maintenance",
+            FailureKind::NoHealthyTarget => "no_healthy_target",
             FailureKind::BackendDown => "backend_down",
         }
     }
@@ -137,7 +140,8 @@ pub enum GatewayError {
         /// What exactly failed.
         kind: FailureKind,
     },
-    /// The upstream is overloaded or in maintenance, or the limiter backend is down.
+    /// The upstream is overloaded, in maintenance or has no healthy target, or the limiter
+    /// backend is down.
     #[error("service unavailable ({})", kind.as_str())]
     ServiceUnavailable {
         /// What exactly failed.

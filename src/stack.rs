@@ -127,6 +127,7 @@ struct Exchange<'s> {
     upstream_status: Option<http::StatusCode>,
     upstream_latency: Option<Duration>,
     failure_kind: Option<&'static str>,
+    upstream_target: Option<Arc<str>>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -355,7 +356,11 @@ impl Gateway {
         // Boxed: forwarding's state is kilobytes, and inline it would be copied with every
         // move of the request's future (into hyper, through the panic and span wrappers), on
         // every path, rejections included.
-        let outcome = Box::pin(upstream.forward(request, body, forward)).await;
+        let mut sent_to = None;
+        let outcome = Box::pin(upstream.forward(request, body, forward, &mut sent_to)).await;
+        if AccessInfo::wanted() {
+            exchange.upstream_target = sent_to.and_then(|i| upstream.target_label(i)).cloned();
+        }
         let latency = sent.elapsed();
         snapshot.metrics.upstream_duration(index, latency);
         exchange.upstream_latency = Some(latency);
@@ -449,6 +454,7 @@ impl Handler for Gateway {
                 upstream_status: exchange.upstream_status,
                 upstream_latency: exchange.upstream_latency,
                 failure_kind: exchange.failure_kind,
+                upstream_target: exchange.upstream_target.take(),
             });
         }
         response

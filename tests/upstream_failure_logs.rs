@@ -350,3 +350,37 @@ async fn repeated_connect_and_mid_body_failures_log_one_line_a_second() {
         assert!(accounted <= failures, "{accounted} > {failures}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_ejection_and_return_are_logged_and_access_lines_name_the_target() {
+    let dead = refusing_addr();
+    let up = echo_upstream().await;
+    let (process, addr, _dir) = Process::serving(&format!(
+        "[[upstreams]]\nname = \"pair\"\ntargets = [\"http://{dead}\", \"http://{up}\"]\n\
+             eject_after = 1\neject_for = \"1s\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"pair\"\nauth = false\n"
+    ));
+    let json = |line: String| serde_json::from_str::<serde_json::Value>(&line).unwrap();
+    for id in ["lb-1", "lb-2"] {
+        assert_eq!(get(addr, "/", &[("X-Request-Id", id)]).await.status, 200);
+    }
+    let ejected = json(process.wait_for(|l| l.contains("upstream target ejected")));
+    assert_eq!(ejected["level"], "WARN");
+    assert_eq!(ejected["upstream"], "pair");
+    assert_eq!(ejected["upstream_target"], dead.to_string());
+    assert_eq!(ejected["ejected_for_s"], 1);
+    // Both requests were answered by the live target, one after a retry.
+    for id in ["lb-1", "lb-2"] {
+        let access = json(
+            process
+                .wait_for(|l| l.contains("tollgate::access") && l.contains(&format!("\"{id}\""))),
+        );
+        assert_eq!(access["upstream_target"], up.to_string(), "{access}");
+    }
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(addr, "/", &[]).await.status, 200);
+    let back = json(process.wait_for(|l| l.contains("back in rotation")));
+    assert_eq!(back["level"], "WARN");
+    assert_eq!(back["upstream_target"], dead.to_string());
+}

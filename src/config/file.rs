@@ -193,7 +193,13 @@ pub struct KeyFile {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamFile {
     pub name: SpannedStr,
-    pub url: SpannedStr,
+    pub url: Option<SpannedStr>,
+    pub targets: Option<Spanned<Vec<Spanned<TargetFile>>>>,
+    pub balance: Option<SpannedStr>,
+    pub eject_after: Option<Spanned<i64>>,
+    pub eject_for: Option<SpannedStr>,
+    pub max_ejected_percent: Option<Spanned<i64>>,
+    pub retries: Option<Spanned<i64>>,
     pub connect_timeout: Option<SpannedStr>,
     pub timeout: Option<SpannedStr>,
     pub max_inflight: Option<Spanned<i64>>,
@@ -201,6 +207,25 @@ pub struct UpstreamFile {
     pub maintenance: bool,
     pub retry_after: Option<SpannedStr>,
     pub ca_file: Option<SpannedStr>,
+}
+
+/// One of `targets`: a URL, or a URL with a weight. (Untagged enums lose inner spans, so the
+/// span is outside.)
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum TargetFile {
+    /// `"http://10.0.0.11:3000"`, weight 1.
+    Url(String),
+    /// `{ url = "http://10.0.0.12:3000", weight = 2 }`.
+    Weighted(WeightedTargetFile),
+}
+
+/// `{ url = "...", weight = 2 }` in `targets`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedTargetFile {
+    pub url: String,
+    pub weight: Option<i64>,
 }
 
 /// `[[routes]]`.

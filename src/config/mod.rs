@@ -90,6 +90,16 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_INFLIGHT: u32 = 1024;
 /// Default `upstreams.retry_after`.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(30);
+/// Default `upstreams.eject_after`.
+pub const DEFAULT_EJECT_AFTER: u32 = 5;
+/// Default `upstreams.eject_for`.
+pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
+/// Default `upstreams.max_ejected_percent`.
+pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
+/// Default `upstreams.retries`.
+pub const DEFAULT_RETRIES: u32 = 1;
+/// Most `upstreams.retries`.
+pub const MAX_RETRIES: u32 = 3;
 /// Default `respond.content_type`.
 pub const DEFAULT_RESPOND_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
@@ -316,8 +326,25 @@ pub struct KeyConfig {
 pub struct UpstreamConfig {
     /// Name routes refer to.
     pub name: String,
-    /// Base URL: scheme, authority and an optional path prefix.
+    /// Base URL: scheme, authority and an optional path prefix (the first target's: every
+    /// target shares the scheme and the path prefix).
     pub url: Uri,
+    /// `targets` (or `url` as the one target), in file order; never empty.
+    pub targets: Vec<TargetConfig>,
+    /// How requests are spread over `targets`. Default round robin.
+    pub balance: Balance,
+    /// Consecutive failures (connect refused or timed out, reset before the response head,
+    /// response-head timeout) that eject a target; 0 never ejects. Default 5.
+    pub eject_after: u32,
+    /// A target's first ejection lasts this; each consecutive one twice as long, up to 10x.
+    /// Default 30 s.
+    pub eject_for: Duration,
+    /// Percent of the targets passive ejection may take out at once (rounded down). Default 50.
+    pub max_ejected_percent: u32,
+    /// Tries after a failure before any byte of the response head, on another target each,
+    /// when safe (a one-target upstream: once, on a fresh connection, after a failed
+    /// connect). 0 to 3, default 1.
+    pub retries: u32,
     /// Refused or unreachable within this: 502. Default 2 s.
     pub connect_timeout: Duration,
     /// No response head within this: 504. Default 30 s.
@@ -330,6 +357,25 @@ pub struct UpstreamConfig {
     pub retry_after: Duration,
     /// Extra CA certificate (PEM) for `https` upstreams.
     pub ca_file: Option<PathBuf>,
+}
+
+/// One target of an upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TargetConfig {
+    /// Its URL (scheme, authority and the upstream's path prefix).
+    pub url: Uri,
+    /// Its share of the requests, relative to the other targets'. Default 1.
+    pub weight: NonZeroU32,
+}
+
+/// `upstreams.balance`: how an upstream's requests are spread over its targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balance {
+    /// `"round_robin"`: smooth weighted round robin (nginx's), the default.
+    RoundRobin,
+    /// `"least_inflight"`: the target with the fewest requests in flight; ties go to the
+    /// heavier target, then round robin.
+    LeastInflight,
 }
 
 /// What a route does with a request.

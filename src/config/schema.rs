@@ -32,6 +32,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "plans.*" => fields::<PlanFile>(),
         "keys[]" => fields::<KeyFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
+        "upstreams[].targets[]" => fields::<WeightedTargetFile>(),
         "routes[]" => fields::<RouteFile>(),
         "routes[].respond" => fields::<RespondFile>(),
         _ => return None,
@@ -166,6 +167,7 @@ fn unknown_message(key: &str, path: &str, allowed: &[&str]) -> String {
         "" => "at the top level".to_owned(),
         "keys_file" => "at the top level of the keys file (it holds only [[keys]])".to_owned(),
         "plans.*" => "in a [plans.<name>] table".to_owned(),
+        "upstreams[].targets[]" => "in a target of [[upstreams]] targets".to_owned(),
         p if p.ends_with("[]") => format!("in [[{}]]", p.trim_end_matches("[]")),
         p => format!("in [{}]", p.replace("[]", "")),
     };

@@ -3,7 +3,7 @@
 //!
 //! Fields: `request_id`, `client_ip` (through trusted proxies), `key_id`, `plan`, `method`,
 //! `path` (never the query string, which may hold a key), `status`, `upstream_status`,
-//! `latency_us`, `upstream_latency_us`, `bytes` (response body length when known up front).
+//! `latency_us`, `upstream_latency_us`, `upstream_target` (`host:port`), `bytes` (response body length when known up front).
 //! Never the key itself. Turn it off with `--log-level info,tollgate::access=off`.
 
 use std::net::IpAddr;
@@ -31,6 +31,8 @@ pub struct AccessInfo {
     /// The finer kind of a failure (`connect_refused`, `timeout`, `backend_down`, …), when the
     /// response is one.
     pub failure_kind: Option<&'static str>,
+    /// The `host:port` of the upstream target the request was last sent to.
+    pub upstream_target: Option<std::sync::Arc<str>>,
 }
 
 impl AccessInfo {

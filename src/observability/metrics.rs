@@ -11,6 +11,9 @@
 //! | `tollgate_rate_limit_decisions_total` | counter | `decision` (`allowed`, `limited`, `would_limit`, `ip_throttled`), `plan` |
 //! | `tollgate_upstream_failures_total` | counter | `upstream`, `kind` |
 //! | `tollgate_request_duration_seconds` | histogram | (none): until the response head |
+//! | `tollgate_upstream_target_healthy` | gauge | `upstream`, `target` (`host:port`): 1 in rotation, 0 ejected (a return is seen by the next request) |
+//! | `tollgate_upstream_ejections_total` | counter | `upstream`, `target` |
+//! | `tollgate_upstream_retries_total` | counter | `upstream`, `outcome` (`ok`: the retry got a response head, `failed`) |
 //! | `tollgate_upstream_duration_seconds` | histogram | `upstream`: until the upstream's head |
 //! | `tollgate_requests_in_flight` | gauge | (none) |
 //! | `tollgate_config_reloads_total` | counter | `result` (`ok`, `failed`) |
@@ -102,6 +105,18 @@ struct UpstreamLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabels {
+    upstream: String,
+    target: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    upstream: String,
+    outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FallbackLabels {
     on_backend_error: &'static str,
 }
@@ -133,6 +148,9 @@ pub struct Metrics {
     upstream_failures: Family<FailureLabels, Counter>,
     request_duration: AtomicHistogram,
     upstream_duration: Family<UpstreamLabels, AtomicHistogram, LatencyHistogram>,
+    target_healthy: Family<TargetLabels, Gauge>,
+    ejections: Family<TargetLabels, Counter>,
+    retries: Family<RetryLabels, Counter>,
     in_flight: Gauge,
     reloads: Family<ResultLabels, Counter>,
     config_info: Family<HashLabels, Gauge>,
@@ -188,6 +206,24 @@ impl Metrics {
             "Time from forwarding to the upstream's response head (or failure), by upstream",
             upstream_duration.clone(),
         );
+        let target_healthy = Family::<TargetLabels, Gauge>::default();
+        registry.register(
+            "upstream_target_healthy",
+            "Whether an upstream target takes requests (1) or is ejected (0)",
+            target_healthy.clone(),
+        );
+        let ejections = Family::<TargetLabels, Counter>::default();
+        registry.register(
+            "upstream_ejections",
+            "Passive ejections of upstream targets, by upstream and target",
+            ejections.clone(),
+        );
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register(
+            "upstream_retries",
+            "Requests sent again to another target, by upstream and outcome",
+            retries.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "requests_in_flight",
@@ -232,6 +268,9 @@ impl Metrics {
             upstream_failures,
             request_duration,
             upstream_duration,
+            target_healthy,
+            ejections,
+            retries,
             in_flight,
             reloads,
             config_info,
@@ -290,6 +329,42 @@ impl Metrics {
                 kind,
             })
             .clone()
+    }
+
+    /// The series of one upstream target, to update without a label lookup: its
+    /// `tollgate_upstream_target_healthy` gauge (set to 1 here) and its
+    /// `tollgate_upstream_ejections_total` counter.
+    pub fn target_series(&self, upstream: &str, target: &str) -> (Gauge, Counter) {
+        let labels = TargetLabels {
+            upstream: upstream.to_owned(),
+            target: target.to_owned(),
+        };
+        let healthy = self.target_healthy.get_or_create(&labels).clone();
+        healthy.set(1);
+        (healthy, self.ejections.get_or_create(&labels).clone())
+    }
+
+    /// Drops the series of a target a reload removed.
+    pub fn forget_target(&self, upstream: &str, target: &str) {
+        let labels = TargetLabels {
+            upstream: upstream.to_owned(),
+            target: target.to_owned(),
+        };
+        self.target_healthy.remove(&labels);
+        self.ejections.remove(&labels);
+    }
+
+    /// The `tollgate_upstream_retries_total` series of `upstream`: (`ok`, `failed`).
+    pub fn retry_counters(&self, upstream: &str) -> (Counter, Counter) {
+        let series = |outcome| {
+            self.retries
+                .get_or_create(&RetryLabels {
+                    upstream: upstream.to_owned(),
+                    outcome,
+                })
+                .clone()
+        };
+        (series("ok"), series("failed"))
     }
 
     /// Counts a rate-limit backend error.

@@ -104,6 +104,20 @@ pub fn may_retry(method: &Method, body_empty: bool, failure: Failure) -> bool {
         )
 }
 
+/// Whether a request that failed on one target may be sent to another (SPEC "Upstream
+/// targets"): no byte of the response head arrived, and either the connection was never
+/// established (any method: the upstream saw nothing; the request must have come back with
+/// its body unread, or have none) or the request is idempotent and bodiless and the
+/// connection was reset or closed. A timeout after sending is never retried: the request
+/// may be running.
+pub fn may_retry_elsewhere(method: &Method, body_empty: bool, failure: Failure) -> bool {
+    match failure {
+        Failure::Upstream(FailureKind::ConnectRefused | FailureKind::ConnectTimeout) => true,
+        Failure::Upstream(FailureKind::Reset) => replayable(method, body_empty),
+        _ => false,
+    }
+}
+
 /// The part of [`may_retry`] known before sending: worth keeping a copy of the head for.
 pub fn replayable(method: &Method, body_empty: bool) -> bool {
     body_empty

@@ -29,9 +29,18 @@ pub struct Slots {
 /// One `max_inflight` slot of an upstream, held until the response body ends or is dropped
 /// (or the upgraded connection closes).
 #[derive(Debug)]
-pub struct InflightSlot(Arc<Slots>);
+pub struct InflightSlot(Arc<Slots>, Option<Arc<AtomicUsize>>);
 
 impl InflightSlot {
+    /// Counts this request in `target`'s in-flight count too (the target's of a
+    /// several-target upstream) until the slot is dropped, or moved to another target.
+    pub fn count_on(&mut self, target: &Arc<AtomicUsize>) {
+        target.fetch_add(1, Ordering::AcqRel);
+        if let Some(previous) = self.1.replace(target.clone()) {
+            previous.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Counts an upstream failure after the response head: the client's stream was cut.
     pub fn count_reset_after_head(&self) {
         self.0.resets_after_head.inc();
@@ -45,6 +54,9 @@ impl InflightSlot {
 
 impl Drop for InflightSlot {
     fn drop(&mut self) {
+        if let Some(target) = &self.1 {
+            target.fetch_sub(1, Ordering::AcqRel);
+        }
         let retired = self
             .0
             .debt
@@ -93,7 +105,7 @@ impl Slots {
     pub fn try_take(self: &Arc<Self>) -> Option<InflightSlot> {
         let permit = self.gate.try_acquire().ok()?;
         permit.forget();
-        Some(InflightSlot(self.clone()))
+        Some(InflightSlot(self.clone(), None))
     }
 
     /// Slots held right now.

@@ -1,18 +1,21 @@
-//! Forwarding to upstreams: keep-alive connection pools, the `max_inflight` and
-//! `maintenance` gates, header rewriting, upgrades, one replay of idempotent requests that
-//! could not connect, and the classification of upstream failures into [`GatewayError`]s.
+//! Forwarding to upstreams: their targets and keep-alive connection pools, the
+//! `max_inflight` and `maintenance` gates, header rewriting, upgrades, retries (on another
+//! target, when safe), and the classification of upstream failures into [`GatewayError`]s.
 //!
 //! The last box of the flow. Bodies stream both ways; nothing is buffered whole. Module map:
-//! [`pool`] keeps the HTTP/1.1 connections of plain-http upstreams, [`tls`] builds the
-//! connector of hyper-util's client (https upstreams, upgrades; TCP + rustls), [`headers`]
-//! rewrites heads, [`classify`] turns client errors into failure kinds and decides retries,
-//! [`upgrade`] tunnels WebSockets.
+//! [`targets`] picks each request's target (weighted round robin or least in flight),
+//! [`health`] ejects targets that keep failing, [`pool`] keeps the HTTP/1.1 connections of
+//! each plain-http target, [`tls`] builds the connector of hyper-util's client (https
+//! upstreams, upgrades; TCP + rustls), [`headers`] rewrites heads, [`classify`] turns client
+//! errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
 
 pub mod classify;
 pub mod framing;
 pub mod headers;
+pub mod health;
 pub mod inflight;
 pub mod pool;
+pub mod targets;
 pub mod tls;
 pub mod upgrade;
 
@@ -26,6 +29,7 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
 use crate::body::{RequestBody, ResponseBody};
@@ -35,7 +39,9 @@ use crate::observability::RequestId;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
+use health::Ejection;
 use pool::{Pool, PoolFailure, Retire};
+use targets::{Balancer, Target, Tried};
 use tls::Connector;
 
 pub use inflight::InflightSlot;
@@ -44,7 +50,7 @@ use inflight::Slots;
 pub use classify::may_retry;
 
 /// How long an idle pooled upstream connection is kept.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+pub(crate) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// One upstream: its connection pool and its in-flight gate.
 #[derive(Debug, Clone)]
@@ -60,16 +66,21 @@ pub struct Upstream {
     /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
     /// `Upgrade`. The same client as `client` for plain-http upstreams.
     upgrade_client: Client<Connector, RequestBody>,
-    /// The keep-alive pool of a plain-http upstream; https ones use `client`.
-    pool: Option<Arc<Pool>>,
+    /// Its targets, each with its own keep-alive pool when plain http (https ones use
+    /// `client`).
+    targets: Arc<[Target]>,
+    /// Picks the target of each request; `None` with one target.
+    balancer: Option<Arc<Balancer>>,
+    /// When a failing target is taken out.
+    ejection: Ejection,
+    /// `tollgate_upstream_retries_total{upstream, outcome="ok"}`.
+    retries_ok: Counter,
+    /// `tollgate_upstream_retries_total{upstream, outcome="failed"}`.
+    retries_failed: Counter,
     /// `max_inflight` slots; a slot is held until the response body ends or is dropped.
     slots: Arc<Slots>,
     /// Path prefix of the upstream URL without a trailing `/` (often empty).
     base_path: String,
-    /// `Host` for plain-http upstreams (always HTTP/1.1), built once: left to the pooled
-    /// client, it is formatted for every request. https upstreams may speak h2, where the
-    /// client sends `:authority` instead, so they still get the client's.
-    host: Option<HeaderValue>,
 }
 
 /// What the proxy needs to know about the client side of a request.
@@ -119,13 +130,14 @@ impl Upstream {
             .as_deref()
             .and_then(|path| std::fs::read(path).ok());
         let same_connection = |p: &&Upstream| {
-            p.config.url == config.url
+            p.config.url.scheme() == config.url.scheme()
                 && p.config.connect_timeout == config.connect_timeout
                 && p.config.ca_file == config.ca_file
                 && p.ca_pem == ca_pem
         };
-        let (client, upgrade_client, pool) = match previous.filter(same_connection) {
-            Some(p) => (p.client.clone(), p.upgrade_client.clone(), p.pool.clone()),
+        let kept = previous.filter(same_connection);
+        let (client, upgrade_client) = match kept.filter(|p| p.config.targets == config.targets) {
+            Some(p) => (p.client.clone(), p.upgrade_client.clone()),
             None => {
                 let client = build_client(tls::connector(config, true));
                 let upgrade_client = if config.url.scheme() == Some(&Scheme::HTTPS) {
@@ -133,9 +145,39 @@ impl Upstream {
                 } else {
                     client.clone()
                 };
-                (client, upgrade_client, pool_for(config))
+                (client, upgrade_client)
             }
         };
+        // A target that stays keeps its health and its pool: a reload neither puts an ejected
+        // target back nor drops warm connections.
+        let targets: Arc<[Target]> = config
+            .targets
+            .iter()
+            .map(|t| {
+                let same = previous.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
+                let keep_pool = kept.is_some();
+                Target::new(
+                    &config.name,
+                    t,
+                    config.connect_timeout,
+                    same,
+                    keep_pool,
+                    metrics,
+                )
+            })
+            .collect();
+        if let Some(p) = previous {
+            for gone in p
+                .targets
+                .iter()
+                .filter(|o| !targets.iter().any(|t| t.url == o.url))
+            {
+                metrics.forget_target(&config.name, &gone.label);
+            }
+        }
+        let (retries_ok, retries_failed) = metrics.retry_counters(&config.name);
+        let balancer =
+            (targets.len() > 1).then(|| Arc::new(Balancer::new(config.balance, targets.len())));
         // The same upstream keeps its gate across reloads, resized in place when
         // `max_inflight` changed: a new gate would let in a full new allowance on top of the
         // requests still in flight.
@@ -156,19 +198,31 @@ impl Upstream {
             client,
             ca_pem,
             upgrade_client,
-            pool,
+            ejection: Ejection {
+                after: config.eject_after,
+                base: config.eject_for,
+                max_ejected: targets.len() * config.max_ejected_percent as usize / 100,
+            },
+            targets,
+            balancer,
+            retries_ok,
+            retries_failed,
             slots,
             base_path: config.url.path().trim_end_matches('/').to_owned(),
-            host: host_header(&config.url),
         }
     }
 
     /// Closes pooled connections idle past the pool's idle timeout (called on the server's
     /// housekeeping tick, so they go even when no request comes to pass them).
     pub fn close_idle_connections(&self) {
-        if let Some(pool) = &self.pool {
+        for pool in self.targets.iter().filter_map(|t| t.pool.as_deref()) {
             pool.close_idle();
         }
+    }
+
+    /// The `host:port` of target `index`, for the access log.
+    pub fn target_label(&self, index: usize) -> Option<&Arc<str>> {
+        self.targets.get(index).map(|t| &t.label)
     }
 
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
@@ -181,11 +235,14 @@ impl Upstream {
     ///
     /// `client_body` is taken once the request passes this upstream's gates; a request that
     /// never left tollgate (refused at a gate, or its connect failed) gives it back unread.
+    /// `sent_to` is set to the index of the last target the request was sent to (see
+    /// [`Upstream::target_label`]).
     pub async fn forward(
         &self,
         mut request: Request<()>,
         client_body: &mut Option<Incoming>,
         how: Forward<'_>,
+        sent_to: &mut Option<usize>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         // Neither gate may touch the upstream.
         if self.config.maintenance {
@@ -194,7 +251,7 @@ impl Upstream {
                 retry_after: self.config.retry_after,
             });
         }
-        let permit = self
+        let mut permit = self
             .slots
             .try_take()
             .ok_or(GatewayError::ServiceUnavailable {
@@ -207,6 +264,14 @@ impl Upstream {
         let upgrade = upgrade::requested(&request)
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
+        let mut tried = Tried::default();
+        let index = self.pick(&tried).ok_or_else(|| self.no_healthy_target())?;
+        tried.add(index);
+        *sent_to = Some(index);
+        let to = &self.targets[index];
+        if self.balancer.is_some() {
+            permit.count_on(&to.load);
+        }
         let target = self.upstream_target(how.path, &parts.uri)?;
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         let from_h2 = parts.version == Version::HTTP_2;
@@ -218,25 +283,11 @@ impl Upstream {
             parts.uri.authority(),
             from_h2,
         );
-        if let Some(host) = &self.host {
-            parts.headers.insert(HOST, host.clone());
+        if let Some((protocol, _)) = &upgrade {
+            upgrade::restore_headers(&mut parts.headers, protocol.clone());
         }
-        let transport = match (&upgrade, &self.pool) {
-            (Some((protocol, _)), _) => {
-                upgrade::restore_headers(&mut parts.headers, protocol.clone());
-                parts.uri = self.absolute_uri(target)?;
-                Transport::Client(&self.upgrade_client)
-            }
-            (None, Some(pool)) => {
-                // Origin form: the pool writes the target as it is.
-                parts.uri = Uri::from(target);
-                Transport::Pool(pool)
-            }
-            (None, None) => {
-                parts.uri = self.absolute_uri(target)?;
-                Transport::Client(&self.client)
-            }
-        };
+        let upgrading = upgrade.is_some();
+        let transport = self.aim(to, upgrading, &mut parts.uri, &mut parts.headers, target)?;
 
         let incoming = client_body.take().ok_or(GatewayError::Internal)?;
         let body_empty = incoming.is_end_stream();
@@ -250,8 +301,15 @@ impl Upstream {
         // head is kept.
         let replayable = classify::replayable(&parts.method, body_empty);
         let method = parts.method.clone();
-        let mut replay =
-            (replayable && matches!(transport, Transport::Client(_))).then(|| replay_of(&parts));
+        // With several targets a reset is retried on another one too, and the pool gives
+        // back only what it could not connect for.
+        let several = self.targets.len() > 1;
+        let keep_copy = if several {
+            body_empty
+        } else {
+            replayable && matches!(transport, Transport::Client(_))
+        };
+        let mut replay = keep_copy.then(|| replay_of(&parts));
         // One deadline for both attempts: a retry never stretches `timeout`. A streamed body
         // moves it: the response head is due `timeout` after the request's last bytes.
         let deadline = Deadline {
@@ -266,16 +324,66 @@ impl Upstream {
             &self.config.name,
         )
         .await;
-        if let Err((failure, returned)) = &mut outcome
-            && replayable
-            && may_retry(&method, true, *failure)
-            && let Some(request) = returned.take().map(|r| *r).or(replay.take())
-        {
-            tracing::debug!(
-                failed = ?failure,
-                "could not connect to the upstream; retrying once on a fresh connection"
-            );
-            outcome = attempt(transport, request, &deadline, &self.config.name).await;
+        self.observe(index, &outcome);
+        if !several {
+            if let Err((failure, returned)) = &mut outcome
+                && self.config.retries > 0
+                && replayable
+                && may_retry(&method, true, *failure)
+                && let Some(request) = returned.take().map(|r| *r).or(replay.take())
+            {
+                tracing::debug!(
+                    failed = ?failure,
+                    "could not connect to the upstream; retrying once on a fresh connection"
+                );
+                outcome = attempt(transport, request, &deadline, &self.config.name).await;
+                self.observe(index, &outcome);
+            }
+        } else {
+            for _ in 0..self.config.retries {
+                let Err((failure, returned)) = &mut outcome else {
+                    break;
+                };
+                if !classify::may_retry_elsewhere(&method, body_empty, *failure) {
+                    break;
+                }
+                let Some(next) = self.pick(&tried) else {
+                    break;
+                };
+                // What the failed attempt gave back (its body unread), else the copy.
+                let Some(mut request) = returned.take().map(|r| *r).or_else(|| {
+                    replay
+                        .as_ref()
+                        .filter(|_| body_empty)
+                        .map(replay_of_request)
+                }) else {
+                    break;
+                };
+                tried.add(next);
+                *sent_to = Some(next);
+                let to = &self.targets[next];
+                permit.count_on(&to.load);
+                let target = request
+                    .uri()
+                    .path_and_query()
+                    .cloned()
+                    .ok_or(GatewayError::Internal)?;
+                let (mut head, body) = request.into_parts();
+                let transport =
+                    self.aim(to, upgrading, &mut head.uri, &mut head.headers, target)?;
+                request = Request::from_parts(head, body);
+                tracing::debug!(
+                    failed = ?failure,
+                    upstream_target = %to.label,
+                    "upstream target failed before its response head; retrying on another"
+                );
+                outcome = attempt(transport, request, &deadline, &self.config.name).await;
+                self.observe(next, &outcome);
+                match &outcome {
+                    Ok(_) => self.retries_ok.inc(),
+                    Err(_) => self.retries_failed.inc(),
+                };
+            }
         }
         let (mut response, retire) = outcome.map_err(|(failure, returned)| {
             *client_body = returned.and_then(|request| request.into_body().into_unread());
@@ -384,13 +492,43 @@ impl Upstream {
         PathAndQuery::try_from(pq).map_err(|_| invalid())
     }
 
-    /// `target` on the upstream URL's scheme and authority, for hyper-util's client.
-    fn absolute_uri(&self, target: PathAndQuery) -> Result<Uri, GatewayError> {
-        let mut parts = self.config.url.clone().into_parts();
-        parts.scheme.get_or_insert(Scheme::HTTP);
-        parts.path_and_query = Some(target);
-        Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
+    /// Points a request at `to`: its `Host`, and the URI its transport wants (origin form for
+    /// the pool, absolute for hyper-util's client).
+    fn aim<'a>(
+        &'a self,
+        to: &'a Target,
+        upgrading: bool,
+        uri: &mut Uri,
+        headers: &mut http::HeaderMap,
+        target: PathAndQuery,
+    ) -> Result<Transport<'a>, GatewayError> {
+        if let Some(host) = &to.host {
+            headers.insert(HOST, host.clone());
+        }
+        Ok(match (upgrading, &to.pool) {
+            (true, _) => {
+                *uri = absolute_uri(&to.url, target)?;
+                Transport::Client(&self.upgrade_client)
+            }
+            (false, Some(pool)) => {
+                // Origin form: the pool writes the target as it is.
+                *uri = Uri::from(target);
+                Transport::Pool(pool)
+            }
+            (false, None) => {
+                *uri = absolute_uri(&to.url, target)?;
+                Transport::Client(&self.client)
+            }
+        })
     }
+}
+
+/// `target` on `url`'s scheme and authority, for hyper-util's client.
+fn absolute_uri(url: &Uri, target: PathAndQuery) -> Result<Uri, GatewayError> {
+    let mut parts = url.clone().into_parts();
+    parts.scheme.get_or_insert(Scheme::HTTP);
+    parts.path_and_query = Some(target);
+    Uri::from_parts(parts).map_err(|_| GatewayError::BadRequest("invalid path"))
 }
 
 /// An upstream response tollgate will not relay (502 `invalid_response`); `why` goes to the
@@ -398,20 +536,6 @@ impl Upstream {
 fn invalid_response(why: &'static str) -> GatewayError {
     tracing::debug!(why, "upstream response refused");
     Failure::Upstream(FailureKind::InvalidResponse).into_error()
-}
-
-/// The `Host` the pooled client would send to a plain-http upstream (`host[:port]`, the port
-/// only when not 80), or `None` for https.
-fn host_header(url: &Uri) -> Option<HeaderValue> {
-    if url.scheme() == Some(&Scheme::HTTPS) {
-        return None;
-    }
-    let authority = url.authority()?;
-    let text = match authority.port_u16() {
-        Some(port) if port != 80 => format!("{}:{port}", authority.host()),
-        _ => authority.host().to_owned(),
-    };
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
 }
 
 fn build_client(connector: Connector) -> Client<Connector, RequestBody> {
@@ -432,6 +556,16 @@ fn replay_of(parts: &http::request::Parts) -> Request<RequestBody> {
     *replay.uri_mut() = parts.uri.clone();
     *replay.version_mut() = parts.version;
     *replay.headers_mut() = parts.headers.clone();
+    replay
+}
+
+/// Another copy of a replay copy, for the next retry.
+fn replay_of_request(request: &Request<RequestBody>) -> Request<RequestBody> {
+    let mut replay = Request::new(RequestBody::empty());
+    *replay.method_mut() = request.method().clone();
+    *replay.uri_mut() = request.uri().clone();
+    *replay.version_mut() = request.version();
+    *replay.headers_mut() = request.headers().clone();
     replay
 }
 
@@ -526,22 +660,4 @@ async fn attempt(
             None => Err(timed_out()),
         },
     }
-}
-
-/// The pool of a plain-http upstream (`None` for https).
-fn pool_for(config: &UpstreamConfig) -> Option<Arc<Pool>> {
-    if config.url.scheme() == Some(&Scheme::HTTPS) {
-        return None;
-    }
-    let authority = config.url.authority()?;
-    let target = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(80)
-    );
-    Some(Arc::new(Pool::new(
-        target,
-        config.connect_timeout,
-        POOL_IDLE_TIMEOUT,
-    )))
 }

@@ -594,6 +594,7 @@ async fn respond<H: Handler>(
                 upstream_latency_us = info
                     .and_then(|i| i.upstream_latency)
                     .map(|d| d.as_micros() as u64),
+                upstream_target = info.and_then(|i| i.upstream_target.as_deref()),
                 bytes = http_body::Body::size_hint(response.body()).exact(),
                 tls,
                 "request"

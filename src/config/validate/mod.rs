@@ -11,6 +11,7 @@ mod keys;
 mod limits;
 mod routes;
 mod server;
+mod targets;
 #[cfg(test)]
 mod tests;
 

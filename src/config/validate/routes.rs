@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use http::{HeaderValue, Method, StatusCode, Uri};
+use http::{HeaderValue, Method, StatusCode};
 
 use super::*;
 
@@ -21,31 +21,40 @@ impl Validator<'_, '_> {
             if names.insert(name, ()).is_some() {
                 self.error(u.name.span(), format!("duplicate upstream name \"{name}\""));
             }
-            let url = match u.url.get_ref().trim().parse::<Uri>() {
-                Ok(url)
-                    if matches!(url.scheme_str(), Some("http" | "https"))
-                        && url
-                            .authority()
-                            .is_some_and(|a| !a.host().is_empty() && valid_port(a))
-                        && url.query().is_none() =>
-                {
-                    Some(url)
-                }
-                _ => {
-                    self.error(
-                        u.url.span(),
-                        format!(
-                            "upstream \"{name}\": url \"{}\" must be an http:// or https:// URL with a host (and a port from 1 to 65535, if any), like \"http://127.0.0.1:3000\"",
-                            u.url.get_ref()
-                        ),
-                    );
-                    None
-                }
-            };
+            let (url, targets) = self.targets(u, name);
             let field = |f: &str| format!("upstream \"{name}\": {f}");
             let cfg = UpstreamConfig {
                 name: name.to_owned(),
-                url: url.unwrap_or_else(|| Uri::from_static("http://invalid.invalid")),
+                url,
+                targets,
+                balance: self.enumeration(
+                    &u.balance,
+                    &[
+                        ("round_robin", Balance::RoundRobin),
+                        ("least_inflight", Balance::LeastInflight),
+                    ],
+                    Balance::RoundRobin,
+                    &field("balance"),
+                ),
+                eject_after: self.whole_in(
+                    &u.eject_after,
+                    0..=1000,
+                    DEFAULT_EJECT_AFTER,
+                    &field("eject_after"),
+                ),
+                eject_for: self.duration(&u.eject_for, DEFAULT_EJECT_FOR, &field("eject_for")),
+                max_ejected_percent: self.whole_in(
+                    &u.max_ejected_percent,
+                    0..=100,
+                    DEFAULT_MAX_EJECTED_PERCENT,
+                    &field("max_ejected_percent"),
+                ),
+                retries: self.whole_in(
+                    &u.retries,
+                    0..=MAX_RETRIES,
+                    DEFAULT_RETRIES,
+                    &field("retries"),
+                ),
                 connect_timeout: self.duration(
                     &u.connect_timeout,
                     DEFAULT_CONNECT_TIMEOUT,
@@ -210,16 +219,6 @@ impl Validator<'_, '_> {
             body: bytes::Bytes::from(r.body.clone()),
             content_type,
         })
-    }
-}
-
-/// Whether `authority`'s port, if it has one, is a usable TCP port (the http crate accepts
-/// any digits, and a port it cannot read would silently become 80 or 443).
-fn valid_port(authority: &http::uri::Authority) -> bool {
-    match authority.as_str().rsplit_once(':') {
-        // `[::1]` has colons but no port.
-        Some((_, port)) if !port.contains(']') => port.parse::<u16>().is_ok_and(|p| p != 0),
-        _ => true,
     }
 }
 

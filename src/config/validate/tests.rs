@@ -243,6 +243,81 @@ const MISTAKES: &[(&str, usize, &str)] = &[
         "ca_file: file",
     ),
     (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\ntargets = [\"http://b\"]",
+        3,
+        "upstream \"u\": set either url or targets, not both",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\ntargets = [\"http://b\"]",
+        4,
+        "upstream \"u\": set either url or targets, not both",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nmax_inflight = 3",
+        2,
+        "upstream \"u\" needs a url or targets",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\n  \"http://a:1\",\n  \"ftp://b\",\n]",
+        5,
+        "url \"ftp://b\" must be an http:// or https:// URL",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\n  \"http://a:1\",\n  { url = \"https://b:1\" },\n]",
+        5,
+        "every target must have the same scheme; \"https://b:1\" is not http://",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\n  \"http://a:1/v1\",\n  \"http://b:1/v2\",\n]",
+        5,
+        "every target must have the same base path",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\n  \"http://a:1\",\n  { url = \"http://b:1\", weight = 0 },\n]",
+        5,
+        "target weight must be a whole number from 1",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\"http://a:1\", { url = \"http://b:1\", wieght = 2 }]",
+        3,
+        "unknown key `wieght` in a target of [[upstreams]] targets (did you mean `weight`?)",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = []",
+        3,
+        "targets must name at least one target",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\ntargets = [\"http://a:1\", \"http://a:1\"]",
+        3,
+        "target \"http://a:1\" is listed twice",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nbalance = \"random\"",
+        4,
+        "balance must be one of \"round_robin\", \"least_inflight\"",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\neject_after = -1",
+        4,
+        "upstream \"u\": eject_after must be a whole number from 0 to 1000, got -1",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nmax_ejected_percent = 101",
+        4,
+        "max_ejected_percent must be a whole number from 0 to 100, got 101",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\neject_for = \"0s\"",
+        4,
+        "eject_for must be greater than zero",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nretries = 4",
+        4,
+        "upstream \"u\": retries must be a whole number from 0 to 3, got 4",
+    ),
+    (
         "[[routes]]\nprefix = \"/\"\nupstream = \"core\"",
         3,
         "upstream \"core\" is not defined",
@@ -928,4 +1003,34 @@ fn the_example_config_is_valid() {
     let config = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(!config.routes.is_empty());
     assert!(config.keys.iter().all(|k| k.id.0.as_ref() != ""));
+}
+
+#[test]
+fn targets_keep_their_weights_and_url_is_one_target() {
+    let text = "[[upstreams]]\nname = \"many\"\nbalance = \"least_inflight\"\n\
+                targets = [\"http://10.0.0.1:3000/api\", { url = \"http://10.0.0.2:3000/api/\", weight = 2 }]\n\
+                [[upstreams]]\nname = \"one\"\nurl = \"http://10.0.0.3:3000\"\n\
+                [[routes]]\nprefix = \"/\"\nupstream = \"many\"\n";
+    let config =
+        load(Path::new("t.toml"), text, |_| unreachable!()).unwrap_or_else(|e| panic!("{e}"));
+    let many = &config.upstreams[0];
+    assert_eq!(many.balance, Balance::LeastInflight);
+    assert_eq!(many.url, "http://10.0.0.1:3000/api");
+    let targets: Vec<_> = many
+        .targets
+        .iter()
+        .map(|t| (t.url.to_string(), t.weight.get()))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            ("http://10.0.0.1:3000/api".to_owned(), 1),
+            ("http://10.0.0.2:3000/api/".to_owned(), 2)
+        ]
+    );
+    let one = &config.upstreams[1];
+    assert_eq!(one.balance, Balance::RoundRobin);
+    assert_eq!(one.targets.len(), 1);
+    assert_eq!(one.targets[0].url, "http://10.0.0.3:3000");
+    assert_eq!(one.targets[0].weight.get(), 1);
 }
