@@ -13,9 +13,14 @@ A connection error is anything that is not a whole response on a request the cli
 a reset, a broken pipe, or an end of stream before or inside a response. The goal is 0, as
 nginx: every request gets an answer (200, or a 502/503/504 envelope).
 
+With --rolling, the upstream has TARGETS targets (one process each) and goes through a rolling
+restart instead: each target in turn is killed, left down 2 s, started again, 1 s apart, for
+as long as the run lasts; the clients send GETs only, and every answer but a 200 counts as a
+client-visible error too (the goal is 0: a GET that meets a dead target is retried on another).
+
 Usage: benches/load/fault_drill.py --tollgate target/release/tollgate \\
            --upstream target/release/tollgate-bench-upstream [--seconds 20] [--clients 16] \\
-           [--body 65536]
+           [--body 65536] [--rolling --targets 3]
 Everything listens on 127.0.0.1; every child is killed on exit; the run is bounded by
 --seconds. Prints a summary and exits 1 if any connection error was seen.
 """
@@ -38,7 +43,8 @@ def free_port():
         return s.getsockname()[1]
 
 
-def config(port, admin, upstream):
+def config(port, admin, upstreams):
+    targets = ", ".join(f'"http://127.0.0.1:{u}"' for u in upstreams)
     return f"""
 [server]
 listen = "127.0.0.1:{port}"
@@ -46,7 +52,7 @@ listen = "127.0.0.1:{port}"
 listen = "127.0.0.1:{admin}"
 [[upstreams]]
 name = "app"
-url = "http://127.0.0.1:{upstream}"
+targets = [{targets}]
 connect_timeout = "500ms"
 timeout = "1s"
 retry_after = "1s"
@@ -78,7 +84,7 @@ async def read_response(reader):
     return status, headers
 
 
-async def client(port, body, end, tally):
+async def client(port, body, end, tally, get_only=False):
     get = b"GET /x HTTP/1.1\r\nHost: drill\r\n\r\n"
     post = (
         b"POST /x HTTP/1.1\r\nHost: drill\r\nContent-Length: %d\r\n\r\n" % len(body)
@@ -94,7 +100,7 @@ async def client(port, body, end, tally):
                 tally["error: connect " + type(e).__name__] += 1
                 await asyncio.sleep(0.05)
                 continue
-        request = post if turn % 2 else get
+        request = post if turn % 2 and not get_only else get
         turn += 1
         send = None
         try:
@@ -104,6 +110,8 @@ async def client(port, body, end, tally):
             await asyncio.wait_for(send, 10)
             tally[f"status {status}"] += 1
             tally["answered"] += 1
+            if get_only and status != 200:
+                tally["non_200"] += 1
             if headers.get("connection", "").lower() == "close":
                 tally["closed_by_answer"] += 1
                 writer.close()
@@ -152,6 +160,22 @@ async def faults(upstream_binary, port, procs, end, events):
         events.append(f"{time.monotonic() - t0:5.1f}s upstream started")
 
 
+async def rolling(upstream_binary, ports, procs, end, events):
+    """Each target in turn: killed, down 2 s, started again; 1 s between targets."""
+    t0 = time.monotonic()
+    while time.monotonic() + 3 < end:
+        for i, port in enumerate(ports):
+            if time.monotonic() + 3 >= end:
+                break
+            await asyncio.sleep(1)
+            procs[f"upstream{i}"].kill()
+            procs[f"upstream{i}"].wait()
+            events.append(f"{time.monotonic() - t0:5.1f}s target {i} killed")
+            await asyncio.sleep(2)
+            procs[f"upstream{i}"] = start_upstream(upstream_binary, port)
+            events.append(f"{time.monotonic() - t0:5.1f}s target {i} started")
+
+
 async def ready(port):
     for _ in range(100):
         try:
@@ -170,31 +194,41 @@ async def main():
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--body", type=int, default=64 * 1024)
+    ap.add_argument("--rolling", action="store_true")
+    ap.add_argument("--targets", type=int, default=1)
     args = ap.parse_args()
 
-    up_port, gw_port, admin_port = free_port(), free_port(), free_port()
+    up_ports = [free_port() for _ in range(args.targets)]
+    up_port, gw_port, admin_port = up_ports[0], free_port(), free_port()
     procs = {}
     work = tempfile.mkdtemp(prefix="tollgate-drill.")
     try:
-        procs["upstream"] = start_upstream(args.upstream, up_port)
+        for i, port in enumerate(up_ports):
+            procs["upstream" if i == 0 and not args.rolling else f"upstream{i}"] = start_upstream(args.upstream, port)
         path = os.path.join(work, "drill.toml")
         with open(path, "w") as f:
-            f.write(config(gw_port, admin_port, up_port))
+            f.write(config(gw_port, admin_port, up_ports))
         procs["tollgate"] = subprocess.Popen(
             [args.tollgate, "--config", path, "--log-format", "json"],
             stdout=subprocess.DEVNULL,
             stderr=open(os.path.join(work, "tollgate.log"), "w"),
             env={**os.environ, "RUST_LOG": "error"},
         )
-        await ready(up_port)
+        for port in up_ports:
+            await ready(port)
         await ready(gw_port)
         tally = collections.Counter()
         events = []
         end = time.monotonic() + args.seconds
         body = b"x" * args.body
+        drill = (
+            rolling(args.upstream, up_ports, procs, end, events)
+            if args.rolling
+            else faults(args.upstream, up_port, procs, end, events)
+        )
         await asyncio.gather(
-            faults(args.upstream, up_port, procs, end, events),
-            *(client(gw_port, body, end, tally) for _ in range(args.clients)),
+            drill,
+            *(client(gw_port, body, end, tally, args.rolling) for _ in range(args.clients)),
         )
         alive = procs["tollgate"].poll() is None
     finally:
@@ -204,15 +238,22 @@ async def main():
                 p.kill()
                 p.wait()
 
-    print(f"fault drill: {args.clients} keep-alive clients, GET and POST ({args.body} B) "
-          f"alternating, {args.seconds:.0f} s")
+    if args.rolling:
+        print(f"rolling restart: {args.targets} targets, {args.clients} keep-alive clients "
+              f"sending GETs, {args.seconds:.0f} s")
+    else:
+        print(f"fault drill: {args.clients} keep-alive clients, GET and POST ({args.body} B) "
+              f"alternating, {args.seconds:.0f} s")
     for e in events:
         print("  " + e)
     for key in sorted(tally):
         print(f"  {key:32} {tally[key]}")
     print(f"  {'tollgate alive at the end':32} {alive}")
-    errors = tally["connection_errors"]
+    errors = tally["connection_errors"] + tally["connect_errors"]
     print(f"connection errors: {errors}")
+    if args.rolling:
+        errors += tally["non_200"]
+        print(f"client-visible errors (connection errors and answers other than 200): {errors}")
     sys.exit(0 if errors == 0 and alive else 1)
 
 
