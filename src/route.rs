@@ -154,29 +154,28 @@ pub fn without_params(path: &str) -> Option<String> {
     Some(kept.join("/"))
 }
 
-/// `route` with the escapes of its prefix in upper-case hex, the form [`normalize_path`]
-/// gives request paths, so `%c3%a9` in a config matches what clients send.
-fn upper_case_escapes(route: &RouteConfig) -> RouteConfig {
-    let mut route = route.clone();
-    let bytes = route.prefix.clone().into_bytes();
-    if bytes.contains(&b'%') {
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes.get(i..i + 3) {
-                Some([b'%', hi, lo]) if hex(*hi).is_some() && hex(*lo).is_some() => {
-                    out.extend([b'%', hi.to_ascii_uppercase(), lo.to_ascii_uppercase()]);
-                    i += 3;
-                }
-                _ => {
-                    out.push(bytes[i]);
-                    i += 1;
-                }
+/// `prefix` with its escapes in upper-case hex, the form [`normalize_path`] gives request
+/// paths, so `%c3%a9` in a config matches what clients send.
+fn upper_case_escapes(prefix: &str) -> String {
+    let mut out = String::with_capacity(prefix.len());
+    let mut rest = prefix;
+    while let Some(at) = rest.find('%') {
+        out.push_str(&rest[..at]);
+        let escape = &rest[at..];
+        match escape.get(1..3) {
+            Some(hex) if hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                out.push('%');
+                out.push_str(&hex.to_ascii_uppercase());
+                rest = &escape[3..];
+            }
+            _ => {
+                out.push('%');
+                rest = &escape[1..];
             }
         }
-        route.prefix = String::from_utf8(out).unwrap_or_else(|_| route.prefix.clone());
     }
-    route
+    out.push_str(rest);
+    out
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -195,7 +194,11 @@ impl Router {
         let mut routes: Vec<Route> = routes
             .iter()
             .enumerate()
-            .map(|(index, r)| (index, upper_case_escapes(r)))
+            .map(|(index, r)| {
+                let mut r = r.clone();
+                r.prefix = upper_case_escapes(&r.prefix);
+                (index, r)
+            })
             .map(|(index, r)| Route {
                 index,
                 allow: r.methods.as_ref().map(|methods| {

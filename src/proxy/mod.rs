@@ -301,15 +301,18 @@ impl Upstream {
         // head is kept.
         let replayable = classify::replayable(&parts.method, body_empty);
         let method = parts.method.clone();
-        // With several targets a reset is retried on another one too, and the pool gives
-        // back only what it could not connect for.
+        // With several targets a reset of a replayable request is retried on another one
+        // too, and the pool gives back only what it could not connect for; hyper-util's
+        // client gives back nothing, so any bodiless request may need the copy there.
         let several = self.targets.len() > 1;
+        let gives_back = matches!(transport, Transport::Pool(_));
         let keep_copy = if several {
-            body_empty
+            replayable || (body_empty && !gives_back)
         } else {
-            replayable && matches!(transport, Transport::Client(_))
+            replayable && !gives_back
         };
-        let mut replay = keep_copy.then(|| replay_of(&parts));
+        let mut replay =
+            keep_copy.then(|| head_copy(&parts.method, &parts.uri, parts.version, &parts.headers));
         // One deadline for both attempts: a retry never stretches `timeout`. A streamed body
         // moves it: the response head is due `timeout` after the request's last bytes.
         let deadline = Deadline {
@@ -354,8 +357,7 @@ impl Upstream {
                 let Some(mut request) = returned.take().map(|r| *r).or_else(|| {
                     replay
                         .as_ref()
-                        .filter(|_| body_empty)
-                        .map(replay_of_request)
+                        .map(|r| head_copy(r.method(), r.uri(), r.version(), r.headers()))
                 }) else {
                     break;
                 };
@@ -550,22 +552,17 @@ fn build_client(connector: Connector) -> Client<Connector, RequestBody> {
 }
 
 /// A bodiless copy of a request head, to replay after a connect failure.
-fn replay_of(parts: &http::request::Parts) -> Request<RequestBody> {
+fn head_copy(
+    method: &http::Method,
+    uri: &Uri,
+    version: Version,
+    headers: &http::HeaderMap,
+) -> Request<RequestBody> {
     let mut replay = Request::new(RequestBody::empty());
-    *replay.method_mut() = parts.method.clone();
-    *replay.uri_mut() = parts.uri.clone();
-    *replay.version_mut() = parts.version;
-    *replay.headers_mut() = parts.headers.clone();
-    replay
-}
-
-/// Another copy of a replay copy, for the next retry.
-fn replay_of_request(request: &Request<RequestBody>) -> Request<RequestBody> {
-    let mut replay = Request::new(RequestBody::empty());
-    *replay.method_mut() = request.method().clone();
-    *replay.uri_mut() = request.uri().clone();
-    *replay.version_mut() = request.version();
-    *replay.headers_mut() = request.headers().clone();
+    *replay.method_mut() = method.clone();
+    *replay.uri_mut() = uri.clone();
+    *replay.version_mut() = version;
+    *replay.headers_mut() = headers.clone();
     replay
 }
 
