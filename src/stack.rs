@@ -29,7 +29,7 @@ use crate::limit::{Decision, Guard, KeyedLimiter, LimiterBackend};
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
-use crate::proxy::{ClientInfo, Forward, Upstream, classify, framing, headers};
+use crate::proxy::{ClientInfo, Forward, Resolver, Upstream, classify, framing, headers};
 use crate::route::{Resolved, Route, Router};
 use crate::server::client_ip::{client_ip, is_trusted_peer};
 use crate::server::{Handler, RequestContext, head_limits};
@@ -74,7 +74,12 @@ pub const ANONYMOUS_PLAN: &str = "anonymous";
 impl Snapshot {
     /// Builds the runtime state for `config`, carrying bucket state over from `previous`
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
-    pub fn new(mut config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
+    pub fn new(
+        mut config: Config,
+        previous: Option<&Snapshot>,
+        metrics: &Arc<Metrics>,
+        resolver: &Resolver,
+    ) -> Self {
         let key_list = std::mem::take(&mut config.keys);
         let anonymous = config
             .plans
@@ -97,7 +102,7 @@ impl Snapshot {
                 .map(|u| {
                     let old =
                         previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
-                    Upstream::new(u, old, metrics)
+                    Upstream::new(u, old, metrics, resolver)
                 })
                 .collect(),
             anonymous,
@@ -138,17 +143,25 @@ pub struct Gateway {
     guard: Guard,
     /// Prometheus metrics, served on the admin listener.
     metrics: Arc<Metrics>,
+    /// Resolves hostname targets.
+    resolver: Resolver,
 }
 
 impl Gateway {
     /// A gateway running `config`.
     pub fn new(config: Config) -> Self {
+        Self::with_resolver(config, Resolver::system())
+    }
+
+    /// A gateway running `config` that resolves hostname targets with `resolver`.
+    pub fn with_resolver(config: Config, resolver: Resolver) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.config_loaded(&config);
         Self {
-            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None, &metrics)),
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config, None, &metrics, &resolver)),
             guard: Guard::default(),
             metrics,
+            resolver,
         }
     }
 
@@ -170,6 +183,7 @@ impl Gateway {
             config,
             Some(&previous),
             &self.metrics,
+            &self.resolver,
         )));
         self.metrics.reload(true);
     }
@@ -359,7 +373,7 @@ impl Gateway {
         let mut sent_to = None;
         let outcome = Box::pin(upstream.forward(request, body, forward, &mut sent_to)).await;
         if AccessInfo::wanted() {
-            exchange.upstream_target = sent_to.and_then(|i| upstream.target_label(i)).cloned();
+            exchange.upstream_target = sent_to;
         }
         let latency = sent.elapsed();
         snapshot.metrics.upstream_duration(index, latency);

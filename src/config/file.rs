@@ -200,6 +200,8 @@ pub struct UpstreamFile {
     pub eject_for: Option<SpannedStr>,
     pub max_ejected_percent: Option<Spanned<i64>>,
     pub retries: Option<Spanned<i64>>,
+    pub dns_refresh: Option<SpannedStr>,
+    pub health_check: Option<Spanned<HealthCheckFile>>,
     pub connect_timeout: Option<SpannedStr>,
     pub timeout: Option<SpannedStr>,
     pub max_inflight: Option<Spanned<i64>>,
@@ -207,6 +209,18 @@ pub struct UpstreamFile {
     pub maintenance: bool,
     pub retry_after: Option<SpannedStr>,
     pub ca_file: Option<SpannedStr>,
+}
+
+/// `[upstreams.health_check]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckFile {
+    pub path: SpannedStr,
+    pub interval: Option<SpannedStr>,
+    pub timeout: Option<SpannedStr>,
+    pub healthy_after: Option<Spanned<i64>>,
+    pub unhealthy_after: Option<Spanned<i64>>,
+    pub expect: Option<SpannedStr>,
 }
 
 /// One of `targets`: a URL, or a URL with a weight. (Untagged enums lose inner spans, so the

@@ -98,6 +98,18 @@ pub const DEFAULT_EJECT_FOR: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_EJECTED_PERCENT: u32 = 50;
 /// Default `upstreams.retries`.
 pub const DEFAULT_RETRIES: u32 = 1;
+/// Default `upstreams.dns_refresh`.
+pub const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+/// Default `upstreams.health_check.interval`.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// Default `upstreams.health_check.timeout`.
+pub const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `upstreams.health_check.healthy_after`.
+pub const DEFAULT_HEALTHY_AFTER: u32 = 2;
+/// Default `upstreams.health_check.unhealthy_after`.
+pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
+/// Default `upstreams.health_check.expect`.
+pub const DEFAULT_HEALTH_EXPECT: (u16, u16) = (200, 399);
 /// Most `upstreams.retries`.
 pub const MAX_RETRIES: u32 = 3;
 /// Default `respond.content_type`.
@@ -345,6 +357,11 @@ pub struct UpstreamConfig {
     /// when safe (a one-target upstream: once, on a fresh connection, after a failed
     /// connect). 0 to 3, default 1.
     pub retries: u32,
+    /// Hostname targets are resolved again this often (every address is a target). Default
+    /// 30 s.
+    pub dns_refresh: Duration,
+    /// Active probes of every target, when set.
+    pub health_check: Option<HealthCheck>,
     /// Refused or unreachable within this: 502. Default 2 s.
     pub connect_timeout: Duration,
     /// No response head within this: 504. Default 30 s.
@@ -357,6 +374,23 @@ pub struct UpstreamConfig {
     pub retry_after: Duration,
     /// Extra CA certificate (PEM) for `https` upstreams.
     pub ca_file: Option<PathBuf>,
+}
+
+/// `[upstreams.health_check]`: a `GET path` to every target every `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The path (and query) probed.
+    pub path: String,
+    /// Time between two probes of a target. Default 5 s.
+    pub interval: Duration,
+    /// A probe without its response head within this failed. Default 2 s.
+    pub timeout: Duration,
+    /// Good probes in a row that put a failing target back. Default 2.
+    pub healthy_after: u32,
+    /// Failed probes in a row that take a target out. Default 3.
+    pub unhealthy_after: u32,
+    /// The statuses a good probe answers, inclusive. Default 200-399.
+    pub expect: (u16, u16),
 }
 
 /// One target of an upstream.

@@ -33,6 +33,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "keys[]" => fields::<KeyFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
         "upstreams[].targets[]" => fields::<WeightedTargetFile>(),
+        "upstreams[].health_check" => fields::<HealthCheckFile>(),
         "routes[]" => fields::<RouteFile>(),
         "routes[].respond" => fields::<RespondFile>(),
         _ => return None,

@@ -1,7 +1,9 @@
-//! Passive health of an upstream's targets: `eject_after` consecutive failures (connect
+//! Health of an upstream's targets. Passive: `eject_after` consecutive failures (connect
 //! refused or timed out, reset before the response head, response-head timeout) take a target
 //! out for `eject_for`, twice as long on each consecutive ejection up to ten times, until a
-//! success resets it; `max_ejected_percent` bounds how many are out at once.
+//! success resets it; `max_ejected_percent` bounds how many are out at once. Active (with
+//! `[upstreams.health_check]`): `unhealthy_after` failed probes in a row take a target out
+//! until `healthy_after` good ones in a row (see `probe.rs`).
 //!
 //! Part of the proxy box: the balancer asks [`Health::state`] which targets may take a
 //! request, and `forward` reports each attempt's outcome. Times are passed in, so the logic
@@ -42,6 +44,8 @@ pub enum State {
     Returned,
     /// Ejected until then.
     Out(Instant),
+    /// Failing its health probes: out until it passes `healthy_after` in a row.
+    Down,
 }
 
 /// One target's passive health.
@@ -55,6 +59,10 @@ pub struct Health {
     out: AtomicBool,
     /// When the ejection ends.
     until: Mutex<Option<Instant>>,
+    /// Set while failing its probes.
+    down: AtomicBool,
+    /// Probes in a row that disagree with `down` (failed while up, good while down).
+    probe_streak: AtomicU32,
 }
 
 impl Health {
@@ -64,6 +72,9 @@ impl Health {
 
     /// Whether the target may take a request at `now`.
     pub fn state(&self, now: Instant) -> State {
+        if self.down.load(Ordering::Acquire) {
+            return State::Down;
+        }
         if !self.out.load(Ordering::Acquire) {
             return State::In;
         }
@@ -83,6 +94,31 @@ impl Health {
     /// Whether the target is ejected at `now` (without noticing a return).
     pub fn is_out(&self, now: Instant) -> bool {
         self.out.load(Ordering::Acquire) && self.until().is_some_and(|end| now < end)
+    }
+
+    /// Whether the target is failing its probes.
+    pub fn is_down(&self) -> bool {
+        self.down.load(Ordering::Acquire)
+    }
+
+    /// A probe's result. `Some(up)` when it changed the target's state: down after
+    /// `unhealthy_after` failures in a row, up after `healthy_after` good probes in a row.
+    /// (One prober per upstream calls this, so the streak needs no lock.)
+    pub fn probed(&self, good: bool, healthy_after: u32, unhealthy_after: u32) -> Option<bool> {
+        let down = self.down.load(Ordering::Acquire);
+        if good != down {
+            // Agrees with the state it is in.
+            self.probe_streak.store(0, Ordering::Relaxed);
+            return None;
+        }
+        let streak = self.probe_streak.fetch_add(1, Ordering::Relaxed) + 1;
+        let needed = if down { healthy_after } else { unhealthy_after };
+        if streak < needed {
+            return None;
+        }
+        self.probe_streak.store(0, Ordering::Relaxed);
+        self.down.store(!down, Ordering::Release);
+        Some(down)
     }
 
     /// A request got its response head: the failure and ejection counts start over.
@@ -179,6 +215,40 @@ mod tests {
         assert_eq!(lengths, [30, 60, 120, 240, 300, 300]);
         health.success();
         assert_eq!(fail(&health, now, 3), Some(Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn probes_take_a_target_out_after_unhealthy_after_and_back_after_healthy_after() {
+        let health = Health::default();
+        let now = Instant::now();
+        assert_eq!(health.probed(false, 2, 3), None);
+        assert_eq!(health.probed(false, 2, 3), None);
+        assert_eq!(health.probed(true, 2, 3), None, "a good probe starts over");
+        assert_eq!(health.probed(false, 2, 3), None);
+        assert_eq!(health.probed(false, 2, 3), None);
+        assert_eq!(health.state(now), State::In);
+        assert_eq!(health.probed(false, 2, 3), Some(false));
+        assert_eq!(health.state(now), State::Down);
+        assert!(health.is_down() && !health.is_out(now));
+        assert_eq!(health.probed(true, 2, 3), None);
+        assert_eq!(health.probed(false, 2, 3), None, "a failure starts over");
+        assert_eq!(health.probed(true, 2, 3), None);
+        assert_eq!(health.state(now), State::Down);
+        assert_eq!(health.probed(true, 2, 3), Some(true));
+        assert_eq!(health.state(now), State::In);
+    }
+
+    #[test]
+    fn a_target_down_by_probes_stays_out_while_ejected_too() {
+        let health = Health::default();
+        let now = Instant::now();
+        assert_eq!(fail(&health, now, 3), Some(Duration::from_secs(30)));
+        for _ in 0..3 {
+            health.probed(false, 1, 3);
+        }
+        assert_eq!(health.state(now), State::Down);
+        health.probed(true, 1, 3);
+        assert!(matches!(health.state(now), State::Out(_)), "still ejected");
     }
 
     #[test]

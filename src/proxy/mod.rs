@@ -4,7 +4,8 @@
 //!
 //! The last box of the flow. Bodies stream both ways; nothing is buffered whole. Module map:
 //! [`targets`] picks each request's target (weighted round robin or least in flight),
-//! [`health`] ejects targets that keep failing, [`pool`] keeps the HTTP/1.1 connections of
+//! [`health`] takes out targets that keep failing (`probe` probes them), [`resolve`] turns
+//! hostname targets into one target per address, [`pool`] keeps the HTTP/1.1 connections of
 //! each plain-http target, [`tls`] builds the connector of hyper-util's client (https
 //! upstreams, upgrades; TCP + rustls), [`headers`] rewrites heads, [`classify`] turns client
 //! errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
@@ -15,6 +16,8 @@ pub mod headers;
 pub mod health;
 pub mod inflight;
 pub mod pool;
+mod probe;
+pub mod resolve;
 pub mod targets;
 pub mod tls;
 pub mod upgrade;
@@ -39,9 +42,11 @@ use crate::observability::RequestId;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::metrics::Metrics;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
-use health::Ejection;
+use arc_swap::ArcSwap;
 use pool::{Pool, PoolFailure, Retire};
-use targets::{Balancer, Target, Tried};
+use probe::Background;
+pub use resolve::Resolver;
+use targets::{Target, TargetSet, Tried};
 use tls::Connector;
 
 pub use inflight::InflightSlot;
@@ -66,13 +71,11 @@ pub struct Upstream {
     /// HTTP/1.1-only client for upgrade requests: an h2 connection cannot carry an
     /// `Upgrade`. The same client as `client` for plain-http upstreams.
     upgrade_client: Client<Connector, RequestBody>,
-    /// Its targets, each with its own keep-alive pool when plain http (https ones use
-    /// `client`).
-    targets: Arc<[Target]>,
-    /// Picks the target of each request; `None` with one target.
-    balancer: Option<Arc<Balancer>>,
-    /// When a failing target is taken out.
-    ejection: Ejection,
+    /// Its targets now, each with its own keep-alive pool when plain http (https ones use
+    /// `client`); replaced whole when a hostname target's addresses change.
+    set: Arc<ArcSwap<TargetSet>>,
+    /// Its health prober and resolver.
+    background: Arc<Background>,
     /// `tollgate_upstream_retries_total{upstream, outcome="ok"}`.
     retries_ok: Counter,
     /// `tollgate_upstream_retries_total{upstream, outcome="failed"}`.
@@ -124,7 +127,12 @@ impl Upstream {
     /// `previous` (the same upstream in the config being replaced) are kept when the settings
     /// they depend on did not change, so a reload neither drops warm connections nor resets
     /// `max_inflight` accounting.
-    pub fn new(config: &UpstreamConfig, previous: Option<&Upstream>, metrics: &Metrics) -> Self {
+    pub fn new(
+        config: &UpstreamConfig,
+        previous: Option<&Upstream>,
+        metrics: &Arc<Metrics>,
+        resolver: &Resolver,
+    ) -> Self {
         let ca_pem = config
             .ca_file
             .as_deref()
@@ -149,35 +157,38 @@ impl Upstream {
             }
         };
         // A target that stays keeps its health and its pool: a reload neither puts an ejected
-        // target back nor drops warm connections.
-        let targets: Arc<[Target]> = config
-            .targets
-            .iter()
-            .map(|t| {
-                let same = previous.and_then(|p| p.targets.iter().find(|o| o.url == t.url));
-                let keep_pool = kept.is_some();
-                Target::new(
-                    &config.name,
-                    t,
-                    config.connect_timeout,
-                    same,
-                    keep_pool,
-                    metrics,
-                )
-            })
-            .collect();
+        // target back nor drops warm connections. A hostname target keeps its addresses
+        // until the resolver's next answer.
+        let previous_set = previous.map(|p| p.set.load_full());
+        let endpoints = resolve::endpoints(config, previous_set.as_deref());
+        let set = Arc::new(ArcSwap::from_pointee(TargetSet::new(
+            config,
+            &endpoints,
+            previous_set.as_deref(),
+            kept.is_some(),
+            metrics,
+        )));
         if let Some(p) = previous {
-            for gone in p
-                .targets
-                .iter()
-                .filter(|o| !targets.iter().any(|t| t.url == o.url))
-            {
-                metrics.forget_target(&config.name, &gone.label);
-            }
+            p.background.stop();
+        }
+        let background = Arc::new(Background::default());
+        if let Some(check) = &config.health_check {
+            background.spawn(probe::run(
+                Arc::downgrade(&set),
+                check.clone(),
+                config.name.clone(),
+                client.clone(),
+            ));
+        }
+        if resolve::has_hostnames(config) {
+            background.spawn(resolve::refresh(
+                Arc::downgrade(&set),
+                config.clone(),
+                resolver.clone(),
+                metrics.clone(),
+            ));
         }
         let (retries_ok, retries_failed) = metrics.retry_counters(&config.name);
-        let balancer =
-            (targets.len() > 1).then(|| Arc::new(Balancer::new(config.balance, targets.len())));
         // The same upstream keeps its gate across reloads, resized in place when
         // `max_inflight` changed: a new gate would let in a full new allowance on top of the
         // requests still in flight.
@@ -198,13 +209,8 @@ impl Upstream {
             client,
             ca_pem,
             upgrade_client,
-            ejection: Ejection {
-                after: config.eject_after,
-                base: config.eject_for,
-                max_ejected: targets.len() * config.max_ejected_percent as usize / 100,
-            },
-            targets,
-            balancer,
+            set,
+            background,
             retries_ok,
             retries_failed,
             slots,
@@ -215,14 +221,10 @@ impl Upstream {
     /// Closes pooled connections idle past the pool's idle timeout (called on the server's
     /// housekeeping tick, so they go even when no request comes to pass them).
     pub fn close_idle_connections(&self) {
-        for pool in self.targets.iter().filter_map(|t| t.pool.as_deref()) {
+        let set = self.set.load();
+        for pool in set.targets.iter().filter_map(|t| t.pool.as_deref()) {
             pool.close_idle();
         }
-    }
-
-    /// The `host:port` of target `index`, for the access log.
-    pub fn target_label(&self, index: usize) -> Option<&Arc<str>> {
-        self.targets.get(index).map(|t| &t.label)
     }
 
     /// Requests to this upstream in flight right now (heads or bodies still streaming).
@@ -235,14 +237,14 @@ impl Upstream {
     ///
     /// `client_body` is taken once the request passes this upstream's gates; a request that
     /// never left tollgate (refused at a gate, or its connect failed) gives it back unread.
-    /// `sent_to` is set to the index of the last target the request was sent to (see
-    /// [`Upstream::target_label`]).
+    /// `sent_to` is set to the label (`address:port`) of the last target the request was
+    /// sent to, for the access log.
     pub async fn forward(
         &self,
         mut request: Request<()>,
         client_body: &mut Option<Incoming>,
         how: Forward<'_>,
-        sent_to: &mut Option<usize>,
+        sent_to: &mut Option<Arc<str>>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
         // Neither gate may touch the upstream.
         if self.config.maintenance {
@@ -265,11 +267,13 @@ impl Upstream {
             .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
         let (mut parts, ()) = request.into_parts();
         let mut tried = Tried::default();
-        let index = self.pick(&tried).ok_or_else(|| self.no_healthy_target())?;
+        let set = self.set.load_full();
+        let index = (set.pick(&tried, &self.config.name))
+            .ok_or_else(|| set.no_healthy_target(&self.config))?;
         tried.add(index);
-        *sent_to = Some(index);
-        let to = &self.targets[index];
-        if self.balancer.is_some() {
+        let to = &set.targets[index];
+        *sent_to = Some(to.label.clone());
+        if set.balancer.is_some() {
             permit.count_on(&to.load);
         }
         let target = self.upstream_target(how.path, &parts.uri)?;
@@ -304,7 +308,7 @@ impl Upstream {
         // With several targets a reset of a replayable request is retried on another one
         // too, and the pool gives back only what it could not connect for; hyper-util's
         // client gives back nothing, so any bodiless request may need the copy there.
-        let several = self.targets.len() > 1;
+        let several = set.targets.len() > 1;
         let gives_back = matches!(transport, Transport::Pool(_));
         let keep_copy = if several {
             replayable || (body_empty && !gives_back)
@@ -327,7 +331,7 @@ impl Upstream {
             &self.config.name,
         )
         .await;
-        self.observe(index, &outcome);
+        set.observe(index, &outcome, &self.config.name);
         if !several {
             if let Err((failure, returned)) = &mut outcome
                 && self.config.retries > 0
@@ -340,7 +344,7 @@ impl Upstream {
                     "could not connect to the upstream; retrying once on a fresh connection"
                 );
                 outcome = attempt(transport, request, &deadline, &self.config.name).await;
-                self.observe(index, &outcome);
+                set.observe(index, &outcome, &self.config.name);
             }
         } else {
             for _ in 0..self.config.retries {
@@ -350,7 +354,7 @@ impl Upstream {
                 if !classify::may_retry_elsewhere(&method, body_empty, *failure) {
                     break;
                 }
-                let Some(next) = self.pick(&tried) else {
+                let Some(next) = set.pick(&tried, &self.config.name) else {
                     break;
                 };
                 // What the failed attempt gave back (its body unread), else the copy.
@@ -362,8 +366,8 @@ impl Upstream {
                     break;
                 };
                 tried.add(next);
-                *sent_to = Some(next);
-                let to = &self.targets[next];
+                let to = &set.targets[next];
+                *sent_to = Some(to.label.clone());
                 permit.count_on(&to.load);
                 let target = request
                     .uri()
@@ -380,7 +384,7 @@ impl Upstream {
                     "upstream target failed before its response head; retrying on another"
                 );
                 outcome = attempt(transport, request, &deadline, &self.config.name).await;
-                self.observe(next, &outcome);
+                set.observe(next, &outcome, &self.config.name);
                 match &outcome {
                     Ok(_) => self.retries_ok.inc(),
                     Err(_) => self.retries_failed.inc(),

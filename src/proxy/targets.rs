@@ -1,9 +1,11 @@
 //! An upstream's targets: one keep-alive pool per target, and the balancer that picks the
 //! target of each request (smooth weighted round robin, as nginx's, or least in flight).
 //!
-//! Part of the proxy box: [`Upstream::forward`](super::Upstream::forward) asks [`Targets`]
-//! for a target before it builds the request, and again for a different one on a retry.
+//! Part of the proxy box: [`Upstream::forward`](super::Upstream::forward) asks the upstream's
+//! current [`TargetSet`] for a target before it builds the request, and again for a different
+//! one on a retry.
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,32 +15,38 @@ use http::{HeaderValue, Uri};
 
 use super::Failed;
 use super::classify::Failure;
-use super::health::{Health, State};
+use super::health::{Ejection, Health, State};
 use super::pool::Pool;
-use crate::config::{Balance, TargetConfig};
+use super::resolve::Endpoint;
+use crate::config::{Balance, UpstreamConfig};
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::metrics::Metrics;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
-/// One target of an upstream.
+/// One target of an upstream: a configured target, at one of its addresses.
 #[derive(Debug)]
 pub struct Target {
-    /// Its URL (the upstream's scheme and base path, the target's authority).
+    /// The endpoint it was built for (a hostname target gives one per address).
+    pub endpoint: Endpoint,
+    /// The URL it is reached at: the upstream's scheme and base path, and the address (or
+    /// the configured authority when it has none).
     pub url: Uri,
-    /// `host:port`, for the access log and metric labels.
+    /// `address:port` (or `host:port` when resolved at connect), for the access log and
+    /// metric labels.
     pub label: Arc<str>,
     /// Its share of the requests, relative to the other targets'.
     pub weight: u32,
     /// Its keep-alive pool when the upstream is plain http; https ones use the upstream's
     /// hyper-util client, which pools by authority.
     pub pool: Option<Arc<Pool>>,
-    /// `Host` for plain-http targets (always HTTP/1.1), built once (see `Upstream`).
+    /// `Host` for plain-http targets (always HTTP/1.1): the configured `host[:port]`, built
+    /// once (see `Upstream`).
     pub host: Option<HeaderValue>,
     /// Requests to this target in flight (heads or bodies still streaming); counted only when
     /// the upstream has more than one target.
     pub load: Arc<AtomicUsize>,
-    /// Its passive health, shared with the same target of the config before a reload.
+    /// Its health, shared with the same target of the set it replaced.
     pub health: Arc<Health>,
     /// `tollgate_upstream_target_healthy{upstream, target}`.
     pub healthy: Gauge,
@@ -47,27 +55,30 @@ pub struct Target {
 }
 
 impl Target {
-    /// A target of `upstream` for `config`. `previous` is the same target (same URL) in the
-    /// config a reload replaces: its health and in-flight count carry over, and its pool too
-    /// when `keep_pool` (the connection settings did not change).
+    /// A target of `upstream` for `endpoint`. `previous` is the same target in the set this
+    /// one replaces (a reload, or a DNS change): its health and in-flight count carry over,
+    /// and its pool too when `keep_pool` (the connection settings did not change).
     pub fn new(
         upstream: &str,
-        config: &TargetConfig,
+        endpoint: &Endpoint,
         connect_timeout: Duration,
         previous: Option<&Target>,
         keep_pool: bool,
         metrics: &Metrics,
     ) -> Self {
-        let https = config.url.scheme() == Some(&Scheme::HTTPS);
-        let port = config
-            .url
+        let configured = &endpoint.url;
+        let https = configured.scheme() == Some(&Scheme::HTTPS);
+        let port = configured
             .port_u16()
             .unwrap_or(if https { 443 } else { 80 });
-        let host = config.url.host().unwrap_or("");
-        let label = format!("{host}:{port}");
+        let host = configured.host().unwrap_or("");
+        let (label, url) = match endpoint.addr {
+            Some(addr) => (addr.to_string(), with_authority(configured, addr)),
+            None => (format!("{host}:{port}"), configured.clone()),
+        };
         let (healthy, ejections) = metrics.target_series(upstream, &label);
         let health = previous.map_or_else(Arc::default, |p| p.health.clone());
-        if health.is_out(Instant::now()) {
+        if health.is_down() || health.is_out(Instant::now()) {
             healthy.set(0);
         }
         let pool = match previous.filter(|_| keep_pool) {
@@ -81,9 +92,10 @@ impl Target {
             }),
         };
         Self {
-            url: config.url.clone(),
+            endpoint: endpoint.clone(),
+            url,
             label: label.into(),
-            weight: config.weight.get(),
+            weight: endpoint.weight.get(),
             pool,
             host: (!https).then(|| host_header(host, port)).flatten(),
             load: previous.map_or_else(Arc::default, |p| p.load.clone()),
@@ -94,6 +106,13 @@ impl Target {
     }
 }
 
+/// `url` with `addr` as its authority.
+fn with_authority(url: &Uri, addr: SocketAddr) -> Uri {
+    let mut parts = url.clone().into_parts();
+    parts.authority = addr.to_string().parse().ok();
+    Uri::from_parts(parts).unwrap_or_else(|_| url.clone())
+}
+
 /// The `Host` the pooled client would send to a plain-http target (`host[:port]`, the port
 /// only when not 80).
 fn host_header(host: &str, port: u16) -> Option<HeaderValue> {
@@ -102,6 +121,174 @@ fn host_header(host: &str, port: u16) -> Option<HeaderValue> {
         port => format!("{host}:{port}"),
     };
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text)).ok()
+}
+
+/// The targets an upstream sends to now, and how it picks among them. Replaced whole when a
+/// hostname target's addresses change.
+#[derive(Debug)]
+pub struct TargetSet {
+    /// The targets, in config order (a hostname target's addresses in sorted order).
+    pub targets: Vec<Target>,
+    /// Picks the target of each request; `None` with one target.
+    pub balancer: Option<Balancer>,
+    /// When a failing target is taken out.
+    pub ejection: Ejection,
+    /// Whether health probes can take targets out.
+    pub probed: bool,
+}
+
+impl TargetSet {
+    /// The set of `endpoints`, each target carrying over the state of the same endpoint in
+    /// `previous` (its pool only when `keep_pool`). The metric series of targets that are
+    /// gone are dropped.
+    pub fn new(
+        config: &UpstreamConfig,
+        endpoints: &[Endpoint],
+        previous: Option<&TargetSet>,
+        keep_pool: bool,
+        metrics: &Metrics,
+    ) -> Self {
+        let targets: Vec<Target> = endpoints
+            .iter()
+            .map(|endpoint| {
+                let same = previous.and_then(|p| p.targets.iter().find(|o| &o.endpoint == endpoint));
+                Target::new(
+                    &config.name,
+                    endpoint,
+                    config.connect_timeout,
+                    same,
+                    keep_pool,
+                    metrics,
+                )
+            })
+            .collect();
+        for gone in previous
+            .iter()
+            .flat_map(|p| &p.targets)
+            .filter(|o| !targets.iter().any(|t| t.label == o.label))
+        {
+            metrics.forget_target(&config.name, &gone.label);
+        }
+        Self {
+            balancer: (targets.len() > 1).then(|| Balancer::new(config.balance, targets.len())),
+            ejection: Ejection {
+                after: config.eject_after,
+                base: config.eject_for,
+                max_ejected: targets.len() * config.max_ejected_percent as usize / 100,
+            },
+            probed: config.health_check.is_some(),
+            targets,
+        }
+    }
+
+    /// The endpoints the set was built from.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.targets.iter().map(|t| t.endpoint.clone()).collect()
+    }
+
+    /// The addresses the configured target `url` is at in this set.
+    pub fn addresses_of(&self, url: &Uri) -> Vec<SocketAddr> {
+        self.targets
+            .iter()
+            .filter(|t| &t.endpoint.url == url)
+            .filter_map(|t| t.endpoint.addr)
+            .collect()
+    }
+
+    /// The targets' labels, comma separated, for a log line.
+    pub fn labels(&self) -> String {
+        let labels: Vec<&str> = self.targets.iter().map(|t| &*t.label).collect();
+        labels.join(",")
+    }
+
+    /// The target of the next request, not one already `tried`; `None` when every other
+    /// target is out (ejected or failing its probes).
+    pub(super) fn pick(&self, tried: &Tried, upstream: &str) -> Option<usize> {
+        // A one-target upstream that can never be taken out (the default): no clock read.
+        if self.balancer.is_none() && !self.ejection.enabled() && !self.probed {
+            return (!tried.has(0)).then_some(0);
+        }
+        let now = Instant::now();
+        let may_take = |i: usize| {
+            !tried.has(i)
+                && match self.targets[i].health.state(now) {
+                    State::In => true,
+                    State::Returned => {
+                        self.targets[i].healthy.set(1);
+                        tracing::warn!(
+                            upstream,
+                            upstream_target = %self.targets[i].label,
+                            "upstream target back in rotation after its ejection"
+                        );
+                        true
+                    }
+                    State::Out(_) | State::Down => false,
+                }
+        };
+        match &self.balancer {
+            Some(balancer) => balancer.pick(&self.targets, may_take),
+            None => may_take(0).then_some(0),
+        }
+    }
+
+    /// The 503 when every target is out: back when the first ejection ends, or, when only
+    /// probes hold them out, after the good probes that would put one back.
+    pub(super) fn no_healthy_target(&self, config: &UpstreamConfig) -> GatewayError {
+        let now = Instant::now();
+        let first_back = self
+            .targets
+            .iter()
+            .filter_map(|t| match t.health.state(now) {
+                State::Out(until) => Some(until - now),
+                _ => None,
+            })
+            .min();
+        let probes = config
+            .health_check
+            .as_ref()
+            .map(|h| h.interval * h.healthy_after);
+        GatewayError::ServiceUnavailable {
+            kind: FailureKind::NoHealthyTarget,
+            retry_after: first_back.or(probes).unwrap_or(config.retry_after),
+        }
+    }
+
+    /// Counts an attempt's outcome toward its target's passive health.
+    pub(super) fn observe<T>(&self, index: usize, outcome: &Result<T, Failed>, upstream: &str) {
+        if !self.ejection.enabled() {
+            return;
+        }
+        let target = &self.targets[index];
+        let failure = match outcome {
+            Ok(_) => return target.health.success(),
+            Err((Failure::Upstream(kind), _)) => *kind,
+            Err(_) => return,
+        };
+        if !matches!(
+            failure,
+            FailureKind::ConnectRefused
+                | FailureKind::ConnectTimeout
+                | FailureKind::Reset
+                | FailureKind::Timeout
+        ) {
+            return;
+        }
+        let now = Instant::now();
+        let others_out = (self.targets.iter().enumerate())
+            .filter(|(i, t)| *i != index && t.health.is_out(now))
+            .count();
+        if let Some(length) = target.health.failure(now, others_out, &self.ejection) {
+            target.healthy.set(0);
+            target.ejections.inc();
+            tracing::warn!(
+                upstream,
+                upstream_target = %target.label,
+                kind = failure.as_str(),
+                ejected_for_s = length.as_secs(),
+                "upstream target ejected after consecutive failures"
+            );
+        }
+    }
 }
 
 /// Which target each request goes to.
@@ -184,92 +371,6 @@ impl Balancer {
     }
 }
 
-impl super::Upstream {
-    /// The target of the next request, not one already `tried`; `None` when every other
-    /// target is ejected.
-    pub(super) fn pick(&self, tried: &Tried) -> Option<usize> {
-        // A one-target upstream that can never be ejected (the default): no clock read.
-        if self.balancer.is_none() && !self.ejection.enabled() {
-            return (!tried.has(0)).then_some(0);
-        }
-        let now = Instant::now();
-        let may_take = |i: usize| {
-            !tried.has(i)
-                && match self.targets[i].health.state(now) {
-                    State::In => true,
-                    State::Returned => {
-                        self.targets[i].healthy.set(1);
-                        tracing::warn!(
-                            upstream = %self.config.name,
-                            upstream_target = %self.targets[i].label,
-                            "upstream target back in rotation after its ejection"
-                        );
-                        true
-                    }
-                    State::Out(_) => false,
-                }
-        };
-        match &self.balancer {
-            Some(balancer) => balancer.pick(&self.targets, may_take),
-            None => may_take(0).then_some(0),
-        }
-    }
-
-    /// The 503 when every target is ejected: back when the first ejection ends.
-    pub(super) fn no_healthy_target(&self) -> GatewayError {
-        let now = Instant::now();
-        let first_back = self
-            .targets
-            .iter()
-            .filter_map(|t| match t.health.state(now) {
-                State::Out(until) => Some(until - now),
-                _ => None,
-            })
-            .min();
-        GatewayError::ServiceUnavailable {
-            kind: FailureKind::NoHealthyTarget,
-            retry_after: first_back.unwrap_or(self.config.retry_after),
-        }
-    }
-
-    /// Counts an attempt's outcome toward its target's passive health.
-    pub(super) fn observe<T>(&self, index: usize, outcome: &Result<T, Failed>) {
-        if !self.ejection.enabled() {
-            return;
-        }
-        let target = &self.targets[index];
-        let failure = match outcome {
-            Ok(_) => return target.health.success(),
-            Err((Failure::Upstream(kind), _)) => *kind,
-            Err(_) => return,
-        };
-        if !matches!(
-            failure,
-            FailureKind::ConnectRefused
-                | FailureKind::ConnectTimeout
-                | FailureKind::Reset
-                | FailureKind::Timeout
-        ) {
-            return;
-        }
-        let now = Instant::now();
-        let others_out = (self.targets.iter().enumerate())
-            .filter(|(i, t)| *i != index && t.health.is_out(now))
-            .count();
-        if let Some(length) = target.health.failure(now, others_out, &self.ejection) {
-            target.healthy.set(0);
-            target.ejections.inc();
-            tracing::warn!(
-                upstream = %self.config.name,
-                upstream_target = %target.label,
-                kind = failure.as_str(),
-                ejected_for_s = length.as_secs(),
-                "upstream target ejected after consecutive failures"
-            );
-        }
-    }
-}
-
 /// The targets a request has been sent to (at most `1 + retries`, so 4).
 #[derive(Default)]
 pub(super) struct Tried {
@@ -300,8 +401,9 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, w)| {
-                let config = TargetConfig {
+                let config = Endpoint {
                     url: format!("http://127.0.0.1:{}", 3000 + i).parse().unwrap(),
+                    addr: None,
                     weight: NonZeroU32::new(*w).unwrap(),
                 };
                 Target::new(

@@ -55,6 +55,15 @@ impl Validator<'_, '_> {
                     DEFAULT_RETRIES,
                     &field("retries"),
                 ),
+                dns_refresh: self.duration(
+                    &u.dns_refresh,
+                    DEFAULT_DNS_REFRESH,
+                    &field("dns_refresh"),
+                ),
+                health_check: u
+                    .health_check
+                    .as_ref()
+                    .map(|h| self.health_check(h.get_ref(), name)),
                 connect_timeout: self.duration(
                     &u.connect_timeout,
                     DEFAULT_CONNECT_TIMEOUT,

@@ -107,6 +107,56 @@ impl Validator<'_, '_> {
         }
     }
 
+    /// `[upstreams.health_check]`: a path to `GET`, how often, and what a good answer is.
+    pub(super) fn health_check(&mut self, h: &HealthCheckFile, name: &str) -> HealthCheck {
+        let field = |f: &str| format!("upstream \"{name}\": health_check.{f}");
+        let path = h.path.get_ref().trim();
+        if !path.starts_with('/')
+            || path.parse::<http::uri::PathAndQuery>().is_err()
+            || path.bytes().any(|b| b == b' ' || b == b'#' || !b.is_ascii_graphic())
+        {
+            self.error(
+                h.path.span(),
+                format!(
+                    "{}: \"{path}\" must be a path starting with '/', like \"/healthz\" (ASCII, no spaces or '#')",
+                    field("path")
+                ),
+            );
+        }
+        let expect = match &h.expect {
+            None => DEFAULT_HEALTH_EXPECT,
+            Some(text) => status_range(text.get_ref()).unwrap_or_else(|| {
+                self.error(
+                    text.span(),
+                    format!(
+                        "{}: \"{}\" is not a status range; write \"200-399\" (two statuses from 100 to 599, the first no larger) or one status, \"200\"",
+                        field("expect"),
+                        text.get_ref()
+                    ),
+                );
+                DEFAULT_HEALTH_EXPECT
+            }),
+        };
+        HealthCheck {
+            path: path.to_owned(),
+            interval: self.duration(&h.interval, DEFAULT_HEALTH_INTERVAL, &field("interval")),
+            timeout: self.duration(&h.timeout, DEFAULT_HEALTH_TIMEOUT, &field("timeout")),
+            healthy_after: self.whole_in(
+                &h.healthy_after,
+                1..=100,
+                DEFAULT_HEALTHY_AFTER,
+                &field("healthy_after"),
+            ),
+            unhealthy_after: self.whole_in(
+                &h.unhealthy_after,
+                1..=100,
+                DEFAULT_UNHEALTHY_AFTER,
+                &field("unhealthy_after"),
+            ),
+            expect,
+        }
+    }
+
     /// A whole number in `range`, or `default` when unset (or wrong, after saying so).
     pub(super) fn whole_in(
         &mut self,
@@ -156,6 +206,21 @@ impl Validator<'_, '_> {
             }
         }
     }
+}
+
+/// `"200-399"` or `"204"`: statuses from 100 to 599, the first no larger than the last.
+fn status_range(text: &str) -> Option<(u16, u16)> {
+    let status = |t: &str| {
+        t.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|s| (100..=599).contains(s))
+    };
+    let (low, high) = match text.split_once('-') {
+        Some((low, high)) => (status(low)?, status(high)?),
+        None => (status(text)?, status(text)?),
+    };
+    (low <= high).then_some((low, high))
 }
 
 /// The path prefix requests get, without its trailing `/`.

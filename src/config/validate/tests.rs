@@ -303,6 +303,46 @@ const MISTAKES: &[(&str, usize, &str)] = &[
         "upstream \"u\": eject_after must be a whole number from 0 to 1000, got -1",
     ),
     (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\nhealthy_after = 0",
+        6,
+        "upstream \"u\": health_check.healthy_after must be a whole number from 1 to 100, got 0",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\nunhealthy_after = 0",
+        6,
+        "health_check.unhealthy_after must be a whole number from 1 to 100, got 0",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\nexpect = \"2xx\"",
+        6,
+        "health_check.expect: \"2xx\" is not a status range; write \"200-399\"",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\nexpect = \"399-200\"",
+        6,
+        "is not a status range",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"healthz\"",
+        5,
+        "health_check.path: \"healthz\" must be a path starting with '/'",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\ninterval = \"0s\"",
+        6,
+        "health_check.interval must be greater than zero",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\n[upstreams.health_check]\npath = \"/h\"\nhealthy_afer = 2",
+        6,
+        "did you mean `healthy_after`?",
+    ),
+    (
+        "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\ndns_refresh = \"soon\"",
+        4,
+        "upstream \"u\": dns_refresh:",
+    ),
+    (
         "[[upstreams]]\nname = \"u\"\nurl = \"http://a\"\nmax_ejected_percent = 101",
         4,
         "max_ejected_percent must be a whole number from 0 to 100, got 101",
