@@ -317,6 +317,7 @@ async fn every_metric_the_grafana_dashboard_queries_exists() {
         "429s by plan",
         "Upstream errors by kind",
         "Request latency p50 / p99",
+        "Upstream targets in rotation",
     ] {
         assert!(panels.iter().any(|p| p["title"] == title), "{title}");
     }

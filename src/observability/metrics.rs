@@ -11,7 +11,7 @@
 //! | `tollgate_rate_limit_decisions_total` | counter | `decision` (`allowed`, `limited`, `would_limit`, `ip_throttled`), `plan` |
 //! | `tollgate_upstream_failures_total` | counter | `upstream`, `kind` |
 //! | `tollgate_request_duration_seconds` | histogram | (none): until the response head |
-//! | `tollgate_upstream_target_healthy` | gauge | `upstream`, `target` (`host:port`): 1 in rotation, 0 ejected (a return is seen by the next request) |
+//! | `tollgate_upstream_target_healthy` | gauge | `upstream`, `target` (`address:port`): 1 in rotation, 0 ejected or failing its probes (a return from ejection is seen by the next request) |
 //! | `tollgate_upstream_ejections_total` | counter | `upstream`, `target` |
 //! | `tollgate_upstream_retries_total` | counter | `upstream`, `outcome` (`ok`: the retry got a response head, `failed`) |
 //! | `tollgate_upstream_duration_seconds` | histogram | `upstream`: until the upstream's head |
