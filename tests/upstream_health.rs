@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::tls_upstream::{cert_for, tls_upstream};
 use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
@@ -50,7 +51,9 @@ async fn target() -> Target {
             };
             if req.uri().path() == "/healthz" {
                 p.fetch_add(1, Ordering::SeqCst);
-                s.lock().unwrap().push(format!("probe {}", header("user-agent")));
+                s.lock()
+                    .unwrap()
+                    .push(format!("probe {}", header("user-agent")));
                 let mut response = Response::new(Full::new(Bytes::from_static(b"health")));
                 *response.status_mut() = StatusCode::from_u16(h.load(Ordering::SeqCst)).unwrap();
                 return response;
@@ -152,7 +155,11 @@ async fn a_target_failing_its_health_path_takes_no_requests_until_it_passes_agai
     let before = counts(&targets);
     send(&gw, 30).await;
     let after = counts(&targets);
-    assert_eq!(after[2] - before[2], 10, "back in rotation: {before:?} -> {after:?}");
+    assert_eq!(
+        after[2] - before[2],
+        10,
+        "back in rotation: {before:?} -> {after:?}"
+    );
 }
 
 #[tokio::test]
@@ -239,7 +246,12 @@ async fn a_hostname_is_one_target_per_address_and_follows_its_dns() {
     send(&gw, 20).await;
     assert_eq!(counts(&targets), [10, 10, 0], "two addresses, two targets");
     assert!(
-        targets[0].seen.lock().unwrap().iter().all(|s| s == "host api.test:8080"),
+        targets[0]
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|s| s == "host api.test:8080"),
         "Host stays the configured name: {:?}",
         targets[0].seen.lock().unwrap()
     );
@@ -285,5 +297,39 @@ async fn a_hostname_target_is_resolved_by_the_system_resolver() {
             .lock()
             .unwrap()
             .contains(&format!("host localhost:{}", t.addr.port()))
+    );
+}
+
+#[tokio::test]
+async fn an_https_hostname_is_one_target_per_address_verified_by_its_name() {
+    let cert = cert_for(&["api.test"]);
+    let (a, a_connections) = tls_upstream(&cert, 0).await;
+    let (b, b_connections) = tls_upstream(&cert, 0).await;
+    let answer = Arc::new(Mutex::new(vec![a, b]));
+    // No port in the URL: each address keeps its own (a DNS answer carries the URL's).
+    let config = targets_config(
+        "[\"https://api.test\"]",
+        &format!(
+            "ca_file = \"{}\"\ndns_refresh = \"100ms\"\neject_after = 0",
+            cert.pem_path.display()
+        ),
+    );
+    let gateway = Arc::new(Gateway::with_resolver(
+        config.clone(),
+        test_resolver(answer),
+    ));
+    let gw = TestGateway::start_with(config, gateway.clone(), gateway).await;
+    eventually("both addresses are targets", || async {
+        metric(gw.admin, &healthy_series(b)).await == 1.0
+    })
+    .await;
+    for _ in 0..6 {
+        let reply = get(gw.addr, "/", &[]).await;
+        assert_eq!(reply.status, 200, "{}", reply.shown());
+        assert_eq!(reply.text(), "HTTP/2.0");
+    }
+    assert!(
+        a_connections.load(Ordering::SeqCst) >= 1 && b_connections.load(Ordering::SeqCst) >= 1,
+        "each address was connected to, the certificate verified for api.test"
     );
 }

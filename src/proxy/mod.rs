@@ -41,8 +41,8 @@ use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::metrics::Metrics;
-use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use arc_swap::ArcSwap;
+use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use pool::{Pool, PoolFailure, Retire};
 use probe::Background;
 pub use resolve::Resolver;
@@ -147,9 +147,9 @@ impl Upstream {
         let (client, upgrade_client) = match kept.filter(|p| p.config.targets == config.targets) {
             Some(p) => (p.client.clone(), p.upgrade_client.clone()),
             None => {
-                let client = build_client(tls::connector(config, true));
+                let client = build_client(tls::connector(config, true, None));
                 let upgrade_client = if config.url.scheme() == Some(&Scheme::HTTPS) {
-                    build_client(tls::connector(config, false))
+                    build_client(tls::connector(config, false, None))
                 } else {
                     client.clone()
                 };
@@ -511,10 +511,11 @@ impl Upstream {
         if let Some(host) = &to.host {
             headers.insert(HOST, host.clone());
         }
+        let clients = to.clients.as_deref();
         Ok(match (upgrading, &to.pool) {
             (true, _) => {
                 *uri = absolute_uri(&to.url, target)?;
-                Transport::Client(&self.upgrade_client)
+                Transport::Client(clients.map_or(&self.upgrade_client, |c| &c.upgrade))
             }
             (false, Some(pool)) => {
                 // Origin form: the pool writes the target as it is.
@@ -523,7 +524,7 @@ impl Upstream {
             }
             (false, None) => {
                 *uri = absolute_uri(&to.url, target)?;
-                Transport::Client(&self.client)
+                Transport::Client(clients.map_or(&self.client, |c| &c.request))
             }
         })
     }

@@ -54,10 +54,9 @@ pub(super) async fn run(
             .map(|target| probe(target, &path, &check, &upstream, &client));
         let results = futures_util::future::join_all(probes).await;
         for (target, good) in targets.targets.iter().zip(results) {
-            let Some(up) =
-                target
-                    .health
-                    .probed(good, check.healthy_after, check.unhealthy_after)
+            let Some(up) = target
+                .health
+                .probed(good, check.healthy_after, check.unhealthy_after)
             else {
                 continue;
             };
@@ -107,7 +106,7 @@ async fn probe(
         (None, _) => match absolute_uri(&target.url, path.clone()) {
             Ok(uri) => {
                 *request.uri_mut() = uri;
-                Transport::Client(client)
+                Transport::Client(target.clients.as_deref().map_or(client, |c| &c.request))
             }
             Err(_) => return false,
         },

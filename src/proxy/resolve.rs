@@ -1,11 +1,10 @@
-//! Hostname targets: every address a plain-http target's hostname resolves to is a target
-//! of the target's weight, resolved again every `dns_refresh`. A failed resolution keeps the
-//! last addresses (one WARN line until it resolves again).
+//! Hostname targets: every address a target's hostname resolves to is a target of the
+//! target's weight, resolved again every `dns_refresh`. A failed resolution keeps the last
+//! addresses (one WARN line until it resolves again).
 //!
-//! Part of the proxy box. A target's `Host` stays the configured name; only the connect goes
-//! to the address. An https target stays one target resolved at each connect: its TLS
-//! handshake needs the name, and hyper-util's client dials the name it is given. Until the
-//! first resolution of a hostname target (just after start), its requests resolve at connect.
+//! Part of the proxy box. A target's `Host` (and, for https, the name its certificate must
+//! hold) stays the configured name; only the connect goes to the address. Until the first
+//! resolution of a hostname target (just after start), its requests resolve at connect.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -74,24 +73,28 @@ impl std::fmt::Debug for Resolver {
 pub struct Endpoint {
     /// The configured target's URL.
     pub url: Uri,
-    /// The address to connect to; `None` connects to the URL's authority (an IP literal, an
-    /// https target, or a hostname not resolved yet).
+    /// The address to connect to; `None` connects to the URL's authority (an https IP
+    /// literal, or a hostname not resolved yet).
     pub addr: Option<SocketAddr>,
     /// The configured target's weight.
     pub weight: NonZeroU32,
 }
 
-/// The host and port of a plain-http target whose host is a name, not an address.
+/// The host and port of a target whose host is a name, not an address.
 fn hostname(target: &TargetConfig) -> Option<(&str, u16)> {
-    if target.url.scheme() != Some(&Scheme::HTTP) {
-        return None;
-    }
     let host = target.url.host()?;
     let literal = host.trim_start_matches('[').trim_end_matches(']');
     if literal.parse::<IpAddr>().is_ok() {
         return None;
     }
-    Some((host, target.url.port_u16().unwrap_or(80)))
+    let https = target.url.scheme() == Some(&Scheme::HTTPS);
+    Some((
+        host,
+        target
+            .url
+            .port_u16()
+            .unwrap_or(if https { 443 } else { 80 }),
+    ))
 }
 
 /// Whether any target of `config` is resolved by name.
@@ -119,7 +122,11 @@ fn literal(target: &TargetConfig) -> Option<SocketAddr> {
         return None;
     }
     let host = target.url.host()?;
-    let ip: IpAddr = host.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    let ip: IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .ok()?;
     Some(SocketAddr::new(ip, target.url.port_u16().unwrap_or(80)))
 }
 
@@ -231,10 +238,16 @@ mod tests {
             hostname(&target("http://api.internal:3000")),
             Some(("api.internal", 3000))
         );
-        assert_eq!(hostname(&target("http://api.internal")), Some(("api.internal", 80)));
+        assert_eq!(
+            hostname(&target("http://api.internal")),
+            Some(("api.internal", 80))
+        );
         assert_eq!(hostname(&target("http://10.0.0.1:3000")), None);
         assert_eq!(hostname(&target("http://[::1]:3000")), None);
-        assert_eq!(hostname(&target("https://api.internal")), None);
+        assert_eq!(
+            hostname(&target("https://api.internal")),
+            Some(("api.internal", 443))
+        );
     }
 
     #[test]

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
@@ -18,9 +18,12 @@ use super::classify::Failure;
 use super::health::{Ejection, Health, State};
 use super::pool::Pool;
 use super::resolve::Endpoint;
+use super::tls::Connector;
+use crate::body::RequestBody;
 use crate::config::{Balance, UpstreamConfig};
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::metrics::Metrics;
+use hyper_util::client::legacy::Client;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -40,6 +43,9 @@ pub struct Target {
     /// Its keep-alive pool when the upstream is plain http; https ones use the upstream's
     /// hyper-util client, which pools by authority.
     pub pool: Option<Arc<Pool>>,
+    /// An https target at a resolved address: its own clients (requests, upgrades) that
+    /// dial the address and verify the name.
+    pub clients: Option<Arc<Clients>>,
     /// `Host` for plain-http targets (always HTTP/1.1): the configured `host[:port]`, built
     /// once (see `Upstream`).
     pub host: Option<HeaderValue>,
@@ -59,21 +65,23 @@ impl Target {
     /// one replaces (a reload, or a DNS change): its health and in-flight count carry over,
     /// and its pool too when `keep_pool` (the connection settings did not change).
     pub fn new(
-        upstream: &str,
+        config: &UpstreamConfig,
         endpoint: &Endpoint,
-        connect_timeout: Duration,
         previous: Option<&Target>,
         keep_pool: bool,
         metrics: &Metrics,
     ) -> Self {
+        let upstream = &config.name;
         let configured = &endpoint.url;
         let https = configured.scheme() == Some(&Scheme::HTTPS);
         let port = configured
             .port_u16()
             .unwrap_or(if https { 443 } else { 80 });
         let host = configured.host().unwrap_or("");
+        // An https target keeps its name in the URL: the TLS handshake verifies it.
         let (label, url) = match endpoint.addr {
-            Some(addr) => (addr.to_string(), with_authority(configured, addr)),
+            Some(addr) if !https => (addr.to_string(), with_authority(configured, addr)),
+            Some(addr) => (addr.to_string(), configured.clone()),
             None => (format!("{host}:{port}"), configured.clone()),
         };
         let (healthy, ejections) = metrics.target_series(upstream, &label);
@@ -81,15 +89,24 @@ impl Target {
         if health.is_down() || health.is_out(Instant::now()) {
             healthy.set(0);
         }
-        let pool = match previous.filter(|_| keep_pool) {
+        let kept = previous.filter(|_| keep_pool);
+        let pool = match kept {
             Some(previous) => previous.pool.clone(),
             None => (!https).then(|| {
                 Arc::new(Pool::new(
                     label.clone(),
-                    connect_timeout,
+                    config.connect_timeout,
                     super::POOL_IDLE_TIMEOUT,
                 ))
             }),
+        };
+        let clients = match (kept, endpoint.addr) {
+            (Some(previous), _) => previous.clients.clone(),
+            (None, Some(addr)) if https => Some(Arc::new(Clients {
+                request: super::build_client(super::tls::connector(config, true, Some(addr))),
+                upgrade: super::build_client(super::tls::connector(config, false, Some(addr))),
+            })),
+            (None, _) => None,
         };
         Self {
             endpoint: endpoint.clone(),
@@ -97,6 +114,7 @@ impl Target {
             label: label.into(),
             weight: endpoint.weight.get(),
             pool,
+            clients,
             host: (!https).then(|| host_header(host, port)).flatten(),
             load: previous.map_or_else(Arc::default, |p| p.load.clone()),
             health,
@@ -104,6 +122,15 @@ impl Target {
             ejections,
         }
     }
+}
+
+/// The hyper-util clients of an https target at a resolved address.
+#[derive(Debug)]
+pub struct Clients {
+    /// h2 or HTTP/1.1 by ALPN.
+    pub request: Client<Connector, RequestBody>,
+    /// HTTP/1.1 only, for upgrades.
+    pub upgrade: Client<Connector, RequestBody>,
 }
 
 /// `url` with `addr` as its authority.
@@ -151,15 +178,9 @@ impl TargetSet {
         let targets: Vec<Target> = endpoints
             .iter()
             .map(|endpoint| {
-                let same = previous.and_then(|p| p.targets.iter().find(|o| &o.endpoint == endpoint));
-                Target::new(
-                    &config.name,
-                    endpoint,
-                    config.connect_timeout,
-                    same,
-                    keep_pool,
-                    metrics,
-                )
+                let same =
+                    previous.and_then(|p| p.targets.iter().find(|o| &o.endpoint == endpoint));
+                Target::new(config, endpoint, same, keep_pool, metrics)
             })
             .collect();
         for gone in previous
@@ -396,6 +417,13 @@ mod tests {
     use super::*;
     use std::num::NonZeroU32;
 
+    fn upstream() -> UpstreamConfig {
+        let text = "[[upstreams]]\nname = \"u\"\nurl = \"http://127.0.0.1:3000\"\n\
+                    [[routes]]\nprefix = \"/\"\nupstream = \"u\"\n";
+        let config = crate::Config::from_text(std::path::Path::new("t.toml"), text).unwrap();
+        config.upstreams[0].clone()
+    }
+
     fn targets(weights: &[u32]) -> Vec<Target> {
         weights
             .iter()
@@ -406,14 +434,7 @@ mod tests {
                     addr: None,
                     weight: NonZeroU32::new(*w).unwrap(),
                 };
-                Target::new(
-                    "u",
-                    &config,
-                    Duration::from_secs(1),
-                    None,
-                    false,
-                    &Metrics::new(),
-                )
+                Target::new(&upstream(), &config, None, false, &Metrics::new())
             })
             .collect()
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use http::Uri;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -29,8 +30,44 @@ use crate::config::UpstreamConfig;
 /// upstream that accepts and then stalls the handshake would hold a request until `timeout`).
 #[derive(Clone)]
 pub struct Connector {
-    inner: HttpsConnector<HttpConnector>,
+    inner: HttpsConnector<HttpConnector<Dial>>,
     timeout: Duration,
+}
+
+/// Where the TCP connect goes: the URI's host as the system resolves it, or one address (a
+/// target resolved by `dns_refresh`, whose URI keeps the name for TLS and `Host`).
+#[derive(Clone)]
+pub enum Dial {
+    /// `getaddrinfo` at each connect.
+    Name(GaiResolver),
+    /// Always this address (its port is replaced by the URI's).
+    At(std::net::SocketAddr),
+}
+
+impl tower_service::Service<Name> for Dial {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), std::io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        match self {
+            Dial::At(addr) => {
+                let addr = *addr;
+                Box::pin(async move { Ok(vec![addr].into_iter()) })
+            }
+            Dial::Name(resolver) => {
+                let resolving = resolver.call(name);
+                Box::pin(async move {
+                    let addrs = resolving.await?;
+                    Ok(addrs.collect::<Vec<_>>().into_iter())
+                })
+            }
+        }
+    }
 }
 
 type Connected = MaybeHttpsStream<TokioIo<TcpStream>>;
@@ -129,8 +166,19 @@ pub fn root_store(ca_file: Option<&Path>) -> Result<RootCertStore, CaFileError> 
 ///
 /// A `ca_file` that cannot be used is logged and left out: certificate checks against it then
 /// fail, and requests get 502 (config validation already checked the file exists).
-pub fn connector(config: &UpstreamConfig, http2: bool) -> Connector {
-    let mut http = HttpConnector::new();
+///
+/// `at` pins the TCP connect to one address (a resolved hostname target); the URI's name is
+/// still the one TLS verifies.
+pub fn connector(
+    config: &UpstreamConfig,
+    http2: bool,
+    at: Option<std::net::SocketAddr>,
+) -> Connector {
+    let dial = match at {
+        Some(addr) => Dial::At(addr),
+        None => Dial::Name(GaiResolver::new()),
+    };
+    let mut http = HttpConnector::new_with_resolver(dial);
     http.set_connect_timeout(Some(config.connect_timeout));
     http.set_nodelay(true);
     // The https layer checks the scheme; the TCP layer must accept https URIs too.

@@ -5,6 +5,7 @@
 //! - [`client`]: raw HTTP/1.1 requests and the [`Reply`] a client sees;
 //! - [`upstream`]: upstreams to proxy to (echo, counting, raw fault, refusing);
 //! - [`assert`]: assertions on replies (envelopes, request IDs, upstream failures);
+//! - [`tls_upstream`]: https upstreams and their self-signed certificates;
 //! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests.
 
 // Each test binary uses its own part of the harness: the rest is unused there.
@@ -14,6 +15,7 @@ pub mod assert;
 pub mod client;
 pub mod gateway;
 pub mod key_store;
+pub mod tls_upstream;
 pub mod upstream;
 
 pub use assert::*;

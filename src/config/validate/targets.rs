@@ -113,7 +113,9 @@ impl Validator<'_, '_> {
         let path = h.path.get_ref().trim();
         if !path.starts_with('/')
             || path.parse::<http::uri::PathAndQuery>().is_err()
-            || path.bytes().any(|b| b == b' ' || b == b'#' || !b.is_ascii_graphic())
+            || path
+                .bytes()
+                .any(|b| b == b' ' || b == b'#' || !b.is_ascii_graphic())
         {
             self.error(
                 h.path.span(),
