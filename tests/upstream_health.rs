@@ -333,3 +333,23 @@ async fn an_https_hostname_is_one_target_per_address_verified_by_its_name() {
         "each address was connected to, the certificate verified for api.test"
     );
 }
+
+#[tokio::test]
+async fn a_reload_keeps_a_target_out_that_fails_its_probes() {
+    let targets = [target().await, target().await];
+    targets[1].health.store(500, Ordering::SeqCst);
+    let list = format!(
+        "[\"http://{}\", \"http://{}\"]",
+        targets[0].addr, targets[1].addr
+    );
+    let config = targets_config(&list, CHECK);
+    let gw = TestGateway::start(config.clone()).await;
+    eventually("the failing target is out", || async {
+        metric(gw.admin, &healthy_series(targets[1].addr)).await == 0.0
+    })
+    .await;
+    gw.gateway.reload(config);
+    send(&gw, 10).await;
+    assert_eq!(counts(&targets), [10, 0], "out before the reload, out after it");
+    assert_eq!(metric(gw.admin, &healthy_series(targets[1].addr)).await, 0.0);
+}
