@@ -238,3 +238,46 @@ async fn a_get_that_could_not_connect_is_sent_again_on_a_new_connection() {
         );
     }
 }
+
+#[tokio::test]
+async fn an_upstream_writing_head_and_body_apart_is_not_held_by_a_delayed_ack() {
+    // Many simple backends (Python's http.server) write the head and the body in two writes
+    // with Nagle on: the body waits for the ACK of the head, and a delayed ACK holds every
+    // response on a reused connection ~40 ms.
+    let (up, accepted) = fault_upstream(|mut stream: TcpStream| async move {
+        stream.set_nodelay(false).unwrap();
+        loop {
+            if read_head(&mut stream).await.is_empty() {
+                return;
+            }
+            let head = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n";
+            if stream.write_all(head).await.is_err() || stream.write_all(b"hello").await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = proxy_gateway(&format!("http://{up}"), "", "").await;
+    let mut client = TcpStream::connect(gw.addr).await.unwrap();
+    let request = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut took = Vec::new();
+    for _ in 0..21 {
+        let started = Instant::now();
+        let reply = exchange_on(&mut client, request).await.unwrap();
+        took.push(started.elapsed());
+        assert_eq!((reply.status, reply.text().as_str()), (200, "hello"));
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one reused upstream connection"
+    );
+    // The first request connected; the rest reused the connection.
+    let mut reused = took[1..].to_vec();
+    reused.sort();
+    let median = reused[reused.len() / 2];
+    assert!(
+        median < Duration::from_millis(20),
+        "median {median:?} per request on a reused connection (a delayed ACK is 40 ms): {took:?}"
+    );
+}

@@ -350,6 +350,13 @@ async fn a_reload_keeps_a_target_out_that_fails_its_probes() {
     .await;
     gw.gateway.reload(config);
     send(&gw, 10).await;
-    assert_eq!(counts(&targets), [10, 0], "out before the reload, out after it");
-    assert_eq!(metric(gw.admin, &healthy_series(targets[1].addr)).await, 0.0);
+    assert_eq!(
+        counts(&targets),
+        [10, 0],
+        "out before the reload, out after it"
+    );
+    assert_eq!(
+        metric(gw.admin, &healthy_series(targets[1].addr)).await,
+        0.0
+    );
 }

@@ -17,6 +17,7 @@ pub mod health;
 pub mod inflight;
 pub mod pool;
 mod probe;
+pub mod quickack;
 pub mod resolve;
 pub mod targets;
 pub mod tls;

@@ -307,9 +307,10 @@ impl Pool {
             })?
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(PoolError::Send)?;
+        let (sender, connection) =
+            http1::handshake(TokioIo::new(super::quickack::QuickAck(stream)))
+                .await
+                .map_err(PoolError::Send)?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "upstream connection ended with an error");
