@@ -20,8 +20,8 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 use rustls::{ClientConfig, RootCertStore};
-use tokio::net::TcpStream;
 
+use super::quickack::{QuickAck, QuickAckConnector};
 use crate::config::UpstreamConfig;
 
 /// The connector every upstream client uses (plain http passes through untouched).
@@ -30,7 +30,7 @@ use crate::config::UpstreamConfig;
 /// upstream that accepts and then stalls the handshake would hold a request until `timeout`).
 #[derive(Clone)]
 pub struct Connector {
-    inner: HttpsConnector<HttpConnector<Dial>>,
+    inner: HttpsConnector<QuickAckConnector<HttpConnector<Dial>>>,
     timeout: Duration,
 }
 
@@ -70,7 +70,7 @@ impl tower_service::Service<Name> for Dial {
     }
 }
 
-type Connected = MaybeHttpsStream<TokioIo<TcpStream>>;
+type Connected = MaybeHttpsStream<TokioIo<QuickAck>>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Uri> for Connector {
@@ -208,9 +208,11 @@ pub fn connector(
         .https_or_http()
         .enable_http1();
     let inner = if http2 {
-        builder.enable_http2().wrap_connector(http)
+        builder
+            .enable_http2()
+            .wrap_connector(QuickAckConnector(http))
     } else {
-        builder.wrap_connector(http)
+        builder.wrap_connector(QuickAckConnector(http))
     };
     Connector {
         inner,
