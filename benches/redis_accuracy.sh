@@ -91,7 +91,7 @@ stop_gateways() {
 }
 
 backend_errors() {
-    curl -s "http://127.0.0.1:$((18180 + $1))/metrics" | awk '/^tollgate_limiter_backend_errors_total/ {print $2}'
+    curl -s "http://127.0.0.1:$((18180 + $1))/metrics" | awk '/^tollgate_limiter_backend_errors_total/ {n += $2} END {print n + 0}'
 }
 
 echo "| gateways | seconds | admitted | expected (burst + rate x time) | error | backend errors |"
