@@ -5,7 +5,8 @@
 //! - [`client`]: raw HTTP/1.1 requests and the [`Reply`] a client sees;
 //! - [`upstream`]: upstreams to proxy to (echo, counting, raw fault, refusing);
 //! - [`assert`]: assertions on replies (envelopes, request IDs, upstream failures);
-//! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests.
+//! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests;
+//! - [`redis_server`]: `redis-server` processes for the Redis deployment tests.
 
 // Each test binary uses its own part of the harness: the rest is unused there.
 #![allow(dead_code, unused_imports)]
@@ -14,6 +15,7 @@ pub mod assert;
 pub mod client;
 pub mod gateway;
 pub mod key_store;
+pub mod redis_server;
 pub mod upstream;
 
 pub use assert::*;

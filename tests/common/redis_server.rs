@@ -1,0 +1,113 @@
+//! Real Redis processes for the Redis deployment tests (TLS, Sentinel, Cluster): each a
+//! `redis-server` (or `redis-server --sentinel`) child on a free loopback port, without
+//! persistence, in a temporary directory, killed on drop.
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound, then released: the server must bind it itself).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A `redis-server` child process; killed on drop.
+pub struct RedisProc {
+    /// The port it listens on (the TLS port for a TLS-only server).
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl RedisProc {
+    /// Starts `redis-server` with `args(port)` on a free port and waits until the port
+    /// accepts connections. Another process may take the port between the pick and the
+    /// bind: then the server exits at once, and another port is tried.
+    pub fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
+        for _ in 0..5 {
+            let port = free_port();
+            let mut child = Command::new("redis-server")
+                .args(args(port))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server on PATH (tests/run.sh installs it)");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Self {
+                        port,
+                        child: Some(child),
+                    };
+                }
+                assert!(Instant::now() < deadline, "redis-server did not start");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        panic!("redis-server could not bind a free port in 5 tries");
+    }
+
+    /// The usual arguments of a throwaway server: loopback, no persistence, files in `dir`.
+    pub fn base_args(dir: &Path) -> Vec<String> {
+        [
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            dir.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// Kills it (SIGKILL: a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether it still runs.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for RedisProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `redis-cli -p port args...`: its stdout, trimmed; panics if it fails.
+pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli on PATH (it comes with redis-server)");
+    assert!(
+        out.status.success(),
+        "redis-cli {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
