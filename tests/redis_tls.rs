@@ -160,7 +160,11 @@ async fn two_gateways_over_rediss_admit_exactly_capacity() {
     }
     let admitted = statuses.iter().filter(|s| **s == 200).count();
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert_eq!((admitted, limited), (25, 71), "exactly the capacity, across both");
+    assert_eq!(
+        (admitted, limited),
+        (25, 71),
+        "exactly the capacity, across both"
+    );
     for gw in [&one, &two] {
         let text = metrics_of(gw);
         for kind in ["timeout", "io", "tls", "auth", "other"] {
@@ -203,7 +207,12 @@ async fn mutual_tls_works_and_a_gateway_without_a_client_certificate_is_refused(
 
     let r = with_key(without.addr, "/v1/x", KEY_A).await;
     assert_eq!(r.status, 503, "{}", r.shown());
-    assert_eq!(r.json()["error"]["code"], "service_unavailable", "{}", r.shown());
+    assert_eq!(
+        r.json()["error"]["code"],
+        "service_unavailable",
+        "{}",
+        r.shown()
+    );
     assert_eq!(backend_errors(&metrics_of(&without), "tls"), 1.0);
 }
 
@@ -299,7 +308,10 @@ async fn an_unknown_ca_is_refused_with_one_clear_log_line_and_the_password_is_ne
     for words in ["TLS to Redis failed", "UnknownIssuer", "\"kind\":\"tls\""] {
         assert!(warnings[0].contains(words), "{words} in {}", warnings[0]);
     }
-    assert!(!logs.contains(PASSWORD), "the password in the logs:\n{logs}");
+    assert!(
+        !logs.contains(PASSWORD),
+        "the password in the logs:\n{logs}"
+    );
 
     // The right CA and the password: Redis decides (a bucket of 5).
     let right = Process::start(dir.path(), "right", &section(&server_pki.ca)).await;
@@ -309,6 +321,9 @@ async fn an_unknown_ca_is_refused_with_one_clear_log_line_and_the_password_is_ne
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
     let logs = right.stop();
-    assert!(!logs.contains(PASSWORD), "the password in the logs:\n{logs}");
+    assert!(
+        !logs.contains(PASSWORD),
+        "the password in the logs:\n{logs}"
+    );
     assert!(!logs.contains("\"WARN\""), "{logs}");
 }
