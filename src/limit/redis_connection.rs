@@ -9,8 +9,10 @@
 //! `MOVED`/`ASK`, topology refresh), and its rustls TLS (ring, webpki roots or `ca_file`,
 //! optional client certificate). [`error_kind`] sorts the crate's errors for the metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use arc_swap::ArcSwapOption;
 use redis::aio::{
@@ -168,12 +170,23 @@ impl RedisConnector {
                             .set_client_to_sentinel_certificates(certs);
                     }
                 }
-                Ok(RedisConnection::Sentinel(SentinelConnection {
-                    shared: Arc::new(SentinelShared {
-                        client: tokio::sync::Mutex::new(builder.build()?),
-                        primary: ArcSwapOption::empty(),
-                    }),
-                }))
+                let shared = Arc::new(SentinelShared {
+                    client: tokio::sync::Mutex::new(builder.build()?),
+                    primary: ArcSwapOption::empty(),
+                });
+                let watched = sentinels
+                    .iter()
+                    .map(|(host, port)| match self.certificates() {
+                        Some(certs) => Client::build_with_tls(self.addr(host, *port), certs),
+                        None => Client::open(self.addr(host, *port)),
+                    })
+                    .collect::<RedisResult<Vec<_>>>()?;
+                tokio::spawn(watch_failovers(
+                    Arc::downgrade(&shared),
+                    watched,
+                    master_name.clone(),
+                ));
+                Ok(RedisConnection::Sentinel(SentinelConnection { shared }))
             }
             RedisTarget::Cluster { nodes } => {
                 let scheme = if config.tls { "rediss" } else { "redis" };
@@ -242,7 +255,8 @@ fn bracket(host: &str) -> String {
 
 /// The primary the sentinels name, over one multiplexed connection. The sentinels are asked
 /// on first use, and again after a connection error or a `READONLY` reply (the node was
-/// demoted in a failover): the connection is forgotten and the next command asks anew.
+/// demoted in a failover) or a `+switch-master` announcement ([`watch_failovers`]): the
+/// connection is forgotten and the next command asks anew.
 #[derive(Clone)]
 pub struct SentinelConnection {
     shared: Arc<SentinelShared>,
@@ -318,6 +332,59 @@ impl SentinelConnection {
             }
             result
         })
+    }
+}
+
+/// Listens to the sentinels' `+switch-master` announcements (one sentinel at a time, the
+/// next when it goes away) and forgets the primary when `master_name`'s moves, so the next
+/// command asks for the new one. Without this, a failover that leaves the old primary up
+/// (`SENTINEL FAILOVER`, or a partition) would go unnoticed until Sentinel demotes it, up to
+/// its 10 s `INFO` period later, and every decision meanwhile be written where it is lost.
+/// Ends, within a second, when the connection it serves is dropped.
+async fn watch_failovers(
+    shared: Weak<SentinelShared>,
+    sentinels: Vec<Client>,
+    master_name: String,
+) {
+    const CHECK_EVERY: Duration = Duration::from_secs(1);
+    let prefix = format!("{master_name} ");
+    loop {
+        for sentinel in &sentinels {
+            if shared.strong_count() == 0 {
+                return;
+            }
+            let Ok(Ok(mut pubsub)) =
+                tokio::time::timeout(CONNECT_TIMEOUT, sentinel.get_async_pubsub()).await
+            else {
+                continue;
+            };
+            if pubsub.subscribe("+switch-master").await.is_err() {
+                continue;
+            }
+            let mut messages = pubsub.into_on_message();
+            loop {
+                match tokio::time::timeout(CHECK_EVERY, messages.next()).await {
+                    Ok(Some(message)) => {
+                        let payload: String = message.get_payload().unwrap_or_default();
+                        if payload.starts_with(&prefix) {
+                            let Some(shared) = shared.upgrade() else {
+                                return;
+                            };
+                            tracing::info!(
+                                switch = %payload,
+                                "redis sentinel announced a new primary"
+                            );
+                            shared.primary.store(None);
+                        }
+                    }
+                    // The sentinel went away: the next one.
+                    Ok(None) => break,
+                    Err(_) if shared.strong_count() == 0 => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        tokio::time::sleep(CHECK_EVERY).await;
     }
 }
 

@@ -92,17 +92,24 @@ impl Drop for RedisProc {
 
 /// `redis-cli -p port args...`: its stdout, trimmed; panics if it fails.
 pub fn redis_cli(port: u16, args: &[&str]) -> String {
+    try_redis_cli(port, args).unwrap_or_else(|e| panic!("redis-cli {args:?}: {e}"))
+}
+
+/// `redis-cli -p port args...`: its stdout, trimmed, or its error (a connection Sentinel
+/// dropped in a failover, say).
+pub fn try_redis_cli(port: u16, args: &[&str]) -> Result<String, String> {
     let out = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(args)
         .output()
         .expect("redis-cli on PATH (it comes with redis-server)");
-    assert!(
-        out.status.success(),
-        "redis-cli {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    // redis-cli exits 0 after some connection errors, with the error on stdout.
+    if out.status.success() && !stdout.starts_with("Error:") {
+        Ok(stdout)
+    } else {
+        Err(format!("{stdout} {}", String::from_utf8_lossy(&out.stderr)))
+    }
 }
 
 /// Writes `text` to `dir/name` and returns the path.
