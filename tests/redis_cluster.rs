@@ -80,8 +80,7 @@ impl Cluster {
 
     /// The node (index) holding `slot`, asked of the first node.
     fn owner(&self, slot: u16) -> usize {
-        let id = self
-            .nodes
+        self.nodes
             .iter()
             .position(|n| {
                 // Its own line of CLUSTER NODES: id, address, flags (`myself`), ..., slots.
@@ -97,8 +96,7 @@ impl Cluster {
                         })
                 })
             })
-            .expect("some node holds every slot");
-        id
+            .expect("some node holds every slot")
     }
 
     fn id_of(&self, node: usize) -> String {
