@@ -327,3 +327,52 @@ async fn an_unknown_ca_is_refused_with_one_clear_log_line_and_the_password_is_ne
     );
     assert!(!logs.contains("\"WARN\""), "{logs}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_is_one_warning_and_its_end_one_info_line_with_its_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(dir.path(), "outage");
+    let mut redis = tls_redis(dir.path(), &pki, false, Some(PASSWORD));
+    let gw = Process::start(
+        dir.path(),
+        "outage",
+        &format!(
+            "url = \"rediss://127.0.0.1:{}\"\nca_file = \"{}\"\npassword_env = \"{PASSWORD_VAR}\"",
+            redis.port,
+            pki.ca.display()
+        ),
+    )
+    .await;
+    // on_backend_error = "deny": every 200 is a Redis decision, every 503 a fallback.
+    assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    redis.kill();
+    let down = Instant::now();
+    while down.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 503);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    redis.restart();
+    while with_key(gw.addr, "/v1/x", KEY_A).await.status != 200 {
+        assert!(down.elapsed() < Duration::from_secs(6), "never recovered");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outage = down.elapsed();
+    let logs = gw.stop();
+    let lines = |level: &str, words: &str| -> Vec<serde_json::Value> {
+        logs.lines()
+            .filter(|l| l.contains(level) && l.contains(words))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let warnings = lines("\"WARN\"", "redis limiter backend failed");
+    assert_eq!(warnings.len(), 1, "one warning per outage:\n{logs}");
+    assert_eq!(warnings[0]["kind"], "io", "{}", warnings[0]);
+    let recovered = lines("\"INFO\"", "redis limiter backend answering again");
+    assert_eq!(recovered.len(), 1, "one line at its end:\n{logs}");
+    let outage_ms = recovered[0]["outage_ms"].as_u64().unwrap();
+    assert!(
+        (1400..=outage.as_millis() as u64 + 50).contains(&outage_ms),
+        "outage_ms {outage_ms}, seen by the client {outage:?}"
+    );
+    assert!(!logs.contains(PASSWORD));
+}

@@ -51,7 +51,8 @@ pub struct Guarded {
     /// prober once the throttle allows (the log must not go quiet about an outage that
     /// lasts), and the end of an outage never mentioned is not logged either.
     outage_logged: AtomicBool,
-    /// When the current outage began (its first failure), for the recovery line's duration.
+    /// When the current outage began (the start of its first failed call), for the recovery
+    /// line's duration.
     outage_since: Mutex<Option<Instant>>,
 }
 
@@ -119,6 +120,7 @@ impl Guarded {
         metrics: &Metrics,
     ) -> Result<Option<Decision>, GatewayError> {
         if self.breaker.is_healthy() {
+            let asked = Instant::now();
             let error =
                 match tokio::time::timeout(limits.backend_timeout, self.redis.charge(id, local))
                     .await
@@ -139,7 +141,8 @@ impl Guarded {
             metrics.backend_error(kind);
             // One warning per outage at most, not one per request; failed probes are debug.
             if self.breaker.failure() {
-                *self.outage_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+                // From the failed call's start: it may have waited for a reconnect.
+                *self.outage_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(asked);
                 self.start_prober();
                 self.outage_began.notify_one();
                 let logged = self.warning.admit().map(|suppressed| {

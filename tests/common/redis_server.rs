@@ -21,6 +21,7 @@ pub struct RedisProc {
     /// The port it listens on (the TLS port for a TLS-only server).
     pub port: u16,
     child: Option<Child>,
+    args: Vec<String>,
 }
 
 impl RedisProc {
@@ -29,29 +30,45 @@ impl RedisProc {
     /// bind: then the server exits at once, and another port is tried.
     pub fn start(args: impl Fn(u16) -> Vec<String>) -> Self {
         for _ in 0..5 {
-            let port = free_port();
-            let mut child = Command::new("redis-server")
-                .args(args(port))
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH (tests/run.sh installs it)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Self {
-                        port,
-                        child: Some(child),
-                    };
-                }
-                assert!(Instant::now() < deadline, "redis-server did not start");
-                std::thread::sleep(Duration::from_millis(10));
+            let mut server = Self {
+                port: free_port(),
+                child: None,
+                args: Vec::new(),
+            };
+            server.args = args(server.port);
+            if server.spawn() {
+                return server;
             }
         }
         panic!("redis-server could not bind a free port in 5 tries");
+    }
+
+    /// Starts it again, on the same port with the same arguments, after [`kill`](Self::kill).
+    pub fn restart(&mut self) {
+        assert!(self.spawn(), "port {} taken while it was down", self.port);
+    }
+
+    /// Spawns the server and waits until its port accepts; false if it exited first.
+    fn spawn(&mut self) -> bool {
+        assert!(self.child.is_none(), "already running");
+        let mut child = Command::new("redis-server")
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (tests/run.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(_)) = child.try_wait() {
+                return false;
+            }
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// The usual arguments of a throwaway server: loopback, no persistence, files in `dir`.
