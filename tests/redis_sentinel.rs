@@ -457,3 +457,17 @@ upstream = "up"
         "requests skip Redis while open"
     );
 }
+
+#[test]
+fn the_compose_sentinel_config_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("config/tollgate.compose-sentinel.toml");
+    let config = tollgate::Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        config.redis.target,
+        tollgate::config::RedisTarget::Sentinel {
+            sentinels: (1..=3).map(|i| (format!("sentinel-{i}"), 26379)).collect(),
+            master_name: "tollgate".into()
+        }
+    );
+}
