@@ -143,8 +143,11 @@ impl RedisConfig {
     }
 }
 
-/// `url` without its userinfo (`redis://:secret@host` -> `redis://host`).
+/// `url` without its userinfo and query, either of which may carry a password
+/// (`redis://:secret@host` -> `redis://host`, `unix:///run/redis.sock?pass=secret` ->
+/// `unix:///run/redis.sock`).
 pub fn redact_url(url: &str) -> String {
+    let url = url.split_once('?').map_or(url, |(before, _)| before);
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             format!("{}{}", &url[..scheme + 3], &url[at + 1..])
@@ -175,5 +178,9 @@ mod tests {
             "redis://127.0.0.1:6379"
         );
         assert_eq!(redact_url("redis://u:p@h:1/0"), "redis://h:1/0");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?db=1&pass=hunter2"),
+            "unix:///run/redis.sock"
+        );
     }
 }
