@@ -65,6 +65,9 @@ pub struct RedisLimiter {
     /// The connection requests use. Created on first use, inside the runtime (the manager
     /// spawns a task); replaced by the one a successful probe made.
     connection: ArcSwapOption<RedisConnection>,
+    /// Held while the first connection is made: a Cluster's reads the slot map, and a burst
+    /// of first requests should not each make (and drop) one.
+    connecting: tokio::sync::Mutex<()>,
     script: Script,
 }
 
@@ -74,6 +77,7 @@ impl RedisLimiter {
         Self {
             connector: RedisConnector::new(config),
             connection: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             script: Script::new(GCRA_SCRIPT),
         }
     }
@@ -87,11 +91,16 @@ impl RedisLimiter {
         if let Some(connection) = &*self.connection.load() {
             return Ok(RedisConnection::clone(connection));
         }
+        let _connecting = self.connecting.lock().await;
+        // Another request may have made one while this one waited.
+        if let Some(connection) = &*self.connection.load() {
+            return Ok(RedisConnection::clone(connection));
+        }
         let made = Arc::new(self.connector.connect().await?);
         let previous = self
             .connection
             .compare_and_swap(&None::<Arc<RedisConnection>>, Some(made.clone()));
-        // Another request may have made one meanwhile: every request uses the one stored.
+        // A probe may have stored one meanwhile: every request uses the one stored.
         Ok(RedisConnection::clone(previous.as_ref().unwrap_or(&made)))
     }
 
