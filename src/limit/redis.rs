@@ -87,7 +87,9 @@ impl RedisLimiter {
         self.connector.config()
     }
 
-    async fn connection(&self) -> Result<RedisConnection, RedisError> {
+    /// The connection requests use (made on first use): others that keep state in the same
+    /// Redis can send through it rather than open their own.
+    pub async fn connection(&self) -> Result<RedisConnection, RedisError> {
         if let Some(connection) = &*self.connection.load() {
             return Ok(RedisConnection::clone(connection));
         }
