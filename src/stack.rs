@@ -106,7 +106,11 @@ impl Snapshot {
                 })
                 .collect(),
             anonymous,
-            backend: LimiterBackend::new(&config.limits, previous.map(|p| &p.backend)),
+            backend: LimiterBackend::new(
+                &config.limits,
+                &config.redis,
+                previous.map(|p| &p.backend),
+            ),
             metrics: SnapshotMetrics::new(metrics.clone(), &config),
             anonymous_plan: config.plans.keys().position(|p| &*p.0 == ANONYMOUS_PLAN),
             config,

@@ -159,7 +159,10 @@ async fn a_known_sequence_of_requests_shows_up_in_the_counters() {
         value(&m, "tollgate_config_reloads_total{result=\"failed\"}"),
         0.0
     );
-    assert_eq!(value(&m, "tollgate_limiter_backend_errors_total"), 0.0);
+    for kind in ["timeout", "io", "readonly", "moved", "tls", "auth", "other"] {
+        let series = format!("tollgate_limiter_backend_errors_total{{kind=\"{kind}\"}}");
+        assert_eq!(value(&m, &series), 0.0, "{series}");
+    }
     let info: Vec<_> = m
         .iter()
         .filter(|(k, _)| k.starts_with("tollgate_config_info{hash=\""))

@@ -40,8 +40,12 @@ need_component clippy clippy
 
 # Packages the build and tests need. cargo links through `cc`, which rustup does not install.
 need_pkg cc build-essential
-# The Redis limiter tests (tests/redis.rs) start their own redis-server.
+# The Redis limiter tests (tests/redis*.rs) start their own redis-server: plain, with
+# --tls-port (Debian's is built with TLS), as sentinels (`redis-server --sentinel`, the binary
+# the redis-sentinel package links to) and as a cluster; redis-cli (redis-tools, a dependency
+# of redis-server) creates the cluster.
 need_pkg redis-server redis-server
+need_pkg redis-cli redis-tools
 # The signal tests (tests/cli.rs, tests/redis.rs) send signals with kill(1), which slim images
 # lack.
 need_pkg kill procps
@@ -61,7 +65,7 @@ cargo clippy --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
     # Tests that measure latency or resource use run on their own after the rest, so the
     # other tests' load on the two cores does not decide their figures.
-    quiet='binary(hardening) | binary(proxy_leaks) | binary(redis)'
+    quiet='binary(hardening) | binary(proxy_leaks) | binary(redis) | binary(redis_sentinel) | binary(redis_cluster)'
     step "cargo nextest run --all-targets (all but the timing-sensitive tests)"
     cargo nextest run --all-targets -E "not ($quiet)"
     step "cargo nextest run (timing-sensitive tests, alone, one at a time)"

@@ -35,6 +35,8 @@ pub struct FileConfig {
     /// `[limits]`: rate limiter backend and throttles.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// `[redis]`: the Redis connection (single, Sentinel or Cluster; TLS; password).
+    pub redis: Option<Spanned<RedisFile>>,
     /// `[plans.<name>]`: per-plan limits.
     #[serde(default)]
     pub plans: BTreeMap<String, Spanned<PlanFile>>,
@@ -144,6 +146,20 @@ pub struct LimitsFile {
     pub mode: Option<SpannedStr>,
     pub ip_throttle: Option<IpThrottleFile>,
     pub failed_auth: Option<FailedAuthFile>,
+}
+
+/// `[redis]`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: Option<SpannedStr>,
+    pub sentinels: Option<Spanned<Vec<SpannedStr>>>,
+    pub master_name: Option<SpannedStr>,
+    pub cluster: Option<Spanned<Vec<SpannedStr>>>,
+    pub password_env: Option<SpannedStr>,
+    pub ca_file: Option<SpannedStr>,
+    pub client_cert: Option<SpannedStr>,
+    pub client_key: Option<SpannedStr>,
 }
 
 /// `[limits.ip_throttle]`.

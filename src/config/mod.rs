@@ -13,6 +13,7 @@
 pub mod file;
 mod parse;
 mod read;
+mod redis;
 mod schema;
 pub mod tls;
 pub mod types;
@@ -20,6 +21,7 @@ pub mod units;
 mod validate;
 
 pub use read::MAX_FILE_BYTES;
+pub use redis::{ClientIdentity, RedisConfig, RedisPassword, RedisTarget, redact_url};
 pub use types::{DigestError, KeyDigest, KeyId, PlanName, Window};
 
 use read::read;
@@ -64,7 +66,7 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_FIELDS: usize = 100;
 /// Default `auth.header`.
 pub const DEFAULT_AUTH_HEADER: &str = "x-api-key";
-/// Default `limits.redis_url`.
+/// Default `[redis] url` (and `limits.redis_url`).
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default `limits.backend_timeout`.
 pub const DEFAULT_BACKEND_TIMEOUT: Duration = Duration::from_millis(20);
@@ -128,6 +130,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// `[limits]`.
     pub limits: LimitsConfig,
+    /// `[redis]` (or its short form `limits.redis_url`): the one Redis connection.
+    pub redis: RedisConfig,
     /// `[plans.*]`, built-ins included, by name.
     pub plans: BTreeMap<PlanName, Plan>,
     /// `[[keys]]` from the config and `auth.keys_file` together.
@@ -287,8 +291,6 @@ pub struct Tripwire {
 pub struct LimitsConfig {
     /// Default `local`.
     pub backend: LimitBackend,
-    /// Default `redis://127.0.0.1:6379`.
-    pub redis_url: String,
     /// A Redis answer slower than this is a backend error. Default 20 ms.
     pub backend_timeout: Duration,
     /// Default `local`.

@@ -29,6 +29,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "limits" => fields::<LimitsFile>(),
         "limits.ip_throttle" => fields::<IpThrottleFile>(),
         "limits.failed_auth" => fields::<FailedAuthFile>(),
+        "redis" => fields::<RedisFile>(),
         "plans.*" => fields::<PlanFile>(),
         "keys[]" => fields::<KeyFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
@@ -237,6 +238,7 @@ mod tests {
             "[limits]",
             "[limits.ip_throttle]",
             "[limits.failed_auth]",
+            "[redis]",
             "[plans.free]",
             "[[keys]]",
             "[[upstreams]]",
@@ -251,7 +253,7 @@ mod tests {
         let found = strip_unknown(&mut doc, "");
         assert_eq!(found.len(), tables.len() + 2, "{found:#?}");
         assert!(
-            found[13].message.contains("in [routes.respond]"),
+            found[14].message.contains("in [routes.respond]"),
             "{found:#?}"
         );
 

@@ -9,12 +9,12 @@
 //! (`plans.anonymous`) and the IP tripwires are always local.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig};
+use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig, RedisConfig};
 use crate::error::{FailureKind, GatewayError};
 use crate::limit::breaker::{Breaker, probe_waits};
 use crate::limit::redis::RedisLimiter;
@@ -51,6 +51,9 @@ pub struct Guarded {
     /// prober once the throttle allows (the log must not go quiet about an outage that
     /// lasts), and the end of an outage never mentioned is not logged either.
     outage_logged: AtomicBool,
+    /// When the current outage began (the start of its first failed call), for the recovery
+    /// line's duration.
+    outage_since: Mutex<Option<Instant>>,
 }
 
 impl Drop for Guarded {
@@ -60,23 +63,26 @@ impl Drop for Guarded {
 }
 
 impl LimiterBackend {
-    /// The backend `limits` asks for; the Redis connection (and breaker state) of `previous`
-    /// is kept when the URL is unchanged.
-    pub fn new(limits: &LimitsConfig, previous: Option<&LimiterBackend>) -> Self {
+    /// The backend `limits` asks for, on the Redis `redis` names; the Redis connection (and
+    /// breaker state) of `previous` is kept when `[redis]` is unchanged.
+    pub fn new(
+        limits: &LimitsConfig,
+        redis: &RedisConfig,
+        previous: Option<&LimiterBackend>,
+    ) -> Self {
         match limits.backend {
             LimitBackend::Local => LimiterBackend::Local,
             LimitBackend::Redis => {
                 let guarded = match previous {
-                    Some(LimiterBackend::Redis(old)) if old.redis.url() == limits.redis_url => {
-                        old.clone()
-                    }
+                    Some(LimiterBackend::Redis(old)) if old.redis.config() == redis => old.clone(),
                     _ => Arc::new(Guarded {
-                        redis: RedisLimiter::new(&limits.redis_url),
+                        redis: RedisLimiter::new(redis),
                         breaker: Breaker::default(),
                         probe_timeout: AtomicU64::new(0),
                         outage_began: Arc::new(Notify::new()),
                         warning: LogThrottle::new(),
                         outage_logged: AtomicBool::new(false),
+                        outage_since: Mutex::new(None),
                     }),
                 };
                 guarded
@@ -114,6 +120,7 @@ impl Guarded {
         metrics: &Metrics,
     ) -> Result<Option<Decision>, GatewayError> {
         if self.breaker.is_healthy() {
+            let asked = Instant::now();
             let error =
                 match tokio::time::timeout(limits.backend_timeout, self.redis.charge(id, local))
                     .await
@@ -124,17 +131,25 @@ impl Guarded {
                         }
                         return Ok(Some(decision));
                     }
-                    Ok(Err(error)) => error.to_string(),
-                    Err(_) => format!("no answer within {:?}", limits.backend_timeout),
+                    Ok(Err(error)) => (error.kind(), error.to_string()),
+                    Err(_) => (
+                        "timeout",
+                        format!("no answer within {:?}", limits.backend_timeout),
+                    ),
                 };
-            metrics.backend_error();
+            let (kind, error) = error;
+            metrics.backend_error(kind);
             // One warning per outage at most, not one per request; failed probes are debug.
             if self.breaker.failure() {
+                // From the failed call's start: it may have waited for a reconnect.
+                *self.outage_since.lock().unwrap_or_else(|e| e.into_inner()) = Some(asked);
                 self.start_prober();
                 self.outage_began.notify_one();
                 let logged = self.warning.admit().map(|suppressed| {
                     tracing::warn!(
                         %error,
+                        kind,
+                        redis = %self.redis.config().describe(),
                         on_backend_error = policy_name(limits.on_backend_error),
                         suppressed,
                         "redis limiter backend failed; deciding by on_backend_error until it answers"
@@ -143,7 +158,7 @@ impl Guarded {
                 self.outage_logged
                     .store(logged.is_some(), Ordering::Relaxed);
             } else {
-                tracing::debug!(%error, "redis limiter backend still failing");
+                tracing::debug!(%error, kind, "redis limiter backend still failing");
             }
         }
         metrics.backend_fallback(policy_name(limits.on_backend_error));
@@ -180,27 +195,42 @@ impl Guarded {
                 }
                 return true;
             }
-            Ok(Err(error)) => error.to_string(),
-            Err(_) => format!("no answer within {timeout:?}"),
+            Ok(Err(error)) => (error.kind(), error.to_string()),
+            Err(_) => ("timeout", format!("no answer within {timeout:?}")),
         };
+        let (kind, error) = error;
         if !self.outage_logged.load(Ordering::Relaxed)
             && let Some(suppressed) = self.warning.readmit()
         {
             self.outage_logged.store(true, Ordering::Relaxed);
             tracing::warn!(
                 %error,
+                kind,
+                redis = %self.redis.config().describe(),
                 suppressed,
                 "redis limiter backend failed; deciding by on_backend_error until it answers"
             );
         } else {
-            tracing::debug!(%error, "redis limiter backend still failing");
+            tracing::debug!(%error, kind, "redis limiter backend still failing");
         }
         false
     }
 
+    /// The end of an outage: one INFO line with how long it lasted (from its first failure
+    /// to the first answer: for a failover, the time requests were decided without Redis).
     fn log_recovery(&self) {
+        let since = self
+            .outage_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if self.outage_logged.swap(false, Ordering::Relaxed) {
-            tracing::info!("redis limiter backend answering again");
+            let outage_ms = since.map_or(0, |s| s.elapsed().as_millis() as u64);
+            tracing::info!(
+                outage_ms,
+                redis = %self.redis.config().describe(),
+                "redis limiter backend answering again"
+            );
         }
     }
 }

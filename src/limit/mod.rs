@@ -9,6 +9,7 @@ pub mod guard;
 pub mod headers;
 pub mod ip_table;
 pub mod redis;
+pub mod redis_connection;
 pub mod tripwire;
 
 pub use backend::LimiterBackend;

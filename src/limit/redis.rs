@@ -1,22 +1,25 @@
 //! The Redis limiter backend: one GCRA Lua script (`gcra.lua` beside this file) charges every
 //! bucket of a key atomically, so every gateway instance sharing the Redis sees one limit.
 //!
-//! The script is sent by `EVALSHA` (redis-rs [`Script`] loads it again on `NOSCRIPT`) over one
-//! multiplexed [`ConnectionManager`], which reconnects on its own; the breaker's probe makes a
-//! new one and hands it to requests when it finds Redis back. Keys are
+//! The script is sent by `EVALSHA` (redis-rs [`Script`] loads it again on `NOSCRIPT`) over the
+//! gateway's [`RedisConnection`] (single server, Sentinel or Cluster, see
+//! `redis_connection.rs`), which reconnects on its own; the breaker's probe makes a new one
+//! and hands it to requests when it finds Redis back. Keys are
 //! `tollgate:{<key id>}:<window>:<limit>:<burst>` ([`redis_key`]): the hash tag puts all
-//! buckets of a key in one Redis Cluster slot, as a multi-key script requires.
+//! buckets of a key in one Redis Cluster slot, as a multi-key script requires, and the
+//! Cluster client sends the script to that slot's node.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Script};
+use redis::Script;
 
 use http::HeaderValue;
 
+use crate::config::RedisConfig;
+use crate::limit::redis_connection::{RedisConnection, RedisConnector, error_kind};
 use crate::limit::{BucketSpec, Decision, Limiter};
 
 /// The GCRA script.
@@ -25,81 +28,82 @@ const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 /// Why Redis gave no decision.
 #[derive(Debug, thiserror::Error)]
 pub enum RedisError {
-    /// `limits.redis_url` cannot be used (e.g. `rediss://`, this build has no TLS to Redis).
-    #[error("redis_url unusable: {0}")]
-    BadUrl(String),
-    /// Connection, protocol or script error.
-    #[error(transparent)]
+    /// Connection, protocol or script error. A TLS failure says so first, with what to
+    /// check: the crate's own words (e.g. "invalid peer certificate: UnknownIssuer") do not.
+    #[error("{}{}", tls_hint(.0), .0)]
     Redis(#[from] redis::RedisError),
     /// The script answered something it never returns.
     #[error("unexpected script reply {0:?}")]
     BadReply([i64; 5]),
 }
 
-/// A Redis server holding every key's buckets.
-pub struct RedisLimiter {
-    url: String,
-    client: Result<Client, String>,
-    /// The connection requests use. Created on first use, inside the runtime (the manager
-    /// spawns a task); replaced by the one a successful probe made.
-    connection: ArcSwapOption<ConnectionManager>,
-    script: Script,
-}
-
-impl std::fmt::Debug for RedisLimiter {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RedisLimiter")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
+/// Said before a TLS failure: the crate's words ("invalid peer certificate: UnknownIssuer")
+/// do not say where to look.
+fn tls_hint(error: &redis::RedisError) -> &'static str {
+    if error_kind(error) == "tls" {
+        "TLS to Redis failed (check redis.ca_file, client_cert and the server's certificate): "
+    } else {
+        ""
     }
 }
 
+impl RedisError {
+    /// The `kind` label of `tollgate_limiter_backend_errors_total` (see
+    /// [`error_kind`]).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RedisError::Redis(error) => error_kind(error),
+            RedisError::BadReply(_) => "other",
+        }
+    }
+}
+
+/// Redis holding every key's buckets.
+#[derive(Debug)]
+pub struct RedisLimiter {
+    connector: RedisConnector,
+    /// The connection requests use. Created on first use, inside the runtime (the manager
+    /// spawns a task); replaced by the one a successful probe made.
+    connection: ArcSwapOption<RedisConnection>,
+    /// Held while the first connection is made: a Cluster's reads the slot map, and a burst
+    /// of first requests should not each make (and drop) one.
+    connecting: tokio::sync::Mutex<()>,
+    script: Script,
+}
+
 impl RedisLimiter {
-    /// A limiter on `url`. Nothing connects until the first request.
-    pub fn new(url: &str) -> Self {
+    /// A limiter on the Redis `config` names. Nothing connects until the first request.
+    pub fn new(config: &RedisConfig) -> Self {
         Self {
-            url: url.to_owned(),
-            client: Client::open(url).map_err(|e| e.to_string()),
+            connector: RedisConnector::new(config),
             connection: ArcSwapOption::empty(),
+            connecting: tokio::sync::Mutex::new(()),
             script: Script::new(GCRA_SCRIPT),
         }
     }
 
-    /// The URL it talks to.
-    pub fn url(&self) -> &str {
-        &self.url
+    /// The connection config it talks by.
+    pub fn config(&self) -> &RedisConfig {
+        self.connector.config()
     }
 
-    fn connection(&self) -> Result<ConnectionManager, RedisError> {
+    /// The connection requests use (made on first use): others that keep state in the same
+    /// Redis can send through it rather than open their own.
+    pub async fn connection(&self) -> Result<RedisConnection, RedisError> {
         if let Some(connection) = &*self.connection.load() {
-            return Ok(ConnectionManager::clone(connection));
+            return Ok(RedisConnection::clone(connection));
         }
-        let made = Arc::new(self.new_connection()?);
+        let _connecting = self.connecting.lock().await;
+        // Another request may have made one while this one waited.
+        if let Some(connection) = &*self.connection.load() {
+            return Ok(RedisConnection::clone(connection));
+        }
+        let made = Arc::new(self.connector.connect().await?);
         let previous = self
             .connection
-            .compare_and_swap(&None::<Arc<ConnectionManager>>, Some(made.clone()));
-        // Another request may have made one meanwhile: every request uses the one stored.
-        Ok(ConnectionManager::clone(previous.as_ref().unwrap_or(&made)))
-    }
-
-    /// A new connection manager; nothing connects until its first command.
-    fn new_connection(&self) -> Result<ConnectionManager, RedisError> {
-        let client = self
-            .client
-            .as_ref()
-            .map_err(|e| RedisError::BadUrl(e.clone()))?;
-        // Reconnect quickly and give up soon: the caller's timeout and circuit breaker decide
-        // what a slow Redis means, and a failed reconnect is simply tried again on a later call.
-        let config = ConnectionManagerConfig::new()
-            .set_number_of_retries(3)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500))
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None);
-        Ok(ConnectionManager::new_lazy_with_config(
-            client.clone(),
-            config,
-        )?)
+            .compare_and_swap(&None::<Arc<RedisConnection>>, Some(made.clone()));
+        // A probe may have stored one meanwhile: every request uses the one stored.
+        Ok(RedisConnection::clone(previous.as_ref().unwrap_or(&made)))
     }
 
     /// The circuit breaker's probe: the charge script itself, on a bucket of no key's (its
@@ -114,7 +118,7 @@ impl RedisLimiter {
     /// connection, and it hands that error to the next command before it tries again: the
     /// first probe after a restart would fail, and the outage last a probe interval longer.
     pub async fn probe(&self) -> Result<(), RedisError> {
-        let mut connection = self.new_connection()?;
+        let mut connection = self.connector.connect().await?;
         let _: [i64; 5] = self
             .script
             .prepare_invoke()
@@ -148,7 +152,7 @@ impl RedisLimiter {
 
     async fn charge_once(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
         let specs = local.specs();
-        let mut connection = self.connection()?;
+        let mut connection = self.connection().await?;
         let mut invocation = self.script.prepare_invoke();
         for spec in specs {
             invocation.key(redis_key(id, spec));

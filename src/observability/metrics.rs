@@ -18,7 +18,8 @@
 //! | `tollgate_requests_in_flight` | gauge | (none) |
 //! | `tollgate_config_reloads_total` | counter | `result` (`ok`, `failed`) |
 //! | `tollgate_config_info` | gauge, always 1 | `hash` (SHA-256 of the config and keys file text) |
-//! | `tollgate_limiter_backend_errors_total` | counter | (none) |
+//! | `tollgate_limiter_backend_errors_total` | counter | `kind` (`timeout`, `io`, `readonly`, `moved`, `tls`, `auth`, `other`) |
+//! | `tollgate_redis_info` | gauge, always 1 | `mode` (`single`, `sentinel`, `cluster`), `tls` (`true`, `false`); only with `limits.backend = "redis"` |
 //! | `tollgate_limiter_fallbacks_total` | counter | `on_backend_error` (`local`, `allow`, `deny`): requests decided without the Redis backend (error, timeout, or breaker open) |
 
 use std::sync::{Arc, Mutex, OnceLock};
@@ -122,6 +123,21 @@ struct FallbackLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendErrorLabels {
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RedisInfoLabels {
+    mode: &'static str,
+    tls: &'static str,
+}
+
+/// The `kind`s of `tollgate_limiter_backend_errors_total`, exported from the start.
+pub const BACKEND_ERROR_KINDS: [&str; 7] =
+    ["timeout", "io", "readonly", "moved", "tls", "auth", "other"];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
     result: &'static str,
 }
@@ -156,8 +172,9 @@ pub struct Metrics {
     config_info: Family<HashLabels, Gauge>,
     /// The `hash` label currently exported, so a reload can remove it.
     config_hash: Mutex<String>,
-    backend_errors: Counter,
+    backend_errors: Family<BackendErrorLabels, Counter>,
     backend_fallbacks: Family<FallbackLabels, Counter>,
+    redis_info: Family<RedisInfoLabels, Gauge>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -242,11 +259,17 @@ impl Metrics {
             "The loaded config: SHA-256 of the config and keys file text (always 1)",
             config_info.clone(),
         );
-        let backend_errors = Counter::default();
+        let backend_errors = Family::<BackendErrorLabels, Counter>::default();
         registry.register(
             "limiter_backend_errors",
-            "Rate-limit backend errors and timeouts",
+            "Rate-limit backend errors and timeouts, by kind",
             backend_errors.clone(),
+        );
+        let redis_info = Family::<RedisInfoLabels, Gauge>::default();
+        registry.register(
+            "redis_info",
+            "The Redis deployment the limiter uses: mode and TLS (always 1)",
+            redis_info.clone(),
         );
         let backend_fallbacks = Family::<FallbackLabels, Counter>::default();
         registry.register(
@@ -260,6 +283,9 @@ impl Metrics {
         }
         for on_backend_error in ["local", "allow", "deny"] {
             backend_fallbacks.get_or_create_owned(&FallbackLabels { on_backend_error });
+        }
+        for kind in BACKEND_ERROR_KINDS {
+            backend_errors.get_or_create_owned(&BackendErrorLabels { kind });
         }
         Self {
             registry,
@@ -277,6 +303,7 @@ impl Metrics {
             config_hash: Mutex::new(String::new()),
             backend_errors,
             backend_fallbacks,
+            redis_info,
         }
     }
 
@@ -302,6 +329,16 @@ impl Metrics {
                 hash: current.clone(),
             })
             .set(1);
+        // One series, the deployment in use; none while the limiter is in process.
+        self.redis_info.clear();
+        if config.limits.backend == crate::config::LimitBackend::Redis {
+            self.redis_info
+                .get_or_create(&RedisInfoLabels {
+                    mode: config.redis.target.mode_name(),
+                    tls: if config.redis.tls { "true" } else { "false" },
+                })
+                .set(1);
+        }
     }
 
     /// Counts a reload attempt.
@@ -367,9 +404,11 @@ impl Metrics {
         (series("ok"), series("failed"))
     }
 
-    /// Counts a rate-limit backend error.
-    pub fn backend_error(&self) {
-        self.backend_errors.inc();
+    /// Counts a rate-limit backend error of `kind` (one of [`BACKEND_ERROR_KINDS`]).
+    pub fn backend_error(&self, kind: &'static str) {
+        self.backend_errors
+            .get_or_create(&BackendErrorLabels { kind })
+            .inc();
     }
 
     /// Counts a request decided by `on_backend_error` (`local`, `allow`, `deny`) because the
@@ -553,7 +592,7 @@ mod tests {
             "tollgate_rate_limit_decisions_total{decision=\"ip_throttled\",plan=\"none\"} 1",
             "tollgate_upstream_duration_seconds_count{upstream=\"core\"} 1",
             "tollgate_config_reloads_total{result=\"ok\"} 0",
-            "tollgate_limiter_backend_errors_total 0",
+            "tollgate_limiter_backend_errors_total{kind=\"tls\"} 0",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

@@ -6,7 +6,8 @@
 //! - [`upstream`]: upstreams to proxy to (echo, counting, raw fault, refusing);
 //! - [`assert`]: assertions on replies (envelopes, request IDs, upstream failures);
 //! - [`tls_upstream`]: https upstreams and their self-signed certificates;
-//! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests.
+//! - [`key_store`]: the one-plan [`tollgate::auth::KeyStore`] fixture of unit-level tests;
+//! - [`redis_server`]: `redis-server` processes for the Redis deployment tests.
 
 // Each test binary uses its own part of the harness: the rest is unused there.
 #![allow(dead_code, unused_imports)]
@@ -15,6 +16,7 @@ pub mod assert;
 pub mod client;
 pub mod gateway;
 pub mod key_store;
+pub mod redis_server;
 pub mod tls_upstream;
 pub mod upstream;
 

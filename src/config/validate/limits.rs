@@ -19,35 +19,6 @@ impl Validator<'_, '_> {
     }
 
     pub(super) fn limits(&mut self, l: LimitsFile) -> LimitsConfig {
-        let redis_url = match &l.redis_url {
-            None => DEFAULT_REDIS_URL.to_owned(),
-            Some(u) => {
-                let text = u.get_ref().trim();
-                // Parsed as the client will parse it, so `check` catches what would otherwise
-                // fail on the first request. The URL is not echoed: it may hold a password.
-                let problem = if text.starts_with("rediss://") {
-                    Some("TLS to Redis (rediss://) is not built in; use redis:// (through a TLS tunnel such as stunnel if the link needs one)".to_owned())
-                } else if !["redis://", "unix://", "redis+unix://"]
-                    .iter()
-                    .any(|p| text.starts_with(p) && text.len() > p.len())
-                {
-                    Some("not a URL like \"redis://127.0.0.1:6379\"".to_owned())
-                } else {
-                    redis::IntoConnectionInfo::into_connection_info(text)
-                        .err()
-                        .map(|e| {
-                            format!(
-                                "not a usable Redis URL ({})",
-                                e.detail().unwrap_or(e.category())
-                            )
-                        })
-                };
-                if let Some(problem) = problem {
-                    self.error(u.span(), format!("limits.redis_url: {problem}"));
-                }
-                text.to_owned()
-            }
-        };
         let ip_throttle = l.ip_throttle.as_ref().map(|t| {
             self.tripwire(
                 &t.rejections,
@@ -85,7 +56,6 @@ impl Validator<'_, '_> {
                 LimitBackend::Local,
                 "limits.backend",
             ),
-            redis_url,
             backend_timeout: self.duration(
                 &l.backend_timeout,
                 DEFAULT_BACKEND_TIMEOUT,

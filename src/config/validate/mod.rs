@@ -9,6 +9,7 @@
 
 mod keys;
 mod limits;
+mod redis;
 mod routes;
 mod server;
 mod targets;
@@ -45,7 +46,14 @@ pub(super) fn load(
         issues: &mut issues,
         keys_file_span: None,
     };
-    let mut config = v.config(file.server, file.admin, file.errors, file.auth, file.limits);
+    let mut config = v.config(
+        file.server,
+        file.admin,
+        file.errors,
+        file.auth,
+        file.limits,
+        file.redis,
+    );
     config.plans = v.plans(&file.plans);
     config.upstreams = v.upstreams(&file.upstreams);
     config.routes = v.routes(&file.routes, &config.upstreams);
@@ -316,6 +324,7 @@ impl Validator<'_, '_> {
         errors: ErrorsFile,
         auth: AuthFile,
         limits: LimitsFile,
+        redis: Option<Spanned<RedisFile>>,
     ) -> Config {
         let listen_span = server.listen.as_ref().map_or(0..0, |l| l.span());
         let admin_span = admin.listen.as_ref().map(|l| l.span());
@@ -327,6 +336,7 @@ impl Validator<'_, '_> {
             admin,
             errors: self.errors(errors),
             auth: self.auth(auth),
+            redis: self.redis(redis, limits.redis_url.as_ref()),
             limits: self.limits(limits),
             plans: BTreeMap::new(),
             keys: Vec::new(),

@@ -126,9 +126,9 @@ const MISTAKES: &[(&str, usize, &str)] = &[
         "scopes need a key, so a public route (auth = false) cannot require them",
     ),
     (
-        "[limits]\nredis_url = \"rediss://:hunter2@r:6380\"",
+        "[limits]\nredis_url = \"redis://a:1\"\n[redis]\nurl = \"rediss://b:1\"",
         2,
-        "TLS to Redis (rediss://) is not built in",
+        "limits.redis_url: the [redis] section also names the connection",
     ),
     (
         "[limits]\nredis_url = \"redis://[::1\"",
@@ -851,7 +851,7 @@ fn every_type_error_is_reported_not_just_the_first() {
 #[test]
 fn redis_passwords_are_never_echoed() {
     for url in [
-        "rediss://:hunter2@r:6380",
+        "rediss://:hunter2@[::1",
         "redis://:hunter2@[::1",
         "http://:hunter2@r",
     ] {
