@@ -308,7 +308,7 @@ impl Pool {
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
         let (sender, connection) =
-            http1::handshake(TokioIo::new(super::quickack::QuickAck(stream)))
+            http1::handshake(TokioIo::new(super::quickack::QuickAck::new(stream)))
                 .await
                 .map_err(PoolError::Send)?;
         tokio::spawn(async move {

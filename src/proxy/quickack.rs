@@ -6,9 +6,11 @@
 //! acknowledged, and Linux delays the ACK of a connection it sees as interactive (a request
 //! out, a response in) by up to 40 ms: every response on a reused connection then takes
 //! ~44 ms instead of well under one. Quick acknowledgement lasts only until the kernel's next
-//! ACK decision, so it is asked for again after each read. The cost is one `setsockopt` per
-//! read, only on upstream connections: the plain-http pool's and, through
-//! [`QuickAckConnector`], hyper-util's (https upstreams, upgrades).
+//! ACK decision, so it is asked for each time the connection waits for more after having read
+//! something: the moment an ACK the upstream may be waiting for is still held back. That is
+//! one `setsockopt` per response on a reused connection (a response read whole is followed
+//! by the idle wait for the next), only on upstream connections: the plain-http pool's and,
+//! through [`QuickAckConnector`], hyper-util's (https upstreams, upgrades).
 
 use std::future::Future;
 use std::io;
@@ -19,9 +21,23 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-/// A [`TcpStream`] that acknowledges every read at once.
+/// A [`TcpStream`] that acknowledges what it read before it waits for more.
 #[derive(Debug)]
-pub struct QuickAck(pub TcpStream);
+pub struct QuickAck {
+    stream: TcpStream,
+    /// Bytes were read since the last wait: an ACK may be pending.
+    read: bool,
+}
+
+impl QuickAck {
+    /// Wraps `stream`.
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            read: false,
+        }
+    }
+}
 
 impl QuickAck {
     /// Acknowledges what was read (on Linux; elsewhere the option does not exist).
@@ -29,7 +45,7 @@ impl QuickAck {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         {
             // A failure only means a delayed ACK, as without the option.
-            let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(true);
+            let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
         }
     }
 }
@@ -41,9 +57,14 @@ impl AsyncRead for QuickAck {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.acknowledge();
+        let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => self.read = true,
+            Poll::Pending if self.read => {
+                self.read = false;
+                self.acknowledge();
+            }
+            _ => {}
         }
         polled
     }
@@ -55,7 +76,7 @@ impl AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.stream).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -63,25 +84,25 @@ impl AsyncWrite for QuickAck {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 
 impl hyper_util::client::legacy::connect::Connection for QuickAck {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.0.connected()
+        self.stream.connected()
     }
 }
 
@@ -106,7 +127,7 @@ where
         let connecting = self.0.call(uri);
         Box::pin(async move {
             let io = connecting.await?;
-            Ok(TokioIo::new(QuickAck(io.into_inner())))
+            Ok(TokioIo::new(QuickAck::new(io.into_inner())))
         })
     }
 }
