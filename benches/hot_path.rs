@@ -203,6 +203,8 @@ impl Decider {
                 burst: NonZeroU32::new(BURST).unwrap(),
                 requests_per_hour: None,
                 requests_per_day: None,
+                requests_per_month: None,
+                routes: Default::default(),
             },
         )]
         .into_iter()
@@ -217,6 +219,8 @@ impl Decider {
                 scopes: vec![],
                 requests_per_minute: None,
                 disabled: false,
+                requests_per_month: None,
+                routes: Default::default(),
             })
             .collect();
         Self {

@@ -24,6 +24,7 @@ use crate::body::{ResponseBody, UnreadBody};
 use crate::config::{Config, PlanName, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
+use crate::limit::charge::{Layout, QuotaTable};
 use crate::limit::headers::PolicyHeaders;
 use crate::limit::{Decision, Guard, KeyedLimiter, LimiterBackend};
 use crate::observability::RequestId;
@@ -57,6 +58,8 @@ pub struct Snapshot {
     pub metrics: SnapshotMetrics,
     /// The anonymous plan's index in `metrics`, when that plan exists.
     anonymous_plan: Option<usize>,
+    /// Every key's monthly quota count, handed from snapshot to snapshot.
+    pub quotas: Arc<QuotaTable>,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -76,6 +79,8 @@ impl Snapshot {
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
     pub fn new(mut config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
         let key_list = std::mem::take(&mut config.keys);
+        // Quota counts live for the process: a reload keeps every one.
+        let quotas = previous.map_or_else(Default::default, |p| p.quotas.clone());
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -90,7 +95,16 @@ impl Snapshot {
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
-            keys: KeyStore::from_keys(key_list, &config.plans, previous.map(|p| &p.keys)),
+            keys: KeyStore::build(
+                key_list,
+                &config.plans,
+                Layout {
+                    routes: &config.routes,
+                    quotas: &quotas,
+                },
+                previous.map(|p| &p.keys),
+            ),
+            quotas: quotas.clone(),
             upstreams: config
                 .upstreams
                 .iter()
@@ -208,8 +222,15 @@ impl Gateway {
         let identity =
             self.authenticate(&request, resolved.route, client, now, snapshot, exchange)?;
         // Only now is a bucket charged: 401/403 never cost a token.
-        self.charge(identity.as_ref(), client, now, snapshot, exchange)
-            .await?;
+        self.charge(
+            identity.as_ref(),
+            resolved.route,
+            client,
+            now,
+            snapshot,
+            exchange,
+        )
+        .await?;
         // What the upstream may see: no credential, and only the identity tollgate vouches for.
         crate::auth::strip_credentials(&mut request, &snapshot.config.auth);
         headers::drop_underscored(
@@ -266,30 +287,33 @@ impl Gateway {
     async fn charge<'s>(
         &self,
         identity: Option<&Identity<'s>>,
+        route: &Route,
         client: IpAddr,
         now: Instant,
         snapshot: &'s Snapshot,
         exchange: &mut Exchange<'s>,
     ) -> Result<(), GatewayError> {
         let limits = &snapshot.config.limits;
+        let cost = route.config.cost;
         let rate = match (identity, &snapshot.anonymous) {
             (Some(identity), _) => snapshot
                 .backend
                 .check(
                     &identity.record.id.0,
-                    &identity.record.limits.limiter,
+                    &identity.record.limits,
+                    (route.index, cost),
                     limits,
                     &self.metrics,
                 )
                 .await?
+                .map(|(decision, policy)| RateInfo { decision, policy }),
+            (None, Some(anonymous)) => anonymous
+                .limiter
+                .check_n(&crate::limit::limit_key(client), cost)
                 .map(|decision| RateInfo {
                     decision,
-                    policy: &identity.record.limits.policy,
+                    policy: &anonymous.policy,
                 }),
-            (None, Some(anonymous)) => Some(RateInfo {
-                decision: anonymous.limiter.check(&crate::limit::limit_key(client)),
-                policy: &anonymous.policy,
-            }),
             (None, None) => None,
         };
         let plan = exchange.labels.plan;
@@ -298,10 +322,15 @@ impl Gateway {
                 snapshot.metrics.decision(LimitOutcome::Allowed, plan);
                 Ok(())
             }
-            Some(info) => {
-                self.guard
-                    .over_limit(&info.decision, client, now, limits, &snapshot.metrics, plan)
-            }
+            Some(info) => self.guard.over_limit(
+                &info.decision,
+                client,
+                now,
+                limits,
+                &snapshot.metrics,
+                plan,
+                &route.config.prefix,
+            ),
             None => Ok(()),
         };
         // Kept even for a 429: every answer to a charged request reports the bucket.
@@ -486,6 +515,15 @@ impl Handler for Gateway {
 
     fn metrics(&self) -> Option<String> {
         Some(self.metrics.encode())
+    }
+
+    fn usage(&self, key_id: &str) -> Option<serde_json::Value> {
+        let snapshot = self.snapshot.load();
+        let record = snapshot.keys.by_id(key_id)?;
+        let mut usage = record.limits.usage(crate::limit::quota::unix_now());
+        usage["key_id"] = serde_json::Value::from(&*record.id.0);
+        usage["plan"] = serde_json::Value::from(&*record.plan.0);
+        Some(usage)
     }
 
     fn tick(&self) {

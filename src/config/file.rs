@@ -144,6 +144,7 @@ pub struct LimitsFile {
     pub mode: Option<SpannedStr>,
     pub ip_throttle: Option<IpThrottleFile>,
     pub failed_auth: Option<FailedAuthFile>,
+    pub state_file: Option<SpannedStr>,
 }
 
 /// `[limits.ip_throttle]`.
@@ -172,6 +173,20 @@ pub struct PlanFile {
     pub burst: Option<Spanned<i64>>,
     pub requests_per_hour: Option<Spanned<i64>>,
     pub requests_per_day: Option<Spanned<i64>>,
+    pub requests_per_month: Option<Spanned<i64>>,
+    /// `[plans.<name>.routes."<prefix>"]`: a bucket per key for that route.
+    #[serde(default)]
+    pub routes: BTreeMap<String, Spanned<RouteBucketFile>>,
+}
+
+/// `[plans.<name>.routes."<prefix>"]`, or a key's `routes = { "<prefix>" = { ... } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBucketFile {
+    pub requests_per_minute: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+    pub requests_per_hour: Option<Spanned<i64>>,
+    pub requests_per_day: Option<Spanned<i64>>,
 }
 
 /// `[[keys]]`.
@@ -186,6 +201,10 @@ pub struct KeyFile {
     pub requests_per_minute: Option<Spanned<i64>>,
     #[serde(default)]
     pub disabled: bool,
+    pub requests_per_month: Option<Spanned<i64>>,
+    /// Per-route bucket overrides, by route prefix.
+    #[serde(default)]
+    pub routes: BTreeMap<String, Spanned<RouteBucketFile>>,
 }
 
 /// `[[upstreams]]`.
@@ -241,6 +260,7 @@ pub struct RouteFile {
     #[serde(default)]
     pub strip_prefix: bool,
     pub respond: Option<Spanned<RespondFile>>,
+    pub cost: Option<Spanned<i64>>,
 }
 
 /// `respond = { status = 200, body = "ok", content_type = "text/plain" }`.

@@ -30,6 +30,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "limits.ip_throttle" => fields::<IpThrottleFile>(),
         "limits.failed_auth" => fields::<FailedAuthFile>(),
         "plans.*" => fields::<PlanFile>(),
+        "plans.*.routes.*" | "keys[].routes.*" => fields::<RouteBucketFile>(),
         "keys[]" => fields::<KeyFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
         "upstreams[].targets[]" => fields::<WeightedTargetFile>(),
@@ -96,6 +97,7 @@ impl<'de> Deserializer<'de> for FieldNames<'_> {
 fn child_path(parent: &str, key: &str) -> String {
     match parent {
         "plans" => "plans.*".to_owned(),
+        "plans.*.routes" | "keys[].routes" => format!("{parent}.*"),
         "" => key.to_owned(),
         _ => format!("{parent}.{key}"),
     }

@@ -17,7 +17,8 @@ use redis::{Client, Script};
 
 use http::HeaderValue;
 
-use crate::limit::{BucketSpec, Decision, Limiter};
+use crate::limit::headers::PolicyHeaders;
+use crate::limit::{BucketSpec, Decision, KeyLimits, Limiter};
 
 /// The GCRA script.
 const GCRA_SCRIPT: &str = include_str!("gcra.lua");
@@ -135,15 +136,22 @@ impl RedisLimiter {
     /// Redis would cost a probe interval of `on_backend_error` decisions on a healthy Redis. If the
     /// script ran before the connection dropped, the retry charges the key a second token:
     /// rare, and on the safe side.
-    pub async fn charge(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
-        match self.charge_once(id, local).await {
+    pub async fn charge<'l>(
+        &self,
+        id: &str,
+        local: &'l KeyLimits,
+        (route, cost): (usize, u32),
+    ) -> Result<(Decision, &'l PolicyHeaders), RedisError> {
+        let _ = (route, cost);
+        let decision = match self.charge_once(id, &local.limiter).await {
             Err(RedisError::Redis(error))
                 if error.is_connection_dropped() && !error.is_connection_refusal() =>
             {
-                self.charge_once(id, local).await
+                self.charge_once(id, &local.limiter).await
             }
             result => result,
-        }
+        }?;
+        Ok((decision, &local.policy))
     }
 
     async fn charge_once(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
@@ -200,6 +208,7 @@ fn decision(
         limit_value: limit_value(bucket as usize),
         // The script ran just before its reply came back.
         at: crate::limit::bucket::tsc_now(),
+        reason: crate::limit::bucket::Reason::Bucket,
     })
 }
 

@@ -7,6 +7,7 @@
 //! (`[auth]`, `[plans]`, `[[keys]]` and the keys file) and [`routes`] (`[[upstreams]]`,
 //! `[[routes]]`).
 
+mod costs;
 mod keys;
 mod limits;
 mod routes;
@@ -107,6 +108,7 @@ pub(super) fn load(
         }
     }
     config.keys = keys;
+    v.costs(&file.plans, &file.keys, &file.routes, &config);
 
     if issues.is_empty() {
         Ok(config)
