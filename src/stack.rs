@@ -188,6 +188,30 @@ impl Gateway {
         self.metrics.reload(true);
     }
 
+    /// Sets monthly quota counts read from `limits.state_file` (at start, before requests).
+    pub fn restore_quotas(&self, counts: &[(String, crate::limit::quota::MonthIndex, u64)]) {
+        let quotas = &self.snapshot.load().quotas;
+        for (id, month, used) in counts {
+            quotas.seed(id, *month, *used);
+        }
+    }
+
+    /// Writes the monthly quota counts to `limits.state_file`, when the local backend keeps
+    /// them (with Redis they live in Redis). Called every housekeeping tick and at shutdown.
+    pub fn save_quotas(&self) {
+        let snapshot = self.snapshot.load();
+        let limits = &snapshot.config.limits;
+        let Some(path) = &limits.state_file else {
+            return;
+        };
+        if limits.backend != crate::config::LimitBackend::Local {
+            return;
+        }
+        if let Err(error) = crate::limit::state_file::write(path, &snapshot.quotas.entries()) {
+            tracing::warn!(%error, path = %path.display(), "cannot write limits.state_file; quota counts since the last write would be lost at a restart");
+        }
+    }
+
     /// Requests shadow mode let through that enforce mode would have rejected.
     pub fn would_limit_count(&self) -> u64 {
         self.guard.would_limit_count()
@@ -533,6 +557,7 @@ impl Handler for Gateway {
             anonymous.limiter.evict_idle();
         }
         self.guard.sweep(now, &snapshot.config.limits);
+        self.save_quotas();
         for upstream in snapshot.upstreams.iter() {
             upstream.close_idle_connections();
         }

@@ -225,6 +225,14 @@ pub struct AuthConfig {
     pub keys_file: Option<PathBuf>,
 }
 
+impl Config {
+    /// Mistakes that do not stop the config (`check` prints them and exits 0): a monthly
+    /// quota whose counts a restart would lose.
+    pub fn warnings(&self) -> Vec<String> {
+        validate::warnings(self)
+    }
+}
+
 /// Where rate-limit state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitBackend {

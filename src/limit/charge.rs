@@ -78,10 +78,10 @@ impl QuotaTable {
         self.0.entry(id.0.clone()).or_default().clone()
     }
 
-    /// Sets key `id`'s count (from the state file).
+    /// Sets key `id`'s count (from the state file): the counter its records already share,
+    /// if it has one.
     pub fn seed(&self, id: &str, month: super::quota::MonthIndex, used: u64) {
-        self.0
-            .insert(Arc::from(id), Arc::new(QuotaCounter::new(month, used)));
+        self.counter(&KeyId(Arc::from(id))).restore(month, used);
     }
 
     /// Every (key id, month, used), sorted by id.

@@ -12,6 +12,7 @@ pub mod ip_table;
 pub mod quota;
 pub mod reason;
 pub mod redis;
+pub mod state_file;
 pub mod tripwire;
 
 pub use backend::LimiterBackend;

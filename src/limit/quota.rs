@@ -108,6 +108,12 @@ impl QuotaCounter {
         (after <= u64::from(limit)).then_some(after)
     }
 
+    /// Sets the count read from the state file (before any request).
+    pub fn restore(&self, month: MonthIndex, used: u64) {
+        self.used.store(used, Ordering::Release);
+        self.month.store(month, Ordering::Release);
+    }
+
     /// Records `used` for the month of `unix_secs`. Callers hold the key's charge lock.
     pub fn charge(&self, used: u64, unix_secs: u64) {
         // `used` first: a reader that sees the new month then sees its count (or a newer one).

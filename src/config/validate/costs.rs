@@ -148,6 +148,33 @@ impl Validator<'_, '_> {
     }
 }
 
+/// What `check` and the start warn about (the config is valid): a monthly quota that a
+/// restart would reset, with the local backend and no `limits.state_file`.
+pub(crate) fn warnings(config: &Config) -> Vec<String> {
+    if config.limits.backend != LimitBackend::Local || config.limits.state_file.is_some() {
+        return Vec::new();
+    }
+    config
+        .plans
+        .iter()
+        .filter(|(_, plan)| plan.requests_per_month.is_some())
+        .map(|(name, _)| format!("plan {name}"))
+        .chain(
+            config
+                .keys
+                .iter()
+                .filter(|k| k.requests_per_month.is_some())
+                .map(|k| format!("key \"{}\"", k.id))
+                .take(1),
+        )
+        .map(|whose| {
+            format!(
+                "{whose} has requests_per_month, but limits.backend is \"local\" and no limits.state_file is set: quota counts start from zero at every restart"
+            )
+        })
+        .collect()
+}
+
 /// The first bucket of `plan` (or its route bucket for `prefix`, or its quota) smaller than
 /// `cost`, described.
 fn too_small(plan: &Plan, prefix: &str, cost: u32) -> Option<String> {

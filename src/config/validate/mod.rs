@@ -28,6 +28,7 @@ use super::file::*;
 use super::parse::{Source, parse};
 use super::units::{parse_duration, parse_size};
 use super::*;
+pub(super) use costs::warnings;
 use keys::{KeySeen, keys_by_piece};
 
 /// Loads the main config text and, if it names one, the keys file (through `read`).
