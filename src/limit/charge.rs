@@ -385,7 +385,7 @@ impl KeyLimits {
 impl Quota {
     /// The quota as a decision at wall-clock `now`: `remaining` left this month, full again
     /// at the next month's start.
-    fn decision(
+    pub fn decision(
         &self,
         allowed: bool,
         remaining: u64,
