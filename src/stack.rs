@@ -340,10 +340,10 @@ impl Gateway {
                 }),
             (None, None) => None,
         };
-        let plan = exchange.labels.plan;
+        let labels = exchange.labels;
         let outcome = match &rate {
             Some(info) if info.decision.allowed => {
-                snapshot.metrics.decision(LimitOutcome::Allowed, plan);
+                snapshot.metrics.decision(LimitOutcome::Allowed, labels);
                 Ok(())
             }
             Some(info) => self.guard.over_limit(
@@ -352,7 +352,7 @@ impl Gateway {
                 now,
                 limits,
                 &snapshot.metrics,
-                plan,
+                labels,
                 &route.config.prefix,
             ),
             None => Ok(()),

@@ -26,6 +26,18 @@ async fn setup(
     key_b: &str,
     extra: &str,
 ) -> (TestGateway, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let (text, seen) = setup_text(plan, report_cost, limits, key_b, extra).await;
+    (TestGateway::start(config("", &text)).await, seen)
+}
+
+/// The config text of [`setup`], with its upstream started.
+async fn setup_text(
+    plan: &str,
+    report_cost: u32,
+    limits: &str,
+    key_b: &str,
+    extra: &str,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let (up, seen) = counting_upstream().await;
     let text = format!(
         r#"
@@ -70,7 +82,7 @@ cost = {report_cost}
         a = digest(KEY_A),
         b = digest(KEY_B),
     );
-    (TestGateway::start(config("", &text)).await, seen)
+    (text, seen)
 }
 
 fn remaining(r: &Reply) -> u32 {
@@ -404,4 +416,99 @@ async fn a_key_quota_overrides_the_plan_and_the_headers_name_the_month() {
         429,
         "quota_exceeded",
     );
+}
+
+#[tokio::test]
+async fn shadow_mode_lets_route_and_quota_refusals_through_and_counts_them() {
+    let (gw, seen) = setup(
+        "burst = 100\nrequests_per_month = 2",
+        1,
+        "mode = \"shadow\"",
+        "",
+        REPORTS_BUCKET,
+    )
+    .await;
+    for _ in 0..4 {
+        assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    }
+    // Key b: the route bucket (2) refuses the third report, in shadow mode too.
+    for _ in 0..3 {
+        assert_eq!(with_key(gw.addr, "/v1/reports/r", KEY_B).await.status, 200);
+    }
+    assert_eq!(
+        seen.load(Ordering::SeqCst),
+        7,
+        "everything reached the upstream"
+    );
+    let decisions = |d: &str, route: &str| {
+        format!(
+            "tollgate_rate_limit_decisions_total{{decision=\"{d}\",plan=\"tight\",route=\"{route}\"}}"
+        )
+    };
+    assert_eq!(metric(gw.admin, &decisions("allowed", "/v1/")).await, 2.0);
+    assert_eq!(
+        metric(gw.admin, &decisions("would_limit", "/v1/")).await,
+        2.0
+    );
+    assert_eq!(
+        metric(gw.admin, &decisions("allowed", "/v1/reports/")).await,
+        2.0
+    );
+    // b's third report: its quota (2, used by the two reports) and route bucket are both
+    // out; the route bucket is looked at first.
+    assert_eq!(
+        metric(gw.admin, &decisions("would_limit", "/v1/reports/")).await,
+        1.0
+    );
+    assert_eq!(metric(gw.admin, &decisions("limited", "/v1/")).await, 0.0);
+    assert_eq!(
+        metric(gw.admin, "tollgate_quota_exhausted_total{plan=\"tight\"}").await,
+        2.0,
+        "a's two requests over its quota"
+    );
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_quota_count_and_unchanged_route_buckets() {
+    let (text, _) = setup_text(
+        "burst = 100\nrequests_per_month = 10",
+        1,
+        "",
+        "",
+        REPORTS_BUCKET,
+    )
+    .await;
+    let gw = TestGateway::start(config("", &text)).await;
+    for _ in 0..3 {
+        assert_eq!(with_key(gw.addr, "/v1/x", KEY_A).await.status, 200);
+    }
+    assert_eq!(with_key(gw.addr, "/v1/reports/r", KEY_A).await.status, 200);
+    // A smaller quota and a deeper plan bucket; the route bucket unchanged.
+    let changed = text
+        .replace("requests_per_month = 10", "requests_per_month = 5")
+        .replace("burst = 100", "burst = 200");
+    gw.gateway.reload(config("", &changed));
+    let usage = get(gw.admin, "/usage/a", &[]).await.json();
+    assert_eq!(
+        (usage["used"].as_u64(), usage["limit"].as_u64()),
+        (Some(4), Some(5)),
+        "{usage}"
+    );
+    assert_eq!(
+        usage["routes"]["/v1/reports/"]["remaining"], 1,
+        "the route bucket kept: {usage}"
+    );
+    assert_eq!(usage["plan"], "tight");
+    // One more fits the new quota of 5.
+    let r = with_key(gw.addr, "/v1/x", KEY_A).await;
+    assert_eq!((r.status, remaining(&r)), (200, 0));
+    assert_envelope(
+        &with_key(gw.addr, "/v1/x", KEY_A).await,
+        429,
+        "quota_exceeded",
+    );
+    // Unknown ids: 404 envelope.
+    let r = get(gw.admin, "/usage/nobody", &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.json()["error"]["code"], "not_found");
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use super::{Decision, IpTripwire, Reason};
 use crate::config::{LimitMode, LimitsConfig};
 use crate::error::GatewayError;
-use crate::observability::metrics::{LimitOutcome, SnapshotMetrics};
+use crate::observability::metrics::{Labels, LimitOutcome, SnapshotMetrics};
 
 /// The tripwires of every client IP, and the count of what shadow mode let through.
 #[derive(Debug, Default)]
@@ -53,7 +53,7 @@ impl Guard {
         // Shadow mode rejects nothing for rate limits, IP blocks included.
         if limits.mode == LimitMode::Shadow {
             self.would_limit.fetch_add(1, Ordering::Relaxed);
-            metrics.decision(LimitOutcome::WouldLimit, None);
+            metrics.decision(LimitOutcome::WouldLimit, Labels::default());
             tracing::info!(
                 decision = "would_limit",
                 client_ip = %client,
@@ -61,7 +61,7 @@ impl Guard {
             );
             return Ok(());
         }
-        metrics.decision(LimitOutcome::IpThrottled, None);
+        metrics.decision(LimitOutcome::IpThrottled, Labels::default());
         Err(GatewayError::IpThrottled { retry_after: wait })
     }
 
@@ -93,12 +93,15 @@ impl Guard {
         now: Instant,
         limits: &LimitsConfig,
         metrics: &SnapshotMetrics,
-        plan: Option<usize>,
+        labels: Labels,
         route: &str,
     ) -> Result<(), GatewayError> {
+        if decision.reason == Reason::Quota {
+            metrics.quota_exhausted(labels.plan);
+        }
         if limits.mode == LimitMode::Shadow {
             self.would_limit.fetch_add(1, Ordering::Relaxed);
-            metrics.decision(LimitOutcome::WouldLimit, plan);
+            metrics.decision(LimitOutcome::WouldLimit, labels);
             tracing::info!(
                 decision = "would_limit",
                 reason = decision.reason.as_str(),
@@ -108,7 +111,7 @@ impl Guard {
             );
             return Ok(());
         }
-        metrics.decision(LimitOutcome::Limited, plan);
+        metrics.decision(LimitOutcome::Limited, labels);
         // A client waiting out its month is not abusive: no count toward ip_throttle.
         if decision.reason == Reason::Quota {
             let decided = super::headers::unix_time(decision.at);
