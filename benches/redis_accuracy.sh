@@ -2,11 +2,12 @@
 # Accuracy of limits.backend = "redis" across gateway processes, and its added latency.
 # Not part of the test run (it takes ~2 minutes). Usage (as root on Debian):
 #   benches/redis_accuracy.sh            knobs: SECS=30 RPM=6000 BURST=1000 CONNS=2 GATEWAYS="1 2 4"
+#                                        COSTS="1 3" (route costs measured, one run each)
 #
 # Accuracy: one redis-server (no persistence), N tollgate processes sharing it, one key, and one
 # wrk per gateway (closed loop, CONNS keep-alive connections each) offering far more than the
-# limit for SECS seconds. Admitted (200) requests are compared with burst + rate x time, time
-# being the longest wrk run. backend_timeout is generous and on_backend_error = "deny", so a
+# limit for SECS seconds, to a route of each cost in COSTS. Admitted (200) requests are compared
+# with (burst + rate x time) / cost, time being the longest wrk run. backend_timeout is generous and on_backend_error = "deny", so a
 # slow Redis can only lower the count, never inflate it; backend errors are reported. The
 # ip_throttle is set out of reach (every request comes from 127.0.0.1).
 # Latency: one gateway at a time (local, then redis), limit far above the load, a Python client
@@ -29,9 +30,11 @@ for tool in wrk:wrk redis-server:redis-server python3:python3 curl:curl; do
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${tool#*:}"
     fi
 done
+COSTS=${COSTS:-"1 3"}
 (cd "$ROOT" && cargo build --release --bin tollgate --bin tollgate-bench-upstream)
-TOLLGATE=$ROOT/target/release/tollgate
-UPSTREAM=$ROOT/target/release/tollgate-bench-upstream
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
+TOLLGATE=$TARGET/release/tollgate
+UPSTREAM=$TARGET/release/tollgate-bench-upstream
 
 WORK=$(mktemp -d)
 PIDS=()
@@ -78,6 +81,7 @@ url = "http://127.0.0.1:$UP_PORT"
 [[routes]]
 prefix = "/v1/"
 upstream = "up"
+$(for c in $COSTS; do printf '[[routes]]\nprefix = "/cost%s/"\nupstream = "up"\ncost = %s\n' "$c" "$c"; done)
 TOML
     "$TOLLGATE" --config "$WORK/gw$i.toml" >/dev/null 2>&1 &
     PIDS+=($!)
@@ -94,18 +98,19 @@ backend_errors() {
     curl -s "http://127.0.0.1:$((18180 + $1))/metrics" | awk '/^tollgate_limiter_backend_errors_total/ {print $2}'
 }
 
-echo "| gateways | seconds | admitted | expected (burst + rate x time) | error | backend errors |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| cost | gateways | seconds | admitted | expected ((burst + rate x time) / cost) | error | backend errors |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for cost in $COSTS; do
 for n in $GATEWAYS; do
     redis-cli -p $REDIS_PORT flushall >/dev/null
     for ((i = 0; i < n; i++)); do gateway "$i" redis "$RPM" "$BURST"; done
     for ((i = 0; i < n; i++)); do
-        wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-API-Key: test' "http://127.0.0.1:$((18080 + i))/v1/x" >"$WORK/wrk$i.txt" &
+        wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-API-Key: test' "http://127.0.0.1:$((18080 + i))/cost$cost/x" >"$WORK/wrk$i.txt" &
     done
     wait $(jobs -p | tail -n "$n")
-    python3 - "$WORK" "$n" "$RPM" "$BURST" "$(for ((i = 0; i < n; i++)); do backend_errors "$i"; done | paste -sd+ | bc)" <<'PY'
+    python3 - "$WORK" "$n" "$RPM" "$BURST" "$(for ((i = 0; i < n; i++)); do backend_errors "$i"; done | paste -sd+ | bc)" "$cost" <<'PY'
 import re, sys
-work, n, rpm, burst, errors = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+work, n, rpm, burst, errors, cost = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 total = non2xx = 0
 secs = 0.0
 for i in range(n):
@@ -116,10 +121,11 @@ for i in range(n):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     non2xx += int(m.group(1)) if m else 0
 admitted = total - non2xx
-expected = burst + rpm / 60 * secs
-print(f"| {n} | {secs:.2f} | {admitted} of {total} | {expected:.0f} | {100 * (admitted - expected) / expected:+.2f}% | {errors} |")
+expected = (burst + rpm / 60 * secs) / cost
+print(f"| {cost} | {n} | {secs:.2f} | {admitted} of {total} | {expected:.0f} | {100 * (admitted - expected) / expected:+.2f}% | {errors} |")
 PY
     stop_gateways
+done
 done
 
 echo

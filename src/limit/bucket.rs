@@ -392,6 +392,7 @@ impl<C: Clock + Clone> Limiter<C> {
     }
 
     /// Whether the buckets can be looked at without charging ([`Self::look`]).
+    #[inline]
     pub fn is_peekable(&self) -> bool {
         self.minute.more
     }
@@ -431,11 +432,20 @@ impl<C: Clock + Clone> Limiter<C> {
 
     /// Charges `cost` tokens to every bucket, or to none ([`Self::check`] for a cost of one).
     /// A cost of 0 charges nothing and reports the bucket closest to empty ([`Self::look`]).
+    #[inline]
     pub fn check_n(&self, cost: u32) -> Decision {
-        let n = match NonZeroU32::new(cost) {
-            None => return self.look(),
-            Some(n) if n.get() == 1 => return self.check(),
-            Some(n) => n,
+        if cost == 1 {
+            return self.check();
+        }
+        self.check_cost(cost)
+    }
+
+    /// [`Self::check_n`] for a cost other than one: out of line, so that the common cost
+    /// stays small enough to inline.
+    #[inline(never)]
+    fn check_cost(&self, cost: u32) -> Decision {
+        let Some(n) = NonZeroU32::new(cost) else {
+            return self.look();
         };
         if !self.minute.more {
             return match self.minute_gcra.check_n(n) {

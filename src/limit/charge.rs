@@ -270,6 +270,11 @@ impl KeyLimits {
     /// Returns the decision and the header parts that describe it.
     #[inline]
     pub fn charge(&self, route: usize, cost: u32) -> (Decision, &PolicyHeaders) {
+        // A key with extras always has a peekable limiter: a plain key's decision reads the
+        // limiter's first cache line, as before, and not the `extras` field beyond it.
+        if !self.limiter.is_peekable() {
+            return (self.limiter.check_n(cost), &self.policy);
+        }
         match &self.extras {
             None => (self.limiter.check_n(cost), &self.policy),
             Some(extras) => {
