@@ -1,7 +1,11 @@
 //! One admission decision, the per-request work before proxying: extract the key from the
 //! request's headers, look it up (10k keys), charge its bucket, build the X-RateLimit headers.
-//! It calls the same functions the pipeline calls (`auth::authenticate`, `Limiter::check`,
-//! `PolicyHeaders::apply`).
+//! It calls the same functions the pipeline calls (`auth::authenticate`, `KeyLimits::charge`,
+//! `PolicyHeaders::apply`). The `_before` variants charge as the pipeline did before route
+//! costs, route buckets and quotas (`Limiter::check` and the key's policy headers), side by
+//! side in the same binary: a plan with neither must cost no more than that.
+//! `part_charge_route_bucket_and_quota` charges a key with one route bucket and a monthly
+//! quota (the key's lock, the route bucket looked at and charged, the quota counted).
 //!
 //! Beside it, a naive baseline for scale: plaintext keys in a `Mutex<HashMap<String, _>>`, a
 //! float token bucket, and headers built with `format!`.
@@ -182,8 +186,19 @@ static X_RATELIMIT: [HeaderName; 3] = [
     HeaderName::from_static("x-ratelimit-reset"),
 ];
 
+/// How a decision charges the key.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// `KeyLimits::charge` (route 0, cost 1), as the pipeline does.
+    Charge,
+    /// `Limiter::check` and the key's own policy headers, as the pipeline did before route
+    /// costs, route buckets and quotas.
+    CheckBefore,
+}
+
 /// The key store and the response headers of one benchmark.
 struct Decider {
+    via: Via,
     store: KeyStore,
     auth: AuthConfig,
     uri: Uri,
@@ -203,6 +218,8 @@ impl Decider {
                 burst: NonZeroU32::new(BURST).unwrap(),
                 requests_per_hour: None,
                 requests_per_day: None,
+                requests_per_month: None,
+                routes: Default::default(),
             },
         )]
         .into_iter()
@@ -217,9 +234,12 @@ impl Decider {
                 scopes: vec![],
                 requests_per_minute: None,
                 disabled: false,
+                requests_per_month: None,
+                routes: Default::default(),
             })
             .collect();
         Self {
+            via: Via::Charge,
             store: KeyStore::new(&keys, &plans, None),
             auth: auth_config(),
             uri: Uri::from_static("/v1/campaigns"),
@@ -237,7 +257,11 @@ impl Decider {
             black_box(identity.record);
             return;
         }
-        let decision = identity.record.limits.limiter.check();
+        let limits = &identity.record.limits;
+        let (decision, policy) = match self.via {
+            Via::Charge => limits.charge(0, 1),
+            Via::CheckBefore => (limits.limiter.check(), &limits.policy),
+        };
         match self.upto {
             Upto::Charge => {
                 black_box(decision);
@@ -255,7 +279,7 @@ impl Decider {
         }
         self.out.clear();
         let now = tollgate::limit::headers::unix_time(decision.at);
-        identity.record.limits.policy.apply(
+        policy.apply(
             &mut self.out,
             RateLimitHeaders::XRateLimit,
             &decision,
@@ -270,14 +294,26 @@ fn tollgate_decision(c: &mut Criterion) {
     let mut group = c.benchmark_group("hot_path");
     let mut decider = Decider::new();
     let mut uniform = Requests::new(Traffic::Uniform);
-    group.bench_function("tollgate_10k_keys_uniform", |b| {
-        b.iter_custom(|iters| timed(&mut uniform, iters, |r| decider.decide(r)))
-    });
+    for (name, via) in [
+        ("tollgate_10k_keys_uniform_before", Via::CheckBefore),
+        ("tollgate_10k_keys_uniform", Via::Charge),
+    ] {
+        decider.via = via;
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| timed(&mut uniform, iters, |r| decider.decide(r)))
+        });
+    }
     drop(uniform);
     let mut requests = Requests::new(Traffic::Skewed);
-    group.bench_function("tollgate_10k_keys", |b| {
-        b.iter_custom(|iters| timed(&mut requests, iters, |r| decider.decide(r)))
-    });
+    for (name, via) in [
+        ("tollgate_10k_keys", Via::Charge),
+        ("tollgate_10k_keys_before", Via::CheckBefore),
+    ] {
+        decider.via = via;
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| timed(&mut requests, iters, |r| decider.decide(r)))
+        });
+    }
     let Decider {
         store,
         auth,
@@ -299,8 +335,15 @@ fn tollgate_decision(c: &mut Criterion) {
         .unwrap()
         .unwrap()
         .record;
-    group.bench_function("part_charge_bucket", |b| {
+    group.bench_function("part_charge_bucket_before", |b| {
         b.iter(|| black_box(record.limits.limiter.check()))
+    });
+    group.bench_function("part_charge_bucket", |b| {
+        b.iter(|| black_box(record.limits.charge(0, 1).0))
+    });
+    let extended = route_bucket_and_quota();
+    group.bench_function("part_charge_route_bucket_and_quota", |b| {
+        b.iter(|| black_box(extended.charge(1, 1).0))
     });
     let decision = record.limits.limiter.check();
     group.bench_function("part_build_headers", |b| {
@@ -390,6 +433,64 @@ fn tollgate_decision(c: &mut Criterion) {
     group.finish();
 }
 
+/// One key's limits with the plan bucket of the bench, a route bucket as deep on route 1,
+/// and a monthly quota too large to run out while measured.
+fn route_bucket_and_quota() -> Arc<tollgate::limit::KeyLimits> {
+    use tollgate::config::{RouteBucket, RouteConfig, RouteTarget};
+    use tollgate::limit::charge::{KeySpec, Layout, QuotaTable};
+    let rate = NonZeroU32::new(RATE).unwrap();
+    let burst = NonZeroU32::new(BURST).unwrap();
+    let plan = Plan {
+        requests_per_minute: rate,
+        burst,
+        requests_per_hour: None,
+        requests_per_day: None,
+        requests_per_month: NonZeroU32::new(u32::MAX),
+        routes: [(
+            "/v1/reports/".to_owned(),
+            RouteBucket {
+                requests_per_minute: rate,
+                burst,
+                requests_per_hour: None,
+                requests_per_day: None,
+            },
+        )]
+        .into_iter()
+        .collect(),
+    };
+    let routes: Vec<RouteConfig> = ["/v1/", "/v1/reports/"]
+        .iter()
+        .map(|p| RouteConfig {
+            prefix: (*p).to_owned(),
+            target: RouteTarget::Upstream(0),
+            scopes: vec![],
+            methods: None,
+            auth: true,
+            strip_prefix: false,
+            cost: 1,
+        })
+        .collect();
+    let none = Default::default();
+    let id = KeyId(Arc::from("extended"));
+    let spec = KeySpec {
+        plan_name: "pro",
+        plan: &plan,
+        custom_per_minute: None,
+        requests_per_month: None,
+        routes: &none,
+        id: &id,
+    };
+    let quotas = QuotaTable::default();
+    tollgate::limit::KeyLimits::build(
+        &spec,
+        Layout {
+            routes: &routes,
+            quotas: &quotas,
+        },
+        None,
+    )
+}
+
 criterion_group!(benches, tollgate_decision);
 
 fn main() {
@@ -408,6 +509,10 @@ fn main() {
         };
         let parse_only = std::env::var_os("HOT_PATH_PARSE_ONLY").is_some();
         let mut decider = Decider::new();
+        // `HOT_PATH_VIA=before`: charge as the pipeline did before costs and quotas.
+        if std::env::var("HOT_PATH_VIA").as_deref() == Ok("before") {
+            decider.via = Via::CheckBefore;
+        }
         decider.upto = match std::env::var("HOT_PATH_UPTO").as_deref() {
             Ok("authenticate") => Upto::Authenticate,
             Ok("charge") => Upto::Charge,

@@ -29,6 +29,8 @@ fn store(size: usize) -> KeyStore {
             scopes: vec!["campaigns:read".to_owned()],
             requests_per_minute: None,
             disabled: false,
+            requests_per_month: None,
+            routes: Default::default(),
         })
         .collect();
     key_store::one_plan_store(&keys)

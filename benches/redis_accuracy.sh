@@ -4,6 +4,7 @@
 #   benches/redis_accuracy.sh            knobs: SECS=30 RPM=6000 BURST=1000 CONNS=2 GATEWAYS="1 2 4"
 #                                               MODE=single LAT_MODES="local single tls sentinel cluster"
 #                                               TOLLGATE=<binary> (default: build the release one)
+#                                               COSTS="1 3" (route costs measured, one run each)
 #
 # MODE is the Redis deployment of the accuracy runs: single (one redis-server), tls (one over
 # rediss://, certificates made with openssl), sentinel (a primary, a replica, three
@@ -12,8 +13,8 @@
 #
 # Accuracy: the Redis of MODE (no persistence), N tollgate processes sharing it, one key, and one
 # wrk per gateway (closed loop, CONNS keep-alive connections each) offering far more than the
-# limit for SECS seconds. Admitted (200) requests are compared with burst + rate x time, time
-# being the longest wrk run. backend_timeout is generous and on_backend_error = "deny", so a
+# limit for SECS seconds, to a route of each cost in COSTS. Admitted (200) requests are compared
+# with (burst + rate x time) / cost, time being the longest wrk run. backend_timeout is generous and on_backend_error = "deny", so a
 # slow Redis can only lower the count, never inflate it; backend errors are reported. The
 # ip_throttle is set out of reach (every request comes from 127.0.0.1).
 # Latency: one gateway at a time (local, then redis), limit far above the load, a Python client
@@ -38,6 +39,7 @@ for tool in wrk:wrk redis-server:redis-server python3:python3 curl:curl; do
 done
 MODE=${MODE:-single}
 LAT_MODES=${LAT_MODES:-"local single tls sentinel cluster"}
+COSTS=${COSTS:-"1 3"}
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ -z "${TOLLGATE:-}" ]; then
     (cd "$ROOT" && cargo build --release --bin tollgate --bin tollgate-bench-upstream)
@@ -171,6 +173,7 @@ url = "http://127.0.0.1:$UP_PORT"
 [[routes]]
 prefix = "/v1/"
 upstream = "up"
+$(for c in $COSTS; do printf '[[routes]]\nprefix = "/cost%s/"\nupstream = "up"\ncost = %s\n' "$c" "$c"; done)
 [redis]
 $REDIS_SECTION
 TOML
@@ -191,18 +194,19 @@ backend_errors() {
 
 redis_setup "$MODE"
 echo "Accuracy, Redis deployment: $MODE"
-echo "| gateways | seconds | admitted | expected (burst + rate x time) | error | backend errors |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| cost | gateways | seconds | admitted | expected ((burst + rate x time) / cost) | error | backend errors |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+for cost in $COSTS; do
 for n in $GATEWAYS; do
     redis_flush
     for ((i = 0; i < n; i++)); do gateway "$i" redis "$RPM" "$BURST"; done
     for ((i = 0; i < n; i++)); do
-        wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-API-Key: test' "http://127.0.0.1:$((18080 + i))/v1/x" >"$WORK/wrk$i.txt" &
+        wrk -t1 -c"$CONNS" -d"${SECS}s" -H 'X-API-Key: test' "http://127.0.0.1:$((18080 + i))/cost$cost/x" >"$WORK/wrk$i.txt" &
     done
     wait $(jobs -p | tail -n "$n")
-    python3 - "$WORK" "$n" "$RPM" "$BURST" "$(for ((i = 0; i < n; i++)); do backend_errors "$i"; done | paste -sd+ | bc)" <<'PY'
+    python3 - "$WORK" "$n" "$RPM" "$BURST" "$(for ((i = 0; i < n; i++)); do backend_errors "$i"; done | paste -sd+ | bc)" "$cost" <<'PY'
 import re, sys
-work, n, rpm, burst, errors = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+work, n, rpm, burst, errors, cost = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
 total = non2xx = 0
 secs = 0.0
 for i in range(n):
@@ -213,10 +217,11 @@ for i in range(n):
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
     non2xx += int(m.group(1)) if m else 0
 admitted = total - non2xx
-expected = burst + rpm / 60 * secs
-print(f"| {n} | {secs:.2f} | {admitted} of {total} | {expected:.0f} | {100 * (admitted - expected) / expected:+.2f}% | {errors} |")
+expected = (burst + rpm / 60 * secs) / cost
+print(f"| {cost} | {n} | {secs:.2f} | {admitted} of {total} | {expected:.0f} | {100 * (admitted - expected) / expected:+.2f}% | {errors} |")
 PY
     stop_gateways
+done
 done
 redis_stop
 

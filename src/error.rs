@@ -89,6 +89,18 @@ pub enum GatewayError {
         window: crate::config::Window,
         /// Wait until one request will be admitted; sent as `Retry-After`.
         retry_after: Duration,
+        /// The route prefix, when the bucket was the route's (`[plans.<name>.routes]`).
+        route: Option<std::sync::Arc<str>>,
+    },
+    /// The key's monthly quota is used up.
+    #[error("quota exceeded")]
+    QuotaExceeded {
+        /// The quota (`requests_per_month`).
+        limit: u32,
+        /// When it resets, in Unix seconds (00:00 UTC on the 1st of next month).
+        resets_at: u64,
+        /// Until then; sent as `Retry-After`.
+        retry_after: Duration,
     },
     /// The client IP is blocked (repeated failed auth or repeated 429s).
     #[error("client IP throttled")]
@@ -173,9 +185,9 @@ impl GatewayError {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ScopeDenied { .. } => StatusCode::FORBIDDEN,
-            GatewayError::RateLimited { .. } | GatewayError::IpThrottled { .. } => {
-                StatusCode::TOO_MANY_REQUESTS
-            }
+            GatewayError::RateLimited { .. }
+            | GatewayError::QuotaExceeded { .. }
+            | GatewayError::IpThrottled { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::NoRoute => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -197,6 +209,7 @@ impl GatewayError {
             GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
             GatewayError::ScopeDenied { .. } => "permission_denied",
             GatewayError::RateLimited { .. } => "rate_limited",
+            GatewayError::QuotaExceeded { .. } => "quota_exceeded",
             GatewayError::IpThrottled { .. } => "ip_throttled",
             GatewayError::NoRoute => "not_found",
             GatewayError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -240,11 +253,23 @@ impl GatewayError {
                 limit,
                 window,
                 retry_after,
+                route,
             } => Cow::Owned(format!(
-                "Rate limit of {limit} request{} per {} exceeded. Retry after {}s.",
+                "Rate limit of {limit} request{} per {}{}{} exceeded. Retry after {}s.",
                 if *limit == 1 { "" } else { "s" },
                 window.name(),
+                if route.is_some() { " on " } else { "" },
+                route.as_deref().unwrap_or(""),
                 retry_after_secs(*retry_after)
+            )),
+            GatewayError::QuotaExceeded {
+                limit, resets_at, ..
+            } => Cow::Owned(format!(
+                "Monthly quota of {limit} request{} used. It resets at {}.",
+                if *limit == 1 { "" } else { "s" },
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + Duration::from_secs(*resets_at)
+                )
             )),
             GatewayError::IpThrottled { retry_after } => Cow::Owned(format!(
                 "Too many failed or rejected requests from your IP address. Retry after {}s.",
@@ -350,6 +375,7 @@ impl ErrorRenderer {
             }
             GatewayError::ServiceUnavailable { retry_after, .. }
             | GatewayError::IpThrottled { retry_after }
+            | GatewayError::QuotaExceeded { retry_after, .. }
             | GatewayError::RateLimited { retry_after, .. } => {
                 headers.insert(
                     RETRY_AFTER,

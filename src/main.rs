@@ -69,6 +69,9 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load_to_serve(path) {
         Ok(config) => {
+            for warning in config.warnings() {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!(
                 "{}: ok ({} routes, {} upstreams, {} keys, {} plans)",
                 path.display(),
@@ -128,6 +131,23 @@ fn run(path: PathBuf) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    // Refused before anything starts: a state file that cannot be read would otherwise
+    // zero every key's month.
+    let quota_counts = match config.limits.state_file.as_deref() {
+        Some(state) if config.limits.backend == tollgate::config::LimitBackend::Local => {
+            match tollgate::limit::state_file::read(state) {
+                Ok(counts) => counts,
+                Err(error) => {
+                    tracing::error!(%error, "cannot start");
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        _ => Vec::new(),
+    };
     // One worker: tokio's current-thread scheduler, which runs every task on this thread with
     // no work-stealing queues or cross-thread wakeups (less CPU per request than a one-thread
     // multi-thread runtime). Otherwise one worker per core, or `workers` of them.
@@ -153,14 +173,18 @@ fn run(path: PathBuf) -> ExitCode {
         // The gateway's snapshot keeps the config (a copy held here for the whole run would
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
+        gateway.restore_quotas(&quota_counts);
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
+        let last_save = gateway.clone();
         tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));
         tokio::spawn(file_watch::reload_on_change(
             path,
             gateway,
             file_watch::WATCH_INTERVAL,
         ));
-        server.serve(signals::shutdown_requested()).await
+        let served = server.serve(signals::shutdown_requested()).await;
+        last_save.save_quotas();
+        served
     });
     // In-flight work past the grace period is dropped, not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -283,6 +283,7 @@ mod tests {
             methods,
             auth: false,
             strip_prefix: false,
+            cost: 1,
         }
     }
 

@@ -24,6 +24,7 @@ use crate::body::{ResponseBody, UnreadBody};
 use crate::config::{Config, PlanName, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
+use crate::limit::charge::{Layout, QuotaTable};
 use crate::limit::headers::PolicyHeaders;
 use crate::limit::{Decision, Guard, KeyedLimiter, LimiterBackend};
 use crate::observability::RequestId;
@@ -57,6 +58,8 @@ pub struct Snapshot {
     pub metrics: SnapshotMetrics,
     /// The anonymous plan's index in `metrics`, when that plan exists.
     anonymous_plan: Option<usize>,
+    /// Every key's monthly quota count, handed from snapshot to snapshot.
+    pub quotas: Arc<QuotaTable>,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -81,6 +84,8 @@ impl Snapshot {
         resolver: &Resolver,
     ) -> Self {
         let key_list = std::mem::take(&mut config.keys);
+        // Quota counts live for the process: a reload keeps every one.
+        let quotas = previous.map_or_else(Default::default, |p| p.quotas.clone());
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -95,7 +100,16 @@ impl Snapshot {
         Self {
             router: Router::new(&config.routes),
             renderer: ErrorRenderer::new(&config.errors),
-            keys: KeyStore::from_keys(key_list, &config.plans, previous.map(|p| &p.keys)),
+            keys: KeyStore::build(
+                key_list,
+                &config.plans,
+                Layout {
+                    routes: &config.routes,
+                    quotas: &quotas,
+                },
+                previous.map(|p| &p.keys),
+            ),
+            quotas: quotas.clone(),
             upstreams: config
                 .upstreams
                 .iter()
@@ -192,6 +206,30 @@ impl Gateway {
         self.metrics.reload(true);
     }
 
+    /// Sets monthly quota counts read from `limits.state_file` (at start, before requests).
+    pub fn restore_quotas(&self, counts: &[(String, crate::limit::quota::MonthIndex, u64)]) {
+        let quotas = &self.snapshot.load().quotas;
+        for (id, month, used) in counts {
+            quotas.seed(id, *month, *used);
+        }
+    }
+
+    /// Writes the monthly quota counts to `limits.state_file`, when the local backend keeps
+    /// them (with Redis they live in Redis). Called every housekeeping tick and at shutdown.
+    pub fn save_quotas(&self) {
+        let snapshot = self.snapshot.load();
+        let limits = &snapshot.config.limits;
+        let Some(path) = &limits.state_file else {
+            return;
+        };
+        if limits.backend != crate::config::LimitBackend::Local {
+            return;
+        }
+        if let Err(error) = crate::limit::state_file::write(path, &snapshot.quotas.entries()) {
+            tracing::warn!(%error, path = %path.display(), "cannot write limits.state_file; quota counts since the last write would be lost at a restart");
+        }
+    }
+
     /// Requests shadow mode let through that enforce mode would have rejected.
     pub fn would_limit_count(&self) -> u64 {
         self.guard.would_limit_count()
@@ -226,8 +264,15 @@ impl Gateway {
         let identity =
             self.authenticate(&request, resolved.route, client, now, snapshot, exchange)?;
         // Only now is a bucket charged: 401/403 never cost a token.
-        self.charge(identity.as_ref(), client, now, snapshot, exchange)
-            .await?;
+        self.charge(
+            identity.as_ref(),
+            resolved.route,
+            client,
+            now,
+            snapshot,
+            exchange,
+        )
+        .await?;
         // What the upstream may see: no credential, and only the identity tollgate vouches for.
         crate::auth::strip_credentials(&mut request, &snapshot.config.auth);
         headers::drop_underscored(
@@ -284,42 +329,50 @@ impl Gateway {
     async fn charge<'s>(
         &self,
         identity: Option<&Identity<'s>>,
+        route: &Route,
         client: IpAddr,
         now: Instant,
         snapshot: &'s Snapshot,
         exchange: &mut Exchange<'s>,
     ) -> Result<(), GatewayError> {
         let limits = &snapshot.config.limits;
+        let cost = route.config.cost;
         let rate = match (identity, &snapshot.anonymous) {
             (Some(identity), _) => snapshot
                 .backend
                 .check(
                     &identity.record.id.0,
-                    &identity.record.limits.limiter,
+                    &identity.record.limits,
+                    (route.index, cost),
                     limits,
                     &self.metrics,
                 )
                 .await?
+                .map(|(decision, policy)| RateInfo { decision, policy }),
+            (None, Some(anonymous)) => anonymous
+                .limiter
+                .check_n(&crate::limit::limit_key(client), cost)
                 .map(|decision| RateInfo {
                     decision,
-                    policy: &identity.record.limits.policy,
+                    policy: &anonymous.policy,
                 }),
-            (None, Some(anonymous)) => Some(RateInfo {
-                decision: anonymous.limiter.check(&crate::limit::limit_key(client)),
-                policy: &anonymous.policy,
-            }),
             (None, None) => None,
         };
-        let plan = exchange.labels.plan;
+        let labels = exchange.labels;
         let outcome = match &rate {
             Some(info) if info.decision.allowed => {
-                snapshot.metrics.decision(LimitOutcome::Allowed, plan);
+                snapshot.metrics.decision(LimitOutcome::Allowed, labels);
                 Ok(())
             }
-            Some(info) => {
-                self.guard
-                    .over_limit(&info.decision, client, now, limits, &snapshot.metrics, plan)
-            }
+            Some(info) => self.guard.over_limit(
+                &info.decision,
+                client,
+                now,
+                limits,
+                &snapshot.metrics,
+                labels,
+                &route.config.prefix,
+            ),
             None => Ok(()),
         };
         // Kept even for a 429: every answer to a charged request reports the bucket.
@@ -506,6 +559,15 @@ impl Handler for Gateway {
         Some(self.metrics.encode())
     }
 
+    fn usage(&self, key_id: &str) -> Option<serde_json::Value> {
+        let snapshot = self.snapshot.load();
+        let record = snapshot.keys.by_id(key_id)?;
+        let mut usage = record.limits.usage(crate::limit::quota::unix_now());
+        usage["key_id"] = serde_json::Value::from(&*record.id.0);
+        usage["plan"] = serde_json::Value::from(&*record.plan.0);
+        Some(usage)
+    }
+
     fn tick(&self) {
         let snapshot = self.snapshot.load();
         let now = Instant::now();
@@ -513,6 +575,7 @@ impl Handler for Gateway {
             anonymous.limiter.evict_idle();
         }
         self.guard.sweep(now, &snapshot.config.limits);
+        self.save_quotas();
         for upstream in snapshot.upstreams.iter() {
             upstream.close_idle_connections();
         }

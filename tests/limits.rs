@@ -628,17 +628,17 @@ async fn shadow_mode_passes_over_limit_requests_and_counts_would_limit_in_metric
     let text = scrape.text();
     let would_limit = metric_in(
         &text,
-        "tollgate_rate_limit_decisions_total{decision=\"would_limit\",plan=\"tight\"}",
+        "tollgate_rate_limit_decisions_total{decision=\"would_limit\",plan=\"tight\",route=\"/v1/\"}",
     );
     assert_eq!(would_limit, Some(2.0), "{text}");
     let allowed = metric_in(
         &text,
-        "tollgate_rate_limit_decisions_total{decision=\"allowed\",plan=\"tight\"}",
+        "tollgate_rate_limit_decisions_total{decision=\"allowed\",plan=\"tight\",route=\"/v1/\"}",
     );
     assert_eq!(allowed, Some(1.0), "{text}");
     let limited = metric_in(
         &text,
-        "tollgate_rate_limit_decisions_total{decision=\"limited\",plan=\"tight\"}",
+        "tollgate_rate_limit_decisions_total{decision=\"limited\",plan=\"tight\",route=\"/v1/\"}",
     )
     .unwrap_or(0.0);
     assert_eq!(limited, 0.0, "nothing was rejected: {text}");

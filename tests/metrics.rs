@@ -118,7 +118,9 @@ async fn a_known_sequence_of_requests_shows_up_in_the_counters() {
     let decision = |d: &str, plan: &str| {
         value(
             &m,
-            &format!("tollgate_rate_limit_decisions_total{{decision=\"{d}\",plan=\"{plan}\"}}"),
+            &format!(
+                "tollgate_rate_limit_decisions_total{{decision=\"{d}\",plan=\"{plan}\",route=\"/v1/\"}}"
+            ),
         )
     };
     assert_eq!(decision("allowed", "tight"), 1.0);

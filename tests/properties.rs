@@ -289,6 +289,8 @@ proptest! {
                 burst: nz(p.burst.unwrap_or(p.rpm)),
                 requests_per_hour: p.per_hour.map(nz),
                 requests_per_day: p.per_day.map(nz),
+                requests_per_month: None,
+                routes: Default::default(),
             });
         }
         prop_assert_eq!(config.keys.len(), keys.len());
@@ -618,6 +620,7 @@ fn response_headers(policy: &PolicyHeaders, decision: &Decision, unix_now: Durat
             limit: decision.spec.limit.get(),
             window: decision.spec.window,
             retry_after: decision.retry_after,
+            route: None,
         };
         let renderer = ErrorRenderer::new(&ErrorsConfig {
             style: ErrorStyle::Envelope,
@@ -686,6 +689,8 @@ proptest! {
             burst: nz(burst.unwrap_or(rpm.min(500))),
             requests_per_hour: per_hour.map(nz),
             requests_per_day: per_day.map(nz),
+            requests_per_month: None,
+            routes: Default::default(),
         };
         let capacity =
             [Some(plan.burst.get()), per_hour, per_day].into_iter().flatten().min().unwrap();

@@ -35,6 +35,8 @@ static STORE: LazyLock<KeyStore> = LazyLock::new(|| {
             burst: rpm,
             requests_per_hour: None,
             requests_per_day: None,
+            requests_per_month: None,
+            routes: Default::default(),
         },
     )]
     .into_iter()
@@ -48,6 +50,8 @@ static STORE: LazyLock<KeyStore> = LazyLock::new(|| {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             requests_per_minute: None,
             disabled: *id == "fuzz-off",
+            requests_per_month: None,
+            routes: Default::default(),
         })
         .collect();
     KeyStore::new(&keys, &plans, None)

@@ -13,9 +13,8 @@ use http::HeaderValue;
 
 use crate::auth::KeyDigest;
 use crate::config::{KeyConfig, KeyId, Plan, PlanName};
-use crate::limit::bucket::buckets_for;
-use crate::limit::headers::PolicyHeaders;
-use crate::limit::{KeyLimits, Limiter};
+use crate::limit::KeyLimits;
+use crate::limit::charge::{KeySpec, Layout, QuotaTable};
 
 /// What tollgate knows about a key. Records live in the store's table itself, and what an
 /// admission decision reads (digest, limits, disabled, scopes) is the first cache line of one.
@@ -122,10 +121,26 @@ impl KeyStore {
     /// [`Self::new`] taking the keys: each one's id, plan and scopes move into its record
     /// instead of being copied and then freed with the config (a million keys' worth of
     /// allocations at every load).
-    #[allow(clippy::mutable_key_type)]
     pub fn from_keys(
         keys: Vec<KeyConfig>,
         plans: &BTreeMap<PlanName, Plan>,
+        previous: Option<&KeyStore>,
+    ) -> Self {
+        let quotas = QuotaTable::default();
+        let layout = Layout {
+            routes: &[],
+            quotas: &quotas,
+        };
+        Self::build(keys, plans, layout, previous)
+    }
+
+    /// [`Self::from_keys`] with the routes (for route buckets and costs) and the process's
+    /// quota counters.
+    #[allow(clippy::mutable_key_type)]
+    pub fn build(
+        keys: Vec<KeyConfig>,
+        plans: &BTreeMap<PlanName, Plan>,
+        layout: Layout<'_>,
         previous: Option<&KeyStore>,
     ) -> Self {
         let old: HashMap<&KeyId, &KeyRecord> = previous
@@ -137,18 +152,15 @@ impl KeyStore {
             HashSet::with_capacity_and_hasher(keys.len(), BuildHasherDefault::default());
         for key in keys {
             let plan = plans.get(&key.plan).expect("key plans are validated");
-            let specs = buckets_for(plan, key.requests_per_minute);
-            let limits = match old.get(&key.id) {
-                Some(prev)
-                    if prev.limits.limiter.specs() == specs.as_slice() && prev.plan == key.plan =>
-                {
-                    prev.limits.clone()
-                }
-                _ => Arc::new(KeyLimits {
-                    limiter: Limiter::new(&specs, Default::default()),
-                    policy: PolicyHeaders::new(&key.plan.0, &specs),
-                }),
+            let spec = KeySpec {
+                plan_name: &key.plan.0,
+                plan,
+                custom_per_minute: key.requests_per_minute,
+                requests_per_month: key.requests_per_month,
+                routes: &key.routes,
+                id: &key.id,
             };
+            let limits = KeyLimits::build(&spec, layout, old.get(&key.id).map(|r| &r.limits));
             let record = KeyRecord {
                 digest: key.digest,
                 limits,
@@ -170,6 +182,12 @@ impl KeyStore {
         self.by_digest
             .get(&KeyDigest::of(presented))
             .filter(|record| !record.disabled)
+    }
+
+    /// The record of key id `id`, disabled or not. A scan of every key: for the admin
+    /// listener, never the request path.
+    pub fn by_id(&self, id: &str) -> Option<&KeyRecord> {
+        self.by_digest.iter().find(|record| &*record.id.0 == id)
     }
 
     /// Number of keys.
@@ -196,6 +214,8 @@ mod tests {
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             requests_per_minute: None,
             disabled,
+            requests_per_month: None,
+            routes: Default::default(),
         }
     }
 
@@ -208,6 +228,8 @@ mod tests {
                 burst: rpm,
                 requests_per_hour: None,
                 requests_per_day: None,
+                requests_per_month: None,
+                routes: Default::default(),
             },
         )]
         .into_iter()

@@ -146,6 +146,7 @@ pub struct LimitsFile {
     pub mode: Option<SpannedStr>,
     pub ip_throttle: Option<IpThrottleFile>,
     pub failed_auth: Option<FailedAuthFile>,
+    pub state_file: Option<SpannedStr>,
 }
 
 /// `[redis]`.
@@ -188,6 +189,20 @@ pub struct PlanFile {
     pub burst: Option<Spanned<i64>>,
     pub requests_per_hour: Option<Spanned<i64>>,
     pub requests_per_day: Option<Spanned<i64>>,
+    pub requests_per_month: Option<Spanned<i64>>,
+    /// `[plans.<name>.routes."<prefix>"]`: a bucket per key for that route.
+    #[serde(default)]
+    pub routes: BTreeMap<String, Spanned<RouteBucketFile>>,
+}
+
+/// `[plans.<name>.routes."<prefix>"]`, or a key's `routes = { "<prefix>" = { ... } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteBucketFile {
+    pub requests_per_minute: Spanned<i64>,
+    pub burst: Option<Spanned<i64>>,
+    pub requests_per_hour: Option<Spanned<i64>>,
+    pub requests_per_day: Option<Spanned<i64>>,
 }
 
 /// `[[keys]]`.
@@ -202,6 +217,10 @@ pub struct KeyFile {
     pub requests_per_minute: Option<Spanned<i64>>,
     #[serde(default)]
     pub disabled: bool,
+    pub requests_per_month: Option<Spanned<i64>>,
+    /// Per-route bucket overrides, by route prefix.
+    #[serde(default)]
+    pub routes: BTreeMap<String, Spanned<RouteBucketFile>>,
 }
 
 /// `[[upstreams]]`.
@@ -271,6 +290,7 @@ pub struct RouteFile {
     #[serde(default)]
     pub strip_prefix: bool,
     pub respond: Option<Spanned<RespondFile>>,
+    pub cost: Option<Spanned<i64>>,
 }
 
 /// `respond = { status = 200, body = "ok", content_type = "text/plain" }`.

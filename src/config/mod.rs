@@ -114,6 +114,12 @@ pub const DEFAULT_UNHEALTHY_AFTER: u32 = 3;
 pub const DEFAULT_HEALTH_EXPECT: (u16, u16) = (200, 399);
 /// Most `upstreams.retries`.
 pub const MAX_RETRIES: u32 = 3;
+/// Default `routes.cost`: tokens a request takes from each bucket it is charged to.
+pub const DEFAULT_ROUTE_COST: u32 = 1;
+/// Largest `routes.cost`.
+pub const MAX_ROUTE_COST: u32 = 1000;
+/// How often the local backend writes `limits.state_file`.
+pub const STATE_FILE_INTERVAL: Duration = Duration::from_secs(10);
 /// Default `respond.content_type`.
 pub const DEFAULT_RESPOND_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 
@@ -235,6 +241,14 @@ pub struct AuthConfig {
     pub keys_file: Option<PathBuf>,
 }
 
+impl Config {
+    /// Mistakes that do not stop the config (`check` prints them and exits 0): a monthly
+    /// quota whose counts a restart would lose.
+    pub fn warnings(&self) -> Vec<String> {
+        validate::warnings(self)
+    }
+}
+
 /// Where rate-limit state lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitBackend {
@@ -303,6 +317,8 @@ pub struct LimitsConfig {
     pub ip_throttle: Tripwire,
     /// Repeated 401s from one IP. Default 20 in 60 s blocks for 15 min.
     pub failed_auth: Tripwire,
+    /// Local backend: where monthly quota counts are kept across restarts. Default none.
+    pub state_file: Option<PathBuf>,
 }
 
 /// `[plans.<name>]`.
@@ -311,6 +327,24 @@ pub struct Plan {
     /// Refill rate, requests per minute.
     pub requests_per_minute: NonZeroU32,
     /// Bucket capacity. Default `requests_per_minute`.
+    pub burst: NonZeroU32,
+    /// Optional hourly bucket.
+    pub requests_per_hour: Option<NonZeroU32>,
+    /// Optional daily bucket.
+    pub requests_per_day: Option<NonZeroU32>,
+    /// Optional monthly quota per key (a counter, UTC calendar month).
+    pub requests_per_month: Option<NonZeroU32>,
+    /// Buckets per key per route, by route prefix (`[plans.<name>.routes."<prefix>"]`).
+    pub routes: BTreeMap<String, RouteBucket>,
+}
+
+/// A route bucket's limits (`[plans.<name>.routes."<prefix>"]` or a key's `routes`): the
+/// same buckets a plan has, charged only for requests to that route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteBucket {
+    /// Refill rate, requests per minute.
+    pub requests_per_minute: NonZeroU32,
+    /// Capacity. Default `requests_per_minute`.
     pub burst: NonZeroU32,
     /// Optional hourly bucket.
     pub requests_per_hour: Option<NonZeroU32>,
@@ -333,6 +367,11 @@ pub struct KeyConfig {
     pub requests_per_minute: Option<NonZeroU32>,
     /// Revoked: answered like an unknown key.
     pub disabled: bool,
+    /// Per-key override of the plan's monthly quota.
+    pub requests_per_month: Option<NonZeroU32>,
+    /// Per-key route buckets, by route prefix: they replace the plan's for that route (or
+    /// add one where the plan has none).
+    pub routes: BTreeMap<String, RouteBucket>,
 }
 
 /// `[[upstreams]]`.
@@ -447,6 +486,9 @@ pub struct RouteConfig {
     pub methods: Option<Vec<Method>>,
     /// Whether a key is required. Default true.
     pub auth: bool,
+    /// Tokens a request takes from every bucket it is charged to (0..=1000); 0: never
+    /// charged. Default 1.
+    pub cost: u32,
     /// Remove the prefix before forwarding. Default false.
     pub strip_prefix: bool,
 }

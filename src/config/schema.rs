@@ -31,6 +31,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "limits.failed_auth" => fields::<FailedAuthFile>(),
         "redis" => fields::<RedisFile>(),
         "plans.*" => fields::<PlanFile>(),
+        "plans.*.routes.*" | "keys[].routes.*" => fields::<RouteBucketFile>(),
         "keys[]" => fields::<KeyFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
         "upstreams[].targets[]" => fields::<WeightedTargetFile>(),
@@ -98,6 +99,7 @@ impl<'de> Deserializer<'de> for FieldNames<'_> {
 fn child_path(parent: &str, key: &str) -> String {
     match parent {
         "plans" => "plans.*".to_owned(),
+        "plans.*.routes" | "keys[].routes" => format!("{parent}.*"),
         "" => key.to_owned(),
         _ => format!("{parent}.{key}"),
     }

@@ -134,6 +134,9 @@ pub enum Window {
     Hour,
     /// `requests_per_day`.
     Day,
+    /// `requests_per_month`: a calendar quota, not a bucket (its length here is nominal,
+    /// 30 days; the quota's period is the UTC calendar month).
+    Month,
 }
 
 impl Window {
@@ -143,6 +146,7 @@ impl Window {
             Window::Minute => 60,
             Window::Hour => 3_600,
             Window::Day => 86_400,
+            Window::Month => 30 * 86_400,
         }
     }
 
@@ -152,6 +156,7 @@ impl Window {
             Window::Minute => "minute",
             Window::Hour => "hour",
             Window::Day => "day",
+            Window::Month => "month",
         }
     }
 }

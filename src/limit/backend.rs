@@ -17,8 +17,9 @@ use tokio::sync::Notify;
 use crate::config::{BackendErrorPolicy, LimitBackend, LimitMode, LimitsConfig, RedisConfig};
 use crate::error::{FailureKind, GatewayError};
 use crate::limit::breaker::{Breaker, probe_waits};
+use crate::limit::headers::PolicyHeaders;
 use crate::limit::redis::RedisLimiter;
-use crate::limit::{Decision, Limiter};
+use crate::limit::{Decision, KeyLimits};
 use crate::observability::log_throttle::LogThrottle;
 use crate::observability::metrics::Metrics;
 
@@ -93,50 +94,56 @@ impl LimiterBackend {
         }
     }
 
-    /// Charges one request of key `id`, whose in-process buckets are `local`.
+    /// Charges a request of key `id`, whose in-process limits are `local`, to route `route`
+    /// at `cost` tokens (see `charge.rs`). The decision comes with the header parts that
+    /// describe it.
     ///
     /// `Ok(None)`: admitted without a decision (Redis failed, `on_backend_error = "allow"`);
     /// `Err`: 503 (Redis failed, `deny`).
-    pub async fn check(
+    pub async fn check<'l>(
         &self,
         id: &str,
-        local: &Limiter,
+        local: &'l KeyLimits,
+        (route, cost): (usize, u32),
         limits: &LimitsConfig,
         metrics: &Metrics,
-    ) -> Result<Option<Decision>, GatewayError> {
+    ) -> Result<Option<(Decision, &'l PolicyHeaders)>, GatewayError> {
         match self {
-            LimiterBackend::Local => Ok(Some(local.check())),
-            LimiterBackend::Redis(guarded) => guarded.check(id, local, limits, metrics).await,
+            LimiterBackend::Local => Ok(Some(local.charge(route, cost))),
+            LimiterBackend::Redis(guarded) => {
+                guarded
+                    .check(id, local, (route, cost), limits, metrics)
+                    .await
+            }
         }
     }
 }
 
 impl Guarded {
-    async fn check(
+    async fn check<'l>(
         self: &Arc<Self>,
         id: &str,
-        local: &Limiter,
+        local: &'l KeyLimits,
+        (route, cost): (usize, u32),
         limits: &LimitsConfig,
         metrics: &Metrics,
-    ) -> Result<Option<Decision>, GatewayError> {
+    ) -> Result<Option<(Decision, &'l PolicyHeaders)>, GatewayError> {
         if self.breaker.is_healthy() {
             let asked = Instant::now();
-            let error =
-                match tokio::time::timeout(limits.backend_timeout, self.redis.charge(id, local))
-                    .await
-                {
-                    Ok(Ok(decision)) => {
-                        if self.breaker.success() {
-                            self.log_recovery();
-                        }
-                        return Ok(Some(decision));
+            let charge = self.redis.charge(id, local, (route, cost));
+            let error = match tokio::time::timeout(limits.backend_timeout, charge).await {
+                Ok(Ok(decision)) => {
+                    if self.breaker.success() {
+                        self.log_recovery();
                     }
-                    Ok(Err(error)) => (error.kind(), error.to_string()),
-                    Err(_) => (
-                        "timeout",
-                        format!("no answer within {:?}", limits.backend_timeout),
-                    ),
-                };
+                    return Ok(Some(decision));
+                }
+                Ok(Err(error)) => (error.kind(), error.to_string()),
+                Err(_) => (
+                    "timeout",
+                    format!("no answer within {:?}", limits.backend_timeout),
+                ),
+            };
             let (kind, error) = error;
             metrics.backend_error(kind);
             // One warning per outage at most, not one per request; failed probes are debug.
@@ -163,7 +170,7 @@ impl Guarded {
         }
         metrics.backend_fallback(policy_name(limits.on_backend_error));
         match limits.on_backend_error {
-            BackendErrorPolicy::Local => Ok(Some(local.check())),
+            BackendErrorPolicy::Local => Ok(Some(local.charge(route, cost))),
             BackendErrorPolicy::Allow => Ok(None),
             // Shadow mode rejects nothing for rate limits, an unreachable limiter included.
             BackendErrorPolicy::Deny if limits.mode == LimitMode::Shadow => Ok(None),

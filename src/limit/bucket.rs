@@ -27,6 +27,7 @@ use super::headers::limit_value;
 use super::ip_table::{
     BoundedStore, MAX_TRACKED_CLIENTS, Peek as PeekKeyed, Shared, look, measure,
 };
+pub use super::reason::Reason;
 use crate::config::Plan;
 
 /// The clock of every limiter: the TSC, read through one process-wide quanta clock that was
@@ -102,8 +103,10 @@ impl BucketSpec {
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     spec: BucketSpec,
-    /// Whether the limiter has hourly or daily buckets after this one (in the padding after
-    /// `spec`; read so that a one-bucket plan touches nothing outside this line).
+    /// Whether the limiter keeps its buckets in shared state that can be looked at without
+    /// charging: it has hourly or daily buckets after this one, or it was made
+    /// [`Limiter::peekable`] (in the padding after `spec`; read so that a one-bucket plan
+    /// touches nothing outside this line).
     more: bool,
     /// The refill interval in nanoseconds.
     interval: u64,
@@ -143,20 +146,55 @@ impl Bucket {
             retry_after: Duration::ZERO,
             limit_value: self.limit_value,
             at: LAST_READING.get(),
+            reason: Reason::Bucket,
         }
     }
 
-    /// A rejected request: `wait` until one token; the bucket is full `burst - 1` intervals later.
-    fn rejected(&self, bucket: usize, wait: Duration) -> Decision {
+    /// A rejected request of `cost` tokens: `wait` until there are that many; the bucket is
+    /// full `burst - cost` intervals later.
+    fn rejected(&self, bucket: usize, wait: Duration, cost: u32) -> Decision {
         Decision {
             allowed: false,
             spec: self.spec,
             bucket,
             remaining: 0,
-            reset_after: wait + self.intervals(self.spec.burst.get() - 1),
+            reset_after: wait + self.intervals(self.spec.burst.get().saturating_sub(cost)),
             retry_after: wait,
             limit_value: self.limit_value,
             at: LAST_READING.get(),
+            reason: Reason::Bucket,
+        }
+    }
+
+    /// A request costing more than the bucket holds: refused however long it waits. (`check`
+    /// refuses such a cost for plan buckets; a key's custom rate may still be smaller.) Told
+    /// to wait for a full bucket, the client at least does not hammer.
+    fn never(&self, bucket: usize) -> Decision {
+        let full = self.intervals(self.spec.burst.get());
+        Decision {
+            reset_after: full,
+            ..self.rejected(bucket, full, self.spec.burst.get())
+        }
+    }
+
+    /// What a look (a charge of one that was not made) says of the bucket before it.
+    fn looked(&self, bucket: usize, look: Result<StateSnapshot, Duration>) -> Decision {
+        match look {
+            Ok(state) => {
+                let burst = self.spec.burst.get();
+                let remaining = (state.remaining_burst_capacity() + 1).min(burst);
+                Decision {
+                    allowed: true,
+                    remaining,
+                    reset_after: self.intervals(burst - remaining),
+                    ..self.admitted(bucket, &state)
+                }
+            }
+            Err(wait) => Decision {
+                allowed: true,
+                retry_after: Duration::ZERO,
+                ..self.rejected(bucket, wait, 1)
+            },
         }
     }
 }
@@ -214,6 +252,8 @@ pub struct Decision {
     /// `reset_after` however long the upstream then takes. (Limiters on other clocks, in
     /// tests, leave the thread's last TSC reading here.)
     pub at: u64,
+    /// What the reported bucket is: the plan's, a route's, or the monthly quota.
+    pub reason: Reason,
 }
 
 /// Folds per-bucket outcomes (smallest window first) into one decision. `now` is read only
@@ -232,7 +272,9 @@ fn combine<C: Clock>(
                     report = Some(decision);
                 }
             }
-            Err(not_until) => return bucket.rejected(i, not_until.wait_time_from(clock.now())),
+            Err(not_until) => {
+                return bucket.rejected(i, not_until.wait_time_from(clock.now()), 1);
+            }
         }
     }
     report.expect("a limiter has at least one bucket")
@@ -240,7 +282,7 @@ fn combine<C: Clock>(
 
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 type SharedGcra<C> = RateLimiter<NotKeyed, SharedState, C, StateInformationMiddleware>;
-type PeekGcra<C> = RateLimiter<NotKeyed, Peek, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type PeekGcra<C> = RateLimiter<NotKeyed, Peek, C, StateInformationMiddleware>;
 
 /// A bucket's GCRA state, shared by the limiter that charges it and the one that peeks.
 #[derive(Debug, Default)]
@@ -303,7 +345,12 @@ fn shared_gcra<C: Clock + Clone>(spec: &BucketSpec, clock: &C) -> (SharedGcra<C>
     .with_middleware();
     (
         gcra,
-        RateLimiter::new(spec.quota(), Peek(state), clock.clone()),
+        RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
+            spec.quota(),
+            Peek(state),
+            clock.clone(),
+        )
+        .with_middleware(),
     )
 }
 
@@ -333,8 +380,25 @@ pub struct Limiter<C: Clock = Tsc> {
 impl<C: Clock + Clone> Limiter<C> {
     /// Full buckets for `specs` (at least one, the first the smallest window) on `clock`.
     pub fn new(specs: &[BucketSpec], clock: C) -> Self {
+        Self::build(specs, clock, specs.len() > 1)
+    }
+
+    /// [`Self::new`], with every bucket (a lone minute bucket too) in shared state, so that
+    /// it can be looked at without charging: for requests of cost 0, which report the
+    /// bucket and take nothing, and for route buckets, which are looked at before anything is
+    /// charged.
+    pub fn peekable(specs: &[BucketSpec], clock: C) -> Self {
+        Self::build(specs, clock, true)
+    }
+
+    /// Whether the buckets can be looked at without charging ([`Self::look`]).
+    #[inline]
+    pub fn is_peekable(&self) -> bool {
+        self.minute.more
+    }
+
+    fn build(specs: &[BucketSpec], clock: C, more: bool) -> Self {
         let first = specs.first().expect("a limiter needs a bucket");
-        let more = specs.len() > 1;
         let shared = if more { specs } else { &[] };
         let (gcras, peeks): (Vec<_>, Vec<_>) =
             shared.iter().map(|s| shared_gcra(s, &clock)).unzip();
@@ -359,10 +423,100 @@ impl<C: Clock + Clone> Limiter<C> {
         }
         match self.minute_gcra.check() {
             Ok(state) => self.minute.admitted(0, &state),
-            Err(not_until) => self
-                .minute
-                .rejected(0, not_until.wait_time_from(self.clock.now())),
+            Err(not_until) => {
+                self.minute
+                    .rejected(0, not_until.wait_time_from(self.clock.now()), 1)
+            }
         }
+    }
+
+    /// Charges `cost` tokens to every bucket, or to none ([`Self::check`] for a cost of one).
+    /// A cost of 0 charges nothing and reports the bucket closest to empty ([`Self::look`]).
+    #[inline]
+    pub fn check_n(&self, cost: u32) -> Decision {
+        if cost == 1 {
+            return self.check();
+        }
+        self.check_cost(cost)
+    }
+
+    /// [`Self::check_n`] for a cost other than one: out of line, so that the common cost
+    /// stays small enough to inline.
+    #[inline(never)]
+    fn check_cost(&self, cost: u32) -> Decision {
+        let Some(n) = NonZeroU32::new(cost) else {
+            return self.look();
+        };
+        if !self.minute.more {
+            return match self.minute_gcra.check_n(n) {
+                Ok(Ok(state)) => self.minute.admitted(0, &state),
+                Ok(Err(not_until)) => {
+                    self.minute
+                        .rejected(0, not_until.wait_time_from(self.clock.now()), cost)
+                }
+                Err(_) => self.minute.never(0),
+            };
+        }
+        if let Some(refused) = self.peek_n(n) {
+            return refused;
+        }
+        let mut report: Option<Decision> = None;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let decision = match self.gcras[i].check_n(n) {
+                Ok(Ok(state)) => bucket.admitted(i, &state),
+                // Another request took the tokens since the look (see `check_every_bucket`).
+                Ok(Err(not_until)) => {
+                    return bucket.rejected(i, not_until.wait_time_from(self.clock.now()), cost);
+                }
+                Err(_) => return bucket.never(i),
+            };
+            if report.is_none_or(|r| decision.remaining < r.remaining) {
+                report = Some(decision);
+            }
+        }
+        report.expect("a limiter has at least one bucket")
+    }
+
+    /// The refusal charging `n` tokens would meet, without charging (peekable limiters; one
+    /// that is not says nothing). Of several empty buckets, the longest wait.
+    pub fn peek_n(&self, n: NonZeroU32) -> Option<Decision> {
+        let mut longest: Option<Decision> = None;
+        for (i, (bucket, peek)) in self.buckets.iter().zip(self.peeks.iter()).enumerate() {
+            let refused = match peek.check_n(n) {
+                Ok(Ok(_)) => continue,
+                Ok(Err(not_until)) => {
+                    bucket.rejected(i, not_until.wait_time_from(self.clock.now()), n.get())
+                }
+                Err(_) => return Some(bucket.never(i)),
+            };
+            if longest.is_none_or(|l| refused.retry_after > l.retry_after) {
+                longest = Some(refused);
+            }
+        }
+        longest
+    }
+
+    /// The buckets as they are, charged nothing: the one closest to empty, reported as
+    /// admitted. A limiter that is not [`Self::peekable`] cannot be looked at and reports its
+    /// minute bucket full.
+    pub fn look(&self) -> Decision {
+        if !self.minute.more {
+            let mut full = self.minute.looked(0, Err(Duration::ZERO));
+            full.remaining = self.minute.spec.burst.get();
+            full.reset_after = Duration::ZERO;
+            return full;
+        }
+        let mut report: Option<Decision> = None;
+        for (i, (bucket, peek)) in self.buckets.iter().zip(self.peeks.iter()).enumerate() {
+            let look = peek
+                .check()
+                .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
+            let decision = bucket.looked(i, look);
+            if report.is_none_or(|r| decision.remaining < r.remaining) {
+                report = Some(decision);
+            }
+        }
+        report.expect("a limiter has at least one bucket")
     }
 
     /// [`Self::check`] for a plan with more than one bucket: kept out of line, so that the
@@ -373,7 +527,7 @@ impl<C: Clock + Clone> Limiter<C> {
         // then refused by the charge, after the buckets before it were charged.)
         let looks = self.peeks.iter().map(|peek| peek.check());
         if let Some((i, wait)) = longest_wait(looks, &self.clock) {
-            return self.buckets[i].rejected(i, wait);
+            return self.buckets[i].rejected(i, wait, 1);
         }
         combine(&self.buckets, &self.clock, |i| self.gcras[i].check())
     }
@@ -459,9 +613,53 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
     pub fn check(&self, key: &K) -> Decision {
         let looks = self.peeks.iter().map(|peek| peek.check_key(key));
         if let Some((i, wait)) = longest_wait(looks, &self.clock) {
-            return self.buckets[i].rejected(i, wait);
+            return self.buckets[i].rejected(i, wait, 1);
         }
         combine(&self.buckets, &self.clock, |i| self.gcras[i].check_key(key))
+    }
+
+    /// Charges `cost` tokens from `key` to every bucket, or to none. A cost of 0 charges
+    /// nothing and gives no decision (a public route that is free reports no bucket).
+    pub fn check_n(&self, key: &K, cost: u32) -> Option<Decision> {
+        let n = match NonZeroU32::new(cost) {
+            None => return None,
+            Some(n) if n.get() == 1 => return Some(self.check(key)),
+            Some(n) => n,
+        };
+        let mut longest: Option<Decision> = None;
+        for (i, peek) in self.peeks.iter().enumerate() {
+            let refused = match peek.check_key_n(key, n) {
+                Ok(Ok(())) => continue,
+                Ok(Err(not_until)) => {
+                    self.buckets[i].rejected(i, not_until.wait_time_from(self.clock.now()), cost)
+                }
+                Err(_) => return Some(self.buckets[i].never(i)),
+            };
+            if longest.is_none_or(|l| refused.retry_after > l.retry_after) {
+                longest = Some(refused);
+            }
+        }
+        if longest.is_some() {
+            return longest;
+        }
+        let mut report: Option<Decision> = None;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            let decision = match self.gcras[i].check_key_n(key, n) {
+                Ok(Ok(state)) => bucket.admitted(i, &state),
+                Ok(Err(not_until)) => {
+                    return Some(bucket.rejected(
+                        i,
+                        not_until.wait_time_from(self.clock.now()),
+                        cost,
+                    ));
+                }
+                Err(_) => return Some(bucket.never(i)),
+            };
+            if report.is_none_or(|r| decision.remaining < r.remaining) {
+                report = Some(decision);
+            }
+        }
+        report
     }
 
     /// Drops keys whose buckets are full again (idle), and returns how many keys remain.
@@ -614,6 +812,8 @@ mod tests {
             burst: NonZeroU32::new(10).unwrap(),
             requests_per_hour: None,
             requests_per_day: Some(NonZeroU32::new(3).unwrap()),
+            requests_per_month: None,
+            routes: Default::default(),
         };
         let l = Limiter::new(&buckets_for(&plan, None), clock.clone());
         let d = l.check();
@@ -665,6 +865,8 @@ mod tests {
             burst: NonZeroU32::new(300).unwrap(),
             requests_per_hour: None,
             requests_per_day: None,
+            requests_per_month: None,
+            routes: Default::default(),
         };
         let specs = buckets_for(&plan, NonZeroU32::new(1200));
         assert_eq!(specs, vec![spec(1200, 1200)]);
@@ -770,6 +972,72 @@ mod tests {
         clock.advance(Duration::from_millis(5_500));
         assert!(l.check().allowed);
         assert!(ips.check(&1).allowed);
+    }
+
+    #[test]
+    fn a_cost_takes_that_many_tokens_from_every_bucket_or_none() {
+        let clock = FakeRelativeClock::default();
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(12).unwrap(),
+            burst: NonZeroU32::new(12).unwrap(),
+        };
+        for l in [
+            Limiter::new(&[spec(60, 10)], clock.clone()),
+            Limiter::peekable(&[spec(60, 10)], clock.clone()),
+            Limiter::new(&[spec(60, 10), hour], clock.clone()),
+        ] {
+            let d = l.check_n(4);
+            assert_eq!((d.allowed, d.remaining), (true, 6));
+            assert_eq!(d.reset_after, 4 * SEC, "four tokens to earn back");
+            assert_eq!(l.check_n(4).remaining, 2);
+            let d = l.check_n(4);
+            assert!(!d.allowed, "2 tokens left, 4 asked");
+            assert_eq!(d.retry_after, 2 * SEC, "until there are four");
+            assert_eq!(d.reset_after, 8 * SEC);
+            assert_eq!(l.check_n(2).remaining, 0, "the refusal took nothing");
+            assert!(!l.check_n(11).allowed, "more than the bucket holds");
+            clock.advance(10 * SEC);
+        }
+    }
+
+    #[test]
+    fn a_cost_of_zero_looks_and_charges_nothing() {
+        let clock = FakeRelativeClock::default();
+        let l = Limiter::peekable(&[spec(60, 3)], clock.clone());
+        let d = l.check_n(0);
+        assert_eq!(
+            (d.allowed, d.remaining, d.reset_after),
+            (true, 3, Duration::ZERO)
+        );
+        l.check();
+        l.check();
+        let d = l.check_n(0);
+        assert_eq!((d.allowed, d.remaining, d.reset_after), (true, 1, 2 * SEC));
+        l.check();
+        let d = l.check_n(0);
+        assert!(d.allowed, "a look is never refused");
+        assert_eq!((d.remaining, d.reset_after), (0, 3 * SEC));
+        assert!(
+            !l.check().allowed,
+            "the looks took nothing, the charges all three"
+        );
+        assert!(l.peek_n(NonZeroU32::new(1).unwrap()).is_some());
+        clock.advance(SEC);
+        assert!(l.peek_n(NonZeroU32::new(1).unwrap()).is_none());
+        assert!(l.peek_n(NonZeroU32::new(2).unwrap()).is_some());
+        assert!(l.check().allowed, "peeking charged nothing");
+    }
+
+    #[test]
+    fn a_client_ip_is_charged_the_cost() {
+        let clock = FakeRelativeClock::default();
+        let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 10)], clock.clone());
+        assert_eq!(l.check_n(&1, 6).unwrap().remaining, 4);
+        assert!(!l.check_n(&1, 6).unwrap().allowed);
+        assert_eq!(l.check_n(&1, 4).unwrap().remaining, 0);
+        assert!(l.check_n(&1, 0).is_none(), "free: no decision");
+        assert_eq!(l.check_n(&2, 10).unwrap().remaining, 0, "another client");
     }
 
     #[test]

@@ -5,14 +5,16 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 
-use super::{Decision, IpTripwire};
+use std::sync::Arc;
+
+use super::{Decision, IpTripwire, Reason};
 use crate::config::{LimitMode, LimitsConfig};
 use crate::error::GatewayError;
-use crate::observability::metrics::{LimitOutcome, SnapshotMetrics};
+use crate::observability::metrics::{Labels, LimitOutcome, SnapshotMetrics};
 
 /// The tripwires of every client IP, and the count of what shadow mode let through.
 #[derive(Debug, Default)]
@@ -51,7 +53,7 @@ impl Guard {
         // Shadow mode rejects nothing for rate limits, IP blocks included.
         if limits.mode == LimitMode::Shadow {
             self.would_limit.fetch_add(1, Ordering::Relaxed);
-            metrics.decision(LimitOutcome::WouldLimit, None);
+            metrics.decision(LimitOutcome::WouldLimit, Labels::default());
             tracing::info!(
                 decision = "would_limit",
                 client_ip = %client,
@@ -59,7 +61,7 @@ impl Guard {
             );
             return Ok(());
         }
-        metrics.decision(LimitOutcome::IpThrottled, None);
+        metrics.decision(LimitOutcome::IpThrottled, Labels::default());
         Err(GatewayError::IpThrottled { retry_after: wait })
     }
 
@@ -80,8 +82,10 @@ impl Guard {
         }
     }
 
-    /// A request over its limit: rejected (and counted towards `ip_throttle`), or in shadow
-    /// mode let through, logged and counted.
+    /// A request over its limit: rejected (and counted towards `ip_throttle`, unless it is
+    /// the monthly quota), or in shadow mode let through, logged and counted. `route` is the
+    /// request's route prefix, named by a route bucket's 429.
+    #[allow(clippy::too_many_arguments)]
     pub fn over_limit(
         &self,
         decision: &Decision,
@@ -89,19 +93,36 @@ impl Guard {
         now: Instant,
         limits: &LimitsConfig,
         metrics: &SnapshotMetrics,
-        plan: Option<usize>,
+        labels: Labels,
+        route: &str,
     ) -> Result<(), GatewayError> {
+        if decision.reason == Reason::Quota {
+            metrics.quota_exhausted(labels.plan);
+        }
         if limits.mode == LimitMode::Shadow {
             self.would_limit.fetch_add(1, Ordering::Relaxed);
-            metrics.decision(LimitOutcome::WouldLimit, plan);
+            metrics.decision(LimitOutcome::WouldLimit, labels);
             tracing::info!(
                 decision = "would_limit",
+                reason = decision.reason.as_str(),
                 window = decision.spec.window.name(),
+                route,
                 "shadow mode: over the limit, let through"
             );
             return Ok(());
         }
-        metrics.decision(LimitOutcome::Limited, plan);
+        metrics.decision(LimitOutcome::Limited, labels);
+        // A client waiting out its month is not abusive: no count toward ip_throttle.
+        if decision.reason == Reason::Quota {
+            let decided = super::headers::unix_time(decision.at);
+            return Err(GatewayError::QuotaExceeded {
+                limit: decision.spec.limit.get(),
+                // The next month's first second, which the decision's clock read lands on
+                // within a millisecond.
+                resets_at: (decided + decision.reset_after + Duration::from_millis(500)).as_secs(),
+                retry_after: decision.retry_after,
+            });
+        }
         if self.ip_throttle.record(client, now, &limits.ip_throttle) {
             tracing::warn!(client_ip = %client, block_for = ?limits.ip_throttle.block_for, "ip throttle tripped: client IP blocked after repeated 429s");
             // The 429 that trips the block says so: told the key's wait, the client would be
@@ -114,6 +135,7 @@ impl Guard {
             limit: decision.spec.limit.get(),
             window: decision.spec.window,
             retry_after: decision.retry_after,
+            route: (decision.reason == Reason::Route).then(|| Arc::from(route)),
         })
     }
 

@@ -29,35 +29,57 @@ pub struct PolicyHeaders {
     ietf_prefixes: Box<[Bytes]>,
     /// `RateLimit-Policy`, all buckets.
     ietf_policy: HeaderValue,
+    /// A monthly quota's policy item (`"pro-month";q=100000;w=`), written per request: its
+    /// window is the length of the current month.
+    quota_item: Option<Box<str>>,
 }
 
 impl PolicyHeaders {
     /// Headers for a plan named `name` with these buckets. The minute bucket's policy is named
     /// after the plan; hourly and daily ones get `-hour` / `-day`.
     pub fn new(name: &str, specs: &[BucketSpec]) -> Self {
-        let policy_name = |spec: &BucketSpec| match spec.window {
-            Window::Minute => name.to_owned(),
-            other => format!("{name}-{}", other.name()),
+        Self::with_route(name, specs, None, None)
+    }
+
+    /// Headers for a plan's buckets, then a route's buckets (named `"<plan>:<prefix>"`, with
+    /// `-hour` / `-day` for longer windows), then a monthly quota (`"<plan>-month"`), in the
+    /// order of a decision's `bucket` index.
+    pub fn with_route(
+        name: &str,
+        specs: &[BucketSpec],
+        route: Option<(&str, &[BucketSpec])>,
+        quota: Option<std::num::NonZeroU32>,
+    ) -> Self {
+        let policy_name = |base: &str, spec: &BucketSpec| match spec.window {
+            Window::Minute => base.to_owned(),
+            other => format!("{base}-{}", other.name()),
         };
-        let ietf_prefixes = specs
+        let route_name = route.map(|(prefix, _)| format!("{name}:{prefix}"));
+        let items: Vec<(String, &BucketSpec)> = specs
             .iter()
-            .map(|s| Bytes::from(format!("\"{}\";r=", policy_name(s))))
+            .map(|s| (policy_name(name, s), s))
+            .chain(route.into_iter().flat_map(|(_, rspecs)| {
+                let base = route_name.as_deref().unwrap_or(name);
+                rspecs.iter().map(move |s| (policy_name(base, s), s))
+            }))
             .collect();
-        let policy = specs
+        let quota_name = format!("{name}-month");
+        let ietf_prefixes = items
             .iter()
-            .map(|s| {
-                format!(
-                    "\"{}\";q={};w={}",
-                    policy_name(s),
-                    s.limit,
-                    s.window.seconds()
-                )
-            })
+            .map(|(item, _)| item.as_str())
+            .chain(quota.map(|_| quota_name.as_str()))
+            .map(|item| Bytes::from(format!("\"{item}\";r=")))
+            .collect();
+        let policy = items
+            .iter()
+            .map(|(item, s)| format!("\"{item}\";q={};w={}", s.limit, s.window.seconds()))
             .collect::<Vec<_>>()
             .join(", ");
         Self {
             ietf_prefixes,
+            // Route prefixes are validated: no quote, no control character.
             ietf_policy: HeaderValue::from_str(&policy).expect("plan names are header-safe"),
+            quota_item: quota.map(|q| format!("\"{quota_name}\";q={q};w=").into()),
         }
     }
 
@@ -81,7 +103,21 @@ impl PolicyHeaders {
             );
         }
         if matches!(style, RateLimitHeaders::Ietf | RateLimitHeaders::Both) {
-            headers.insert(&RATELIMIT_POLICY, self.ietf_policy.clone());
+            match &self.quota_item {
+                None => headers.insert(&RATELIMIT_POLICY, self.ietf_policy.clone()),
+                Some(item) => {
+                    let (start, end) = super::quota::period(decided.as_secs());
+                    let policy = format!(
+                        "{}, {item}{}",
+                        self.ietf_policy.to_str().unwrap_or_default(),
+                        end - start
+                    );
+                    match HeaderValue::from_str(&policy) {
+                        Ok(value) => headers.insert(&RATELIMIT_POLICY, value),
+                        Err(_) => headers.insert(&RATELIMIT_POLICY, self.ietf_policy.clone()),
+                    }
+                }
+            };
             let elapsed = elapsed();
             let t = if decision.allowed {
                 ceil_secs(decision.reset_after.saturating_sub(elapsed))
@@ -247,6 +283,7 @@ mod tests {
             retry_after: Duration::from_millis(retry_ms),
             limit_value: limit_value(specs()[bucket].limit.get()),
             at: 0,
+            reason: super::super::bucket::Reason::Bucket,
         }
     }
 

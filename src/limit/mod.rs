@@ -5,15 +5,19 @@
 pub mod backend;
 pub mod breaker;
 pub mod bucket;
+pub mod charge;
 pub mod guard;
 pub mod headers;
 pub mod ip_table;
+pub mod quota;
+pub mod reason;
 pub mod redis;
 pub mod redis_connection;
+pub mod state_file;
 pub mod tripwire;
 
 pub use backend::LimiterBackend;
-pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Window};
+pub use bucket::{BucketSpec, Decision, KeyedLimiter, Limiter, Reason, Window};
 pub use guard::Guard;
 pub use tripwire::{IpTripwire, limit_key};
 
@@ -27,4 +31,8 @@ pub struct KeyLimits {
     pub limiter: Limiter,
     /// The per-key parts of the rate-limit headers.
     pub policy: headers::PolicyHeaders,
+    /// The plan's name (header policy names).
+    pub plan_name: std::sync::Arc<str>,
+    /// Route buckets and the monthly quota, for keys that have either (see `charge.rs`).
+    pub extras: Option<Box<charge::Extras>>,
 }

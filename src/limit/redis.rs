@@ -19,8 +19,12 @@ use redis::Script;
 use http::HeaderValue;
 
 use crate::config::RedisConfig;
+use crate::limit::bucket::tsc_now;
+use crate::limit::charge::{Quota, RouteLimiter};
+use crate::limit::headers::{PolicyHeaders, unix_time};
+use crate::limit::quota::{MonthIndex, month_of, period};
 use crate::limit::redis_connection::{RedisConnection, RedisConnector, error_kind};
-use crate::limit::{BucketSpec, Decision, Limiter};
+use crate::limit::{BucketSpec, Decision, KeyLimits, Limiter, Reason};
 
 /// The GCRA script.
 const GCRA_SCRIPT: &str = include_str!("gcra.lua");
@@ -34,7 +38,7 @@ pub enum RedisError {
     Redis(#[from] redis::RedisError),
     /// The script answered something it never returns.
     #[error("unexpected script reply {0:?}")]
-    BadReply([i64; 5]),
+    BadReply([i64; 6]),
 }
 
 /// Said before a TLS failure: the crate's words ("invalid peer certificate: UnknownIssuer")
@@ -119,51 +123,145 @@ impl RedisLimiter {
     /// first probe after a restart would fail, and the outage last a probe interval longer.
     pub async fn probe(&self) -> Result<(), RedisError> {
         let mut connection = self.connector.connect().await?;
-        let _: [i64; 5] = self
+        let _: [i64; 6] = self
             .script
             .prepare_invoke()
             .key("tollgate:{\u{1}probe}:minute")
-            .arg(1)
-            .arg(1)
+            .arg(1) // cost
+            .arg(1) // one bucket
+            .arg(0) // no quota
+            .arg(0)
+            .arg(1) // interval
+            .arg(1) // burst
             .invoke_async(&mut connection)
             .await?;
         self.connection.store(Some(Arc::new(connection)));
         Ok(())
     }
 
-    /// Charges one request of key `id` to its buckets in Redis (smallest window first);
-    /// `local` (the key's in-process limiter) gives their parameters and header values.
+    /// Charges a request of key `id` to route `route` at `cost` tokens in Redis: its plan
+    /// buckets (smallest window first), its route bucket and its monthly quota, all or none,
+    /// in one script run. `local` (the key's in-process limits) gives their parameters and
+    /// header parts. With a quota, the key's local counter is set to the count Redis
+    /// answered, for `GET /usage` on this instance (and a start for `on_backend_error =
+    /// "local"`).
     ///
     /// A connection found dropped (Redis restarted, or an idle connection cut by a firewall)
     /// is tried once more on the new connection the manager makes: otherwise every restart of
     /// Redis would cost a probe interval of `on_backend_error` decisions on a healthy Redis. If the
-    /// script ran before the connection dropped, the retry charges the key a second token:
+    /// script ran before the connection dropped, the retry charges the key a second time:
     /// rare, and on the safe side.
-    pub async fn charge(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
-        match self.charge_once(id, local).await {
+    pub async fn charge<'l>(
+        &self,
+        id: &str,
+        local: &'l KeyLimits,
+        (route, cost): (usize, u32),
+    ) -> Result<(Decision, &'l PolicyHeaders), RedisError> {
+        let extras = local.extras.as_deref();
+        let charge = Charge {
+            plan: &local.limiter,
+            route: extras.and_then(|e| e.route(route)),
+            quota: extras.and_then(|e| e.quota.as_ref()),
+            cost,
+        };
+        let policy = match (extras, charge.route) {
+            (Some(_), Some(route)) => &route.policy,
+            (Some(extras), None) => &extras.policy,
+            (None, _) => &local.policy,
+        };
+        let at = tsc_now();
+        let now = unix_time(at);
+        let reply = match self.charge_once(id, &charge, now).await {
             Err(RedisError::Redis(error))
                 if error.is_connection_dropped() && !error.is_connection_refusal() =>
             {
-                self.charge_once(id, local).await
+                self.charge_once(id, &charge, now).await
             }
             result => result,
-        }
+        }?;
+        Ok((charge.decision(reply, (now, at))?, policy))
     }
 
-    async fn charge_once(&self, id: &str, local: &Limiter) -> Result<Decision, RedisError> {
-        let specs = local.specs();
+    async fn charge_once(
+        &self,
+        id: &str,
+        charge: &Charge<'_>,
+        now: Duration,
+    ) -> Result<[i64; 6], RedisError> {
         let mut connection = self.connection().await?;
         let mut invocation = self.script.prepare_invoke();
-        for spec in specs {
+        let plan = charge.plan.specs();
+        let route = charge.route.map_or(&[][..], |r| r.limiter.specs());
+        for spec in plan {
             invocation.key(redis_key(id, spec));
         }
-        for spec in specs {
+        for spec in route {
+            let prefix = charge.route.map_or("", |r| &r.prefix);
+            invocation.key(route_key(id, prefix, spec));
+        }
+        let (start, end) = period(now.as_secs());
+        if charge.quota.is_some() {
+            invocation.key(quota_key(id, month_of(start)));
+        }
+        invocation
+            .arg(charge.cost)
+            .arg(plan.len() + route.len())
+            .arg(charge.quota.map_or(0, |q| q.limit.get()))
+            // A day after the month ends: a late instance (a skewed clock) still finds it.
+            .arg(end + 86_400);
+        for spec in plan.iter().chain(route) {
             invocation
                 .arg(spec.interval().as_micros().max(1) as u64)
                 .arg(spec.burst.get());
         }
-        let reply: [i64; 5] = invocation.invoke_async(&mut connection).await?;
-        decision(specs, reply, |bucket| local.limit_value(bucket))
+        Ok(invocation.invoke_async(&mut connection).await?)
+    }
+}
+
+/// What one request charges: the key's plan buckets, its route bucket and quota if any.
+struct Charge<'l> {
+    plan: &'l Limiter,
+    route: Option<&'l RouteLimiter>,
+    quota: Option<&'l Quota>,
+    cost: u32,
+}
+
+impl Charge<'_> {
+    /// The bucket at `index` in the script's order (plan buckets, then route buckets): its
+    /// parameters, its `X-RateLimit-Limit` and what kind it is.
+    fn bucket(&self, index: usize) -> Option<(BucketSpec, &'static HeaderValue, Reason)> {
+        let plan = self.plan.specs();
+        if let Some(spec) = plan.get(index) {
+            return Some((*spec, self.plan.limit_value(index), Reason::Bucket));
+        }
+        let route = self.route?;
+        let i = index - plan.len();
+        let spec = route.limiter.specs().get(i)?;
+        Some((*spec, route.limiter.limit_value(i), Reason::Route))
+    }
+
+    /// The script's reply as a decision made at (wall clock, TSC reading) `now`.
+    fn decision(&self, reply: [i64; 6], now: (Duration, u64)) -> Result<Decision, RedisError> {
+        let buckets = self.plan.specs().len() + self.route.map_or(0, |r| r.limiter.specs().len());
+        let used = u64::try_from(reply[5]).map_err(|_| RedisError::BadReply(reply))?;
+        if reply[0] == 0 && reply[1] == buckets as i64 {
+            let quota = self.quota.ok_or(RedisError::BadReply(reply))?;
+            return Ok(quota.decision(false, 0, now, buckets));
+        }
+        let decision = decision(|i| self.bucket(i), reply)?;
+        match self.quota {
+            Some(quota) if decision.allowed => {
+                quota.counter.charge(used, now.0.as_secs());
+                let left = u64::from(quota.limit.get()).saturating_sub(used);
+                let counted = quota.decision(true, left, now, buckets);
+                Ok(if counted.remaining < decision.remaining {
+                    counted
+                } else {
+                    decision
+                })
+            }
+            _ => Ok(decision),
+        }
     }
 }
 
@@ -180,30 +278,52 @@ pub fn redis_key(id: &str, spec: &BucketSpec) -> String {
     )
 }
 
-/// The script's reply as a [`Decision`]; `limit_value` gives a bucket's `X-RateLimit-Limit`.
+/// `tollgate:{<key id>}:route:<prefix>:<window>:<limit>:<burst>`: a key's bucket for one
+/// route, carrying its limits as plan buckets do.
+pub fn route_key(id: &str, prefix: &str, spec: &BucketSpec) -> String {
+    format!(
+        "tollgate:{{{id}}}:route:{prefix}:{}:{}:{}",
+        spec.window.name(),
+        spec.limit,
+        spec.burst
+    )
+}
+
+/// `tollgate:{<key id>}:month:<YYYY-MM>`: a key's quota count in one month. It carries no
+/// limit: a changed quota counts on from what was used.
+pub fn quota_key(id: &str, month: MonthIndex) -> String {
+    format!(
+        "tollgate:{{{id}}}:month:{:04}-{:02}",
+        month / 12,
+        month % 12 + 1
+    )
+}
+
+/// The script's reply for a bucket as a [`Decision`]; `bucket` gives a bucket's parameters,
+/// `X-RateLimit-Limit` and kind by its index.
 fn decision(
-    specs: &[BucketSpec],
-    reply: [i64; 5],
-    limit_value: impl Fn(usize) -> &'static HeaderValue,
+    bucket: impl Fn(usize) -> Option<(BucketSpec, &'static HeaderValue, Reason)>,
+    reply: [i64; 6],
 ) -> Result<Decision, RedisError> {
-    let [allowed, bucket, remaining, reset_us, retry_us] = reply;
-    let spec = usize::try_from(bucket)
+    let [allowed, index, remaining, reset_us, retry_us, _] = reply;
+    let (spec, limit_value, reason) = usize::try_from(index)
         .ok()
-        .and_then(|i| specs.get(i))
+        .and_then(&bucket)
         .filter(|_| remaining >= 0 && reset_us >= 0 && retry_us >= 0)
         .ok_or(RedisError::BadReply(reply))?;
     Ok(Decision {
         allowed: allowed == 1,
-        spec: *spec,
-        bucket: bucket as usize,
+        spec,
+        bucket: index as usize,
         remaining: u32::try_from(remaining)
             .unwrap_or(u32::MAX)
             .min(spec.burst.get()),
         reset_after: Duration::from_micros(reset_us as u64),
         retry_after: Duration::from_micros(retry_us as u64),
-        limit_value: limit_value(bucket as usize),
+        limit_value,
         // The script ran just before its reply came back.
-        at: crate::limit::bucket::tsc_now(),
+        at: tsc_now(),
+        reason,
     })
 }
 
@@ -234,20 +354,36 @@ mod tests {
     }
 
     #[test]
+    fn route_and_quota_keys_share_the_hash_tag() {
+        assert_eq!(
+            route_key("acme-prod", "/v1/reports/", &spec(Window::Minute, 10)),
+            "tollgate:{acme-prod}:route:/v1/reports/:minute:10:10"
+        );
+        assert_eq!(
+            quota_key("acme-prod", 2026 * 12 + 11),
+            "tollgate:{acme-prod}:month:2026-12"
+        );
+    }
+
+    #[test]
     fn replies_become_decisions() {
         let specs = [spec(Window::Minute, 60), spec(Window::Day, 1000)];
         let local = Limiter::new(&specs, crate::limit::bucket::Tsc);
-        let values = |bucket| local.limit_value(bucket);
-        let d = decision(&specs, [0, 1, 0, 5_000_000, 1_500], values).unwrap();
+        let values = |i: usize| {
+            specs
+                .get(i)
+                .map(|s| (*s, local.limit_value(i), Reason::Bucket))
+        };
+        let d = decision(values, [0, 1, 0, 5_000_000, 1_500, 0]).unwrap();
         assert_eq!(d.limit_value, "1000", "the daily bucket's limit");
         assert!(!d.allowed);
         assert_eq!(d.spec.window, Window::Day);
         assert_eq!(d.retry_after, Duration::from_micros(1_500));
         assert_eq!(d.reset_after, Duration::from_secs(5));
         assert!(
-            decision(&specs, [1, 2, 0, 0, 0], values).is_err(),
+            decision(values, [1, 2, 0, 0, 0, 0]).is_err(),
             "no third bucket"
         );
-        assert!(decision(&specs, [1, 0, -1, 0, 0], values).is_err());
+        assert!(decision(values, [1, 0, -1, 0, 0, 0]).is_err());
     }
 }

@@ -8,7 +8,8 @@
 //! | metric | type | labels |
 //! | --- | --- | --- |
 //! | `tollgate_requests_total` | counter | `route` (prefix or `none`), `status` (`2xx`...), `plan` (or `none`); heads refused by the parser or timed out count under `none`, `none` |
-//! | `tollgate_rate_limit_decisions_total` | counter | `decision` (`allowed`, `limited`, `would_limit`, `ip_throttled`), `plan` |
+//! | `tollgate_rate_limit_decisions_total` | counter | `decision` (`allowed`, `limited`, `would_limit`, `ip_throttled`), `plan`, `route` (prefix, or `none` before routing) |
+//! | `tollgate_quota_exhausted_total` | counter | `plan`: requests refused (or, in shadow mode, let through) by a used-up monthly quota |
 //! | `tollgate_upstream_failures_total` | counter | `upstream`, `kind` |
 //! | `tollgate_request_duration_seconds` | histogram | (none): until the response head |
 //! | `tollgate_upstream_target_healthy` | gauge | `upstream`, `target` (`address:port`): 1 in rotation, 0 ejected or failing its probes (a return from ejection is seen by the next request) |
@@ -92,6 +93,12 @@ struct RequestLabels {
 struct DecisionLabels {
     decision: &'static str,
     plan: String,
+    route: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PlanLabels {
+    plan: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,6 +168,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     decisions: Family<DecisionLabels, Counter>,
+    quota_exhausted: Family<PlanLabels, Counter>,
     upstream_failures: Family<FailureLabels, Counter>,
     request_duration: AtomicHistogram,
     upstream_duration: Family<UpstreamLabels, AtomicHistogram, LatencyHistogram>,
@@ -202,8 +210,14 @@ impl Metrics {
         let decisions = Family::<DecisionLabels, Counter>::default();
         registry.register(
             "rate_limit_decisions",
-            "Rate-limit decisions, by decision and plan",
+            "Rate-limit decisions, by decision, plan and route",
             decisions.clone(),
+        );
+        let quota_exhausted = Family::<PlanLabels, Counter>::default();
+        registry.register(
+            "quota_exhausted",
+            "Requests that found their key's monthly quota used up, by plan",
+            quota_exhausted.clone(),
         );
         let upstream_failures = Family::<FailureLabels, Counter>::default();
         registry.register(
@@ -291,6 +305,7 @@ impl Metrics {
             registry,
             requests,
             decisions,
+            quota_exhausted,
             upstream_failures,
             request_duration,
             upstream_duration,
@@ -485,7 +500,7 @@ impl SnapshotMetrics {
             .collect();
         Self {
             requests: slots((routes.len() + 1) * (plans.len() + 1) * STATUS_CLASSES.len()),
-            decisions: slots((plans.len() + 1) * LimitOutcome::ALL.len()),
+            decisions: slots((routes.len() + 1) * (plans.len() + 1) * LimitOutcome::ALL.len()),
             routes,
             plans,
             upstream_duration,
@@ -525,17 +540,29 @@ impl SnapshotMetrics {
             .inc();
     }
 
-    /// Counts a rate-limit decision.
-    pub fn decision(&self, outcome: LimitOutcome, plan: Option<usize>) {
-        let plan = plan.unwrap_or(self.plans.len());
+    /// Counts a rate-limit decision, under the request's route and plan (as far as known).
+    pub fn decision(&self, outcome: LimitOutcome, labels: Labels) {
+        let plan = labels.plan.unwrap_or(self.plans.len());
+        let route = labels.route.unwrap_or(self.routes.len());
         let index = outcome as usize;
-        self.decisions[plan * LimitOutcome::ALL.len() + index]
+        let slot = (route * (self.plans.len() + 1) + plan) * LimitOutcome::ALL.len() + index;
+        self.decisions[slot]
             .get_or_init(|| {
                 self.metrics.decisions.get_or_create_owned(&DecisionLabels {
                     decision: outcome.as_str(),
                     plan: self.plan_label(plan),
+                    route: self.routes.get(route).cloned().unwrap_or(NONE.into()),
                 })
             })
+            .inc();
+    }
+
+    /// Counts a request that found its key's monthly quota used up.
+    pub fn quota_exhausted(&self, plan: Option<usize>) {
+        let plan = self.plan_label(plan.unwrap_or(self.plans.len()));
+        self.metrics
+            .quota_exhausted
+            .get_or_create_owned(&PlanLabels { plan })
             .inc();
     }
 
@@ -581,15 +608,17 @@ mod tests {
         table.request(labels, http::StatusCode::OK);
         table.request(labels, http::StatusCode::OK);
         table.request(Labels::default(), http::StatusCode::NOT_FOUND);
-        table.decision(LimitOutcome::Limited, pro);
-        table.decision(LimitOutcome::IpThrottled, None);
+        table.decision(LimitOutcome::Limited, labels);
+        table.decision(LimitOutcome::IpThrottled, Labels::default());
+        table.quota_exhausted(pro);
         table.upstream_duration(0, Duration::from_millis(3));
         let text = metrics.encode();
         for line in [
             "tollgate_requests_total{route=\"/v1/\",status=\"2xx\",plan=\"pro\"} 2",
             "tollgate_requests_total{route=\"none\",status=\"4xx\",plan=\"none\"} 1",
-            "tollgate_rate_limit_decisions_total{decision=\"limited\",plan=\"pro\"} 1",
-            "tollgate_rate_limit_decisions_total{decision=\"ip_throttled\",plan=\"none\"} 1",
+            "tollgate_rate_limit_decisions_total{decision=\"limited\",plan=\"pro\",route=\"/v1/\"} 1",
+            "tollgate_rate_limit_decisions_total{decision=\"ip_throttled\",plan=\"none\",route=\"none\"} 1",
+            "tollgate_quota_exhausted_total{plan=\"pro\"} 1",
             "tollgate_upstream_duration_seconds_count{upstream=\"core\"} 1",
             "tollgate_config_reloads_total{result=\"ok\"} 0",
             "tollgate_limiter_backend_errors_total{kind=\"tls\"} 0",

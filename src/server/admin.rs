@@ -43,6 +43,7 @@ pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     metrics_text: MetricsText,
+    usage: super::usage::UsageJson,
     timeouts: Timeouts,
 ) {
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -58,6 +59,7 @@ pub async fn serve(
         };
         let ready = ready.clone();
         let metrics_text = metrics_text.clone();
+        let usage = usage.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
@@ -66,7 +68,8 @@ pub async fn serve(
                 // The endpoints are read-only: another method is a 405 with `Allow`, as on
                 // any server, not an answer that a POST could be mistaken to have acted on.
                 let readable = matches!(*request.method(), http::Method::GET | http::Method::HEAD);
-                let known = matches!(path, "/healthz" | "/readyz" | "/metrics");
+                let known = matches!(path, "/healthz" | "/readyz" | "/metrics")
+                    || path.starts_with(super::usage::PREFIX);
                 let (status, body) = match path {
                     _ if known && !readable => (
                         StatusCode::METHOD_NOT_ALLOWED,
@@ -87,6 +90,10 @@ pub async fn serve(
                         }
                         None => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
                     },
+                    _ if path.starts_with(super::usage::PREFIX) => {
+                        content_type = "application/json";
+                        super::usage::answer(path, &usage)
+                    }
                     _ => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
                 };
                 let mut response = Response::new(Full::new(body));

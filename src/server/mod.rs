@@ -15,6 +15,7 @@ pub mod client_ip;
 pub mod head_limits;
 pub mod signals;
 pub mod timeouts;
+pub mod usage;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -104,6 +105,11 @@ pub trait Handler: Send + Sync + 'static {
 
     /// The admin listener's `/metrics` text, if this handler keeps metrics.
     fn metrics(&self) -> Option<String> {
+        None
+    }
+
+    /// The admin listener's `GET /usage/<key id>` body, or `None` for an unknown key id.
+    fn usage(&self, _key_id: &str) -> Option<serde_json::Value> {
         None
     }
 }
@@ -225,6 +231,10 @@ impl<H: Handler> Server<H> {
             self.admin,
             self.ready.clone(),
             Arc::new(move || handler.metrics()),
+            {
+                let handler = self.handler.clone();
+                Arc::new(move |id: &str| handler.usage(id))
+            },
             admin::Timeouts {
                 head: self.settings.header_read_timeout,
                 lifetime: self.settings.idle_timeout,

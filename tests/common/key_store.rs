@@ -27,6 +27,8 @@ pub fn one_plan() -> BTreeMap<PlanName, Plan> {
             burst: rpm,
             requests_per_hour: None,
             requests_per_day: None,
+            requests_per_month: None,
+            routes: Default::default(),
         },
     )]
     .into_iter()
@@ -42,6 +44,8 @@ pub fn pro_key(id: &str, secret: &str, scopes: &[&str]) -> KeyConfig {
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         requests_per_minute: None,
         disabled: false,
+        requests_per_month: None,
+        routes: Default::default(),
     }
 }
 

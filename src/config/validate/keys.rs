@@ -75,6 +75,8 @@ impl Validator<'_, '_> {
                     burst: rpm,
                     requests_per_hour: None,
                     requests_per_day: None,
+                    requests_per_month: None,
+                    routes: BTreeMap::new(),
                 },
             );
         }
@@ -114,6 +116,8 @@ impl Validator<'_, '_> {
                     );
                 }
             }
+            let per_month = self.quota(&p.requests_per_month, &field("requests_per_month"));
+            let routes = self.route_buckets(&p.routes, &format!("plans.{name}.routes"));
             if let Some(rpm) = rpm {
                 out.insert(
                     PlanName(Arc::from(name.as_str())),
@@ -122,6 +126,8 @@ impl Validator<'_, '_> {
                         burst: burst.unwrap_or(rpm),
                         requests_per_hour: per_hour,
                         requests_per_day: per_day,
+                        requests_per_month: per_month,
+                        routes,
                     },
                 );
             }
@@ -187,6 +193,11 @@ impl Validator<'_, '_> {
                 .as_ref()
                 .and_then(|r| self.positive(r, &format!("key \"{id}\": requests_per_minute")));
             let scopes = self.scopes(&k.scopes);
+            let per_month = self.quota(
+                &k.requests_per_month,
+                &format!("key \"{id}\": requests_per_month"),
+            );
+            let routes = self.route_buckets(&k.routes, &format!("key \"{id}\": routes"));
             if let Some(digest) = digest {
                 out.push(KeyConfig {
                     id: KeyId(Arc::from(id)),
@@ -195,6 +206,8 @@ impl Validator<'_, '_> {
                     scopes,
                     requests_per_minute: rpm,
                     disabled: k.disabled,
+                    requests_per_month: per_month,
+                    routes,
                 });
             }
         }

@@ -95,6 +95,12 @@ impl Validator<'_, '_> {
                 window: DEFAULT_IP_THROTTLE_WINDOW,
                 block_for: DEFAULT_IP_THROTTLE_BLOCK,
             }),
+            state_file: l
+                .state_file
+                .as_ref()
+                .map(|f| f.get_ref().trim())
+                .filter(|f| !f.is_empty())
+                .map(PathBuf::from),
             failed_auth: failed_auth.unwrap_or(Tripwire {
                 count: nz(DEFAULT_FAILED_AUTH_ATTEMPTS),
                 window: DEFAULT_FAILED_AUTH_WINDOW,

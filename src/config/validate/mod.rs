@@ -7,6 +7,7 @@
 //! (`[auth]`, `[plans]`, `[[keys]]` and the keys file) and [`routes`] (`[[upstreams]]`,
 //! `[[routes]]`).
 
+mod costs;
 mod keys;
 mod limits;
 mod redis;
@@ -28,6 +29,7 @@ use super::file::*;
 use super::parse::{Source, parse};
 use super::units::{parse_duration, parse_size};
 use super::*;
+pub(super) use costs::warnings;
 use keys::{KeySeen, keys_by_piece};
 
 /// Loads the main config text and, if it names one, the keys file (through `read`).
@@ -115,6 +117,7 @@ pub(super) fn load(
         }
     }
     config.keys = keys;
+    v.costs(&file.plans, &file.keys, &file.routes, &config);
 
     if issues.is_empty() {
         Ok(config)

@@ -182,8 +182,15 @@ impl Validator<'_, '_> {
                     format!("route \"{prefix}\": scopes need a key, so a public route (auth = false) cannot require them; remove auth = false or the scopes"),
                 );
             }
+            let cost = self.whole_in(
+                &r.cost,
+                0..=MAX_ROUTE_COST,
+                DEFAULT_ROUTE_COST,
+                &format!("route \"{prefix}\": cost"),
+            );
             if let Some(target) = target {
                 out.push(RouteConfig {
+                    cost,
                     prefix: prefix.to_owned(),
                     target,
                     scopes,
