@@ -50,6 +50,9 @@ fn auth_config() -> AuthConfig {
         query_param: None,
         forward_key: false,
         keys_file: None,
+        expiry_warning: tollgate::config::DEFAULT_EXPIRY_WARNING,
+        store: tollgate::config::KeyStoreKind::File,
+        keys_cache_file: None,
     }
 }
 
@@ -186,6 +189,7 @@ static X_RATELIMIT: [HeaderName; 3] = [
 struct Decider {
     store: KeyStore,
     auth: AuthConfig,
+    clock: tollgate::auth::WallClock,
     uri: Uri,
     /// The response's header map exists anyway; the decision only adds to it.
     out: HeaderMap,
@@ -212,16 +216,22 @@ impl Decider {
             .map(|i| (i * 7919) % KEYS)
             .map(|n| KeyConfig {
                 id: KeyId(Arc::from(format!("key-{n}").as_str())),
-                digest: ApiKey::new(key_text(n)).digest(),
+                digests: vec![tollgate::config::DigestConfig::new(
+                    ApiKey::new(key_text(n)).digest(),
+                )],
                 plan: plan.clone(),
                 scopes: vec![],
                 requests_per_minute: None,
                 disabled: false,
+                expires_at: None,
+                metadata: Vec::new(),
+                created_at: None,
             })
             .collect();
         Self {
             store: KeyStore::new(&keys, &plans, None),
             auth: auth_config(),
+            clock: Default::default(),
             uri: Uri::from_static("/v1/campaigns"),
             out: HeaderMap::with_capacity(8),
             upto: Upto::Decision,
@@ -230,9 +240,17 @@ impl Decider {
 
     /// One admission decision for `request`, as the pipeline makes it.
     fn decide(&mut self, request: &HeaderMap) {
-        let identity = authenticate(request, &self.uri, &self.auth, &self.store, true, &[])
-            .expect("valid key")
-            .expect("a key");
+        let identity = authenticate(
+            request,
+            &self.uri,
+            &self.auth,
+            &self.store,
+            &self.clock,
+            true,
+            &[],
+        )
+        .expect("valid key")
+        .expect("a key");
         if self.upto == Upto::Authenticate {
             black_box(identity.record);
             return;
@@ -281,6 +299,7 @@ fn tollgate_decision(c: &mut Criterion) {
     let Decider {
         store,
         auth,
+        clock,
         uri,
         mut out,
         ..
@@ -290,12 +309,12 @@ fn tollgate_decision(c: &mut Criterion) {
     group.bench_function("part_authenticate", |b| {
         b.iter_custom(|iters| {
             timed(&mut requests, iters, |r| {
-                black_box(authenticate(r, &uri, &auth, &store, true, &[]).is_ok());
+                black_box(authenticate(r, &uri, &auth, &store, &clock, true, &[]).is_ok());
             })
         })
     });
     requests.parse_batch();
-    let record = authenticate(&requests.ring[0], &uri, &auth, &store, true, &[])
+    let record = authenticate(&requests.ring[0], &uri, &auth, &store, &clock, true, &[])
         .unwrap()
         .unwrap()
         .record;

@@ -19,7 +19,7 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::{Identity, KeyRecord, KeyStore};
+use crate::auth::{Identity, KeyRecord, KeyStore, WallClock, expiry};
 use crate::body::{ResponseBody, UnreadBody};
 use crate::config::{Config, PlanName, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
@@ -128,6 +128,8 @@ struct Exchange<'s> {
     upstream_latency: Option<Duration>,
     failure_kind: Option<&'static str>,
     upstream_target: Option<Arc<str>>,
+    /// The key's expiry, when it is near enough to announce (`X-API-Key-Expires`).
+    key_expires_soon: Option<u32>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -138,18 +140,31 @@ pub struct Gateway {
     guard: Guard,
     /// Prometheus metrics, served on the admin listener.
     metrics: Arc<Metrics>,
+    /// The wall clock key expiries are checked against.
+    clock: WallClock,
 }
 
 impl Gateway {
     /// A gateway running `config`.
     pub fn new(config: Config) -> Self {
+        Self::with_wall_clock(config, WallClock::system())
+    }
+
+    /// A gateway whose key expiries are checked against `clock` (a fake one in tests).
+    pub fn with_wall_clock(config: Config, clock: WallClock) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.config_loaded(&config);
         Self {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config, None, &metrics)),
             guard: Guard::default(),
             metrics,
+            clock,
         }
+    }
+
+    /// The wall clock key expiries are checked against.
+    pub fn wall_clock(&self) -> &WallClock {
+        &self.clock
     }
 
     /// The gateway's metrics.
@@ -219,9 +234,13 @@ impl Gateway {
         );
         headers::set_identity(
             request.headers_mut(),
-            identity
-                .as_ref()
-                .map(|i| (&i.record.id_header, &i.record.plan_header)),
+            identity.as_ref().map(|i| {
+                (
+                    &i.record.id_header,
+                    &i.record.plan_header,
+                    &*i.record.metadata,
+                )
+            }),
         );
         self.dispatch(resolved, request, body, ctx, client, snapshot, exchange)
             .await
@@ -243,6 +262,7 @@ impl Gateway {
             request.uri(),
             &snapshot.config.auth,
             &snapshot.keys,
+            &self.clock,
             route.config.auth,
             &route.config.scopes,
         )
@@ -253,6 +273,7 @@ impl Gateway {
         if let Some(identity) = &identity {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
             exchange.key = Some(identity.record);
+            exchange.key_expires_soon = identity.expires_soon;
             exchange.labels.plan = Some(identity.record.plan_index);
         } else if snapshot.anonymous.is_some() {
             exchange.labels.plan = snapshot.anonymous_plan;
@@ -436,6 +457,12 @@ impl Handler for Gateway {
                 decided,
                 || crate::limit::bucket::since(info.decision.at),
             );
+        }
+        // Also on errors: a client learns of the coming expiry from any answer.
+        if let Some(expires) = exchange.key_expires_soon {
+            response
+                .headers_mut()
+                .insert(&expiry::X_API_KEY_EXPIRES, expiry::header_value(expires));
         }
         if let Some(unread) = unread {
             unread.settle(body, forwarded_ok, &mut response).await;

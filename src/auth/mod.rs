@@ -5,10 +5,12 @@
 //! required unless the route is public, and it must hold every scope the route lists.
 //! Plaintext keys are never stored, logged or echoed; config holds digests only.
 
+pub mod expiry;
 pub mod extract;
 pub mod key;
 pub mod store;
 
+pub use expiry::WallClock;
 pub use key::{ApiKey, KeyDigest};
 pub use store::{KeyRecord, KeyStore};
 
@@ -26,15 +28,19 @@ pub struct Identity<'s> {
     pub record: &'s KeyRecord,
     /// Where the key was found (to remove it before forwarding).
     pub source: CredentialSource,
+    /// The digest's expiry, when it is within `auth.expiry_warning` (for `X-API-Key-Expires`).
+    pub expires_soon: Option<u32>,
 }
 
 /// Authenticates a request for a route that requires a key (`required`) or is public.
-/// `Ok(None)` only on a public route with no key.
+/// `Ok(None)` only on a public route with no key. A digest past its expiry (on `clock`) is
+/// refused like a revoked key, with its own message.
 pub fn authenticate<'s>(
     headers: &HeaderMap,
     uri: &Uri,
     config: &AuthConfig,
     store: &'s KeyStore,
+    clock: &WallClock,
     required: bool,
     required_scopes: &[String],
 ) -> Result<Option<Identity<'s>>, GatewayError> {
@@ -49,6 +55,7 @@ pub fn authenticate<'s>(
     let record = store
         .lookup(&presented.key)
         .ok_or(GatewayError::InvalidApiKey)?;
+    let expires_soon = expiry::check(record, clock, config.expiry_warning)?;
     if let Some(scope) = record.missing_scope(required_scopes) {
         return Err(GatewayError::ScopeDenied {
             scope: scope.to_owned(),
@@ -57,5 +64,6 @@ pub fn authenticate<'s>(
     Ok(Some(Identity {
         record,
         source: presented.source,
+        expires_soon,
     }))
 }

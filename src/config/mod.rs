@@ -21,6 +21,7 @@ mod validate;
 
 pub use read::MAX_FILE_BYTES;
 pub use types::{DigestError, KeyDigest, KeyId, PlanName, Window};
+pub use validate::check_metadata;
 
 use read::read;
 
@@ -64,6 +65,17 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_FIELDS: usize = 100;
 /// Default `auth.header`.
 pub const DEFAULT_AUTH_HEADER: &str = "x-api-key";
+/// Default `auth.expiry_warning`: responses carry `X-API-Key-Expires` this long before an
+/// expiry.
+pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Most `metadata` entries on one key.
+pub const MAX_KEY_METADATA: usize = 16;
+/// Longest `metadata` value, in bytes.
+pub const MAX_KEY_METADATA_VALUE: usize = 256;
+/// Longest `metadata` name.
+pub const MAX_KEY_METADATA_NAME: usize = 64;
+/// The prefix of the fields that carry a key's metadata upstream (`X-Tollgate-Key-Meta-<Name>`).
+pub const KEY_META_HEADER_PREFIX: &str = "x-tollgate-key-meta-";
 /// Default `limits.redis_url`.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default `limits.backend_timeout`.
@@ -180,6 +192,9 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served. Default `127.0.0.1:9901`.
     pub listen: SocketAddr,
+    /// Digest of the admin bearer token that turns on the key API (`/keys`). Default none:
+    /// key management is off.
+    pub token: Option<KeyDigest>,
 }
 
 /// Shape of every error body tollgate writes.
@@ -217,6 +232,22 @@ pub struct AuthConfig {
     pub forward_key: bool,
     /// A second file holding `[[keys]]`. Default none.
     pub keys_file: Option<PathBuf>,
+    /// Responses to a key whose digest expires within this carry `X-API-Key-Expires`.
+    /// Default 14 days; zero turns the header off.
+    pub expiry_warning: Duration,
+    /// Where keys written by the admin API live. Default [`KeyStoreKind::File`].
+    pub store: KeyStoreKind,
+    /// `auth.store = "redis"`: the last synced keys, for a cold start with Redis down.
+    pub keys_cache_file: Option<PathBuf>,
+}
+
+/// `auth.store`: where keys written through the admin API are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStoreKind {
+    /// In `auth.keys_file` (default).
+    File,
+    /// In Redis, shared by every instance.
+    Redis,
 }
 
 /// Where rate-limit state lives.
@@ -309,8 +340,8 @@ pub struct Plan {
 pub struct KeyConfig {
     /// Public id.
     pub id: KeyId,
-    /// SHA-256 of the key.
-    pub digest: KeyDigest,
+    /// The key's digests (one or more; all share the id, plan and buckets), never empty.
+    pub digests: Vec<DigestConfig>,
     /// Plan name (exists in [`Config::plans`]).
     pub plan: PlanName,
     /// Scopes held.
@@ -319,6 +350,42 @@ pub struct KeyConfig {
     pub requests_per_minute: Option<NonZeroU32>,
     /// Revoked: answered like an unknown key.
     pub disabled: bool,
+    /// When every digest of the key stops working, in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+    /// Sent upstream as `X-Tollgate-Key-Meta-<Name>`: (name, value), names `[a-z0-9_-]`,
+    /// values printable ASCII; at most [`MAX_KEY_METADATA`].
+    pub metadata: Vec<(String, String)>,
+    /// When the key was made (written by the admin API), in seconds since the Unix epoch.
+    pub created_at: Option<u64>,
+}
+
+/// One digest of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestConfig {
+    /// SHA-256 of the key.
+    pub digest: KeyDigest,
+    /// When this digest stops working (a rotated-out key), in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+impl DigestConfig {
+    /// A digest that never expires on its own.
+    pub fn new(digest: KeyDigest) -> Self {
+        Self {
+            digest,
+            expires_at: None,
+        }
+    }
+}
+
+impl KeyConfig {
+    /// When `digest` stops working: the earlier of its own and the key's expiry.
+    pub fn expiry_of(&self, digest: &DigestConfig) -> Option<u64> {
+        match (self.expires_at, digest.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// `[[upstreams]]`.

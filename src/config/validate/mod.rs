@@ -27,6 +27,7 @@ use super::file::*;
 use super::parse::{Source, parse};
 use super::units::{parse_duration, parse_size};
 use super::*;
+pub use keys::check_metadata;
 use keys::{KeySeen, keys_by_piece};
 
 /// Loads the main config text and, if it names one, the keys file (through `read`).
@@ -160,7 +161,11 @@ impl Validator<'_, '_> {
     fn duration(&mut self, value: &Option<SpannedStr>, default: Duration, name: &str) -> Duration {
         let Some(value) = value else { return default };
         match parse_duration(value.get_ref()) {
-            Ok(d) if d.is_zero() && name != "server.shutdown_grace" => {
+            Ok(d)
+                if d.is_zero()
+                    && name != "server.shutdown_grace"
+                    && name != "auth.expiry_warning" =>
+            {
                 self.error(value.span(), format!("{name} must be greater than zero"));
                 default
             }
