@@ -11,6 +11,7 @@
 //! loads the certificates `[server.tls]` names.
 
 pub mod file;
+pub mod keys_edit;
 mod parse;
 mod read;
 mod schema;
