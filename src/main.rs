@@ -208,6 +208,7 @@ fn run(path: PathBuf) -> ExitCode {
         // The gateway's snapshot keeps the config (a copy held here for the whole run would
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
+        reload::key_api::install(&gateway, &path);
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
         tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));
         tokio::spawn(file_watch::reload_on_change(

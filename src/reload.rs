@@ -1,8 +1,10 @@
-//! Reloading the config into a running [`Gateway`]: on SIGHUP ([`reload_on_sighup`]) and,
-//! with `server.watch`, when the config or keys file changes ([`file_watch`]). Above the
+//! Reloading the config into a running [`Gateway`]: on SIGHUP ([`reload_on_sighup`]),
+//! with `server.watch` when the config or keys file changes ([`file_watch`]), and after a
+//! write through the admin key API ([`key_api`]). Above the
 //! stack: it swaps the gateway's snapshot, so nothing below imports it.
 
 pub mod file_watch;
+pub mod key_api;
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -31,6 +31,7 @@ use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
 use crate::proxy::{ClientInfo, Forward, Upstream, classify, framing, headers};
 use crate::route::{Resolved, Route, Router};
+use crate::server::admin::keys::KeyAdmin;
 use crate::server::client_ip::{client_ip, is_trusted_peer};
 use crate::server::{Handler, RequestContext, head_limits};
 
@@ -142,6 +143,8 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// The wall clock key expiries are checked against.
     clock: WallClock,
+    /// What serves the admin key API, once installed (`reload::key_api`).
+    key_admin: std::sync::OnceLock<Arc<dyn KeyAdmin>>,
 }
 
 impl Gateway {
@@ -159,7 +162,19 @@ impl Gateway {
             guard: Guard::default(),
             metrics,
             clock,
+            key_admin: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Installs what serves the admin key API; the first one installed stays.
+    pub fn set_key_admin(&self, admin: Arc<dyn KeyAdmin>) {
+        let _ = self.key_admin.set(admin);
+    }
+
+    /// The per-client-IP guards (`failed_auth`, `ip_throttle`), which the admin key API's
+    /// token check answers to as well.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// The wall clock key expiries are checked against.
@@ -513,6 +528,10 @@ impl Handler for Gateway {
 
     fn metrics(&self) -> Option<String> {
         Some(self.metrics.encode())
+    }
+
+    fn key_admin(&self) -> Option<Arc<dyn KeyAdmin>> {
+        self.key_admin.get().cloned()
     }
 
     fn tick(&self) {

@@ -169,6 +169,29 @@ impl KeysDocument {
         Ok(())
     }
 
+    /// Sets `field` of key `id` to `value`, or removes it (`None`). A value replaced keeps
+    /// the spacing and comment around the old one.
+    pub fn set_field(
+        &mut self,
+        id: &str,
+        field: &str,
+        value: Option<Value>,
+    ) -> Result<(), KeysEditError> {
+        let table = self.key_mut(id)?;
+        match value {
+            None => {
+                table.remove(field);
+            }
+            Some(mut value) => {
+                if let Some(old) = table.get(field).and_then(Item::as_value) {
+                    *value.decor_mut() = old.decor().clone();
+                }
+                table[field] = Item::Value(value);
+            }
+        }
+        Ok(())
+    }
+
     /// Removes the `[[keys]]` table of `id`.
     pub fn remove(&mut self, id: &str) -> Result<(), KeysEditError> {
         let keys = self
@@ -379,6 +402,17 @@ mod tests {
         assert_eq!(doc.ids(), ["acme", "c"]);
         assert!(doc.text().contains("# keys of acme"));
         assert!(matches!(doc.remove("b"), Err(KeysEditError::NoSuchKey(_))));
+        doc.set_field("acme", "plan", Some("free".into())).unwrap();
+        doc.set_field("acme", "disabled", Some(true.into()))
+            .unwrap();
+        doc.set_field("c", "metadata", None).unwrap();
+        let text = doc.text();
+        assert!(
+            text.contains("plan = \"free\"\n\n# another")
+                || text.contains("plan = \"free\"\ndisabled = true\n"),
+            "{text}"
+        );
+        assert!(!text.contains("cus_1"), "{text}");
         // An empty (or missing) file takes a first key.
         let mut empty = KeysDocument::parse(Path::new("k.toml"), "").unwrap();
         empty

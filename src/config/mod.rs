@@ -22,7 +22,7 @@ mod validate;
 
 pub use read::MAX_FILE_BYTES;
 pub use types::{DigestError, KeyDigest, KeyId, PlanName, Window};
-pub use validate::check_metadata;
+pub use validate::{check_metadata, valid_key_id};
 
 use read::read;
 
@@ -570,10 +570,32 @@ impl Config {
     /// Parses and validates config text; `path` is used in messages and `keys_file` is read
     /// from disk.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::from_text_with_keys(path, text, None)
+    }
+
+    /// [`Config::load_to_serve`] with `keys_text` in place of the keys file's contents: what
+    /// the gateway would run if the keys file held `keys_text`, checked before it is written.
+    pub fn load_to_serve_with_keys(path: &Path, keys_text: &str) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let config = Self::from_text_with_keys(path, &text, Some(keys_text))?;
+        if config.routes.is_empty() {
+            return Err(ConfigError::Invalid(vec![validate::no_routes(path, &text)]));
+        }
+        Ok(config)
+    }
+
+    fn from_text_with_keys(
+        path: &Path,
+        text: &str,
+        keys_text: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         use sha2::{Digest, Sha256};
         let hasher = std::cell::RefCell::new(Sha256::new_with_prefix(text.as_bytes()));
         let mut config = validate::load(path, text, |path: &Path| {
-            let text = read(path)?;
+            let text = match keys_text {
+                Some(keys) => keys.to_owned(),
+                None => read(path)?,
+            };
             hasher.borrow_mut().update(text.as_bytes());
             Ok(text)
         })?;

@@ -106,6 +106,11 @@ pub trait Handler: Send + Sync + 'static {
     fn metrics(&self) -> Option<String> {
         None
     }
+
+    /// What serves the admin key API (`/keys`), if anything: without it, 403.
+    fn key_admin(&self) -> Option<Arc<dyn admin::keys::KeyAdmin>> {
+        None
+    }
 }
 
 /// How often [`Handler::tick`] runs.
@@ -229,6 +234,7 @@ impl<H: Handler> Server<H> {
                 head: self.settings.header_read_timeout,
                 lifetime: self.settings.idle_timeout,
             },
+            self.handler.key_admin(),
         ));
         let ticker = {
             let handler = self.handler.clone();

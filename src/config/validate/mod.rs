@@ -343,6 +343,11 @@ impl Validator<'_, '_> {
 }
 
 /// `[A-Za-z0-9._:-]{1,max}`: ids that are safe in logs, metrics labels and headers.
+/// Whether `s` may be a key id: 1-128 of `[A-Za-z0-9._:-]` (also the admin API's check).
+pub fn valid_key_id(s: &str) -> bool {
+    valid_identifier(s, 128)
+}
+
 fn valid_identifier(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
