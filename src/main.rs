@@ -209,6 +209,8 @@ fn run(path: PathBuf) -> ExitCode {
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
         reload::key_api::install(&gateway, &path);
+        // Keys kept in Redis are loaded before the first request is served.
+        let _key_sync = reload::key_sync::start(&gateway, reload::key_sync::DEFAULT_RESYNC).await;
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
         tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));
         tokio::spawn(file_watch::reload_on_change(

@@ -10,8 +10,9 @@
 //! learns on the way (its client, key, bucket decision, upstream answer) is kept in one
 //! [`Exchange`], read at the end for headers, metrics and the access log.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -19,9 +20,9 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::{Identity, KeyRecord, KeyStore, WallClock, expiry};
+use crate::auth::{Identity, KeyRecord, KeySources, KeyStore, WallClock, expiry};
 use crate::body::{ResponseBody, UnreadBody};
-use crate::config::{Config, PlanName, RouteTarget};
+use crate::config::{Config, KeyConfig, KeyId, KeyStoreKind, PlanName, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
 use crate::limit::headers::PolicyHeaders;
@@ -58,6 +59,11 @@ pub struct Snapshot {
     pub metrics: SnapshotMetrics,
     /// The anonymous plan's index in `metrics`, when that plan exists.
     anonymous_plan: Option<usize>,
+    /// `auth.store = "redis"`: the keys loaded from Redis, built against this snapshot's
+    /// plans and swapped as Redis changes (see [`Gateway::set_shared_keys`]).
+    pub shared_keys: Option<ArcSwap<KeyStore>>,
+    /// `auth.store = "redis"`: ids of the config's own keys, which a Redis key cannot take.
+    config_key_ids: HashSet<KeyId>,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -77,6 +83,12 @@ impl Snapshot {
     /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
     pub fn new(mut config: Config, previous: Option<&Snapshot>, metrics: &Arc<Metrics>) -> Self {
         let key_list = std::mem::take(&mut config.keys);
+        let redis_store = config.auth.store == KeyStoreKind::Redis;
+        let config_key_ids = if redis_store {
+            key_list.iter().map(|k| k.id.clone()).collect()
+        } else {
+            HashSet::new()
+        };
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -105,8 +117,29 @@ impl Snapshot {
             backend: LimiterBackend::new(&config.limits, previous.map(|p| &p.backend)),
             metrics: SnapshotMetrics::new(metrics.clone(), &config),
             anonymous_plan: config.plans.keys().position(|p| &*p.0 == ANONYMOUS_PLAN),
+            shared_keys: redis_store.then(|| ArcSwap::from_pointee(KeyStore::default())),
+            config_key_ids,
             config,
         }
+    }
+
+    /// A store of `keys` (from Redis) for this snapshot: against its plans, keeping the
+    /// buckets of `previous`, leaving out (and logging) keys whose plan is not defined here
+    /// or whose id is one of the config's own.
+    fn shared_store(&self, keys: &[KeyConfig], previous: Option<&KeyStore>) -> KeyStore {
+        let usable: Vec<KeyConfig> = keys
+            .iter()
+            .filter(|k| {
+                let ok = self.config.plans.contains_key(&k.plan)
+                    && !self.config_key_ids.contains(&k.id);
+                if !ok {
+                    tracing::warn!(key_id = &*k.id.0, plan = &*k.plan.0, "key store: a key in Redis is left out: its plan is not defined, or its id is one of the config's keys");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
+        KeyStore::from_keys(usable, &self.config.plans, previous)
     }
 }
 
@@ -131,6 +164,8 @@ struct Exchange<'s> {
     upstream_target: Option<Arc<str>>,
     /// The key's expiry, when it is near enough to announce (`X-API-Key-Expires`).
     key_expires_soon: Option<u32>,
+    /// The keys shared through Redis, as loaded when the request started.
+    shared_keys: Option<&'s KeyStore>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -145,6 +180,9 @@ pub struct Gateway {
     clock: WallClock,
     /// What serves the admin key API, once installed (`reload::key_api`).
     key_admin: std::sync::OnceLock<Arc<dyn KeyAdmin>>,
+    /// The keys last loaded from Redis (`auth.store = "redis"`); the lock also orders their
+    /// swaps against reloads, so a reload never builds on a list older than the store's.
+    shared_keys: Mutex<Arc<Vec<KeyConfig>>>,
 }
 
 impl Gateway {
@@ -163,7 +201,28 @@ impl Gateway {
             metrics,
             clock,
             key_admin: std::sync::OnceLock::new(),
+            shared_keys: Mutex::new(Arc::new(Vec::new())),
         }
+    }
+
+    /// Replaces the keys loaded from Redis: the current snapshot serves them from the next
+    /// request (a reload keeps them). No-op unless `auth.store = "redis"`.
+    pub fn set_shared_keys(&self, keys: Vec<KeyConfig>) {
+        let mut shared = self.shared_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.snapshot.load();
+        if let Some(current) = &snapshot.shared_keys {
+            let store = snapshot.shared_store(&keys, Some(&current.load()));
+            current.store(Arc::new(store));
+        }
+        *shared = Arc::new(keys);
+    }
+
+    /// The keys last loaded from Redis.
+    pub fn shared_keys(&self) -> Arc<Vec<KeyConfig>> {
+        self.shared_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Installs what serves the admin key API; the first one installed stays.
@@ -194,13 +253,16 @@ impl Gateway {
 
     /// Replaces the config for new requests; in-flight requests finish on the old one.
     pub fn reload(&self, config: Config) {
+        let shared = self.shared_keys.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.snapshot.load_full();
         self.metrics.config_loaded(&config);
-        self.snapshot.store(Arc::new(Snapshot::new(
-            config,
-            Some(&previous),
-            &self.metrics,
-        )));
+        let snapshot = Snapshot::new(config, Some(&previous), &self.metrics);
+        if let Some(store) = &snapshot.shared_keys {
+            let old = previous.shared_keys.as_ref().map(|s| s.load_full());
+            store.store(Arc::new(snapshot.shared_store(&shared, old.as_deref())));
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        drop(shared);
         self.metrics.reload(true);
     }
 
@@ -276,7 +338,10 @@ impl Gateway {
             request.headers(),
             request.uri(),
             &snapshot.config.auth,
-            &snapshot.keys,
+            KeySources {
+                config: &snapshot.keys,
+                shared: exchange.shared_keys,
+            },
             &self.clock,
             route.config.auth,
             &route.config.scopes,
@@ -422,7 +487,12 @@ impl Handler for Gateway {
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         let snapshot = self.snapshot.load_full();
-        let mut exchange = Exchange::default();
+        // Only with `auth.store = "redis"`; one load for the whole request, like the snapshot.
+        let shared_keys = snapshot.shared_keys.as_ref().map(|s| s.load_full());
+        let mut exchange = Exchange {
+            shared_keys: shared_keys.as_deref(),
+            ..Exchange::default()
+        };
         // The body stays here until the request is forwarded: a request answered before
         // that still has it, to discard (see `UnreadBody`).
         let (head, incoming) = request.into_parts();

@@ -200,9 +200,13 @@ impl KeyStore {
 
     /// The enabled record for a presented key, if any.
     pub fn lookup(&self, presented: &[u8]) -> Option<&KeyRecord> {
-        self.by_digest
-            .get(&KeyDigest::of(presented))
-            .filter(|record| !record.disabled)
+        self.get(&KeyDigest::of(presented))
+    }
+
+    /// The enabled record with this digest, if any.
+    #[inline]
+    pub fn get(&self, digest: &KeyDigest) -> Option<&KeyRecord> {
+        self.by_digest.get(digest).filter(|record| !record.disabled)
     }
 
     /// Number of digests (a key with two digests counts twice).

@@ -1,4 +1,5 @@
-//! The admin key API's operations (`auth.store = "file"`): each write re-reads the config
+//! The admin key API's operations. `auth.store = "redis"` writes go to Redis ([`shared`]);
+//! with `auth.store = "file"`, each write re-reads the config
 //! and keys file, edits the key's `[[keys]]` table (`config::keys_edit`, comments kept),
 //! validates the whole config as it would be with the new keys file, writes the file
 //! atomically and reloads the gateway with it, so the change holds from the next request.
@@ -21,11 +22,14 @@ use crate::auth::key;
 use crate::config::keys_edit::{self, KeysDocument, KeysEditError, NewKey};
 use crate::config::units::{format_rfc3339, parse_duration, parse_rfc3339};
 use crate::config::{
-    Config, ConfigError, KeyConfig, KeyDigest, MAX_KEY_METADATA, check_metadata, valid_key_id,
+    Config, ConfigError, KeyConfig, KeyDigest, KeyStoreKind, MAX_KEY_METADATA, check_metadata,
+    valid_key_id,
 };
 use crate::error::GatewayError;
 use crate::server::admin::keys::{ApiError, KeyAdmin, KeyCall, KeyOp, off};
 use crate::stack::Gateway;
+
+mod shared;
 
 /// Keys in one `GET /keys` page unless `limit` says otherwise.
 pub const DEFAULT_PAGE: usize = 100;
@@ -147,15 +151,11 @@ impl Inner {
         let now = self.gateway()?.wall_clock().now();
         match op {
             KeyOp::List { limit, after } => self.list(limit, after),
-            KeyOp::Get(id) => {
-                let (config, in_file) = self.read()?;
-                let key = config.keys.iter().find(|k| *k.id.0 == *id);
-                let key = key.ok_or_else(|| ApiError::no_key(&id))?;
-                Ok((StatusCode::OK, view(key, in_file.contains(&id))))
-            }
+            KeyOp::Get(id) => self.get(&id),
             KeyOp::Create(body) => self.create(body, now),
             KeyOp::Patch(id, body) => self.patch(&id, body),
             KeyOp::Rotate(id, body) => self.rotate(&id, body, now),
+            KeyOp::Delete(id) if self.redis()? => shared::delete(self, &id),
             KeyOp::Delete(id) => self.write(|doc, current| {
                 editable(doc, current, &id)?;
                 doc.remove(&id).map_err(edit_error)?;
@@ -164,14 +164,45 @@ impl Inner {
         }
     }
 
-    /// The running config as its files are now, and the ids defined in the keys file.
-    fn read(&self) -> Result<(Config, Vec<String>), ApiError> {
+    /// Whether keys are written to Redis (`auth.store = "redis"`) rather than the keys file.
+    fn redis(&self) -> Result<bool, ApiError> {
+        Ok(self.gateway()?.snapshot().config.auth.store == KeyStoreKind::Redis)
+    }
+
+    /// Every key with where it is kept (`config`, `keys_file`, `redis`), as the files are now
+    /// and Redis was last loaded.
+    fn all_keys(&self) -> Result<Vec<(KeyConfig, &'static str)>, ApiError> {
         let config = Config::load_to_serve(&self.config_path).map_err(config_error)?;
-        let ids = match &config.auth.keys_file {
+        let in_file = match &config.auth.keys_file {
             Some(path) => KeysDocument::read(path).map_err(edit_error)?.ids(),
             None => Vec::new(),
         };
-        Ok((config, ids))
+        let mut keys: Vec<(KeyConfig, &'static str)> = config
+            .keys
+            .into_iter()
+            .map(|k| {
+                let source = if in_file.iter().any(|i| **i == *k.id.0) {
+                    "keys_file"
+                } else {
+                    "config"
+                };
+                (k, source)
+            })
+            .collect();
+        if self.redis()? {
+            let shared = self.gateway()?.shared_keys();
+            keys.extend(shared.iter().map(|k| (k.clone(), "redis")));
+        }
+        Ok(keys)
+    }
+
+    fn get(&self, id: &str) -> Reply {
+        let keys = self.all_keys()?;
+        let (key, source) = keys
+            .iter()
+            .find(|(k, _)| *k.id.0 == *id)
+            .ok_or_else(|| ApiError::no_key(id))?;
+        Ok((StatusCode::OK, view(key, source)))
     }
 
     fn list(&self, limit: Option<String>, after: Option<String>) -> Reply {
@@ -185,20 +216,16 @@ impl Inner {
                     ApiError::field("limit", format!("limit must be from 1 to {MAX_PAGE}"))
                 })?,
         };
-        let (config, in_file) = self.read()?;
-        let mut keys: Vec<&KeyConfig> = config
-            .keys
+        let all = self.all_keys()?;
+        let mut keys: Vec<&(KeyConfig, &str)> = all
             .iter()
-            .filter(|k| after.as_deref().is_none_or(|a| *k.id.0 > *a))
+            .filter(|(k, _)| after.as_deref().is_none_or(|a| *k.id.0 > *a))
             .collect();
-        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        keys.sort_by(|a, b| a.0.id.cmp(&b.0.id));
         let more = keys.len() > limit;
         keys.truncate(limit);
-        let next = more.then(|| keys.last().map(|k| k.id.0.to_string()));
-        let page: Vec<Value> = keys
-            .iter()
-            .map(|k| view(k, in_file.iter().any(|i| **i == *k.id.0)))
-            .collect();
+        let next = more.then(|| keys.last().map(|(k, _)| k.id.0.to_string()));
+        let page: Vec<Value> = keys.iter().map(|(k, source)| view(k, source)).collect();
         Ok((
             StatusCode::OK,
             json!({ "keys": page, "next": next.flatten() }),
@@ -252,6 +279,13 @@ impl Inner {
         }
         new.expires_at = optional(&body, "expires_at", instant)?.flatten();
         new.requests_per_minute = optional(&body, "requests_per_minute", rpm)?.flatten();
+        if self.redis()? {
+            shared::create(self, &new)?;
+            return Ok((
+                StatusCode::CREATED,
+                json!({ "id": id, "key": secret.expose() }),
+            ));
+        }
         self.write(|doc, current| {
             known_plan(current, &new.plan)?;
             if current.keys.iter().any(|k| *k.id.0 == *id) {
@@ -316,6 +350,10 @@ impl Inner {
         if let Some(rpm) = optional(&body, "requests_per_minute", rpm)? {
             set.push(("requests_per_minute", rpm.map(|r| i64::from(r).into())));
         }
+        if self.redis()? {
+            shared::patch(self, id, &set)?;
+            return self.get(id);
+        }
         self.write(|doc, current| {
             editable(doc, current, id)?;
             if let Some((_, Some(plan))) = set.iter().find(|(f, _)| *f == "plan") {
@@ -326,10 +364,7 @@ impl Inner {
             }
             Ok(())
         })?;
-        let (config, in_file) = self.read()?;
-        let key = config.keys.iter().find(|k| *k.id.0 == *id);
-        let key = key.ok_or_else(|| ApiError::no_key(id))?;
-        Ok((StatusCode::OK, view(key, in_file.iter().any(|i| i == id))))
+        self.get(id)
     }
 
     fn rotate(&self, id: &str, body: Value, now: u64) -> Reply {
@@ -345,11 +380,15 @@ impl Inner {
         let prefix = prefix(&body)?;
         let secret = key::generate(&prefix);
         let old_expires_at = now + overlap.as_secs();
-        self.write(|doc, current| {
-            editable(doc, current, id)?;
-            doc.rotate(id, secret.digest(), old_expires_at, now)
-                .map_err(edit_error)
-        })?;
+        if self.redis()? {
+            shared::rotate(self, id, secret.digest(), old_expires_at, now)?;
+        } else {
+            self.write(|doc, current| {
+                editable(doc, current, id)?;
+                doc.rotate(id, secret.digest(), old_expires_at, now)
+                    .map_err(edit_error)
+            })?;
+        }
         Ok((
             StatusCode::CREATED,
             json!({
@@ -405,7 +444,7 @@ impl Inner {
 }
 
 /// A key's public view: never a key or digest.
-fn view(k: &KeyConfig, in_keys_file: bool) -> Value {
+fn view(k: &KeyConfig, source: &str) -> Value {
     let at = |t: Option<u64>| t.map(format_rfc3339);
     let metadata: Map<String, Value> = k
         .metadata
@@ -422,7 +461,7 @@ fn view(k: &KeyConfig, in_keys_file: bool) -> Value {
         "digests": k.digests.iter().map(|d| json!({ "expires_at": at(d.expires_at) })).collect::<Vec<_>>(),
         "requests_per_minute": k.requests_per_minute.map(|r| r.get()),
         "created_at": at(k.created_at),
-        "source": if in_keys_file { "keys_file" } else { "config" },
+        "source": source,
     })
 }
 
