@@ -135,7 +135,7 @@ fuzz_target!(|input: Input| {
         &headers,
         &uri,
         &config,
-        &STORE,
+        &*STORE,
         &Default::default(),
         input.required,
         &input.scopes,
