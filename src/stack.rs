@@ -315,7 +315,7 @@ impl Gateway {
                 (
                     &i.record.id_header,
                     &i.record.plan_header,
-                    &*i.record.metadata,
+                    i.record.metadata_headers(),
                 )
             }),
         );
