@@ -25,6 +25,15 @@ fn key_text(n: usize) -> String {
 /// 2100-01-01T00:00:00Z: an expiry the bench never reaches, so every probe is admitted.
 const FAR: u64 = 4_102_444_800;
 
+/// The same keys with none of the lifecycle fields (one digest, no expiry, no metadata), as
+/// every key was before keys had them: the baseline measured in the same process.
+fn plain_store(size: usize) -> KeyStore {
+    let keys: Vec<KeyConfig> = (0..size)
+        .map(|n| key_store::pro_key(&format!("key-{n}"), &key_text(n), &["campaigns:read"]))
+        .collect();
+    key_store::one_plan_store(&keys)
+}
+
 fn store(size: usize) -> KeyStore {
     let plan = key_store::pro();
     let keys: Vec<KeyConfig> = (0..size)
@@ -62,6 +71,17 @@ fn lookup(c: &mut Criterion) {
     let clock = WallClock::system();
     let warning = std::time::Duration::from_secs(14 * 86_400);
     for &size in sizes {
+        let plain = plain_store(size);
+        let probes: Vec<String> = (0..1024).map(|i| key_text((i * 7919) % size)).collect();
+        let mut i = 0;
+        group.bench_with_input(BenchmarkId::new("hit_plain", size), &size, |b, _| {
+            b.iter(|| {
+                i = (i + 1) & 1023;
+                let record = plain.lookup(black_box(probes[i].as_bytes()));
+                black_box(record.map(|r| expiry::check(r, &clock, warning).is_ok()))
+            })
+        });
+        drop(plain);
         let store = store(size);
         // Spread probes over the store so the 1M case is not one hot cache line.
         let probes: Vec<String> = (0..1024).map(|i| key_text((i * 7919) % size)).collect();
