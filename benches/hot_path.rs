@@ -54,6 +54,9 @@ fn auth_config() -> AuthConfig {
         query_param: None,
         forward_key: false,
         keys_file: None,
+        expiry_warning: tollgate::config::DEFAULT_EXPIRY_WARNING,
+        store: tollgate::config::KeyStoreKind::File,
+        keys_cache_file: None,
     }
 }
 
@@ -201,6 +204,7 @@ struct Decider {
     via: Via,
     store: KeyStore,
     auth: AuthConfig,
+    clock: tollgate::auth::WallClock,
     uri: Uri,
     /// The response's header map exists anyway; the decision only adds to it.
     out: HeaderMap,
@@ -229,19 +233,25 @@ impl Decider {
             .map(|i| (i * 7919) % KEYS)
             .map(|n| KeyConfig {
                 id: KeyId(Arc::from(format!("key-{n}").as_str())),
-                digest: ApiKey::new(key_text(n)).digest(),
+                digests: vec![tollgate::config::DigestConfig::new(
+                    ApiKey::new(key_text(n)).digest(),
+                )],
                 plan: plan.clone(),
                 scopes: vec![],
                 requests_per_minute: None,
                 disabled: false,
                 requests_per_month: None,
                 routes: Default::default(),
+                expires_at: None,
+                metadata: Vec::new(),
+                created_at: None,
             })
             .collect();
         Self {
             via: Via::Charge,
             store: KeyStore::new(&keys, &plans, None),
             auth: auth_config(),
+            clock: Default::default(),
             uri: Uri::from_static("/v1/campaigns"),
             out: HeaderMap::with_capacity(8),
             upto: Upto::Decision,
@@ -250,9 +260,17 @@ impl Decider {
 
     /// One admission decision for `request`, as the pipeline makes it.
     fn decide(&mut self, request: &HeaderMap) {
-        let identity = authenticate(request, &self.uri, &self.auth, &self.store, true, &[])
-            .expect("valid key")
-            .expect("a key");
+        let identity = authenticate(
+            request,
+            &self.uri,
+            &self.auth,
+            &self.store,
+            &self.clock,
+            true,
+            &[],
+        )
+        .expect("valid key")
+        .expect("a key");
         if self.upto == Upto::Authenticate {
             black_box(identity.record);
             return;
@@ -317,6 +335,7 @@ fn tollgate_decision(c: &mut Criterion) {
     let Decider {
         store,
         auth,
+        clock,
         uri,
         mut out,
         ..
@@ -326,12 +345,12 @@ fn tollgate_decision(c: &mut Criterion) {
     group.bench_function("part_authenticate", |b| {
         b.iter_custom(|iters| {
             timed(&mut requests, iters, |r| {
-                black_box(authenticate(r, &uri, &auth, &store, true, &[]).is_ok());
+                black_box(authenticate(r, &uri, &auth, &store, &clock, true, &[]).is_ok());
             })
         })
     });
     requests.parse_batch();
-    let record = authenticate(&requests.ring[0], &uri, &auth, &store, true, &[])
+    let record = authenticate(&requests.ring[0], &uri, &auth, &store, &clock, true, &[])
         .unwrap()
         .unwrap()
         .record;

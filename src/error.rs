@@ -74,6 +74,9 @@ pub enum GatewayError {
     /// The key is unknown, malformed, disabled, or two different keys were presented.
     #[error("invalid API key")]
     InvalidApiKey,
+    /// The key (or the digest presented) is past its `expires_at`.
+    #[error("expired API key")]
+    ExpiredApiKey,
     /// The key lacks a scope the route requires.
     #[error("scope {scope} denied")]
     ScopeDenied {
@@ -183,7 +186,9 @@ impl GatewayError {
     pub fn status(&self) -> StatusCode {
         match self {
             GatewayError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey => StatusCode::UNAUTHORIZED,
             GatewayError::ScopeDenied { .. } => StatusCode::FORBIDDEN,
             GatewayError::RateLimited { .. }
             | GatewayError::QuotaExceeded { .. }
@@ -206,7 +211,9 @@ impl GatewayError {
     pub fn code(&self) -> &'static str {
         match self {
             GatewayError::BadRequest(_) => "bad_request",
-            GatewayError::MissingApiKey | GatewayError::InvalidApiKey => "authentication_error",
+            GatewayError::MissingApiKey
+            | GatewayError::InvalidApiKey
+            | GatewayError::ExpiredApiKey => "authentication_error",
             GatewayError::ScopeDenied { .. } => "permission_denied",
             GatewayError::RateLimited { .. } => "rate_limited",
             GatewayError::QuotaExceeded { .. } => "quota_exceeded",
@@ -246,6 +253,7 @@ impl GatewayError {
             GatewayError::BadRequest(why) => Cow::Owned(format!("Malformed request: {why}.")),
             GatewayError::MissingApiKey => Cow::Borrowed("API key is required"),
             GatewayError::InvalidApiKey => Cow::Borrowed("Invalid or revoked API key"),
+            GatewayError::ExpiredApiKey => Cow::Borrowed("API key has expired"),
             GatewayError::ScopeDenied { scope } => {
                 Cow::Owned(format!("This API key lacks the required scope '{scope}'."))
             }

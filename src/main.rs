@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use tollgate::auth::{ApiKey, key};
-use tollgate::config::Config;
+use tollgate::config::keys_edit::KeysDocument;
+use tollgate::config::{Config, units};
 use tollgate::observability::logging::{self, LogFormat};
 use tollgate::reload::{self, file_watch};
 use tollgate::server::{Server, signals};
@@ -45,6 +46,23 @@ enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// Give a key a new secret: print it once, add its digest to the key's entry in the keys
+    /// file, and make the old digest expire after the overlap. The file is rewritten
+    /// atomically, comments kept; `watch` or SIGHUP applies it.
+    RotateKey {
+        /// The keys file (or config) holding the key's [[keys]] table.
+        #[arg(long)]
+        keys_file: PathBuf,
+        /// The key's id.
+        #[arg(long)]
+        id: String,
+        /// How long the old key keeps working, e.g. "7d".
+        #[arg(long)]
+        overlap: String,
+        /// Prefix for the new key, e.g. "tg_live_".
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +71,12 @@ fn main() -> ExitCode {
         Some(Command::Check) => check(&cli.config),
         Some(Command::HashKey) => hash_key(),
         Some(Command::GenKey { prefix }) => gen_key(&prefix),
+        Some(Command::RotateKey {
+            keys_file,
+            id,
+            overlap,
+            prefix,
+        }) => rotate_key(&keys_file, &id, &overlap, &prefix),
         None => {
             if let Err(e) = logging::init(cli.log_format, cli.log_level.as_deref()) {
                 eprintln!("tollgate: {e}");
@@ -121,6 +145,37 @@ fn gen_key(prefix: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+fn rotate_key(path: &std::path::Path, id: &str, overlap: &str, prefix: &str) -> ExitCode {
+    let overlap = match units::parse_duration(overlap) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("--overlap: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let old_expires_at = now + overlap.as_secs();
+    let key = key::generate(prefix);
+    // The new key is printed only once it is in the file: a failed write shows no key.
+    let rotated = KeysDocument::read(path).and_then(|mut doc| {
+        doc.rotate(id, key.digest(), old_expires_at, now)?;
+        doc.write()
+    });
+    if let Err(e) = rotated {
+        eprintln!("tollgate rotate-key: {e}");
+        return ExitCode::from(1);
+    }
+    println!("key:  {}", key.expose());
+    println!("hash: {}", key.digest());
+    println!(
+        "the old key of \"{id}\" works until {}",
+        units::format_rfc3339(old_expires_at)
+    );
+    ExitCode::SUCCESS
+}
+
 fn run(path: PathBuf) -> ExitCode {
     let config = match Config::load_to_serve(&path) {
         Ok(config) => config,
@@ -174,6 +229,9 @@ fn run(path: PathBuf) -> ExitCode {
         // double the memory of a large key set).
         let gateway = Arc::new(Gateway::new(config));
         gateway.restore_quotas(&quota_counts);
+        reload::key_api::install(&gateway, &path);
+        // Keys kept in Redis are loaded before the first request is served.
+        let _key_sync = reload::key_sync::start(&gateway, reload::key_sync::DEFAULT_RESYNC).await;
         let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
         let last_save = gateway.clone();
         tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));

@@ -1,8 +1,12 @@
-//! Reloading the config into a running [`Gateway`]: on SIGHUP ([`reload_on_sighup`]) and,
-//! with `server.watch`, when the config or keys file changes ([`file_watch`]). Above the
+//! Reloading the config into a running [`Gateway`]: on SIGHUP ([`reload_on_sighup`]),
+//! with `server.watch` when the config or keys file changes ([`file_watch`]), after a write
+//! through the admin key API ([`key_api`]), and as the keys kept in Redis change
+//! ([`key_sync`], `auth.store = "redis"`). Above the
 //! stack: it swaps the gateway's snapshot, so nothing below imports it.
 
 pub mod file_watch;
+pub mod key_api;
+pub mod key_sync;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +75,8 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<&'static str> {
             "server.shutdown_grace",
             a.shutdown_grace != b.shutdown_grace,
         ),
+        // The Redis key store is followed by a task started with the process.
+        ("auth.store", old.auth.store != new.auth.store),
         // New certificates are served to new connections; TLS itself is on or off per listener.
         ("server.tls (on or off)", a.tls.is_some() != b.tls.is_some()),
     ]

@@ -10,8 +10,9 @@
 //! learns on the way (its client, key, bucket decision, upstream answer) is kept in one
 //! [`Exchange`], read at the end for headers, metrics and the access log.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -19,9 +20,9 @@ use http::header::CONTENT_TYPE;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-use crate::auth::{Identity, KeyRecord, KeyStore};
+use crate::auth::{Identity, KeyRecord, KeySources, KeyStore, WallClock, expiry};
 use crate::body::{ResponseBody, UnreadBody};
-use crate::config::{Config, PlanName, RouteTarget};
+use crate::config::{Config, KeyConfig, KeyId, KeyStoreKind, PlanName, RouteTarget};
 use crate::error::{ErrorRenderer, GatewayError};
 use crate::limit::bucket::buckets_for;
 use crate::limit::charge::{Layout, QuotaTable};
@@ -32,6 +33,7 @@ use crate::observability::access::AccessInfo;
 use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
 use crate::proxy::{ClientInfo, Forward, Resolver, Upstream, classify, framing, headers};
 use crate::route::{Resolved, Route, Router};
+use crate::server::admin::keys::KeyAdmin;
 use crate::server::client_ip::{client_ip, is_trusted_peer};
 use crate::server::{Handler, RequestContext, head_limits};
 
@@ -60,6 +62,11 @@ pub struct Snapshot {
     anonymous_plan: Option<usize>,
     /// Every key's monthly quota count, handed from snapshot to snapshot.
     pub quotas: Arc<QuotaTable>,
+    /// `auth.store = "redis"`: the keys loaded from Redis, built against this snapshot's
+    /// plans and swapped as Redis changes (see [`Gateway::set_shared_keys`]).
+    pub shared_keys: Option<ArcSwap<KeyStore>>,
+    /// `auth.store = "redis"`: ids of the config's own keys, which a Redis key cannot take.
+    config_key_ids: HashSet<KeyId>,
 }
 
 /// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
@@ -86,6 +93,12 @@ impl Snapshot {
         let key_list = std::mem::take(&mut config.keys);
         // Quota counts live for the process: a reload keeps every one.
         let quotas = previous.map_or_else(Default::default, |p| p.quotas.clone());
+        let redis_store = config.auth.store == KeyStoreKind::Redis;
+        let config_key_ids = if redis_store {
+            key_list.iter().map(|k| k.id.clone()).collect()
+        } else {
+            HashSet::new()
+        };
         let anonymous = config
             .plans
             .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
@@ -127,8 +140,29 @@ impl Snapshot {
             ),
             metrics: SnapshotMetrics::new(metrics.clone(), &config),
             anonymous_plan: config.plans.keys().position(|p| &*p.0 == ANONYMOUS_PLAN),
+            shared_keys: redis_store.then(|| ArcSwap::from_pointee(KeyStore::default())),
+            config_key_ids,
             config,
         }
+    }
+
+    /// A store of `keys` (from Redis) for this snapshot: against its plans, keeping the
+    /// buckets of `previous`, leaving out (and logging) keys whose plan is not defined here
+    /// or whose id is one of the config's own.
+    fn shared_store(&self, keys: &[KeyConfig], previous: Option<&KeyStore>) -> KeyStore {
+        let usable: Vec<KeyConfig> = keys
+            .iter()
+            .filter(|k| {
+                let ok = self.config.plans.contains_key(&k.plan)
+                    && !self.config_key_ids.contains(&k.id);
+                if !ok {
+                    tracing::warn!(key_id = &*k.id.0, plan = &*k.plan.0, "key store: a key in Redis is left out: its plan is not defined, or its id is one of the config's keys");
+                }
+                ok
+            })
+            .cloned()
+            .collect();
+        KeyStore::from_keys(usable, &self.config.plans, previous)
     }
 }
 
@@ -151,6 +185,10 @@ struct Exchange<'s> {
     upstream_latency: Option<Duration>,
     failure_kind: Option<&'static str>,
     upstream_target: Option<Arc<str>>,
+    /// The key's expiry, when it is near enough to announce (`X-API-Key-Expires`).
+    key_expires_soon: Option<u32>,
+    /// The keys shared through Redis, as loaded when the request started.
+    shared_keys: Option<&'s KeyStore>,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -163,16 +201,32 @@ pub struct Gateway {
     metrics: Arc<Metrics>,
     /// Resolves hostname targets.
     resolver: Resolver,
+    /// The wall clock key expiries are checked against.
+    clock: WallClock,
+    /// What serves the admin key API, once installed (`reload::key_api`).
+    key_admin: std::sync::OnceLock<Arc<dyn KeyAdmin>>,
+    /// The keys last loaded from Redis (`auth.store = "redis"`); the lock also orders their
+    /// swaps against reloads, so a reload never builds on a list older than the store's.
+    shared_keys: Mutex<Arc<Vec<KeyConfig>>>,
 }
 
 impl Gateway {
     /// A gateway running `config`.
     pub fn new(config: Config) -> Self {
-        Self::with_resolver(config, Resolver::system())
+        Self::build(config, Resolver::system(), WallClock::system())
     }
 
     /// A gateway running `config` that resolves hostname targets with `resolver`.
     pub fn with_resolver(config: Config, resolver: Resolver) -> Self {
+        Self::build(config, resolver, WallClock::system())
+    }
+
+    /// A gateway whose key expiries are checked against `clock` (a fake one in tests).
+    pub fn with_wall_clock(config: Config, clock: WallClock) -> Self {
+        Self::build(config, Resolver::system(), clock)
+    }
+
+    fn build(config: Config, resolver: Resolver, clock: WallClock) -> Self {
         let metrics = Arc::new(Metrics::new());
         metrics.config_loaded(&config);
         Self {
@@ -180,7 +234,46 @@ impl Gateway {
             guard: Guard::default(),
             metrics,
             resolver,
+            clock,
+            key_admin: std::sync::OnceLock::new(),
+            shared_keys: Mutex::new(Arc::new(Vec::new())),
         }
+    }
+
+    /// Replaces the keys loaded from Redis: the current snapshot serves them from the next
+    /// request (a reload keeps them). No-op unless `auth.store = "redis"`.
+    pub fn set_shared_keys(&self, keys: Vec<KeyConfig>) {
+        let mut shared = self.shared_keys.lock().unwrap_or_else(|e| e.into_inner());
+        let snapshot = self.snapshot.load();
+        if let Some(current) = &snapshot.shared_keys {
+            let store = snapshot.shared_store(&keys, Some(&current.load()));
+            current.store(Arc::new(store));
+        }
+        *shared = Arc::new(keys);
+    }
+
+    /// The keys last loaded from Redis.
+    pub fn shared_keys(&self) -> Arc<Vec<KeyConfig>> {
+        self.shared_keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Installs what serves the admin key API; the first one installed stays.
+    pub fn set_key_admin(&self, admin: Arc<dyn KeyAdmin>) {
+        let _ = self.key_admin.set(admin);
+    }
+
+    /// The per-client-IP guards (`failed_auth`, `ip_throttle`), which the admin key API's
+    /// token check answers to as well.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// The wall clock key expiries are checked against.
+    pub fn wall_clock(&self) -> &WallClock {
+        &self.clock
     }
 
     /// The gateway's metrics.
@@ -195,14 +288,16 @@ impl Gateway {
 
     /// Replaces the config for new requests; in-flight requests finish on the old one.
     pub fn reload(&self, config: Config) {
+        let shared = self.shared_keys.lock().unwrap_or_else(|e| e.into_inner());
         let previous = self.snapshot.load_full();
         self.metrics.config_loaded(&config);
-        self.snapshot.store(Arc::new(Snapshot::new(
-            config,
-            Some(&previous),
-            &self.metrics,
-            &self.resolver,
-        )));
+        let snapshot = Snapshot::new(config, Some(&previous), &self.metrics, &self.resolver);
+        if let Some(store) = &snapshot.shared_keys {
+            let old = previous.shared_keys.as_ref().map(|s| s.load_full());
+            store.store(Arc::new(snapshot.shared_store(&shared, old.as_deref())));
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        drop(shared);
         self.metrics.reload(true);
     }
 
@@ -282,9 +377,13 @@ impl Gateway {
         );
         headers::set_identity(
             request.headers_mut(),
-            identity
-                .as_ref()
-                .map(|i| (&i.record.id_header, &i.record.plan_header)),
+            identity.as_ref().map(|i| {
+                (
+                    &i.record.id_header,
+                    &i.record.plan_header,
+                    i.record.metadata_headers(),
+                )
+            }),
         );
         self.dispatch(resolved, request, body, ctx, client, snapshot, exchange)
             .await
@@ -305,7 +404,11 @@ impl Gateway {
             request.headers(),
             request.uri(),
             &snapshot.config.auth,
-            &snapshot.keys,
+            KeySources {
+                config: &snapshot.keys,
+                shared: exchange.shared_keys,
+            },
+            &self.clock,
             route.config.auth,
             &route.config.scopes,
         )
@@ -316,6 +419,7 @@ impl Gateway {
         if let Some(identity) = &identity {
             tracing::Span::current().record("key_id", &*identity.record.id.0);
             exchange.key = Some(identity.record);
+            exchange.key_expires_soon = identity.expires_soon;
             exchange.labels.plan = Some(identity.record.plan_index);
         } else if snapshot.anonymous.is_some() {
             exchange.labels.plan = snapshot.anonymous_plan;
@@ -457,7 +561,12 @@ impl Handler for Gateway {
         let started = Instant::now();
         let _in_flight = self.metrics.in_flight();
         let snapshot = self.snapshot.load_full();
-        let mut exchange = Exchange::default();
+        // Only with `auth.store = "redis"`; one load for the whole request, like the snapshot.
+        let shared_keys = snapshot.shared_keys.as_ref().map(|s| s.load_full());
+        let mut exchange = Exchange {
+            shared_keys: shared_keys.as_deref(),
+            ..Exchange::default()
+        };
         // The body stays here until the request is forwarded: a request answered before
         // that still has it, to discard (see `UnreadBody`).
         let (head, incoming) = request.into_parts();
@@ -507,6 +616,12 @@ impl Handler for Gateway {
                 decided,
                 || crate::limit::bucket::since(info.decision.at),
             );
+        }
+        // Also on errors: a client learns of the coming expiry from any answer.
+        if let Some(expires) = exchange.key_expires_soon {
+            response
+                .headers_mut()
+                .insert(&expiry::X_API_KEY_EXPIRES, expiry::header_value(expires));
         }
         if let Some(unread) = unread {
             unread.settle(body, forwarded_ok, &mut response).await;
@@ -566,6 +681,10 @@ impl Handler for Gateway {
         usage["key_id"] = serde_json::Value::from(&*record.id.0);
         usage["plan"] = serde_json::Value::from(&*record.plan.0);
         Some(usage)
+    }
+
+    fn key_admin(&self) -> Option<Arc<dyn KeyAdmin>> {
+        self.key_admin.get().cloned()
     }
 
     fn tick(&self) {

@@ -297,7 +297,7 @@ proptest! {
         let available = available_plans(&plans);
         for (i, (k, got)) in keys.iter().zip(&config.keys).enumerate() {
             prop_assert_eq!(&*got.id.0, ids[i].as_str());
-            prop_assert_eq!(got.digest, ApiKey::new(secrets[i].clone()).digest());
+            prop_assert_eq!(got.digests[0].digest, ApiKey::new(secrets[i].clone()).digest());
             prop_assert_eq!(&*got.plan.0, available[k.plan % available.len()].as_str());
             prop_assert_eq!(&got.scopes, &k.scopes);
             prop_assert_eq!(got.requests_per_minute, k.rpm.map(nz));
@@ -359,6 +359,9 @@ fn auth_config(header: &str, bearer: bool, query_param: Option<&str>) -> AuthCon
         query_param: query_param.map(str::to_owned),
         forward_key: false,
         keys_file: None,
+        expiry_warning: tollgate::config::DEFAULT_EXPIRY_WARNING,
+        store: tollgate::config::KeyStoreKind::File,
+        keys_cache_file: None,
     }
 }
 
@@ -430,7 +433,7 @@ proptest! {
             prop_assert!(!p.key.is_empty());
         }
         let store = store();
-        match authenticate(&map, &uri, &config, &store, required, &[]) {
+        match authenticate(&map, &uri, &config, &store, &Default::default(), required, &[]) {
             Ok(Some(identity)) => {
                 let presented = found.unwrap().unwrap();
                 let (_, secret) =
@@ -463,7 +466,7 @@ proptest! {
         prop_assert_eq!(&*p.key, key.as_bytes());
         prop_assert_eq!(p.source, CredentialSource::Header);
         let store = store_with(&[(id.clone(), key.clone())]);
-        let who = authenticate(&map, &uri, &config, &store, true, &[]).unwrap().unwrap();
+        let who = authenticate(&map, &uri, &config, &store, &Default::default(), true, &[]).unwrap().unwrap();
         prop_assert_eq!(&*who.record.id.0, id.as_str());
     }
 
@@ -529,7 +532,7 @@ proptest! {
         let mut map = HeaderMap::new();
         map.insert("x-api-key", HeaderValue::from_bytes(&bytes).unwrap());
         let store = store();
-        let error = authenticate(&map, &Uri::from_static("/"), &config, &store, required, &[])
+        let error = authenticate(&map, &Uri::from_static("/"), &config, &store, &Default::default(), required, &[])
             .expect_err("not a key");
         prop_assert!(matches!(error, GatewayError::InvalidApiKey));
         prop_assert_eq!(error.status(), StatusCode::UNAUTHORIZED);

@@ -65,7 +65,7 @@ cargo clippy --all-targets -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
     # Tests that measure latency or resource use run on their own after the rest, so the
     # other tests' load on the two cores does not decide their figures.
-    quiet='binary(hardening) | binary(proxy_leaks) | binary(redis) | binary(redis_sentinel) | binary(redis_cluster)'
+    quiet='binary(hardening) | binary(proxy_leaks) | binary(redis) | binary(redis_sentinel) | binary(redis_cluster) | binary(key_store_redis)'
     step "cargo nextest run --all-targets (all but the timing-sensitive tests)"
     cargo nextest run --all-targets -E "not ($quiet)"
     step "cargo nextest run (timing-sensitive tests, alone, one at a time)"

@@ -45,13 +45,16 @@ static STORE: LazyLock<KeyStore> = LazyLock::new(|| {
         .iter()
         .map(|(id, secret, scopes)| KeyConfig {
             id: KeyId(Arc::from(*id)),
-            digest: ApiKey::new(*secret).digest(),
+            digests: vec![tollgate::config::DigestConfig::new(ApiKey::new(*secret).digest())],
             plan: plan.clone(),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             requests_per_minute: None,
             disabled: *id == "fuzz-off",
             requests_per_month: None,
             routes: Default::default(),
+            expires_at: None,
+            metadata: Vec::new(),
+            created_at: None,
         })
         .collect();
     KeyStore::new(&keys, &plans, None)
@@ -87,6 +90,9 @@ fuzz_target!(|input: Input| {
         query_param: input.query_param.clone(),
         forward_key: false,
         keys_file: None,
+        expiry_warning: tollgate::config::DEFAULT_EXPIRY_WARNING,
+        store: tollgate::config::KeyStoreKind::File,
+        keys_cache_file: None,
     };
     let mut headers = HeaderMap::new();
     for (name, value) in &input.headers {
@@ -133,7 +139,8 @@ fuzz_target!(|input: Input| {
         &headers,
         &uri,
         &config,
-        &STORE,
+        &*STORE,
+        &Default::default(),
         input.required,
         &input.scopes,
     );

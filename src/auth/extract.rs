@@ -228,6 +228,9 @@ mod tests {
             query_param: query.map(str::to_owned),
             forward_key: false,
             keys_file: None,
+            expiry_warning: crate::config::DEFAULT_EXPIRY_WARNING,
+            store: crate::config::KeyStoreKind::File,
+            keys_cache_file: None,
         }
     }
 

@@ -9,10 +9,12 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::Arc;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 
 use crate::auth::KeyDigest;
-use crate::config::{KeyConfig, KeyId, Plan, PlanName};
+#[cfg(test)]
+use crate::config::DigestConfig;
+use crate::config::{KEY_META_HEADER_PREFIX, KeyConfig, KeyId, Plan, PlanName};
 use crate::limit::KeyLimits;
 use crate::limit::charge::{KeySpec, Layout, QuotaTable};
 
@@ -30,6 +32,10 @@ pub struct KeyRecord {
     pub scopes: Box<[String]>,
     /// Revoked keys are answered like unknown ones.
     pub disabled: bool,
+    /// When this digest stops working, in seconds since the Unix epoch ([`NEVER_EXPIRES`]:
+    /// never); the earlier of the key's and the digest's `expires_at`. Four bytes, so it
+    /// shares the first cache line with what else an admission reads.
+    pub expires: u32,
     /// The plan's position among the config's plans (in their order), which is also its
     /// index in the snapshot's metrics table: counting a request compares no plan names.
     pub plan_index: usize,
@@ -41,7 +47,14 @@ pub struct KeyRecord {
     pub id_header: HeaderValue,
     /// `X-Tollgate-Plan` value, built once.
     pub plan_header: HeaderValue,
+    /// `X-Tollgate-Key-Meta-<Name>` headers for the upstream, built once and shared by the
+    /// key's digests; `None` for a key without metadata. A thin pointer (not `Arc<[_]>`):
+    /// with it the record stays three cache lines.
+    pub metadata: Option<Arc<Vec<(HeaderName, HeaderValue)>>>,
 }
+
+/// [`KeyRecord::expires`] of a digest that does not expire.
+pub const NEVER_EXPIRES: u32 = u32::MAX;
 
 /// Records are found by digest: the table holds records, keyed by their `digest` field.
 impl Borrow<KeyDigest> for KeyRecord {
@@ -65,6 +78,17 @@ impl PartialEq for KeyRecord {
 impl Eq for KeyRecord {}
 
 impl KeyRecord {
+    /// The metadata headers for the upstream (none for most keys).
+    pub fn metadata_headers(&self) -> &[(HeaderName, HeaderValue)] {
+        self.metadata.as_deref().map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether the digest has an expiry at all (most have none: no clock is read for them).
+    #[inline]
+    pub fn expires(&self) -> Option<u32> {
+        (self.expires != NEVER_EXPIRES).then_some(self.expires)
+    }
+
     /// The first scope of `required` this key lacks.
     pub fn missing_scope<'r>(&self, required: &'r [String]) -> Option<&'r str> {
         required
@@ -161,27 +185,36 @@ impl KeyStore {
                 id: &key.id,
             };
             let limits = KeyLimits::build(&spec, layout, old.get(&key.id).map(|r| &r.limits));
-            let record = KeyRecord {
-                digest: key.digest,
-                limits,
-                plan_index: plan_indexes[&key.plan],
-                id_header: HeaderValue::from_str(&key.id.0).expect("key ids are validated"),
-                plan_header: HeaderValue::from_str(&key.plan.0).expect("plan names are validated"),
-                id: key.id,
-                plan: key.plan,
-                scopes: key.scopes.into_boxed_slice(),
-                disabled: key.disabled,
-            };
-            by_digest.insert(record);
+            let metadata =
+                (!key.metadata.is_empty()).then(|| Arc::new(metadata_headers(&key.metadata)));
+            let id_header = HeaderValue::from_str(&key.id.0).expect("key ids are validated");
+            let plan_header = HeaderValue::from_str(&key.plan.0).expect("plan names are validated");
+            // Every digest of a key is one identity: the same buckets, id and plan.
+            for digest in &key.digests {
+                let expires = key.expiry_of(digest).map_or(NEVER_EXPIRES, |at| {
+                    u32::try_from(at).unwrap_or(NEVER_EXPIRES - 1)
+                });
+                by_digest.insert(KeyRecord {
+                    digest: digest.digest,
+                    limits: limits.clone(),
+                    plan_index: plan_indexes[&key.plan],
+                    id_header: id_header.clone(),
+                    plan_header: plan_header.clone(),
+                    id: key.id.clone(),
+                    plan: key.plan.clone(),
+                    scopes: key.scopes.clone().into_boxed_slice(),
+                    disabled: key.disabled,
+                    expires,
+                    metadata: metadata.clone(),
+                });
+            }
         }
         Self { by_digest }
     }
 
     /// The enabled record for a presented key, if any.
     pub fn lookup(&self, presented: &[u8]) -> Option<&KeyRecord> {
-        self.by_digest
-            .get(&KeyDigest::of(presented))
-            .filter(|record| !record.disabled)
+        self.get(&KeyDigest::of(presented))
     }
 
     /// The record of key id `id`, disabled or not. A scan of every key: for the admin
@@ -190,7 +223,13 @@ impl KeyStore {
         self.by_digest.iter().find(|record| &*record.id.0 == id)
     }
 
-    /// Number of keys.
+    /// The enabled record with this digest, if any.
+    #[inline]
+    pub fn get(&self, digest: &KeyDigest) -> Option<&KeyRecord> {
+        self.by_digest.get(digest).filter(|record| !record.disabled)
+    }
+
+    /// Number of digests (a key with two digests counts twice).
     pub fn len(&self) -> usize {
         self.by_digest.len()
     }
@@ -201,6 +240,20 @@ impl KeyStore {
     }
 }
 
+/// `X-Tollgate-Key-Meta-<Name>` (with `_` written `-`) for each validated metadata entry.
+fn metadata_headers(metadata: &[(String, String)]) -> Vec<(HeaderName, HeaderValue)> {
+    metadata
+        .iter()
+        .filter_map(|(name, value)| {
+            let name = format!("{KEY_META_HEADER_PREFIX}{}", name.replace('_', "-"));
+            Some((
+                HeaderName::from_bytes(name.as_bytes()).ok()?,
+                HeaderValue::from_str(value).ok()?,
+            ))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,13 +262,16 @@ mod tests {
     fn key(id: &str, secret: &str, scopes: &[&str], disabled: bool) -> KeyConfig {
         KeyConfig {
             id: KeyId(Arc::from(id)),
-            digest: ApiKey::new(secret).digest(),
+            digests: vec![DigestConfig::new(ApiKey::new(secret).digest())],
             plan: PlanName(Arc::from("pro")),
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             requests_per_minute: None,
             disabled,
             requests_per_month: None,
             routes: Default::default(),
+            expires_at: None,
+            metadata: Vec::new(),
+            created_at: None,
         }
     }
 
@@ -263,6 +319,36 @@ mod tests {
         assert!(offset_of!(KeyRecord, limits) + 8 <= 64);
         assert!(offset_of!(KeyRecord, disabled) < 64);
         assert!(offset_of!(KeyRecord, scopes) + 16 <= 64);
+        assert!(offset_of!(KeyRecord, expires) + 4 <= 64);
+        // Three cache lines, as before keys had expiries and metadata.
+        assert_eq!(size_of::<KeyRecord>(), 192);
+    }
+
+    #[test]
+    fn every_digest_of_a_key_is_one_identity() {
+        let mut k = key("a", "new", &["x:read"], false);
+        k.expires_at = Some(2_000);
+        k.digests.push(DigestConfig {
+            digest: ApiKey::new("old").digest(),
+            expires_at: Some(1_000),
+        });
+        k.metadata = vec![("customer_id".to_owned(), "cus_1".to_owned())];
+        let store = KeyStore::new(&[k], &plans(), None);
+        let (new, old) = (store.lookup(b"new").unwrap(), store.lookup(b"old").unwrap());
+        assert!(Arc::ptr_eq(&new.limits, &old.limits), "one set of buckets");
+        assert!(Arc::ptr_eq(
+            new.metadata.as_ref().unwrap(),
+            old.metadata.as_ref().unwrap()
+        ));
+        assert_eq!((new.expires(), old.expires()), (Some(2_000), Some(1_000)));
+        assert_eq!(
+            new.metadata_headers()[0].0,
+            "x-tollgate-key-meta-customer-id"
+        );
+        assert_eq!(new.metadata_headers()[0].1, "cus_1");
+        assert_eq!(store.len(), 2);
+        let plain = KeyStore::new(&[key("b", "b", &[], false)], &plans(), None);
+        assert_eq!(plain.lookup(b"b").unwrap().expires(), None);
     }
 
     #[test]

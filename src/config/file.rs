@@ -112,6 +112,7 @@ pub struct TlsFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub listen: Option<SpannedStr>,
+    pub token: Option<SpannedStr>,
 }
 
 /// `[errors]`.
@@ -132,6 +133,9 @@ pub struct AuthFile {
     pub query_param: Option<SpannedStr>,
     pub forward_key: Option<bool>,
     pub keys_file: Option<SpannedStr>,
+    pub expiry_warning: Option<SpannedStr>,
+    pub store: Option<SpannedStr>,
+    pub keys_cache_file: Option<SpannedStr>,
 }
 
 /// `[limits]`.
@@ -210,7 +214,7 @@ pub struct RouteBucketFile {
 #[serde(deny_unknown_fields)]
 pub struct KeyFile {
     pub id: SpannedStr,
-    pub key: SpannedStr,
+    pub key: Spanned<KeyDigestsFile>,
     pub plan: SpannedStr,
     #[serde(default)]
     pub scopes: Vec<SpannedStr>,
@@ -221,6 +225,38 @@ pub struct KeyFile {
     /// Per-route bucket overrides, by route prefix.
     #[serde(default)]
     pub routes: BTreeMap<String, Spanned<RouteBucketFile>>,
+    pub expires_at: Option<SpannedStr>,
+    pub metadata: Option<Spanned<BTreeMap<String, String>>>,
+    pub created_at: Option<SpannedStr>,
+}
+
+/// `key = "sha256:..."`, or a list of digests of one key id. (Untagged enums lose inner
+/// spans, so the span is outside.)
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum KeyDigestsFile {
+    /// One digest.
+    One(String),
+    /// `["sha256:<new>", { digest = "sha256:<old>", expires_at = "..." }]`.
+    Many(Vec<DigestEntryFile>),
+}
+
+/// One digest in a `key = [...]` list.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum DigestEntryFile {
+    /// `"sha256:..."`.
+    Digest(String),
+    /// `{ digest = "sha256:...", expires_at = "2027-01-15T00:00:00Z" }`.
+    Expiring(ExpiringDigestFile),
+}
+
+/// `{ digest, expires_at }` in a `key = [...]` list.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExpiringDigestFile {
+    pub digest: String,
+    pub expires_at: Option<String>,
 }
 
 /// `[[upstreams]]`.

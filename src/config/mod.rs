@@ -11,6 +11,7 @@
 //! loads the certificates `[server.tls]` names.
 
 pub mod file;
+pub mod keys_edit;
 mod parse;
 mod read;
 mod redis;
@@ -23,6 +24,7 @@ mod validate;
 pub use read::MAX_FILE_BYTES;
 pub use redis::{ClientIdentity, RedisConfig, RedisPassword, RedisTarget, redact_url};
 pub use types::{DigestError, KeyDigest, KeyId, PlanName, Window};
+pub use validate::{check_metadata, valid_key_id};
 
 use read::read;
 
@@ -66,6 +68,17 @@ pub const MAX_URI_BYTES: usize = 8 * 1024;
 pub const MAX_HEADER_FIELDS: usize = 100;
 /// Default `auth.header`.
 pub const DEFAULT_AUTH_HEADER: &str = "x-api-key";
+/// Default `auth.expiry_warning`: responses carry `X-API-Key-Expires` this long before an
+/// expiry.
+pub const DEFAULT_EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+/// Most `metadata` entries on one key.
+pub const MAX_KEY_METADATA: usize = 16;
+/// Longest `metadata` value, in bytes.
+pub const MAX_KEY_METADATA_VALUE: usize = 256;
+/// Longest `metadata` name.
+pub const MAX_KEY_METADATA_NAME: usize = 64;
+/// The prefix of the fields that carry a key's metadata upstream (`X-Tollgate-Key-Meta-<Name>`).
+pub const KEY_META_HEADER_PREFIX: &str = "x-tollgate-key-meta-";
 /// Default `[redis] url` (and `limits.redis_url`).
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
 /// Default `limits.backend_timeout`.
@@ -202,6 +215,9 @@ pub struct TlsConfig {
 pub struct AdminConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served. Default `127.0.0.1:9901`.
     pub listen: SocketAddr,
+    /// Digest of the admin bearer token that turns on the key API (`/keys`). Default none:
+    /// key management is off.
+    pub token: Option<KeyDigest>,
 }
 
 /// Shape of every error body tollgate writes.
@@ -239,6 +255,22 @@ pub struct AuthConfig {
     pub forward_key: bool,
     /// A second file holding `[[keys]]`. Default none.
     pub keys_file: Option<PathBuf>,
+    /// Responses to a key whose digest expires within this carry `X-API-Key-Expires`.
+    /// Default 14 days; zero turns the header off.
+    pub expiry_warning: Duration,
+    /// Where keys written by the admin API live. Default [`KeyStoreKind::File`].
+    pub store: KeyStoreKind,
+    /// `auth.store = "redis"`: the last synced keys, for a cold start with Redis down.
+    pub keys_cache_file: Option<PathBuf>,
+}
+
+/// `auth.store`: where keys written through the admin API are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStoreKind {
+    /// In `auth.keys_file` (default).
+    File,
+    /// In Redis, shared by every instance.
+    Redis,
 }
 
 impl Config {
@@ -357,8 +389,8 @@ pub struct RouteBucket {
 pub struct KeyConfig {
     /// Public id.
     pub id: KeyId,
-    /// SHA-256 of the key.
-    pub digest: KeyDigest,
+    /// The key's digests (one or more; all share the id, plan and buckets), never empty.
+    pub digests: Vec<DigestConfig>,
     /// Plan name (exists in [`Config::plans`]).
     pub plan: PlanName,
     /// Scopes held.
@@ -372,6 +404,42 @@ pub struct KeyConfig {
     /// Per-key route buckets, by route prefix: they replace the plan's for that route (or
     /// add one where the plan has none).
     pub routes: BTreeMap<String, RouteBucket>,
+    /// When every digest of the key stops working, in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+    /// Sent upstream as `X-Tollgate-Key-Meta-<Name>`: (name, value), names `[a-z0-9_-]`,
+    /// values printable ASCII; at most [`MAX_KEY_METADATA`].
+    pub metadata: Vec<(String, String)>,
+    /// When the key was made (written by the admin API), in seconds since the Unix epoch.
+    pub created_at: Option<u64>,
+}
+
+/// One digest of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestConfig {
+    /// SHA-256 of the key.
+    pub digest: KeyDigest,
+    /// When this digest stops working (a rotated-out key), in seconds since the Unix epoch.
+    pub expires_at: Option<u64>,
+}
+
+impl DigestConfig {
+    /// A digest that never expires on its own.
+    pub fn new(digest: KeyDigest) -> Self {
+        Self {
+            digest,
+            expires_at: None,
+        }
+    }
+}
+
+impl KeyConfig {
+    /// When `digest` stops working: the earlier of its own and the key's expiry.
+    pub fn expiry_of(&self, digest: &DigestConfig) -> Option<u64> {
+        match (self.expires_at, digest.expires_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// `[[upstreams]]`.
@@ -580,10 +648,32 @@ impl Config {
     /// Parses and validates config text; `path` is used in messages and `keys_file` is read
     /// from disk.
     pub fn from_text(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        Self::from_text_with_keys(path, text, None)
+    }
+
+    /// [`Config::load_to_serve`] with `keys_text` in place of the keys file's contents: what
+    /// the gateway would run if the keys file held `keys_text`, checked before it is written.
+    pub fn load_to_serve_with_keys(path: &Path, keys_text: &str) -> Result<Config, ConfigError> {
+        let text = read(path)?;
+        let config = Self::from_text_with_keys(path, &text, Some(keys_text))?;
+        if config.routes.is_empty() {
+            return Err(ConfigError::Invalid(vec![validate::no_routes(path, &text)]));
+        }
+        Ok(config)
+    }
+
+    fn from_text_with_keys(
+        path: &Path,
+        text: &str,
+        keys_text: Option<&str>,
+    ) -> Result<Config, ConfigError> {
         use sha2::{Digest, Sha256};
         let hasher = std::cell::RefCell::new(Sha256::new_with_prefix(text.as_bytes()));
         let mut config = validate::load(path, text, |path: &Path| {
-            let text = read(path)?;
+            let text = match keys_text {
+                Some(keys) => keys.to_owned(),
+                None => read(path)?,
+            };
             hasher.borrow_mut().update(text.as_bytes());
             Ok(text)
         })?;

@@ -33,6 +33,7 @@ fn allowed(path: &str) -> Option<&'static [&'static str]> {
         "plans.*" => fields::<PlanFile>(),
         "plans.*.routes.*" | "keys[].routes.*" => fields::<RouteBucketFile>(),
         "keys[]" => fields::<KeyFile>(),
+        "keys[].key[]" => fields::<ExpiringDigestFile>(),
         "upstreams[]" => fields::<UpstreamFile>(),
         "upstreams[].targets[]" => fields::<WeightedTargetFile>(),
         "upstreams[].health_check" => fields::<HealthCheckFile>(),
@@ -172,6 +173,7 @@ fn unknown_message(key: &str, path: &str, allowed: &[&str]) -> String {
         "keys_file" => "at the top level of the keys file (it holds only [[keys]])".to_owned(),
         "plans.*" => "in a [plans.<name>] table".to_owned(),
         "upstreams[].targets[]" => "in a target of [[upstreams]] targets".to_owned(),
+        "keys[].key[]" => "in a digest of a [[keys]] key list".to_owned(),
         p if p.ends_with("[]") => format!("in [[{}]]", p.trim_end_matches("[]")),
         p => format!("in [{}]", p.replace("[]", "")),
     };

@@ -1,4 +1,5 @@
-//! Durations (`"250ms"`, `"10s"`, `"5m"`) and sizes (`4096`, `"16KiB"`, `"10MiB"`) as ops write them.
+//! Durations (`"250ms"`, `"10s"`, `"5m"`), sizes (`4096`, `"16KiB"`, `"10MiB"`) and instants
+//! (RFC 3339, `"2027-01-15T00:00:00Z"`) as ops write them.
 
 use std::time::Duration;
 
@@ -59,6 +60,56 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size \"{trimmed}\" is too large"))
 }
 
+/// The latest instant an `expires_at` may name: the end of unsigned 32-bit Unix time
+/// (2106-02-07), so a key record keeps its expiry in four bytes of its first cache line.
+pub const MAX_UNIX_SECS: u64 = u32::MAX as u64 - 1;
+
+/// Parses an RFC 3339 instant (`"2027-01-15T00:00:00Z"`, `"2027-01-15T01:00:00+01:00"`,
+/// fractions of a second allowed and dropped) into seconds since the Unix epoch.
+pub fn parse_rfc3339(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let hint = "write it in RFC 3339, like \"2027-01-15T00:00:00Z\"";
+    let bad = || format!("invalid time \"{trimmed}\"; {hint}");
+    // humantime reads UTC ("Z") only: a numeric offset is read here and applied after.
+    let (utc, offset_secs): (String, i64) = match trimmed.as_bytes() {
+        [.., b'Z' | b'z'] => (format!("{}Z", &trimmed[..trimmed.len() - 1]), 0),
+        [.., sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+            if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()) =>
+        {
+            let hours = i64::from((h1 - b'0') * 10 + (h2 - b'0'));
+            let minutes = i64::from((m1 - b'0') * 10 + (m2 - b'0'));
+            if hours > 23 || minutes > 59 {
+                return Err(bad());
+            }
+            let offset = (hours * 60 + minutes) * 60;
+            (
+                format!("{}Z", &trimmed[..trimmed.len() - 6]),
+                if *sign == b'+' { offset } else { -offset },
+            )
+        }
+        _ => return Err(bad()),
+    };
+    let at = humantime::parse_rfc3339_weak(&utc).map_err(|_| bad())?;
+    let secs = at
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(|_| format!("time \"{trimmed}\" is before 1970"))?
+        .as_secs() as i64
+        - offset_secs;
+    match u64::try_from(secs) {
+        Ok(secs) if secs <= MAX_UNIX_SECS => Ok(secs),
+        Ok(_) => Err(format!(
+            "time \"{trimmed}\" is after 2106-02-07, the latest tollgate keeps"
+        )),
+        Err(_) => Err(format!("time \"{trimmed}\" is before 1970")),
+    }
+}
+
+/// Seconds since the Unix epoch as RFC 3339 UTC, `"2027-01-15T00:00:00Z"`.
+pub fn format_rfc3339(unix_secs: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix_secs))
+        .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +123,41 @@ mod tests {
         assert!(parse_duration("10").unwrap_err().contains("no unit"));
         assert!(parse_duration("ten seconds").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn instants() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:10Z").unwrap(), 10);
+        assert_eq!(
+            parse_rfc3339("2027-01-15T00:00:00Z").unwrap(),
+            1_799_971_200
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-15T01:30:00+01:30").unwrap(),
+            1_799_971_200
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-14T23:00:00-01:00").unwrap(),
+            1_799_971_200
+        );
+        assert_eq!(
+            parse_rfc3339("2027-01-15T00:00:00.250Z").unwrap(),
+            1_799_971_200
+        );
+        assert_eq!(format_rfc3339(1_799_971_200), "2027-01-15T00:00:00Z");
+        assert!(
+            parse_rfc3339("2027-01-15")
+                .unwrap_err()
+                .contains("RFC 3339")
+        );
+        assert!(parse_rfc3339("2027-01-15T00:00:00").is_err());
+        assert!(parse_rfc3339("2027-13-15T00:00:00Z").is_err());
+        assert!(
+            parse_rfc3339("2200-01-01T00:00:00Z")
+                .unwrap_err()
+                .contains("2106")
+        );
+        assert!(parse_rfc3339("1969-12-31T23:00:00Z").is_err());
     }
 
     #[test]

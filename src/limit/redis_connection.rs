@@ -125,18 +125,7 @@ impl RedisConnector {
         let config = &self.config;
         match &config.target {
             RedisTarget::Single { url } => {
-                let mut info = url.as_str().into_connection_info()?;
-                if let Some(password) = &config.password {
-                    let settings = info
-                        .redis_settings()
-                        .clone()
-                        .set_password(password.expose());
-                    info = info.set_redis_settings(settings);
-                }
-                let client = match self.certificates() {
-                    Some(certs) => Client::build_with_tls(info, certs)?,
-                    None => Client::open(info)?,
-                };
+                let client = self.client_of(url.as_str())?;
                 // Reconnect quickly and give up soon: the caller's timeout and circuit breaker
                 // decide what a slow Redis means, and a failed reconnect is simply tried again
                 // on a later call.
@@ -154,24 +143,8 @@ impl RedisConnector {
                 sentinels,
                 master_name,
             } => {
-                let addrs = sentinels.iter().map(|(host, port)| self.addr(host, *port));
-                let mut builder =
-                    SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)?;
-                if let Some(password) = &config.password {
-                    builder = builder.set_client_to_redis_password(password.expose());
-                }
-                if config.tls {
-                    builder = builder
-                        .set_client_to_redis_tls_mode(TlsMode::Secure)
-                        .set_client_to_sentinel_tls_mode(TlsMode::Secure);
-                    if let Some(certs) = self.certificates() {
-                        builder = builder
-                            .set_client_to_redis_certificates(certs.clone())
-                            .set_client_to_sentinel_certificates(certs);
-                    }
-                }
                 let shared = Arc::new(SentinelShared {
-                    client: tokio::sync::Mutex::new(builder.build()?),
+                    client: tokio::sync::Mutex::new(self.sentinel_client(sentinels, master_name)?),
                     primary: ArcSwapOption::empty(),
                 });
                 let watched = sentinels
@@ -212,6 +185,72 @@ impl RedisConnector {
                 Ok(RedisConnection::Cluster(connection))
             }
         }
+    }
+
+    /// A plain client of the node to exchange pub/sub messages on (the key store's change
+    /// channel): the server, the primary the sentinels name now, or a Cluster's first seed
+    /// node (a Cluster passes every `PUBLISH` to every node).
+    pub async fn pubsub_client(&self) -> RedisResult<Client> {
+        match &self.config.target {
+            RedisTarget::Single { url } => self.client_of(url.as_str()),
+            RedisTarget::Sentinel {
+                sentinels,
+                master_name,
+            } => {
+                self.sentinel_client(sentinels, master_name)?
+                    .async_get_client()
+                    .await
+            }
+            RedisTarget::Cluster { nodes } => {
+                let (host, port) = nodes.first().ok_or_else(|| {
+                    RedisError::from((ErrorKind::InvalidClientConfig, "no cluster node"))
+                })?;
+                let scheme = if self.config.tls { "rediss" } else { "redis" };
+                self.client_of(&format!("{scheme}://{}:{port}", bracket(host)))
+            }
+        }
+    }
+
+    /// A client of `url` with the configured password and certificates.
+    fn client_of(&self, url: &str) -> RedisResult<Client> {
+        let mut info = url.into_connection_info()?;
+        if let Some(password) = &self.config.password {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        match self.certificates() {
+            Some(certs) => Client::build_with_tls(info, certs),
+            None => Client::open(info),
+        }
+    }
+
+    /// The client that asks `sentinels` for the primary of `master_name`.
+    fn sentinel_client(
+        &self,
+        sentinels: &[(String, u16)],
+        master_name: &str,
+    ) -> RedisResult<SentinelClient> {
+        let config = &self.config;
+        let addrs = sentinels.iter().map(|(host, port)| self.addr(host, *port));
+        let mut builder =
+            SentinelClientBuilder::new(addrs, master_name, SentinelServerType::Master)?;
+        if let Some(password) = &config.password {
+            builder = builder.set_client_to_redis_password(password.expose());
+        }
+        if config.tls {
+            builder = builder
+                .set_client_to_redis_tls_mode(TlsMode::Secure)
+                .set_client_to_sentinel_tls_mode(TlsMode::Secure);
+            if let Some(certs) = self.certificates() {
+                builder = builder
+                    .set_client_to_redis_certificates(certs.clone())
+                    .set_client_to_sentinel_certificates(certs);
+            }
+        }
+        builder.build()
     }
 
     /// `ca_file` and the client identity, when any is configured (the webpki roots

@@ -8,6 +8,8 @@ use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ClientInfo;
+// The key's metadata, one field per entry: `X-Tollgate-Key-Meta-<Name>`.
+use crate::config::KEY_META_HEADER_PREFIX as KEY_META_PREFIX;
 use crate::observability::RequestId;
 use crate::observability::request_id::X_REQUEST_ID;
 
@@ -30,16 +32,43 @@ fn protected(name: &HeaderName) -> bool {
         || *name == X_TOLLGATE_KEY_ID
         || *name == X_TOLLGATE_PLAN
         || *name == X_FORWARDED_FOR
+        || name.as_str().starts_with(KEY_META_PREFIX)
 }
 
-/// Sets `X-Tollgate-Key-Id` and `X-Tollgate-Plan` to an authenticated request's key id and
-/// plan, after removing any copy the client sent (so they cannot be spoofed).
-pub fn set_identity(headers: &mut HeaderMap, identity: Option<(&HeaderValue, &HeaderValue)>) {
+/// An authenticated request's key id, plan and metadata headers.
+pub type IdentityHeaders<'a> = (
+    &'a HeaderValue,
+    &'a HeaderValue,
+    &'a [(HeaderName, HeaderValue)],
+);
+
+/// Sets `X-Tollgate-Key-Id`, `X-Tollgate-Plan` and the `X-Tollgate-Key-Meta-*` fields to an
+/// authenticated request's key id, plan and metadata, after removing any copy the client
+/// sent (so they cannot be spoofed). Names are lower case in a `HeaderMap`, so a client's
+/// copy is found in any spelling; `_` spellings go in [`drop_underscored`].
+pub fn set_identity(headers: &mut HeaderMap, identity: Option<IdentityHeaders<'_>>) {
     headers.remove(&X_TOLLGATE_KEY_ID);
     headers.remove(&X_TOLLGATE_PLAN);
-    if let Some((key_id, plan)) = identity {
+    // Almost no request has one: one pass over the names, no allocation.
+    if headers
+        .keys()
+        .any(|name| name.as_str().starts_with(KEY_META_PREFIX))
+    {
+        let spoofed: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with(KEY_META_PREFIX))
+            .cloned()
+            .collect();
+        for name in spoofed {
+            headers.remove(name);
+        }
+    }
+    if let Some((key_id, plan, metadata)) = identity {
         headers.insert(&X_TOLLGATE_KEY_ID, key_id.clone());
         headers.insert(&X_TOLLGATE_PLAN, plan.clone());
+        for (name, value) in metadata {
+            headers.insert(name, value.clone());
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! The admin listener: `/healthz` (the process is up), `/readyz` (listeners bound and config
-//! loaded, and not draining), for load balancers and orchestrators, and `/metrics`
-//! (Prometheus text format).
+//! loaded, and not draining), for load balancers and orchestrators, `/metrics`
+//! (Prometheus text format), and the key API under `/keys` ([`keys`]).
 //!
 //! The listener shares the process's file descriptors with the main one, so it is bounded too:
 //! at most [`MAX_CONNECTIONS`] connections at once (more are closed as they come), a request
@@ -22,6 +22,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::observability::metrics;
+
+pub mod keys;
 
 /// Most admin connections open at once.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -45,10 +47,11 @@ pub async fn serve(
     metrics_text: MetricsText,
     usage: super::usage::UsageJson,
     timeouts: Timeouts,
+    key_admin: Option<Arc<dyn keys::KeyAdmin>>,
 ) {
     let open = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
@@ -60,9 +63,16 @@ pub async fn serve(
         let ready = ready.clone();
         let metrics_text = metrics_text.clone();
         let usage = usage.clone();
+        let key_admin = key_admin.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                if keys::is_key_path(request.uri().path()) {
+                    let key_admin = key_admin.clone();
+                    return futures_util::future::Either::Left(async move {
+                        Ok::<_, Infallible>(keys::respond(request, key_admin, peer.ip()).await)
+                    });
+                }
                 let mut content_type = "text/plain; charset=utf-8";
                 let path = request.uri().path();
                 // The endpoints are read-only: another method is a 405 with `Allow`, as on
@@ -108,7 +118,9 @@ pub async fn serve(
                         http::HeaderValue::from_static("GET, HEAD"),
                     );
                 }
-                std::future::ready(Ok::<_, Infallible>(response))
+                futures_util::future::Either::Right(std::future::ready(Ok::<_, Infallible>(
+                    response,
+                )))
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())

@@ -112,6 +112,11 @@ pub trait Handler: Send + Sync + 'static {
     fn usage(&self, _key_id: &str) -> Option<serde_json::Value> {
         None
     }
+
+    /// What serves the admin key API (`/keys`), if anything: without it, 403.
+    fn key_admin(&self) -> Option<Arc<dyn admin::keys::KeyAdmin>> {
+        None
+    }
 }
 
 /// How often [`Handler::tick`] runs.
@@ -239,6 +244,7 @@ impl<H: Handler> Server<H> {
                 head: self.settings.header_read_timeout,
                 lifetime: self.settings.idle_timeout,
             },
+            self.handler.key_admin(),
         ));
         let ticker = {
             let handler = self.handler.clone();

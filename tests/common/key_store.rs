@@ -39,13 +39,18 @@ pub fn one_plan() -> BTreeMap<PlanName, Plan> {
 pub fn pro_key(id: &str, secret: &str, scopes: &[&str]) -> KeyConfig {
     KeyConfig {
         id: KeyId(Arc::from(id)),
-        digest: ApiKey::new(secret).digest(),
+        digests: vec![tollgate::config::DigestConfig::new(
+            ApiKey::new(secret).digest(),
+        )],
         plan: pro(),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         requests_per_minute: None,
         disabled: false,
         requests_per_month: None,
         routes: Default::default(),
+        expires_at: None,
+        metadata: Vec::new(),
+        created_at: None,
     }
 }
 

@@ -52,12 +52,29 @@ impl Validator<'_, '_> {
             let path = k.get_ref().trim();
             (!path.is_empty()).then(|| PathBuf::from(path))
         });
+        let store = self.enumeration(
+            &a.store,
+            &[("file", KeyStoreKind::File), ("redis", KeyStoreKind::Redis)],
+            KeyStoreKind::File,
+            "auth.store",
+        );
+        let keys_cache_file = a.keys_cache_file.as_ref().and_then(|k| {
+            let path = k.get_ref().trim();
+            (!path.is_empty()).then(|| PathBuf::from(path))
+        });
         AuthConfig {
             header,
             bearer: a.bearer.unwrap_or(true),
             query_param,
             forward_key: a.forward_key.unwrap_or(false),
             keys_file,
+            expiry_warning: self.duration(
+                &a.expiry_warning,
+                DEFAULT_EXPIRY_WARNING,
+                "auth.expiry_warning",
+            ),
+            store,
+            keys_cache_file,
         }
     }
 
@@ -161,22 +178,7 @@ impl Validator<'_, '_> {
                     format!("duplicate key id \"{id}\" (first defined at {first})"),
                 );
             }
-            // The message never repeats the value: it may be a plaintext key pasted by mistake.
-            let digest = match KeyDigest::parse(k.key.get_ref().trim()) {
-                Ok(d) => {
-                    if let Some(first) = seen.digests.insert(d, here) {
-                        self.error(
-                            k.key.span(),
-                            format!("key \"{id}\" has the same digest as the key at {first}; each key must be distinct"),
-                        );
-                    }
-                    Some(d)
-                }
-                Err(e) => {
-                    self.error(k.key.span(), format!("key \"{id}\": {e}"));
-                    None
-                }
-            };
+            let digests = self.digests(k, id, &here, seen);
             let plan = PlanName(Arc::from(k.plan.get_ref().trim()));
             if !plans.contains_key(&plan) {
                 let known: Vec<&str> = plans.keys().map(|p| &*p.0).collect();
@@ -198,20 +200,156 @@ impl Validator<'_, '_> {
                 &format!("key \"{id}\": requests_per_month"),
             );
             let routes = self.route_buckets(&k.routes, &format!("key \"{id}\": routes"));
-            if let Some(digest) = digest {
+            let expires_at = k
+                .expires_at
+                .as_ref()
+                .and_then(|e| self.instant(e.get_ref(), e.span(), id, "expires_at"));
+            let created_at = k
+                .created_at
+                .as_ref()
+                .and_then(|e| self.instant(e.get_ref(), e.span(), id, "created_at"));
+            let metadata = k
+                .metadata
+                .as_ref()
+                .map(|m| self.metadata(m, id))
+                .unwrap_or_default();
+            if !digests.is_empty() {
                 out.push(KeyConfig {
                     id: KeyId(Arc::from(id)),
-                    digest,
+                    digests,
                     plan,
                     scopes,
                     requests_per_minute: rpm,
                     disabled: k.disabled,
                     requests_per_month: per_month,
                     routes,
+                    expires_at,
+                    metadata,
+                    created_at,
                 });
             }
         }
     }
+
+    /// The digests of `key = ...`: one, or a list whose entries may carry an `expires_at`.
+    /// Each must be distinct from every other digest of the config and keys file.
+    fn digests(
+        &mut self,
+        k: &KeyFile,
+        id: &str,
+        here: &str,
+        seen: &mut KeySeen,
+    ) -> Vec<DigestConfig> {
+        let span = k.key.span();
+        let entries: Vec<(&str, Option<&str>)> = match k.key.get_ref() {
+            KeyDigestsFile::One(text) => vec![(text.as_str(), None)],
+            KeyDigestsFile::Many(list) => list
+                .iter()
+                .map(|entry| match entry {
+                    DigestEntryFile::Digest(text) => (text.as_str(), None),
+                    DigestEntryFile::Expiring(e) => (e.digest.as_str(), e.expires_at.as_deref()),
+                })
+                .collect(),
+        };
+        if entries.is_empty() {
+            self.error(
+                span.clone(),
+                format!("key \"{id}\": the key list is empty; give at least one digest"),
+            );
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for (text, expires_at) in entries {
+            // The message never repeats the value: it may be a plaintext key pasted by mistake.
+            let digest = match KeyDigest::parse(text.trim()) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.error(span.clone(), format!("key \"{id}\": {e}"));
+                    continue;
+                }
+            };
+            if let Some(first) = seen.digests.insert(digest, here.to_owned()) {
+                self.error(
+                    span.clone(),
+                    format!("key \"{id}\" has the same digest as the key at {first}; each key must be distinct"),
+                );
+            }
+            let expires_at =
+                expires_at.and_then(|e| self.instant(e, span.clone(), id, "digest expires_at"));
+            out.push(DigestConfig { digest, expires_at });
+        }
+        out
+    }
+
+    /// An RFC 3339 instant of key `id`, in seconds since the Unix epoch.
+    fn instant(
+        &mut self,
+        text: &str,
+        span: std::ops::Range<usize>,
+        id: &str,
+        field: &str,
+    ) -> Option<u64> {
+        super::super::units::parse_rfc3339(text)
+            .map_err(|e| self.error(span, format!("key \"{id}\": {field}: {e}")))
+            .ok()
+    }
+
+    /// `metadata = { name = "value" }`: at most [`MAX_KEY_METADATA`] entries, names
+    /// `[a-z0-9_-]`, values printable ASCII of at most [`MAX_KEY_METADATA_VALUE`] bytes (they
+    /// become header values upstream).
+    fn metadata(
+        &mut self,
+        metadata: &Spanned<BTreeMap<String, String>>,
+        id: &str,
+    ) -> Vec<(String, String)> {
+        let span = metadata.span();
+        let map = metadata.get_ref();
+        if map.len() > MAX_KEY_METADATA {
+            self.error(
+                span.clone(),
+                format!(
+                    "key \"{id}\": metadata has {} entries; at most {MAX_KEY_METADATA}",
+                    map.len()
+                ),
+            );
+        }
+        let mut out = Vec::with_capacity(map.len());
+        for (name, value) in map {
+            if let Err(e) = check_metadata(name, value) {
+                self.error(span.clone(), format!("key \"{id}\": {e}"));
+                continue;
+            }
+            out.push((name.clone(), value.clone()));
+        }
+        out
+    }
+}
+
+/// Why a metadata entry cannot be sent upstream as `X-Tollgate-Key-Meta-<Name>: <value>`.
+/// Also the check of the admin API's `metadata`.
+pub fn check_metadata(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > MAX_KEY_METADATA_NAME
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    {
+        return Err(format!(
+            "metadata name \"{}\" may only hold a-z, 0-9, '_' and '-' (1-{MAX_KEY_METADATA_NAME} characters)",
+            name.escape_default()
+        ));
+    }
+    if value.len() > MAX_KEY_METADATA_VALUE {
+        return Err(format!(
+            "metadata \"{name}\" is {} bytes; at most {MAX_KEY_METADATA_VALUE}",
+            value.len()
+        ));
+    }
+    if !value.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(format!(
+            "metadata \"{name}\" may only hold printable ASCII (it is sent as a header value)"
+        ));
+    }
+    Ok(())
 }
 
 /// `[[keys]]` items per piece of a large keys file (a handful in unit tests, so that they

@@ -30,6 +30,7 @@ use super::parse::{Source, parse};
 use super::units::{parse_duration, parse_size};
 use super::*;
 pub(super) use costs::warnings;
+pub use keys::check_metadata;
 use keys::{KeySeen, keys_by_piece};
 
 /// Loads the main config text and, if it names one, the keys file (through `read`).
@@ -171,7 +172,11 @@ impl Validator<'_, '_> {
     fn duration(&mut self, value: &Option<SpannedStr>, default: Duration, name: &str) -> Duration {
         let Some(value) = value else { return default };
         match parse_duration(value.get_ref()) {
-            Ok(d) if d.is_zero() && name != "server.shutdown_grace" => {
+            Ok(d)
+                if d.is_zero()
+                    && name != "server.shutdown_grace"
+                    && name != "auth.expiry_warning" =>
+            {
                 self.error(value.span(), format!("{name} must be greater than zero"));
                 default
             }
@@ -351,6 +356,11 @@ impl Validator<'_, '_> {
 }
 
 /// `[A-Za-z0-9._:-]{1,max}`: ids that are safe in logs, metrics labels and headers.
+/// Whether `s` may be a key id: 1-128 of `[A-Za-z0-9._:-]` (also the admin API's check).
+pub fn valid_key_id(s: &str) -> bool {
+    valid_identifier(s, 128)
+}
+
 fn valid_identifier(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max

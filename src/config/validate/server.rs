@@ -169,7 +169,21 @@ impl Validator<'_, '_> {
             .as_ref()
             .and_then(|l| self.socket_addr(l.get_ref(), l.span(), "admin.listen"))
             .unwrap_or(default);
-        AdminConfig { listen }
+        // The message never repeats the value: it may be the token itself, pasted by mistake.
+        let token = a
+            .token
+            .as_ref()
+            .and_then(|t| match KeyDigest::parse(t.get_ref().trim()) {
+                Ok(digest) => Some(digest),
+                Err(e) => {
+                    self.error(
+                        t.span(),
+                        format!("admin.token: {}", e.to_string().replacen("key", "token", 2)),
+                    );
+                    None
+                }
+            });
+        AdminConfig { listen, token }
     }
 
     pub(super) fn errors(&mut self, e: ErrorsFile) -> ErrorsConfig {

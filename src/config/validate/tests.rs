@@ -208,6 +208,61 @@ const MISTAKES: &[(&str, usize, &str)] = &[
         "same digest as the key at t.toml:2",
     ),
     (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = [\"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", { digest = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" }]",
+        4,
+        "same digest as the key at t.toml:2",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = []",
+        4,
+        "the key list is empty",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = [\"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\", { digest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", expires_at = \"2027-01-15\" }]",
+        4,
+        "key \"a\": digest expires_at: invalid time \"2027-01-15\"",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = [{ digest = \"sha256:0000000000000000000000000000000000000000000000000000000000000000\", expire = \"2027-01-15T00:00:00Z\" }]",
+        4,
+        "unknown key `expire` in a digest of a [[keys]] key list",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\n\nexpires_at = \"tomorrow\"",
+        6,
+        "key \"a\": expires_at: invalid time \"tomorrow\"",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmetadata = { Customer = \"x\" }",
+        5,
+        "metadata name \"Customer\" may only hold a-z, 0-9",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmetadata = { note = \"caf\u{e9}\" }",
+        5,
+        "metadata \"note\" may only hold printable ASCII",
+    ),
+    (
+        "[[keys]]\nid = \"a\"\nplan = \"free\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nmetadata = { a = \"1\", b = \"2\", c = \"3\", d = \"4\", e = \"5\", f = \"6\", g = \"7\", h = \"8\", i = \"9\", j = \"10\", k = \"11\", l = \"12\", m = \"13\", n = \"14\", o = \"15\", p = \"16\", q = \"17\" }",
+        5,
+        "metadata has 17 entries; at most 16",
+    ),
+    (
+        "[admin]\ntoken = \"my-admin-token\"",
+        2,
+        "admin.token: token must be a digest",
+    ),
+    (
+        "[auth]\nstore = \"s3\"",
+        2,
+        "auth.store must be one of \"file\", \"redis\"",
+    ),
+    (
+        "[auth]\nexpiry_warning = \"a fortnight\"",
+        2,
+        "auth.expiry_warning: invalid duration",
+    ),
+    (
         "[[keys]]\nid = \"a\"\nkey = \"sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\"\nplan = \"free\"\nrequests_per_minute = 0",
         5,
         "requests_per_minute must be a whole number from 1",
@@ -1073,4 +1128,48 @@ fn targets_keep_their_weights_and_url_is_one_target() {
     assert_eq!(one.targets.len(), 1);
     assert_eq!(one.targets[0].url, "http://10.0.0.3:3000");
     assert_eq!(one.targets[0].weight.get(), 1);
+}
+
+#[test]
+fn key_lifecycle_fields_are_read() {
+    let d = |n: u8| format!("sha256:{}", format!("{n:02x}").repeat(32));
+    let text = format!(
+        "[auth]\nexpiry_warning = \"7d\"\nstore = \"redis\"\nkeys_cache_file = \"/tmp/k.json\"\n\
+         [admin]\ntoken = \"{}\"\n\
+         [[keys]]\nid = \"a\"\nplan = \"free\"\n\
+         key = [\"{}\", {{ digest = \"{}\", expires_at = \"2027-01-15T00:00:00Z\" }}]\n\
+         expires_at = \"2027-06-30T00:00:00Z\"\ncreated_at = \"2026-01-01T00:00:00Z\"\n\
+         metadata = {{ customer_id = \"cus_123\", tier = \"gold\" }}\n",
+        d(9),
+        d(1),
+        d(2)
+    );
+    let config = load(Path::new("t.toml"), &text, read).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(config.auth.expiry_warning, Duration::from_secs(7 * 86_400));
+    assert_eq!(config.auth.store, KeyStoreKind::Redis);
+    assert_eq!(
+        config.auth.keys_cache_file,
+        Some(PathBuf::from("/tmp/k.json"))
+    );
+    assert_eq!(config.admin.token.unwrap().to_string(), d(9));
+    let key = &config.keys[0];
+    assert_eq!(key.digests.len(), 2);
+    assert_eq!(key.digests[0].expires_at, None);
+    assert_eq!(key.digests[1].expires_at, Some(1_799_971_200));
+    assert_eq!(key.expires_at, Some(1_814_313_600));
+    assert_eq!(key.created_at, Some(1_767_225_600));
+    assert_eq!(key.expiry_of(&key.digests[0]), Some(1_814_313_600));
+    assert_eq!(key.expiry_of(&key.digests[1]), Some(1_799_971_200));
+    assert_eq!(
+        key.metadata,
+        [
+            ("customer_id".to_owned(), "cus_123".to_owned()),
+            ("tier".to_owned(), "gold".to_owned())
+        ]
+    );
+    // Defaults.
+    let plain = load(Path::new("t.toml"), "", read).unwrap();
+    assert_eq!(plain.auth.expiry_warning, DEFAULT_EXPIRY_WARNING);
+    assert_eq!(plain.auth.store, KeyStoreKind::File);
+    assert_eq!(plain.admin.token, None);
 }
