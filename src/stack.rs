@@ -675,12 +675,9 @@ impl Handler for Gateway {
     }
 
     fn usage(&self, key_id: &str) -> Option<serde_json::Value> {
-        let snapshot = self.snapshot.load();
-        let record = snapshot.keys.by_id(key_id)?;
-        let mut usage = record.limits.usage(crate::limit::quota::unix_now());
-        usage["key_id"] = serde_json::Value::from(&*record.id.0);
-        usage["plan"] = serde_json::Value::from(&*record.plan.0);
-        Some(usage)
+        let (snapshot, now) = (self.snapshot.load(), crate::limit::quota::unix_now());
+        (snapshot.keys.usage(key_id, now))
+            .or_else(|| snapshot.shared_keys.as_ref()?.load().usage(key_id, now))
     }
 
     fn key_admin(&self) -> Option<Arc<dyn KeyAdmin>> {

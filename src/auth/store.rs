@@ -223,6 +223,15 @@ impl KeyStore {
         self.by_digest.iter().find(|record| &*record.id.0 == id)
     }
 
+    /// The admin listener's `GET /usage/<id>` body for key id `id` at `now` (Unix seconds).
+    pub fn usage(&self, id: &str, now: u64) -> Option<serde_json::Value> {
+        let record = self.by_id(id)?;
+        let mut usage = record.limits.usage(now);
+        usage["key_id"] = serde_json::Value::from(&*record.id.0);
+        usage["plan"] = serde_json::Value::from(&*record.plan.0);
+        Some(usage)
+    }
+
     /// The enabled record with this digest, if any.
     #[inline]
     pub fn get(&self, digest: &KeyDigest) -> Option<&KeyRecord> {
