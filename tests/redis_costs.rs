@@ -5,79 +5,16 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
+use common::redis_server::RedisProc;
 use common::*;
 
 const KEY_A: &str = "tg_test_redis_costs_a_0123456789abcd";
 
-/// A `redis-server` on a free loopback port; killed on drop.
-struct RedisServer {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    fn start() -> Self {
-        for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string()])
-                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server on PATH (tests/run.sh installs it)");
-            let mut server = Self {
-                port,
-                child: Some(child),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Some(child) = &mut server.child
-                    && let Ok(Some(_)) = child.try_wait()
-                {
-                    server.child = None;
-                    break; // the port was taken: try another
-                }
-                if let Ok(mut conn) = server.connection()
-                    && redis::cmd("PING").query::<String>(&mut conn).is_ok()
-                {
-                    return server;
-                }
-                assert!(Instant::now() < deadline, "redis-server did not start");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("redis-server could not bind a free port in 5 tries");
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn connection(&self) -> redis::RedisResult<redis::Connection> {
-        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_millis(500))
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// Key `a` on plan `tight` (1 a minute, `plan` lines added) limited in Redis; routes `/v1/`
 /// (cost 1), `/v1/reports/` (cost `cost`) and `/free/` (cost 0); `extra` appended.
-async fn gateway(redis: &RedisServer, plan: &str, cost: u32, extra: &str) -> TestGateway {
+async fn gateway(redis: &RedisProc, plan: &str, cost: u32, extra: &str) -> TestGateway {
     let up = echo_upstream().await;
     let text = format!(
         r#"
@@ -115,7 +52,7 @@ cost = 0
     TestGateway::start(config("", &text)).await
 }
 
-async fn two_gateways(redis: &RedisServer, plan: &str, cost: u32, extra: &str) -> [TestGateway; 2] {
+async fn two_gateways(redis: &RedisProc, plan: &str, cost: u32, extra: &str) -> [TestGateway; 2] {
     [
         gateway(redis, plan, cost, extra).await,
         gateway(redis, plan, cost, extra).await,
@@ -131,7 +68,7 @@ fn remaining(r: &Reply) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cost_five_on_sixty_tokens_admits_exactly_twelve_of_twenty_across_two_instances() {
-    let redis = RedisServer::start();
+    let redis = RedisProc::plain();
     let gws = two_gateways(&redis, "burst = 60", 5, "").await;
     let addrs: Vec<SocketAddr> = gws.iter().map(|g| g.addr).collect();
     let tasks: Vec<_> = (0..20)
@@ -155,7 +92,7 @@ async fn cost_five_on_sixty_tokens_admits_exactly_twelve_of_twenty_across_two_in
 
 #[tokio::test]
 async fn a_route_bucket_in_redis_refuses_and_its_429_takes_nothing_from_the_plan() {
-    let redis = RedisServer::start();
+    let redis = RedisProc::plain();
     let bucket = "[plans.tight.routes.\"/v1/reports/\"]\nrequests_per_minute = 1\nburst = 2\n";
     let [g1, g2] = two_gateways(&redis, "burst = 20", 1, bucket).await;
     assert_eq!(remaining(&with_key(g1.addr, "/v1/x", KEY_A).await), 19);
@@ -185,7 +122,7 @@ async fn a_route_bucket_in_redis_refuses_and_its_429_takes_nothing_from_the_plan
 
 #[tokio::test]
 async fn a_quota_in_redis_is_shared_and_expires_a_day_after_the_month() {
-    let redis = RedisServer::start();
+    let redis = RedisProc::plain();
     let limits_bucket =
         "[plans.tight.routes.\"/v1/reports/\"]\nrequests_per_minute = 1\nburst = 100\n";
     let [g1, g2] = two_gateways(

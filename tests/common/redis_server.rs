@@ -95,6 +95,25 @@ impl RedisProc {
         }
     }
 
+    /// A plain server (no TLS, no persistence, nothing written) on a free port.
+    pub fn plain() -> Self {
+        Self::start(|port| {
+            let mut args = vec!["--port".to_owned(), port.to_string()];
+            args.extend(Self::base_args(&std::env::temp_dir()));
+            args
+        })
+    }
+
+    /// `redis://127.0.0.1:<port>` (a plain server's URL).
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A blocking connection to a plain server.
+    pub fn connection(&self) -> redis::RedisResult<redis::Connection> {
+        redis::Client::open(self.url())?.get_connection_with_timeout(Duration::from_millis(500))
+    }
+
     /// Whether it still runs.
     pub fn is_running(&self) -> bool {
         self.child.is_some()

@@ -33,41 +33,13 @@ impl Validator<'_, '_> {
         for (prefix, bucket) in tables {
             let b = bucket.get_ref();
             let field = |f: &str| format!("{table}.\"{prefix}\".{f}");
-            let rpm = self.positive(&b.requests_per_minute, &field("requests_per_minute"));
-            let burst = b
-                .burst
-                .as_ref()
-                .and_then(|v| self.positive(v, &field("burst")));
-            let per_hour = b
-                .requests_per_hour
-                .as_ref()
-                .and_then(|v| self.positive(v, &field("requests_per_hour")));
-            let per_day = b
-                .requests_per_day
-                .as_ref()
-                .and_then(|v| self.positive(v, &field("requests_per_day")));
-            if let (Some(rpm), Some(b), Some(spanned)) = (rpm, burst, b.burst.as_ref()) {
-                let max = u64::from(rpm.get()) * (super::super::units::MAX_DURATION.as_secs() / 60);
-                if u64::from(b.get()) > max {
-                    self.error(
-                        spanned.span(),
-                        format!(
-                            "{} = {b} takes more than 365 days to refill at requests_per_minute = {rpm}; at most {max}",
-                            field("burst")
-                        ),
-                    );
-                }
-            }
-            if let Some(rpm) = rpm {
-                out.insert(
-                    prefix.clone(),
-                    RouteBucket {
-                        requests_per_minute: rpm,
-                        burst: burst.unwrap_or(rpm),
-                        requests_per_hour: per_hour,
-                        requests_per_day: per_day,
-                    },
-                );
+            let rates = self.bucket_rates(
+                (&b.requests_per_minute, &b.burst),
+                (&b.requests_per_hour, &b.requests_per_day),
+                &field,
+            );
+            if let Some(rates) = rates {
+                out.insert(prefix.clone(), rates);
             }
         }
         out

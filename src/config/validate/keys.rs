@@ -106,43 +106,21 @@ impl Validator<'_, '_> {
             }
             let p = plan.get_ref();
             let field = |f: &str| format!("plans.{name}.{f}");
-            let rpm = self.positive(&p.requests_per_minute, &field("requests_per_minute"));
-            let burst = p
-                .burst
-                .as_ref()
-                .and_then(|b| self.positive(b, &field("burst")));
-            let per_hour = p
-                .requests_per_hour
-                .as_ref()
-                .and_then(|b| self.positive(b, &field("requests_per_hour")));
-            let per_day = p
-                .requests_per_day
-                .as_ref()
-                .and_then(|b| self.positive(b, &field("requests_per_day")));
-            // governor works in u64 nanoseconds: a bucket that takes centuries to refill
-            // overflows its arithmetic. A year is more than any plan needs.
-            if let (Some(rpm), Some(b), Some(spanned)) = (rpm, burst, p.burst.as_ref()) {
-                let max = u64::from(rpm.get()) * (super::units::MAX_DURATION.as_secs() / 60);
-                if u64::from(b.get()) > max {
-                    self.error(
-                        spanned.span(),
-                        format!(
-                            "{} = {b} takes more than 365 days to refill at requests_per_minute = {rpm}; at most {max}",
-                            field("burst")
-                        ),
-                    );
-                }
-            }
+            let rates = self.bucket_rates(
+                (&p.requests_per_minute, &p.burst),
+                (&p.requests_per_hour, &p.requests_per_day),
+                &field,
+            );
             let per_month = self.quota(&p.requests_per_month, &field("requests_per_month"));
             let routes = self.route_buckets(&p.routes, &format!("plans.{name}.routes"));
-            if let Some(rpm) = rpm {
+            if let Some(rates) = rates {
                 out.insert(
                     PlanName(Arc::from(name.as_str())),
                     Plan {
-                        requests_per_minute: rpm,
-                        burst: burst.unwrap_or(rpm),
-                        requests_per_hour: per_hour,
-                        requests_per_day: per_day,
+                        requests_per_minute: rates.requests_per_minute,
+                        burst: rates.burst,
+                        requests_per_hour: rates.requests_per_hour,
+                        requests_per_day: rates.requests_per_day,
                         requests_per_month: per_month,
                         routes,
                     },
@@ -150,6 +128,44 @@ impl Validator<'_, '_> {
             }
         }
         out
+    }
+
+    /// The rates of a plan or a route bucket: `requests_per_minute` and `burst` (which a year
+    /// must refill: governor works in u64 nanoseconds, and a bucket that takes centuries
+    /// overflows its arithmetic), `requests_per_hour` and `requests_per_day`. `None` when
+    /// `requests_per_minute` is wrong (said).
+    pub(super) fn bucket_rates(
+        &mut self,
+        (per_minute, burst_value): (&Spanned<i64>, &Option<Spanned<i64>>),
+        (per_hour, per_day): (&Option<Spanned<i64>>, &Option<Spanned<i64>>),
+        field: &dyn Fn(&str) -> String,
+    ) -> Option<RouteBucket> {
+        let rpm = self.positive(per_minute, &field("requests_per_minute"));
+        let positive = |v: &Option<Spanned<i64>>, name: &str, this: &mut Self| {
+            v.as_ref().and_then(|v| this.positive(v, &field(name)))
+        };
+        let burst = positive(burst_value, "burst", self);
+        let per_hour = positive(per_hour, "requests_per_hour", self);
+        let per_day = positive(per_day, "requests_per_day", self);
+        if let (Some(rpm), Some(b), Some(spanned)) = (rpm, burst, burst_value.as_ref()) {
+            let max = u64::from(rpm.get()) * (super::units::MAX_DURATION.as_secs() / 60);
+            if u64::from(b.get()) > max {
+                self.error(
+                    spanned.span(),
+                    format!(
+                        "{} = {b} takes more than 365 days to refill at requests_per_minute = {rpm}; at most {max}",
+                        field("burst")
+                    ),
+                );
+            }
+        }
+        let rpm = rpm?;
+        Some(RouteBucket {
+            requests_per_minute: rpm,
+            burst: burst.unwrap_or(rpm),
+            requests_per_hour: per_hour,
+            requests_per_day: per_day,
+        })
     }
 
     pub(super) fn keys(
