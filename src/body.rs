@@ -312,6 +312,111 @@ async fn discard(mut body: Incoming) -> bool {
         .unwrap_or(false)
 }
 
+/// The connection an upstream body arrives on, when the body drives it: the plain-http pool's
+/// connections (`proxy::pool`) are polled from the request's own task, the body's part
+/// included.
+pub trait Carrier: Send {
+    /// Lets the connection read (and write) what it can; `Ready` once it is done (closed or
+    /// failed: what it read is already in the body).
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+
+    /// The body has ended: the connection may serve another request. (Nothing watches it
+    /// until then, so the task reading the body is not woken by it any more.)
+    fn release(self: Box<Self>);
+}
+
+/// The body of an upstream response, and the connection it arrives on when the body drives
+/// it ([`Carrier`]). The connection is released when the body has ended and closed when the
+/// body is dropped before its end.
+pub struct UpstreamBody {
+    incoming: Incoming,
+    carrier: Option<Box<dyn Carrier>>,
+}
+
+impl std::fmt::Debug for UpstreamBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamBody")
+            .field("carried", &self.carrier.is_some())
+            .finish()
+    }
+}
+
+impl From<Incoming> for UpstreamBody {
+    /// A body whose connection runs elsewhere (hyper-util's client's).
+    fn from(incoming: Incoming) -> Self {
+        Self {
+            incoming,
+            carrier: None,
+        }
+    }
+}
+
+impl UpstreamBody {
+    /// `incoming`, arriving on `carrier`, which it drives.
+    pub fn carried(incoming: Incoming, carrier: Box<dyn Carrier>) -> Self {
+        Self {
+            incoming,
+            carrier: Some(carrier),
+        }
+    }
+
+    fn release(&mut self) {
+        if let Some(carrier) = self.carrier.take() {
+            carrier.release();
+        }
+    }
+
+    /// Reads what has already arrived, without waiting: a body that arrived whole (a short
+    /// error page) ends, and its connection is released, before the body is dropped unread.
+    pub fn read_arrived(&mut self) {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        while let Poll::Ready(Some(Ok(_))) = Pin::new(&mut *self).poll_frame(&mut cx) {}
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(carrier) = &mut this.carrier
+            && carrier.poll_drive(cx).is_ready()
+        {
+            this.carrier = None;
+        }
+        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.release(),
+            Poll::Ready(Some(Err(_))) => this.carrier = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.incoming.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.incoming.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body that ended without being polled to its end (an empty one, which hyper never
+        // polls): its connection is released all the same.
+        if self.carrier.is_some() && self.incoming.is_end_stream() {
+            self.release();
+        }
+    }
+}
+
 /// The subject of the throttled warnings of upstream bodies that fail after their head (one
 /// line a second per kind, with the count left out; every failure is still counted).
 const AFTER_HEAD: &str = "after the response head";
@@ -324,7 +429,7 @@ pin_project! {
         Full { #[pin] body: Full<Bytes> },
         /// Streamed from the upstream.
         Upstream {
-            #[pin] body: Incoming,
+            #[pin] body: UpstreamBody,
             // The upstream's `max_inflight` slot: held until the body is fully streamed or
             // dropped (client gone), not just until the head arrived.
             permit: Option<InflightSlot>,
@@ -358,7 +463,7 @@ impl ResponseBody {
 
     /// The upstream's body, streamed, holding `permit` until it ends or is dropped, and
     /// failed when no bytes come for `stall`. Call inside the request's span.
-    pub fn upstream(body: Incoming, permit: Option<InflightSlot>, stall: Duration) -> Self {
+    pub fn upstream(body: UpstreamBody, permit: Option<InflightSlot>, stall: Duration) -> Self {
         ResponseBody::Upstream {
             body,
             permit,

@@ -36,7 +36,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::time::Instant;
 
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{RequestBody, ResponseBody, UpstreamBody};
 use crate::config::UpstreamConfig;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::RequestId;
@@ -441,11 +441,12 @@ impl Upstream {
                     | StatusCode::GATEWAY_TIMEOUT
             )
         {
-            // The upstream's page is dropped unread: it may name internal hosts, versions or
-            // stack traces. (Its framing was sound, so a connection that has read it whole
-            // stays in use: an overloaded upstream is not sent new connects for its 503s.)
-            // Every 503 tells the client when to come back: the upstream's own Retry-After,
+            // The upstream's page is not relayed: it may name internal hosts, versions or
+            // stack traces. (Its framing was sound, so what of it has arrived is read, and a
+            // connection that has it whole stays in use: an overloaded upstream is not sent
+            // new connects for its 503s.) Every 503 tells the client when to come back: the upstream's own Retry-After,
             // else this upstream's `retry_after`.
+            response.body_mut().read_arrived();
             let retry_after = response.headers().get(RETRY_AFTER).cloned().or_else(|| {
                 (status == StatusCode::SERVICE_UNAVAILABLE).then(|| {
                     HeaderValue::from(crate::error::retry_after_secs(self.config.retry_after))
@@ -576,7 +577,7 @@ fn head_copy(
 #[derive(Clone, Copy)]
 enum Transport<'a> {
     /// The plain-http pool.
-    Pool(&'a Pool),
+    Pool(&'a Arc<Pool>),
     /// hyper-util's pooled client (https, upgrades).
     Client(&'a Client<Connector, RequestBody>),
 }
@@ -631,7 +632,7 @@ async fn attempt(
     request: Request<RequestBody>,
     deadline: &Deadline,
     upstream: &str,
-) -> Result<(Response<Incoming>, Option<Retire>), Failed> {
+) -> Result<(Response<UpstreamBody>, Option<Retire>), Failed> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         if needs_detail(failure, error) {
             // A bad certificate fails every request: one line a second, with the count.
@@ -650,7 +651,7 @@ async fn attempt(
     };
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
-        Transport::Pool(pool) => match deadline.run(pool.send(request)).await {
+        Transport::Pool(pool) => match deadline.run(Pool::send(pool, request)).await {
             Some(Ok((response, retire))) => Ok((response, Some(retire))),
             Some(Err(PoolFailure { error, request })) => {
                 Err((log(classify_pool(&error), &error), request))
@@ -658,7 +659,7 @@ async fn attempt(
             None => Err(timed_out()),
         },
         Transport::Client(client) => match deadline.run(client.request(request)).await {
-            Some(Ok(response)) => Ok((response, None)),
+            Some(Ok(response)) => Ok((response.map(UpstreamBody::from), None)),
             Some(Err(error)) => Err((log(classify(&error), &error), None)),
             None => Err(timed_out()),
         },

@@ -1,76 +1,111 @@
-//! The connection pool of a plain-http upstream: HTTP/1.1 keep-alive connections driven by
-//! hyper's low-level client, without hyper-util's pooled client.
+//! The connection pool of a plain-http upstream target: HTTP/1.1 keep-alive connections
+//! driven by hyper's low-level client, from the request's own task.
 //!
-//! The pooled client costs about a fifth of tollgate's user-space instructions per proxied
-//! request (profiled under `benches/load/compare.sh`): a boxed future per request, a keyed
-//! pool behind a lock with a SipHash key, and one spawned task per response to put its
-//! connection back. Here every live connection stays in one list, busy or not, least recently
-//! used first. A request takes a connection that is ready (its previous response fully read),
-//! hands it the request, and moves it to the back: nothing needs putting back, and a
-//! connection that closed is dropped from the list when a checkout passes it.
+//! A connection is either idle, parked in the pool (nobody polls it), or checked out by one
+//! request, which owns it: the request's task writes the request and reads the response head
+//! by polling hyper's connection itself, and the response body ([`UpstreamBody`]) carries the
+//! connection on, polling it as the client reads, until the body ends and the connection goes
+//! back to the pool. There is no task per connection and no hand-off between tasks: a request
+//! costs no wake-up of another task, no channel hop to it and back, and no second scheduling
+//! of the body's bytes (as Pingora drives its upstream connections).
 //!
-//! Where a checkout looks: the few most recently used connections first, so that a light load
-//! keeps reusing a small set and the rest go idle and close; then from the least recently
-//! used end, because under many concurrent requests the recent ones are busy and the oldest
-//! are the likeliest to have finished. With 1000 concurrent requests a scan from the recent
-//! end alone passed every busy connection, and with the move it was 22% of tollgate's
-//! user-space instructions per request.
+//! A parked connection is not watched. A checkout polls it once before use: one the upstream
+//! closed (or that has bytes nobody asked for) shows up then and is dropped, and the request
+//! goes on the next one. The housekeeping tick does the same for every idle connection, and
+//! closes those idle past the idle timeout. Checkout takes the most recently parked
+//! connection, so a light load keeps reusing a few and the rest go idle and close.
 //!
 //! https upstreams (which may negotiate h2) and upgrade requests still go through
 //! hyper-util's client.
 
-use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::body::RequestBody;
+use super::quickack::QuickAck;
+use crate::body::{Carrier, RequestBody, UpstreamBody};
 
-/// One upstream's connections.
+/// hyper's side of one upstream connection: polled, it writes requests and reads responses.
+type Driver = http1::Connection<TokioIo<QuickAck>, RequestBody>;
+
+/// One upstream target's idle connections.
 pub struct Pool {
     /// `host:port` to connect to.
     target: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// Every live connection, least recently used first.
-    connections: Mutex<VecDeque<Pooled>>,
+    /// The idle connections, least recently parked first.
+    idle: Mutex<Vec<Parked>>,
 }
 
-/// How many of the most recently used connections a checkout tries before it looks at the
-/// least recently used end.
-const RECENT_PROBES: usize = 4;
-
-/// The response head of a request handed to a connection, or the request back if the
-/// connection closed before taking it.
-type PendingResponse =
-    Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<RequestBody>>>;
-
-struct Pooled {
+/// One keep-alive connection: the handle requests are given to, and the state machine that
+/// carries them over the socket. Boxed, so checking out and parking move a pointer.
+struct Conn {
     sender: SendRequest<RequestBody>,
-    last_used: Instant,
-    /// Set through [`Retire`]: the connection takes no further request and is dropped.
+    driver: Driver,
+    /// Set through [`Retire`]: the connection is not parked again.
     retired: Arc<AtomicBool>,
+    /// Where it is parked when its response ends (weak: the pool holds its idle connections).
+    pool: Weak<Pool>,
 }
 
-impl Pooled {
-    /// Whether the connection can take no more requests.
-    fn is_done(&self) -> bool {
-        self.sender.is_closed() || self.retired.load(Ordering::Relaxed)
+impl Conn {
+    /// Polls the connection once: whether it is still open and ready for a request. An idle
+    /// connection the upstream closed, or one with bytes it was not asked for, finishes here.
+    fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
+        match Pin::new(&mut self.driver).poll(cx) {
+            Poll::Ready(_) => false,
+            Poll::Pending => self.sender.is_ready() && !self.retired.load(Ordering::Relaxed),
+        }
+    }
+
+    /// [`Conn::poll_usable`] where there is no task to wake (the connection is not watched
+    /// while parked).
+    fn usable(&mut self) -> bool {
+        self.poll_usable(&mut Context::from_waker(std::task::Waker::noop()))
     }
 }
 
+/// A checked-out connection travels in its response's body, which polls it as the client
+/// reads and hands it back here at the end.
+impl Carrier for Conn {
+    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.driver).poll(cx).map(|_| ())
+    }
+
+    fn release(mut self: Box<Self>) {
+        // One more poll takes hyper's side from the response's end to waiting for the next
+        // request; a connection that does not get there (the upstream closed it, or the
+        // request's body is still being written) is not reused.
+        if let Some(pool) = self.pool.upgrade()
+            && self.usable()
+        {
+            pool.lock().push(Parked {
+                conn: self,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+struct Parked {
+    conn: Box<Conn>,
+    since: Instant,
+}
+
 /// The connection a response came on. A response tollgate refuses as invalid (ambiguous
-/// framing, an unasked protocol switch) retires its connection: hyper would otherwise reuse it once the body was read, and after a response
-/// two parsers could frame differently, nothing more should be read from that socket.
+/// framing, an unasked protocol switch) retires its connection: after a response two parsers
+/// could frame differently, nothing more should be read from that socket.
 #[derive(Debug, Clone)]
 pub struct Retire(Arc<AtomicBool>);
 
@@ -85,7 +120,7 @@ impl fmt::Debug for Pool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pool")
             .field("target", &self.target)
-            .field("connections", &self.len())
+            .field("idle", &self.len())
             .finish()
     }
 }
@@ -143,6 +178,10 @@ impl StdError for PoolError {
     }
 }
 
+/// What one exchange on a connection gave: the response head (the connection travels on in
+/// its body), or the failure with the request when the connection never took it.
+type Exchanged = Result<Response<UpstreamBody>, (hyper::Error, Option<Request<RequestBody>>)>;
+
 impl Pool {
     /// A pool for `host:port`.
     pub fn new(target: String, connect_timeout: Duration, idle_timeout: Duration) -> Self {
@@ -150,11 +189,11 @@ impl Pool {
             target,
             connect_timeout,
             idle_timeout,
-            connections: Mutex::new(VecDeque::new()),
+            idle: Mutex::new(Vec::new()),
         }
     }
 
-    /// Live connections, busy or idle.
+    /// Idle connections (those checked out belong to their requests).
     pub fn len(&self) -> usize {
         self.lock().len()
     }
@@ -164,49 +203,47 @@ impl Pool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Pooled>> {
-        self.connections.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) on a ready pooled connection, or on a new
-    /// one. A pooled connection the upstream closed before taking the request gives it back,
-    /// and it goes on another connection, as hyper-util's `retry_canceled_requests` does.
+    /// Sends `request` (origin-form URI, `Host` set) on an idle connection, or on a new one,
+    /// and returns the response head; its body carries the connection and puts it back here
+    /// when it ends. A pooled connection the upstream closed before taking the request gives
+    /// it back, and it goes on a new connection, as hyper-util's `retry_canceled_requests`
+    /// does.
     pub async fn send(
-        &self,
+        self: &Arc<Self>,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Retire), PoolFailure> {
-        let mut request = Some(request);
-        let pending = self.checkout(&mut request);
-        let request = match (pending, request) {
-            (Some((pending, retire)), _) => match pending.await {
-                Ok(response) => return Ok((response, retire)),
-                Err(mut error) => match error.take_message() {
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
+        let request = match self.checkout().await {
+            Some(conn) => {
+                let retire = Retire(conn.retired.clone());
+                match Self::exchange(conn, request).await {
+                    Ok(response) => return Ok((response, retire)),
                     // Never written: safe to send again, whatever the method, on a new
                     // connection (so this happens at most once).
-                    Some(back) => {
-                        tracing::debug!(error = %error.error(), "pooled upstream connection closed before taking the request; resending on a new one");
+                    Err((error, Some(back))) => {
+                        tracing::debug!(%error, "pooled upstream connection closed before taking the request; resending on a new one");
                         back
                     }
-                    None => return Err(PoolError::Send(error.into_error()).into()),
-                },
-            },
-            (None, Some(request)) => request,
-            (None, None) => unreachable!("checkout takes the request only when it sends it"),
+                    Err((error, None)) => return Err(PoolError::Send(error).into()),
+                }
+            }
+            None => request,
         };
-        // Boxed: connecting (resolve, connect, handshake) is the rare path, and its state
-        // would otherwise make every request's future, moved several times, kilobytes larger.
+        // Boxed: connecting is the rare path, and its state would otherwise make every
+        // request's future, moved several times, larger.
         Box::pin(self.send_on_new_connection(request)).await
     }
 
-    /// Sends `request` on a new connection. Its first request is queued before the
-    /// connection task first runs (hyper buffers one), so it cannot be refused for not being
-    /// ready.
+    /// Sends `request` on a new connection.
     async fn send_on_new_connection(
-        &self,
+        self: &Arc<Self>,
         request: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Retire), PoolFailure> {
-        let mut sender = match self.connect().await {
-            Ok(sender) => sender,
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
+        let conn = match self.connect().await {
+            Ok(conn) => conn,
             Err(error) => {
                 return Err(PoolFailure {
                     error,
@@ -214,89 +251,63 @@ impl Pool {
                 });
             }
         };
-        let pending = sender.try_send_request(request);
-        let retired = Arc::new(AtomicBool::new(false));
-        let retire = Retire(retired.clone());
-        self.lock().push_back(Pooled {
-            sender,
-            last_used: Instant::now(),
-            retired,
-        });
-        match pending.await {
+        let retire = Retire(conn.retired.clone());
+        match Self::exchange(conn, request).await {
             Ok(response) => Ok((response, retire)),
-            Err(e) => Err(PoolError::Send(e.into_error()).into()),
+            Err((error, _)) => Err(PoolError::Send(error).into()),
         }
     }
 
-    /// Hands `request` to a ready connection (see the module docs for which), dropping
-    /// closed and long-idle ones on the way. `request` is taken only when a connection is
-    /// ready.
-    fn checkout(
-        &self,
-        request: &mut Option<Request<RequestBody>>,
-    ) -> Option<(impl Future<Output = PendingResponse> + use<>, Retire)> {
-        let now = Instant::now();
-        let mut connections = self.lock();
-        self.drop_idle(&mut connections, now);
-        let n = connections.len();
-        let recent = (0..n).rev().take(RECENT_PROBES);
-        let oldest = 0..n.saturating_sub(RECENT_PROBES);
-        let mut saw_closed = false;
-        let mut taken = None;
-        for i in recent.chain(oldest) {
-            let connection = &mut connections[i];
-            if connection.is_done() {
-                saw_closed = true;
-                continue;
-            }
-            if connection.sender.is_ready()
-                && let Some(request) = request.take()
-            {
-                taken = Some((
-                    connection.sender.try_send_request(request),
-                    Retire(connection.retired.clone()),
-                ));
-                connection.last_used = now;
-                // Most recently used goes last (from either end of the list, O(1)).
-                if let Some(used) = connections.remove(i) {
-                    connections.push_back(used);
-                }
-                break;
+    /// The most recently parked connection that is still usable; closed ones met on the way
+    /// are dropped.
+    async fn checkout(&self) -> Option<Box<Conn>> {
+        loop {
+            let mut conn = self.lock().pop()?.conn;
+            if std::future::poll_fn(|cx| Poll::Ready(conn.poll_usable(cx))).await {
+                return Some(conn);
             }
         }
-        if saw_closed {
-            connections.retain(|c| !c.is_done());
-        }
-        taken
     }
 
-    /// Closes connections idle past the idle timeout, and forgets closed ones.
+    /// Hands `request` to `conn` and drives the connection from this task until the response
+    /// head is in.
+    async fn exchange(mut conn: Box<Conn>, request: Request<RequestBody>) -> Exchanged {
+        let pending = conn.sender.try_send_request(request);
+        let mut pending = std::pin::pin!(pending);
+        let mut open = true;
+        let head = std::future::poll_fn(|cx| {
+            if open && Pin::new(&mut conn.driver).poll(cx).is_ready() {
+                // The connection is done (closed, or failed): hyper answers the request
+                // below, with the request itself when it never took it.
+                open = false;
+            }
+            pending.as_mut().poll(cx)
+        })
+        .await;
+        match head {
+            Ok(response) => Ok(response.map(|incoming| match open {
+                true => UpstreamBody::carried(incoming, conn),
+                false => UpstreamBody::from(incoming),
+            })),
+            Err(mut error) => {
+                let back = error.take_message();
+                Err((error.into_error(), back))
+            }
+        }
+    }
+
+    /// Closes idle connections the upstream closed, and those idle past the idle timeout.
     pub fn close_idle(&self) {
         self.close_idle_at(Instant::now());
     }
 
     fn close_idle_at(&self, now: Instant) {
-        // Every connection, not just the idle run at the front: one long response there must
-        // not keep the idle ones behind it open.
-        self.lock().retain(|c| {
-            let idle = c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout;
-            !(c.is_done() || idle)
+        self.lock().retain_mut(|parked| {
+            now.duration_since(parked.since) < self.idle_timeout && parked.conn.usable()
         });
     }
 
-    /// Least recently used first: the idle ones past `idle_timeout` are at the front.
-    fn drop_idle(&self, connections: &mut VecDeque<Pooled>, now: Instant) {
-        let expired = connections
-            .iter()
-            .take_while(|c| {
-                c.is_done()
-                    || (c.sender.is_ready() && now.duration_since(c.last_used) >= self.idle_timeout)
-            })
-            .count();
-        connections.drain(..expired);
-    }
-
-    async fn connect(&self) -> Result<SendRequest<RequestBody>, PoolError> {
+    async fn connect(self: &Arc<Self>) -> Result<Box<Conn>, PoolError> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.target))
             .await
             .map_err(|_| {
@@ -307,16 +318,15 @@ impl Pool {
             })?
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (sender, connection) =
-            http1::handshake(TokioIo::new(super::quickack::QuickAck::new(stream)))
-                .await
-                .map_err(PoolError::Send)?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let (sender, driver) = http1::handshake(TokioIo::new(QuickAck::new(stream)))
+            .await
+            .map_err(PoolError::Send)?;
+        Ok(Box::new(Conn {
+            sender,
+            driver,
+            retired: Arc::new(AtomicBool::new(false)),
+            pool: Arc::downgrade(self),
+        }))
     }
 }
 
@@ -324,22 +334,28 @@ impl Pool {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
 
-    /// An upstream answering every request `ok`, on keep-alive connections; requests for
-    /// `/slow` wait 10 s first.
-    async fn upstream() -> std::net::SocketAddr {
+    /// An upstream on keep-alive connections, counting the connections it accepted: `/` is
+    /// `ok`, `/empty` an empty 204, `/big` 1 MiB.
+    async fn upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
-                        if req.uri().path() == "/slow" {
-                            tokio::time::sleep(Duration::from_secs(10)).await;
-                        }
-                        Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(
-                            bytes::Bytes::from_static(b"ok"),
-                        )))
+                    let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let (status, body) = match req.uri().path() {
+                            "/empty" => (204, bytes::Bytes::new()),
+                            "/big" => (200, bytes::Bytes::from(vec![b'x'; 1 << 20])),
+                            _ => (200, bytes::Bytes::from_static(b"ok")),
+                        };
+                        let mut response = Response::new(http_body_util::Full::new(body));
+                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(response)
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -347,134 +363,116 @@ mod tests {
                 });
             }
         });
-        addr
+        (addr, accepted)
     }
 
-    fn get() -> Request<RequestBody> {
+    fn get(path: &'static str) -> Request<RequestBody> {
         let mut request = Request::new(RequestBody::empty());
+        *request.uri_mut() = http::Uri::from_static(path);
         request
             .headers_mut()
             .insert(http::header::HOST, http::HeaderValue::from_static("up"));
         request
     }
 
-    /// Waits until `pool` has `n` connections, of which `ready` are ready for a request.
-    async fn settle(pool: &Pool, n: usize, ready: usize) {
-        let settled = async {
-            loop {
-                {
-                    let connections = pool.lock();
-                    let now_ready = connections.iter().filter(|c| c.sender.is_ready()).count();
-                    if connections.len() == n && now_ready == ready {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(5), settled)
-            .await
-            .unwrap_or_else(|_| panic!("{} connections, not {n} with {ready} ready", pool.len()));
-    }
-
-    /// A pool with `n` connections from `n` requests sent at once: all but one busy on
-    /// `/slow`, that one ready again after a fast request.
-    async fn all_busy_but_one(n: usize) -> std::sync::Arc<Pool> {
-        let pool = std::sync::Arc::new(Pool::new(
-            upstream().await.to_string(),
+    fn pool(addr: std::net::SocketAddr) -> Arc<Pool> {
+        Arc::new(Pool::new(
+            addr.to_string(),
             Duration::from_secs(1),
             Duration::from_secs(90),
-        ));
-        for i in 0..n {
-            let pool = pool.clone();
-            tokio::spawn(async move {
-                let mut request = get();
-                if i != n / 2 {
-                    *request.uri_mut() = http::Uri::from_static("/slow");
-                }
-                let _ = pool.send(request).await;
-            });
-        }
-        settle(&pool, n, 1).await;
-        pool
+        ))
     }
 
     #[tokio::test]
-    async fn a_ready_connection_among_busy_ones_is_reused_wherever_it_is() {
-        // Eight connections: seven stay busy on `/slow`; the one whose request was fast is
-        // ready again, somewhere in the list.
-        let pool = all_busy_but_one(8).await;
-        {
-            // Put the ready one first, the end only the second half of a checkout reaches.
-            let mut connections = pool.lock();
-            let ready = connections
-                .iter()
-                .position(|c| c.sender.is_ready())
-                .unwrap();
-            let connection = connections.remove(ready).unwrap();
-            connections.push_front(connection);
-        }
+    async fn a_connection_belongs_to_its_request_until_the_body_ends_then_is_reused() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = pool.send(get()).await.ok().expect("a response");
-            let _ = response.into_body().collect().await;
-            settle(&pool, 8, 1).await;
-        }
-        assert_eq!(pool.len(), 8, "the ready connection was found each time");
-    }
-
-    #[tokio::test]
-    async fn connections_are_reused_and_closed_once_idle_past_the_timeout() {
-        let pool = Pool::new(
-            upstream().await.to_string(),
-            Duration::from_secs(1),
-            Duration::from_secs(90),
-        );
-        for _ in 0..3 {
-            let (response, _) = pool.send(get()).await.ok().expect("a response");
+            let (response, _) = pool.send(get("/")).await.ok().expect("a response");
+            assert_eq!(pool.len(), 0, "checked out while its body is unread");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
-            // The connection task marks the connection ready once it has read the response.
-            let ready = async {
-                while !pool.lock()[0].sender.is_ready() {
-                    tokio::task::yield_now().await;
-                }
-            };
-            tokio::time::timeout(Duration::from_secs(5), ready)
-                .await
-                .expect("the connection is ready again after its response");
+            assert_eq!(pool.len(), 1, "parked once the body has ended");
         }
-        assert_eq!(
-            pool.len(),
-            1,
-            "one connection for three sequential requests"
-        );
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for three requests");
 
-        let used = pool.lock()[0].last_used;
-        pool.close_idle_at(used + Duration::from_secs(89));
-        assert_eq!(pool.len(), 1, "idle for less than the timeout: kept");
-        pool.close_idle_at(used + Duration::from_secs(91));
-        assert_eq!(pool.len(), 0, "idle past the timeout: closed");
+        // Two at once: two connections, both parked afterwards.
+        let (a, _) = pool.send(get("/")).await.ok().unwrap();
+        let (b, _) = pool.send(get("/")).await.ok().unwrap();
+        let _ = a.into_body().collect().await.unwrap();
+        let _ = b.into_body().collect().await.unwrap();
+        assert_eq!(pool.len(), 2);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
-    async fn housekeeping_closes_idle_connections_behind_busy_ones() {
-        // Three connections: two busy on `/slow`, one idle again after a fast request.
-        let pool = all_busy_but_one(3).await;
-        let last_used = {
-            // The busy ones at the least recently used end, where idle ones are looked for.
-            let mut connections = pool.lock();
-            connections
-                .make_contiguous()
-                .sort_by_key(|c| c.sender.is_ready());
-            connections[2].last_used
-        };
-        pool.close_idle_at(last_used + Duration::from_secs(91));
-        let connections = pool.lock();
-        assert_eq!(
-            connections.len(),
-            2,
-            "the idle one closed, the busy ones kept"
-        );
-        assert!(connections.iter().all(|c| !c.sender.is_ready()));
+    async fn an_empty_body_releases_its_connection_unpolled_and_an_unfinished_one_closes_it() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr);
+        let (response, _) = pool.send(get("/empty")).await.ok().unwrap();
+        assert_eq!(response.status(), 204);
+        drop(response);
+        assert_eq!(pool.len(), 1, "an empty body is at its end without a poll");
+
+        let (response, _) = pool.send(get("/big")).await.ok().unwrap();
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.data_ref().is_some_and(|d| d.len() < 1 << 20));
+        drop(body);
+        assert_eq!(pool.len(), 0, "a body dropped before its end takes its connection along");
+
+        let (response, _) = pool.send(get("/big")).await.ok().unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
+        assert_eq!(pool.len(), 1);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the dropped one only was replaced");
+    }
+
+    #[tokio::test]
+    async fn a_retired_connection_is_not_parked() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr);
+        let (response, retire) = pool.send(get("/")).await.ok().unwrap();
+        retire.retire();
+        let _ = response.into_body().collect().await.unwrap();
+        assert_eq!(pool.len(), 0);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let _ = response.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn housekeeping_closes_connections_idle_past_the_timeout_or_closed_upstream() {
+        let (addr, _) = upstream().await;
+        let pool = pool(addr);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let _ = response.into_body().collect().await.unwrap();
+        let since = pool.lock()[0].since;
+        pool.close_idle_at(since + Duration::from_secs(89));
+        assert_eq!(pool.len(), 1, "idle for less than the timeout: kept");
+        pool.close_idle_at(since + Duration::from_secs(91));
+        assert_eq!(pool.len(), 0, "idle past the timeout: closed");
+
+        // An upstream that closes a connection once it has answered one request.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let pool = self::pool(addr);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let _ = response.into_body().collect().await.unwrap();
+        assert_eq!(pool.len(), 1);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        pool.close_idle();
+        assert_eq!(pool.len(), 0, "the upstream closed it: gone at the next tick");
     }
 }
