@@ -320,6 +320,10 @@ pub trait Carrier: Send {
     /// failed: what it read is already in the body).
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()>;
 
+    /// Until the next [`Carrier::poll_drive`], what the connection does wakes nobody: the body
+    /// is about to take what it has, which it does not need to be woken for.
+    fn quiet(&mut self);
+
     /// The body has ended: the connection may serve another request. (Nothing watches it
     /// until then, so the task reading the body is not woken by it any more.)
     fn release(self: Box<Self>);
@@ -383,12 +387,29 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        if let Some(carrier) = &mut this.carrier
-            && carrier.poll_drive(cx).is_ready()
-        {
-            this.carrier = None;
-        }
-        let polled = Pin::new(&mut this.incoming).poll_frame(cx);
+        // While this body drives its connection, its bytes come only from the connection's
+        // polls here, so the body's channel is polled with nothing to wake, and the connection
+        // quiet (a wake would poll the client's connection again for nothing); the connection
+        // is polled, with this task's context, when the channel has nothing.
+        let mut quiet = Context::from_waker(std::task::Waker::noop());
+        let polled = match &mut this.carrier {
+            None => Pin::new(&mut this.incoming).poll_frame(cx),
+            Some(carrier) => match {
+                carrier.quiet();
+                Pin::new(&mut this.incoming).poll_frame(&mut quiet)
+            } {
+                Poll::Pending => {
+                    if carrier.poll_drive(cx).is_ready() {
+                        // Done: what it read is in the channel.
+                        this.carrier = None;
+                        Pin::new(&mut this.incoming).poll_frame(cx)
+                    } else {
+                        Pin::new(&mut this.incoming).poll_frame(&mut quiet)
+                    }
+                }
+                ready => ready,
+            },
+        };
         match &polled {
             Poll::Ready(None) => this.release(),
             Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.release(),

@@ -23,9 +23,10 @@ use std::fmt;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
+use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -52,27 +53,59 @@ pub struct Pool {
 /// carries them over the socket. Boxed, so checking out and parking move a pointer.
 struct Conn {
     sender: SendRequest<RequestBody>,
-    driver: Driver,
+    /// `None` once it has finished (closed or failed): dropping it answers a request it never
+    /// took, with the request.
+    driver: Option<Driver>,
     /// Set through [`Retire`]: the connection is not parked again.
     retired: Arc<AtomicBool>,
     /// Where it is parked when its response ends (weak: the pool holds its idle connections).
     pool: Weak<Pool>,
+    /// What hyper's side of the connection wakes: the relay to the task driving it.
+    relay: Arc<Relay>,
+    /// `relay` as a waker, made once.
+    relay_waker: Waker,
+}
+
+/// Wakes the task that drives a connection, while armed.
+///
+/// hyper's side of a connection leaves wakers behind that have nothing left to say: its body
+/// channel wakes the sender's last task whenever the body takes a chunk, even after the
+/// sender is gone. Woken for that, the task that drives the connection (the client's
+/// connection task) would be polled again for nothing. So hyper is given this relay, and it
+/// is disarmed whenever the task polls the body's channel or hands the connection on: only
+/// what the connection does while armed (its socket, above all) wakes the task. A wake missed
+/// while disarmed costs nothing: the connection is polled again, armed, before the task waits
+/// on it (see `UpstreamBody::poll_frame`).
+#[derive(Default)]
+struct Relay {
+    armed: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Relay {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if self.armed.load(Ordering::Acquire) {
+            self.task.wake();
+        }
+    }
 }
 
 impl Conn {
     /// Polls the connection once: whether it is still open and ready for a request. An idle
     /// connection the upstream closed, or one with bytes it was not asked for, finishes here.
-    fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
-        match Pin::new(&mut self.driver).poll(cx) {
-            Poll::Ready(_) => false,
-            Poll::Pending => self.sender.is_ready() && !self.retired.load(Ordering::Relaxed),
-        }
-    }
-
-    /// [`Conn::poll_usable`] where there is no task to wake (the connection is not watched
-    /// while parked).
+    ///
+    /// Polled without a task to wake: nothing watches a parked connection, and the request
+    /// that checks it out must not be woken by its own hand-over (it polls the connection
+    /// right after, with its own context).
     fn usable(&mut self) -> bool {
-        self.poll_usable(&mut Context::from_waker(std::task::Waker::noop()))
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.poll_drive(&mut cx).is_pending()
+            && self.sender.is_ready()
+            && !self.retired.load(Ordering::Relaxed)
     }
 }
 
@@ -80,15 +113,31 @@ impl Conn {
 /// reads and hands it back here at the end.
 impl Carrier for Conn {
     fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.driver).poll(cx).map(|_| ())
+        let Some(driver) = &mut self.driver else {
+            return Poll::Ready(());
+        };
+        self.relay.task.register(cx.waker());
+        self.relay.armed.store(true, Ordering::Release);
+        ready!(Pin::new(driver).poll(&mut Context::from_waker(&self.relay_waker))).ok();
+        self.driver = None;
+        Poll::Ready(())
+    }
+
+    fn quiet(&mut self) {
+        self.relay.armed.store(false, Ordering::Release);
     }
 
     fn release(mut self: Box<Self>) {
-        // One more poll takes hyper's side from the response's end to waiting for the next
-        // request; a connection that does not get there (the upstream closed it, or the
-        // request's body is still being written) is not reused.
+        self.quiet();
+        // The task that read the body may be gone by the next checkout.
+        drop(self.relay.task.take());
+        // Parked as it is: the checkout polls it before use, which also takes hyper's side
+        // from the response's end to waiting for the next request. One that does not get
+        // there then (the upstream closed it, or the request's body is still being written)
+        // is dropped.
         if let Some(pool) = self.pool.upgrade()
-            && self.usable()
+            && self.driver.is_some()
+            && !self.retired.load(Ordering::Relaxed)
         {
             pool.lock().push(Parked {
                 conn: self,
@@ -216,7 +265,7 @@ impl Pool {
         self: &Arc<Self>,
         request: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
-        let request = match self.checkout().await {
+        let request = match self.checkout() {
             Some(conn) => {
                 let retire = Retire(conn.retired.clone());
                 match Self::exchange(conn, request).await {
@@ -260,10 +309,10 @@ impl Pool {
 
     /// The most recently parked connection that is still usable; closed ones met on the way
     /// are dropped.
-    async fn checkout(&self) -> Option<Box<Conn>> {
+    fn checkout(&self) -> Option<Box<Conn>> {
         loop {
             let mut conn = self.lock().pop()?.conn;
-            if std::future::poll_fn(|cx| Poll::Ready(conn.poll_usable(cx))).await {
+            if conn.usable() {
                 return Some(conn);
             }
         }
@@ -274,21 +323,29 @@ impl Pool {
     async fn exchange(mut conn: Box<Conn>, request: Request<RequestBody>) -> Exchanged {
         let pending = conn.sender.try_send_request(request);
         let mut pending = std::pin::pin!(pending);
-        let mut open = true;
         let head = std::future::poll_fn(|cx| {
-            if open && Pin::new(&mut conn.driver).poll(cx).is_ready() {
-                // The connection is done (closed, or failed): hyper answers the request
-                // below, with the request itself when it never took it.
-                open = false;
+            // The answer comes from the connection, polled here and only here: once that poll
+            // is done it is there or not, so no task needs waking for it (a wake would poll
+            // this request's whole connection again for nothing). Once the connection has
+            // finished (closed, or failed), hyper has answered, with the request itself when
+            // it never took it.
+            let driven = conn.poll_drive(cx);
+            let mut quiet = Context::from_waker(std::task::Waker::noop());
+            match pending.as_mut().poll(&mut quiet) {
+                Poll::Pending if driven.is_ready() => pending.as_mut().poll(cx),
+                polled => polled,
             }
-            pending.as_mut().poll(cx)
         })
         .await;
         match head {
-            Ok(response) => Ok(response.map(|incoming| match open {
-                true => UpstreamBody::carried(incoming, conn),
-                false => UpstreamBody::from(incoming),
-            })),
+            Ok(response) => {
+                // Handed to the body, which polls the connection when it has nothing to give.
+                conn.quiet();
+                Ok(response.map(|incoming| match conn.driver {
+                    Some(_) => UpstreamBody::carried(incoming, conn),
+                    None => UpstreamBody::from(incoming),
+                }))
+            }
             Err(mut error) => {
                 let back = error.take_message();
                 Err((error.into_error(), back))
@@ -321,11 +378,14 @@ impl Pool {
         let (sender, driver) = http1::handshake(TokioIo::new(QuickAck::new(stream)))
             .await
             .map_err(PoolError::Send)?;
+        let relay = Arc::new(Relay::default());
         Ok(Box::new(Conn {
             sender,
-            driver,
+            driver: Some(driver),
             retired: Arc::new(AtomicBool::new(false)),
             pool: Arc::downgrade(self),
+            relay_waker: Waker::from(relay.clone()),
+            relay,
         }))
     }
 }
