@@ -33,7 +33,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::quickack::QuickAck;
+use super::quickack::{Deferred, QuickAck};
 use crate::body::{Carrier, RequestBody, UpstreamBody};
 
 /// hyper's side of one upstream connection: polled, it writes requests and reads responses.
@@ -60,6 +60,8 @@ struct Conn {
     retired: Arc<AtomicBool>,
     /// Where it is parked when its response ends (weak: the pool holds its idle connections).
     pool: Weak<Pool>,
+    /// Whether the socket owes the upstream an ACK (see [`super::quickack`]).
+    ack: Arc<Deferred>,
     /// What hyper's side of the connection wakes: the relay to the task driving it.
     relay: Arc<Relay>,
     /// `relay` as a waker, made once.
@@ -118,7 +120,18 @@ impl Carrier for Conn {
         };
         self.relay.task.register(cx.waker());
         self.relay.armed.store(true, Ordering::Release);
-        ready!(Pin::new(driver).poll(&mut Context::from_waker(&self.relay_waker))).ok();
+        let mut cx = Context::from_waker(&self.relay_waker);
+        let mut polled = Pin::new(&mut *driver).poll(&mut cx);
+        // It read part of a response and waits for the rest: the upstream may be holding the
+        // rest back until it is acknowledged (Nagle's algorithm against a delayed ACK), so
+        // acknowledge now, from the wait of one more poll. After a response read whole it
+        // waits for the next request, which carries the ACK: no `setsockopt` then.
+        if polled.is_pending() && self.ack.take_due() && !self.sender.is_ready() {
+            self.ack.acknowledge_next_wait(true);
+            polled = Pin::new(&mut *driver).poll(&mut cx);
+            self.ack.acknowledge_next_wait(false);
+        }
+        ready!(polled).ok();
         self.driver = None;
         Poll::Ready(())
     }
@@ -375,7 +388,8 @@ impl Pool {
             })?
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (sender, driver) = http1::handshake(TokioIo::new(QuickAck::new(stream)))
+        let (io, ack) = QuickAck::deferred(stream);
+        let (sender, driver) = http1::handshake(TokioIo::new(io))
             .await
             .map_err(PoolError::Send)?;
         let relay = Arc::new(Relay::default());
@@ -384,6 +398,7 @@ impl Pool {
             driver: Some(driver),
             retired: Arc::new(AtomicBool::new(false)),
             pool: Arc::downgrade(self),
+            ack,
             relay_waker: Waker::from(relay.clone()),
             relay,
         }))

@@ -1,5 +1,5 @@
-//! The transport of a pooled upstream connection: a TCP stream that acknowledges what it
-//! reads at once (`TCP_QUICKACK` after every read).
+//! The transport of an upstream connection: a TCP stream that acknowledges what it has read
+//! at once (`TCP_QUICKACK`) when it waits for the rest of a response.
 //!
 //! Many simple backends write a response head and its body in two writes with Nagle's
 //! algorithm on (Python's `http.server`, for one). The second write waits until the first is
@@ -7,14 +7,19 @@
 //! out, a response in) by up to 40 ms: every response on a reused connection then takes
 //! ~44 ms instead of well under one. Quick acknowledgement lasts only until the kernel's next
 //! ACK decision, so it is asked for each time the connection waits for more after having read
-//! something: the moment an ACK the upstream may be waiting for is still held back. That is
-//! one `setsockopt` per response on a reused connection (a response read whole is followed
-//! by the idle wait for the next), only on upstream connections: the plain-http pool's and,
-//! through [`QuickAckConnector`], hyper-util's (https upstreams, upgrades).
+//! something: the moment an ACK the upstream may be waiting for is still held back.
+//!
+//! The plain-http pool's connections ([`QuickAck::deferred`]) acknowledge only when they wait
+//! for more of a response: after a response read whole the next request carries the ACK, so
+//! a response that arrives in one piece costs no `setsockopt`. hyper-util's connections
+//! (https upstreams, upgrades; through [`QuickAckConnector`]) cannot tell the two waits
+//! apart and acknowledge at every wait after a read.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
@@ -27,15 +32,52 @@ pub struct QuickAck {
     stream: TcpStream,
     /// Bytes were read since the last wait: an ACK may be pending.
     read: bool,
+    /// Set when whoever drives the connection decides (see [`QuickAck::deferred`]).
+    deferred: Option<Arc<Deferred>>,
+}
+
+/// The decision to acknowledge, left to whoever drives the connection: it knows whether the
+/// connection waits for more of a response (acknowledge) or for nothing (a response read
+/// whole: the next request carries the ACK, and the `setsockopt` is saved).
+#[derive(Debug, Default)]
+pub struct Deferred {
+    /// The connection read something, then waited.
+    due: AtomicBool,
+    /// Acknowledge at the next wait.
+    now: AtomicBool,
+}
+
+impl Deferred {
+    /// Whether the connection read something, then waited, since the last call.
+    pub fn take_due(&self) -> bool {
+        self.due.swap(false, Ordering::Relaxed)
+    }
+
+    /// Whether the next wait acknowledges (poll the connection again in between).
+    pub fn acknowledge_next_wait(&self, now: bool) {
+        self.now.store(now, Ordering::Relaxed);
+    }
 }
 
 impl QuickAck {
-    /// Wraps `stream`.
+    /// Wraps `stream`; it acknowledges whenever it waits after having read.
     pub fn new(stream: TcpStream) -> Self {
         Self {
             stream,
             read: false,
+            deferred: None,
         }
+    }
+
+    /// Wraps `stream`; it only records that an ACK may be due, and acknowledges when told.
+    pub fn deferred(stream: TcpStream) -> (Self, Arc<Deferred>) {
+        let deferred = Arc::new(Deferred::default());
+        let io = Self {
+            stream,
+            read: false,
+            deferred: Some(deferred.clone()),
+        };
+        (io, deferred)
     }
 }
 
@@ -60,9 +102,14 @@ impl AsyncRead for QuickAck {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         match polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => self.read = true,
-            Poll::Pending if self.read => {
-                self.read = false;
-                self.acknowledge();
+            Poll::Pending => {
+                let read = std::mem::take(&mut self.read);
+                match &self.deferred {
+                    Some(deferred) if deferred.now.load(Ordering::Relaxed) => self.acknowledge(),
+                    Some(deferred) if read => deferred.due.store(true, Ordering::Relaxed),
+                    None if read => self.acknowledge(),
+                    _ => {}
+                }
             }
             _ => {}
         }
