@@ -348,7 +348,8 @@ for line in open(raw):
         runs.setdefault((pass_, sut), []).append({
             "rps": d["requests"] / secs,
             "cpu": int(ticks) * 1e6 / clk / d["requests"],
-            "non2xx": d["non2xx"] / d["requests"],
+            "requests": d["requests"],
+            "non2xx": d["non2xx"],
             "errors": d["errors"],
         })
 
@@ -412,9 +413,11 @@ for s in suts:
     for pass_ in ("proxied", "limited", "proxied-2c", "limited-2c"):
         if (pass_, s) not in runs:
             continue
-        share = m(pass_, s, "non2xx")
-        errs = sum(r["errors"] for r in runs[(pass_, s)])
-        checks.append("%s %s: %.1f%% non-2xx, %d socket errors" % (s, pass_, share * 100, errs))
+        rs = runs[(pass_, s)]
+        non2xx = sum(r["non2xx"] for r in rs)
+        checks.append("%s %s: %d of %d non-2xx (%.2f%%), %d socket errors" % (
+            s, pass_, non2xx, sum(r["requests"] for r in rs), 100 * non2xx / sum(r["requests"] for r in rs),
+            sum(r["errors"] for r in rs)))
 
 def per_run(pass_, s, k, fmt):
     return ", ".join(fmt % r[k] for r in runs[(pass_, s)])
@@ -436,7 +439,8 @@ md.append("- method: auth (1000 API keys, rotated per request by wrk) + per-key 
           " hyper upstream; no access logs; warm-up, then the runs interleaved across the gateways (run 1 of each, then"
           " run 2 of each, ...); medians."
           " CPU µs/req = utime+stime of the gateway's processes from /proc/<pid>/stat over a run, divided by its requests."
-          " The 429 path: every key's limit set to 1 per minute, so (after warm-up) every request is rejected.")
+          " The 429 path: every key's limit set to 1 per minute, so (after warm-up) every request is rejected"
+          " (Pingora's limit counts fixed one-minute windows, so at each window's start every key's first request passes).")
 md.append("- one core: each gateway pinned to one CPU with one worker/thread, upstream and load generator (wrk, 1 thread) on the other.")
 if two_core:
     md.append("- two cores: tollgate `workers = 0`, nginx `worker_processes 2`, HAProxy `nbthread 2`, Pingora `threads: 2`;"
@@ -509,9 +513,11 @@ for title, bars, fmt in panels:
         y += bar_h + gap
     y += 22
 head = '<text x="10" y="22" font-size="15" font-weight="bold">%s: auth + per-key limit + proxy</text>' % " vs ".join(names[s] for s in gateways)
-foot = '<text x="10" y="%d" font-size="11" fill="#555">%s · %s CPUs, %s · %s</text>' % (y, date, ncpu, model.replace("&", "&amp;"), command)
+esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;")
+foot = ('<text x="10" y="%d" font-size="11" fill="#555">%s · %s CPUs, %s</text>\n'
+        '<text x="10" y="%d" font-size="11" fill="#555">%s</text>') % (y, date, ncpu, esc(model), y + 15, esc(command))
 svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="13">\n'
-       '<rect width="100%%" height="100%%" fill="white"/>\n%s\n%s\n%s\n</svg>\n') % (W, y + 12, head, "\n".join(body), foot)
+       '<rect width="100%%" height="100%%" fill="white"/>\n%s\n%s\n%s\n</svg>\n') % (W, y + 27, head, "\n".join(body), foot)
 open(f"{out}/results.svg", "w").write(svg)
 print("\n".join(md))
 PY

@@ -4,7 +4,8 @@
 //! - `X-API-Key` looked up in a key map (`keys.haproxy.map`: `<key> <key id>` per line);
 //!   missing or unknown: `401`.
 //! - A per-key limit of `--limit` requests per minute (pingora-limits' `Rate`, a count-min
-//!   estimate over one-minute windows); over it: `429`. Both answers keep the connection alive.
+//!   estimate over fixed one-minute windows counted from the start, so at each window's start
+//!   every key's count is back to zero); over it: `429`. Both answers keep the connection alive.
 //! - `X-API-Key` removed, `X-Key-Id` set, proxied with keep-alive to `--upstream`; paths under
 //!   `/slow2/` go to `--upstream2` instead (the two-segment upstream of the latency row).
 //! - `--threads` worker threads (1 for the pinned table), no access log.
