@@ -515,7 +515,7 @@ for title, bars, fmt in panels:
 head = '<text x="10" y="22" font-size="15" font-weight="bold">%s: auth + per-key limit + proxy</text>' % " vs ".join(names[s] for s in gateways)
 esc = lambda t: t.replace("&", "&amp;").replace("<", "&lt;")
 foot = ('<text x="10" y="%d" font-size="11" fill="#555">%s · %s CPUs, %s</text>\n'
-        '<text x="10" y="%d" font-size="11" fill="#555">%s</text>') % (y, date, ncpu, esc(model), y + 15, esc(command))
+        '<text x="10" y="%d" font-size="10" fill="#555">%s</text>') % (y, date, ncpu, esc(model), y + 15, esc(command))
 svg = ('<svg xmlns="http://www.w3.org/2000/svg" width="%d" height="%d" font-family="sans-serif" font-size="13">\n'
        '<rect width="100%%" height="100%%" fill="white"/>\n%s\n%s\n%s\n</svg>\n') % (W, y + 27, head, "\n".join(body), foot)
 open(f"{out}/results.svg", "w").write(svg)
