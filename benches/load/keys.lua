@@ -1,17 +1,18 @@
 -- wrk script (benches/load/compare.sh): rotates through the API keys in keys.txt, one per
--- request, in the X-API-Key header; prints a one-line JSON summary at the end.
+-- request, in the X-API-Key header, to the path of the URL given to wrk; prints a one-line JSON
+-- summary at the end.
 local requests = {}
 local n = 0
 local i = 0
 
 local dir = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
 
--- In init, not at load: wrk sets the Host header only then.
+-- In init, not at load: wrk sets the Host header (and the path) only then.
 function init(_)
     for key in io.lines(dir .. "keys.txt") do
         n = n + 1
         -- Pre-formatted requests: the generator spends no time building them under load.
-        requests[n] = wrk.format("GET", "/v1/bench", { ["X-API-Key"] = key })
+        requests[n] = wrk.format("GET", wrk.path, { ["X-API-Key"] = key })
     end
 end
 
