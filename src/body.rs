@@ -394,21 +394,21 @@ impl Body for UpstreamBody {
         let mut quiet = Context::from_waker(std::task::Waker::noop());
         let polled = match &mut this.carrier {
             None => Pin::new(&mut this.incoming).poll_frame(cx),
-            Some(carrier) => match {
+            Some(carrier) => {
                 carrier.quiet();
-                Pin::new(&mut this.incoming).poll_frame(&mut quiet)
-            } {
-                Poll::Pending => {
-                    if carrier.poll_drive(cx).is_ready() {
-                        // Done: what it read is in the channel.
-                        this.carrier = None;
-                        Pin::new(&mut this.incoming).poll_frame(cx)
-                    } else {
-                        Pin::new(&mut this.incoming).poll_frame(&mut quiet)
+                match Pin::new(&mut this.incoming).poll_frame(&mut quiet) {
+                    Poll::Pending => {
+                        if carrier.poll_drive(cx).is_ready() {
+                            // Done: what it read is in the channel.
+                            this.carrier = None;
+                            Pin::new(&mut this.incoming).poll_frame(cx)
+                        } else {
+                            Pin::new(&mut this.incoming).poll_frame(&mut quiet)
+                        }
                     }
+                    ready => ready,
                 }
-                ready => ready,
-            },
+            }
         };
         match &polled {
             Poll::Ready(None) => this.release(),

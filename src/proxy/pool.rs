@@ -422,16 +422,18 @@ mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let (status, body) = match req.uri().path() {
-                            "/empty" => (204, bytes::Bytes::new()),
-                            "/big" => (200, bytes::Bytes::from(vec![b'x'; 1 << 20])),
-                            _ => (200, bytes::Bytes::from_static(b"ok")),
-                        };
-                        let mut response = Response::new(http_body_util::Full::new(body));
-                        *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(response)
-                    });
+                    let service = hyper::service::service_fn(
+                        |req: Request<hyper::body::Incoming>| async move {
+                            let (status, body) = match req.uri().path() {
+                                "/empty" => (204, bytes::Bytes::new()),
+                                "/big" => (200, bytes::Bytes::from(vec![b'x'; 1 << 20])),
+                                _ => (200, bytes::Bytes::from_static(b"ok")),
+                            };
+                            let mut response = Response::new(http_body_util::Full::new(body));
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            Ok::<_, std::convert::Infallible>(response)
+                        },
+                    );
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -469,7 +471,11 @@ mod tests {
             assert_eq!(&body[..], b"ok");
             assert_eq!(pool.len(), 1, "parked once the body has ended");
         }
-        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection for three requests");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for three requests"
+        );
 
         // Two at once: two connections, both parked afterwards.
         let (a, _) = pool.send(get("/")).await.ok().unwrap();
@@ -494,13 +500,21 @@ mod tests {
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 1 << 20));
         drop(body);
-        assert_eq!(pool.len(), 0, "a body dropped before its end takes its connection along");
+        assert_eq!(
+            pool.len(),
+            0,
+            "a body dropped before its end takes its connection along"
+        );
 
         let (response, _) = pool.send(get("/big")).await.ok().unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
         assert_eq!(pool.len(), 1);
-        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the dropped one only was replaced");
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "the dropped one only was replaced"
+        );
     }
 
     #[tokio::test]
@@ -548,6 +562,10 @@ mod tests {
         assert_eq!(pool.len(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
         pool.close_idle();
-        assert_eq!(pool.len(), 0, "the upstream closed it: gone at the next tick");
+        assert_eq!(
+            pool.len(),
+            0,
+            "the upstream closed it: gone at the next tick"
+        );
     }
 }
