@@ -144,13 +144,15 @@ impl Carrier for Conn {
         self.quiet();
         // The task that read the body may be gone by the next checkout.
         drop(self.relay.task.take());
-        // Parked as it is: the checkout polls it before use, which also takes hyper's side
-        // from the response's end to waiting for the next request. One that does not get
-        // there then (the upstream closed it, or the request's body is still being written)
-        // is dropped.
+        // Parked when hyper's side is waiting for the next request, as it is once a response
+        // was read whole and the request written whole; else it gets one more poll to get
+        // there. One that does not (the upstream answered before it took the whole request
+        // body, or closed) is dropped: it holds the client's body, which must not wait for a
+        // checkout. The checkout polls a parked one again before use.
         if let Some(pool) = self.pool.upgrade()
             && self.driver.is_some()
             && !self.retired.load(Ordering::Relaxed)
+            && (self.sender.is_ready() || self.usable())
         {
             pool.lock().push(Parked {
                 conn: self,
