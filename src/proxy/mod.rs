@@ -444,8 +444,8 @@ impl Upstream {
             // The upstream's page is not relayed: it may name internal hosts, versions or
             // stack traces. (Its framing was sound, so what of it has arrived is read, and a
             // connection that has it whole stays in use: an overloaded upstream is not sent
-            // new connects for its 503s.) Every 503 tells the client when to come back: the upstream's own Retry-After,
-            // else this upstream's `retry_after`.
+            // new connects for its 503s.) Every 503 tells the client when to come back: the
+            // upstream's own Retry-After, else this upstream's `retry_after`.
             response.body_mut().read_arrived();
             let retry_after = response.headers().get(RETRY_AFTER).cloned().or_else(|| {
                 (status == StatusCode::SERVICE_UNAVAILABLE).then(|| {

@@ -520,6 +520,20 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_body_read_as_far_as_it_arrived_releases_its_connection_when_whole() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr);
+        let (mut response, _) = pool.send(get("/")).await.ok().unwrap();
+        // Not relayed (a normalized 503's page): read without waiting, then dropped.
+        response.body_mut().read_arrived();
+        drop(response);
+        assert_eq!(pool.len(), 1, "the short body had arrived whole: parked");
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let _ = response.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "and reused");
+    }
+
+    #[tokio::test]
     async fn a_retired_connection_is_not_parked() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
