@@ -14,6 +14,7 @@ use tollgate::config::keys_edit::KeysDocument;
 use tollgate::config::{Config, units};
 use tollgate::observability::logging::{self, LogFormat};
 use tollgate::reload::{self, file_watch};
+use tollgate::server::workers::Workers;
 use tollgate::server::{Server, signals};
 use tollgate::stack::Gateway;
 
@@ -203,26 +204,33 @@ fn run(path: PathBuf) -> ExitCode {
         }
         _ => Vec::new(),
     };
-    // One worker: tokio's current-thread scheduler, which runs every task on this thread with
-    // no work-stealing queues or cross-thread wakeups (less CPU per request than a one-thread
-    // multi-thread runtime). Otherwise one worker per core, or `workers` of them.
-    let mut runtime = match config.server.workers {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        0 => tokio::runtime::Builder::new_multi_thread(),
-        n => {
-            let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(n);
-            runtime
+    // Every worker thread runs a current-thread runtime and serves the connections dealt to
+    // it whole (`server::workers`), as nginx's worker processes do: no work-stealing queues,
+    // no wake-ups across cores. The main thread is the first worker; it also accepts, reloads
+    // and answers the admin listener.
+    let total = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let workers = match Workers::start(total) {
+        Ok(workers) => Arc::new(workers),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the worker threads");
+            return ExitCode::from(1);
         }
     };
     heap::spawn_trimmer();
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the runtime");
             return ExitCode::from(1);
         }
     };
+    let dealer = workers.clone();
     let result = runtime.block_on(async move {
         let hup = signals::catch_sighup()?;
         // The gateway's snapshot keeps the config (a copy held here for the whole run would
@@ -232,7 +240,9 @@ fn run(path: PathBuf) -> ExitCode {
         reload::key_api::install(&gateway, &path);
         // Keys kept in Redis are loaded before the first request is served.
         let _key_sync = reload::key_sync::start(&gateway, reload::key_sync::DEFAULT_RESYNC).await;
-        let server = Server::bind(&gateway.snapshot().config, gateway.clone()).await?;
+        let server = Server::bind(&gateway.snapshot().config, gateway.clone())
+            .await?
+            .with_workers(dealer);
         let last_save = gateway.clone();
         tokio::spawn(reload::reload_on_sighup(hup, path.clone(), gateway.clone()));
         tokio::spawn(file_watch::reload_on_change(
@@ -245,6 +255,7 @@ fn run(path: PathBuf) -> ExitCode {
         served
     });
     // In-flight work past the grace period is dropped, not waited for.
+    workers.shutdown();
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -27,8 +27,10 @@ const FLOORS: &[(&str, u8)] = &[
     ("config", 1),
     // 2: request ids, metrics, access log, logging.
     ("observability", 2),
-    // 3: the max_inflight gate and its slot.
+    // 3: the max_inflight gate and its slot; which worker thread this is (a leaf the
+    // upstream pools shard their idle connections by).
     ("proxy::inflight", 3),
+    ("server::workers", 3),
     // 4: GatewayError, FailureKind, the renderer.
     ("error", 4),
     // 5: RequestBody, ResponseBody.

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 
 use super::quickack::{Deferred, QuickAck};
 use crate::body::{Carrier, RequestBody, UpstreamBody};
+use crate::server::workers;
 
 /// hyper's side of one upstream connection: polled, it writes requests and reads responses.
 type Driver = http1::Connection<TokioIo<QuickAck>, RequestBody>;
@@ -45,9 +46,17 @@ pub struct Pool {
     target: String,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    /// The idle connections, least recently parked first.
-    idle: Mutex<Vec<Parked>>,
+    /// The idle connections, least recently parked first: one list per worker thread
+    /// ([`workers`]), each holding the connections made on that worker's runtime. A request
+    /// takes one of its own worker's, so a connection's socket, its lock and its cache lines
+    /// stay on one core.
+    idle: Box<[Shard]>,
 }
+
+/// One worker's idle connections, on cache lines of their own.
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard(Mutex<Vec<Parked>>);
 
 /// One keep-alive connection: the handle requests are given to, and the state machine that
 /// carries them over the socket. Boxed, so checking out and parking move a pointer.
@@ -60,6 +69,8 @@ struct Conn {
     retired: Arc<AtomicBool>,
     /// Where it is parked when its response ends (weak: the pool holds its idle connections).
     pool: Weak<Pool>,
+    /// The worker whose runtime the socket is registered with, whose idle list it goes to.
+    home: usize,
     /// Whether the socket owes the upstream an ACK (see [`super::quickack`]).
     ack: Arc<Deferred>,
     /// What hyper's side of the connection wakes: the relay to the task driving it.
@@ -154,7 +165,7 @@ impl Carrier for Conn {
             && !self.retired.load(Ordering::Relaxed)
             && (self.sender.is_ready() || self.usable())
         {
-            pool.lock().push(Parked {
+            pool.shard(self.home).push(Parked {
                 conn: self,
                 since: Instant::now(),
             });
@@ -253,13 +264,13 @@ impl Pool {
             target,
             connect_timeout,
             idle_timeout,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..workers::count()).map(|_| Shard::default()).collect(),
         }
     }
 
     /// Idle connections (those checked out belong to their requests).
     pub fn len(&self) -> usize {
-        self.lock().len()
+        (0..self.idle.len()).map(|i| self.shard(i).len()).sum()
     }
 
     /// Whether there are none.
@@ -267,8 +278,12 @@ impl Pool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    /// Worker `index`'s idle connections.
+    fn shard(&self, index: usize) -> std::sync::MutexGuard<'_, Vec<Parked>> {
+        self.idle[index % self.idle.len()]
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends `request` (origin-form URI, `Host` set) on an idle connection, or on a new one,
@@ -326,7 +341,7 @@ impl Pool {
     /// are dropped.
     fn checkout(&self) -> Option<Box<Conn>> {
         loop {
-            let mut conn = self.lock().pop()?.conn;
+            let mut conn = self.shard(workers::current()).pop()?.conn;
             if conn.usable() {
                 return Some(conn);
             }
@@ -374,9 +389,11 @@ impl Pool {
     }
 
     fn close_idle_at(&self, now: Instant) {
-        self.lock().retain_mut(|parked| {
-            now.duration_since(parked.since) < self.idle_timeout && parked.conn.usable()
-        });
+        for index in 0..self.idle.len() {
+            self.shard(index).retain_mut(|parked| {
+                now.duration_since(parked.since) < self.idle_timeout && parked.conn.usable()
+            });
+        }
     }
 
     async fn connect(self: &Arc<Self>) -> Result<Box<Conn>, PoolError> {
@@ -400,6 +417,7 @@ impl Pool {
             driver: Some(driver),
             retired: Arc::new(AtomicBool::new(false)),
             pool: Arc::downgrade(self),
+            home: workers::current(),
             ack,
             relay_waker: Waker::from(relay.clone()),
             relay,
@@ -552,7 +570,7 @@ mod tests {
         let pool = pool(addr);
         let (response, _) = pool.send(get("/")).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
-        let since = pool.lock()[0].since;
+        let since = pool.shard(0)[0].since;
         pool.close_idle_at(since + Duration::from_secs(89));
         assert_eq!(pool.len(), 1, "idle for less than the timeout: kept");
         pool.close_idle_at(since + Duration::from_secs(91));

@@ -16,6 +16,7 @@ pub mod head_limits;
 pub mod signals;
 pub mod timeouts;
 pub mod usage;
+pub mod workers;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -48,6 +49,7 @@ use crate::observability::access::AccessInfo;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::request_id::X_REQUEST_ID;
 use timeouts::{Activity, Bounds, Ended, GuardedIo, Refusal, TrackedBody};
+use workers::Workers;
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
 /// (and get a JSON 431/414) unless they are far over the limit.
@@ -129,6 +131,8 @@ pub struct Server<H> {
     admin: TcpListener,
     settings: ServerConfig,
     ready: Arc<AtomicBool>,
+    /// The worker threads connections are dealt to; without, they run where accepted.
+    workers: Option<Arc<Workers>>,
 }
 
 /// What a connection task needs besides its socket.
@@ -185,7 +189,15 @@ impl<H: Handler> Server<H> {
             admin,
             settings: config.server.clone(),
             ready: Arc::new(AtomicBool::new(false)),
+            workers: None,
         })
+    }
+
+    /// Deals accepted connections out to `workers` in turn, each served whole on its worker's
+    /// thread.
+    pub fn with_workers(mut self, workers: Arc<Workers>) -> Self {
+        self.workers = Some(workers);
+        self
     }
 
     /// The addresses actually bound (useful with port 0).
@@ -226,6 +238,7 @@ impl<H: Handler> Server<H> {
             accept_loops.spawn(accept_loop(
                 listener,
                 accepted.clone(),
+                self.workers.clone(),
                 limit.clone(),
                 stop_rx.clone(),
             ));
@@ -305,6 +318,7 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
 async fn accept_loop<H: Handler>(
     listener: TcpListener,
     accepted: Accepted<H>,
+    workers: Option<Arc<Workers>>,
     limit: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -334,9 +348,26 @@ async fn accept_loop<H: Handler>(
         let _ = stream.set_nodelay(true);
         // The TLS handshake happens in the connection's task: a slow client never holds up
         // the accept loop.
-        tokio::spawn(connection(accepted.clone(), stream, peer, permit));
+        spawn_connection(&accepted, workers.as_deref(), stream, peer, permit);
     }
-    accept_backlog(listener, &accepted, &limit);
+    accept_backlog(listener, &accepted, workers.as_deref(), &limit);
+}
+
+/// Starts serving one accepted connection: on the next worker in turn, or here.
+fn spawn_connection<H: Handler>(
+    accepted: &Accepted<H>,
+    workers: Option<&Workers>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let accepted = accepted.clone();
+    match workers {
+        Some(workers) => workers.spawn(stream, move |stream| {
+            connection(accepted, stream, peer, permit)
+        }),
+        None => drop(tokio::spawn(connection(accepted, stream, peer, permit))),
+    }
 }
 
 /// On stop, takes the connections the kernel has already completed (within
@@ -345,6 +376,7 @@ async fn accept_loop<H: Handler>(
 fn accept_backlog<H: Handler>(
     listener: TcpListener,
     accepted: &Accepted<H>,
+    workers: Option<&Workers>,
     limit: &Arc<Semaphore>,
 ) {
     let Ok(listener) = listener.into_std() else {
@@ -359,7 +391,7 @@ fn accept_backlog<H: Handler>(
             .and_then(|()| TcpStream::from_std(stream));
         if let Ok(stream) = stream {
             let _ = stream.set_nodelay(true);
-            tokio::spawn(connection(accepted.clone(), stream, peer, permit));
+            spawn_connection(accepted, workers, stream, peer, permit);
         }
     }
 }

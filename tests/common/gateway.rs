@@ -46,6 +46,11 @@ impl TestGateway {
         handler: Arc<H>,
     ) -> Self {
         let server = Server::bind(&config, handler).await.expect("bind");
+        Self::serve(server, gateway)
+    }
+
+    /// Serves `server` (`gateway` is kept for reloads).
+    pub fn serve<H: Handler>(server: Server<H>, gateway: Arc<Gateway>) -> Self {
         let addr = server.local_addrs()[0];
         let admin = server.admin_addr();
         let (tx, rx) = oneshot::channel::<()>();
