@@ -17,6 +17,7 @@ pub mod auth;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod header_bytes;
 pub mod limit;
 pub mod observability;
 pub mod proxy;

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::bucket::{BucketSpec, Decision, Window};
 use crate::config::RateLimitHeaders;
+use crate::header_bytes;
 
 static X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
 static X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
@@ -133,7 +134,7 @@ impl PolicyHeaders {
                 .and_then(|()| write!(cursor, "{};t={}", decision.remaining, t))
                 .is_ok();
             let len = cursor.position() as usize;
-            if written && let Ok(value) = HeaderValue::from_bytes(&buf[..len]) {
+            if written && let Some(value) = header_bytes::value(&buf[..len]) {
                 headers.insert(&RATELIMIT, value);
             }
         }
@@ -154,7 +155,7 @@ fn small_number(n: u32) -> HeaderValue {
     SMALL
         .get(n as usize)
         .cloned()
-        .unwrap_or_else(|| HeaderValue::from(n))
+        .unwrap_or_else(|| header_bytes::number(u64::from(n)))
 }
 
 /// Limit values of every plan and key ever configured, beyond the small table. Bounded by the

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use crate::header_bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::RngCore;
 
@@ -61,12 +62,9 @@ impl RequestId {
                 }
             };
         }
-        // Shared bytes from the start: the ID is copied into the upstream request and the
-        // response, and each copy is then a reference count, not an allocation.
-        Self(
-            HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
-                .expect("base62 is a valid header value"),
-        )
+        // Shared bytes from the start, without an allocation of its own: the ID is copied into
+        // the upstream request and the response, and each copy is a reference count.
+        Self(header_bytes::value(&buf).expect("base62 is a valid header value"))
     }
 
     /// The ID as text.
