@@ -13,6 +13,7 @@ use http::header::{ALLOW, CACHE_CONTROL, CONNECTION, CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Method, Response, StatusCode};
 
 use crate::config::{ErrorStyle, ErrorsConfig};
+use crate::header_bytes;
 use crate::observability::RequestId;
 
 /// The finer kind of an upstream or backend failure, for logs and metrics (like Envoy's
@@ -262,14 +263,23 @@ impl GatewayError {
                 window,
                 retry_after,
                 route,
-            } => Cow::Owned(format!(
-                "Rate limit of {limit} request{} per {}{}{} exceeded. Retry after {}s.",
-                if *limit == 1 { "" } else { "s" },
-                window.name(),
-                if route.is_some() { " on " } else { "" },
-                route.as_deref().unwrap_or(""),
-                retry_after_secs(*retry_after)
-            )),
+            } => {
+                // Pieces pushed, not `format!`: this is every 429's message.
+                let mut m = String::with_capacity(96);
+                m.push_str("Rate limit of ");
+                push_number(&mut m, u64::from(*limit));
+                m.push_str(if *limit == 1 { " request" } else { " requests" });
+                m.push_str(" per ");
+                m.push_str(window.name());
+                if let Some(route) = route {
+                    m.push_str(" on ");
+                    m.push_str(route);
+                }
+                m.push_str(" exceeded. Retry after ");
+                push_number(&mut m, retry_after_secs(*retry_after));
+                m.push_str("s.");
+                Cow::Owned(m)
+            }
             GatewayError::QuotaExceeded {
                 limit, resets_at, ..
             } => Cow::Owned(format!(
@@ -366,10 +376,16 @@ impl ErrorRenderer {
     /// (`Allow`, `Retry-After`). The server adds `X-Request-Id`. A plain `Bytes` body: the
     /// caller wraps it in whatever body type it sends (errors know nothing of bodies).
     pub fn render(&self, error: &GatewayError, request_id: &RequestId) -> Response<Bytes> {
-        let body = self.body(error.code(), &error.message(), request_id);
-        let mut response = Response::new(Bytes::from(body));
+        let body = BODY.with_borrow_mut(|body| {
+            self.write_body(body, error.code(), &error.message(), request_id);
+            header_bytes::bytes(body)
+        });
+        let mut response = Response::new(body);
         *response.status_mut() = error.status();
         let headers = response.headers_mut();
+        // Room for every header an error response gets (its own, the rate-limit headers, the
+        // request ID), so none of them grows the map.
+        headers.reserve(12);
         headers.insert(CONTENT_TYPE, APPLICATION_JSON);
         headers.insert(CACHE_CONTROL, NO_STORE);
         match error {
@@ -387,7 +403,7 @@ impl ErrorRenderer {
             | GatewayError::RateLimited { retry_after, .. } => {
                 headers.insert(
                     RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(*retry_after)),
+                    header_bytes::number(retry_after_secs(*retry_after)),
                 );
             }
             GatewayError::UpstreamStatus {
@@ -403,54 +419,172 @@ impl ErrorRenderer {
 
     /// The JSON body for `code` and `message` in this renderer's style.
     pub fn body(&self, code: &str, message: &str, request_id: &RequestId) -> Vec<u8> {
-        let mut out = Vec::with_capacity(160 + message.len() + self.fields.len());
+        let mut out = Vec::new();
+        self.write_body(&mut out, code, message, request_id);
+        out
+    }
+
+    /// Writes the body into `out`, emptied first.
+    fn write_body(&self, out: &mut Vec<u8>, code: &str, message: &str, request_id: &RequestId) {
+        out.clear();
+        out.reserve(160 + message.len() + self.fields.len());
         let id = request_id.as_str();
         match self.style {
             ErrorStyle::Envelope => {
                 out.extend_from_slice(b"{\"success\":false,\"error\":{\"code\":");
-                push_json_str(&mut out, code);
+                push_json_str(out, code);
                 out.extend_from_slice(b",\"message\":");
-                push_json_str(&mut out, message);
+                push_json_str(out, message);
                 out.extend_from_slice(b"},\"request_id\":");
-                push_json_str(&mut out, id);
+                push_json_str(out, id);
                 out.extend_from_slice(b",\"timestamp\":\"");
-                out.extend_from_slice(
-                    humantime::format_rfc3339_seconds(SystemTime::now())
-                        .to_string()
-                        .as_bytes(),
-                );
+                push_timestamp(out, SystemTime::now());
                 out.push(b'"');
             }
             ErrorStyle::Detail => {
                 out.extend_from_slice(b"{\"detail\":");
-                push_json_str(&mut out, message);
+                push_json_str(out, message);
                 out.extend_from_slice(b",\"code\":");
-                push_json_str(&mut out, code);
+                push_json_str(out, code);
                 out.extend_from_slice(b",\"request_id\":");
-                push_json_str(&mut out, id);
+                push_json_str(out, id);
             }
             ErrorStyle::Simple => {
                 out.extend_from_slice(b"{\"error\":");
-                push_json_str(&mut out, message);
+                push_json_str(out, message);
                 out.extend_from_slice(b",\"code\":");
-                push_json_str(&mut out, code);
+                push_json_str(out, code);
                 out.extend_from_slice(b",\"success\":false,\"request_id\":");
-                push_json_str(&mut out, id);
+                push_json_str(out, id);
             }
         }
         out.extend_from_slice(self.fields.as_bytes());
         out.push(b'}');
-        out
     }
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    // Codes, request IDs and most messages need no escape: copied as they are.
+    if s.bytes()
+        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
+    {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     serde_json::to_writer(&mut *out, s).expect("writing a str to a Vec cannot fail");
+}
+
+/// `n` in decimal.
+fn push_number(out: &mut String, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+}
+
+thread_local! {
+    /// The buffer error bodies are written in, then copied out of (no allocation per body).
+    static BODY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The last second written as an RFC 3339 timestamp on this thread, and its text.
+    static TIMESTAMP: std::cell::Cell<(u64, [u8; 20])> = const { std::cell::Cell::new((u64::MAX, [0; 20])) };
+}
+
+/// `at` as `2026-12-07T04:30:00Z`, formatted once per second per thread.
+fn push_timestamp(out: &mut Vec<u8>, at: SystemTime) {
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (cached, mut text) = TIMESTAMP.get();
+    if cached != secs {
+        let formatted =
+            humantime::format_rfc3339_seconds(SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+                .to_string();
+        match formatted.as_bytes().try_into() {
+            Ok(bytes) => {
+                text = bytes;
+                TIMESTAMP.set((secs, text));
+            }
+            // Past year 9999: not cached.
+            Err(_) => return out.extend_from_slice(formatted.as_bytes()),
+        }
+    }
+    out.extend_from_slice(&text);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_numbers_and_timestamps_are_written_as_json_and_humantime_write_them() {
+        for text in [
+            "rate_limited",
+            "req_ABC-1.2:3",
+            "say \"hi\"",
+            "back\\slash",
+            "tab\there",
+            "ünï ✓",
+            "\u{7f}",
+            "",
+        ] {
+            let mut out = Vec::new();
+            push_json_str(&mut out, text);
+            assert_eq!(out, serde_json::to_vec(text).unwrap(), "{text:?}");
+        }
+        for n in [0, 7, 10, 59, 1_000_000, u64::MAX] {
+            let mut out = String::new();
+            push_number(&mut out, n);
+            assert_eq!(out, n.to_string());
+        }
+        for secs in [
+            0,
+            1_765_080_000,
+            1_765_080_000,
+            1_765_080_001,
+            253_402_300_799,
+        ] {
+            let at =
+                SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(999);
+            let mut out = Vec::new();
+            push_timestamp(&mut out, at);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                humantime::format_rfc3339_seconds(
+                    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+                )
+                .to_string()
+            );
+        }
+    }
+
+    #[test]
+    fn a_rate_limit_message_reads_as_before() {
+        let limited = |limit, route: Option<&str>| GatewayError::RateLimited {
+            limit,
+            window: crate::config::Window::Minute,
+            retry_after: Duration::from_millis(2_100),
+            route: route.map(Into::into),
+        };
+        assert_eq!(
+            limited(60, None).message(),
+            "Rate limit of 60 requests per minute exceeded. Retry after 3s."
+        );
+        assert_eq!(
+            limited(1, Some("/v1/search")).message(),
+            "Rate limit of 1 request per minute on /v1/search exceeded. Retry after 3s."
+        );
+    }
 
     fn renderer(style: ErrorStyle, fields: &[(&str, serde_json::Value)]) -> ErrorRenderer {
         ErrorRenderer::new(&ErrorsConfig {

@@ -1,11 +1,11 @@
-//! Short header values made per request (a generated request ID, a large `Remaining` count)
-//! on shared bytes without an allocation each: written into a per-thread chunk and split off
+//! Short byte strings made per request (header values: a generated request ID, a large
+//! `Remaining` count; an error body) on shared bytes without an allocation each: written into a per-thread chunk and split off
 //! it, as hyper's parser splits header values off its read buffer. A value holds a reference
 //! to its chunk; a chunk is freed when its last value is dropped.
 
 use std::cell::RefCell;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use http::HeaderValue;
 
 /// The size of a chunk: a few dozen values. Small, because a value that lives long (the
@@ -18,15 +18,19 @@ thread_local! {
 
 /// `bytes` as a header value, or `None` if they are not a valid one.
 pub fn value(bytes: &[u8]) -> Option<HeaderValue> {
-    let shared = CHUNK.with(|chunk| {
+    HeaderValue::from_maybe_shared(self::bytes(bytes)).ok()
+}
+
+/// A copy of `bytes`, shared.
+pub fn bytes(bytes: &[u8]) -> Bytes {
+    CHUNK.with(|chunk| {
         let mut chunk = chunk.borrow_mut();
         if chunk.capacity() - chunk.len() < bytes.len() {
             *chunk = BytesMut::with_capacity(CHUNK_BYTES.max(bytes.len()));
         }
         chunk.extend_from_slice(bytes);
         chunk.split().freeze()
-    });
-    HeaderValue::from_maybe_shared(shared).ok()
+    })
 }
 
 /// `n` in decimal as a header value.
