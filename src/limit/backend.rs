@@ -110,10 +110,11 @@ impl LimiterBackend {
     ) -> Result<Option<(Decision, &'l PolicyHeaders)>, GatewayError> {
         match self {
             LimiterBackend::Local => Ok(Some(local.charge(route, cost))),
+            // Boxed: the Redis call's state (the client's futures, a timer) is kilobytes, and
+            // inline it would be part of every request's future, copied with each of its
+            // moves, whichever backend serves.
             LimiterBackend::Redis(guarded) => {
-                guarded
-                    .check(id, local, (route, cost), limits, metrics)
-                    .await
+                Box::pin(guarded.check(id, local, (route, cost), limits, metrics)).await
             }
         }
     }

@@ -604,7 +604,9 @@ async fn respond<H: Handler>(
     let access =
         AccessInfo::wanted().then(|| (request.method().clone(), request.uri().path().to_owned()));
 
-    let outcome = AssertUnwindSafe(handler.handle(request, &ctx))
+    // Boxed: the handler's future is kilobytes; inline, the wrappers below and hyper would
+    // copy it with each move, and every request's future would be twice its size.
+    let outcome = AssertUnwindSafe(Box::pin(handler.handle(request, &ctx)))
         .catch_unwind()
         .instrument(span.clone())
         .await;
