@@ -55,6 +55,21 @@ where
     let mut closing_since: Option<u64> = None;
     let mut stopping = *stop.borrow_and_update();
     let mut watching_stop = !stopping;
+    // One wait for the stop for the whole connection, not one per turn of the loop below:
+    // each new wait registers with (and each dropped one leaves) the stop channel's waiter
+    // list, which every connection shares. True when the stop came; false when the server is
+    // gone without one (nothing will send it).
+    let stop_signal = async move {
+        loop {
+            if stop.changed().await.is_err() {
+                return false;
+            }
+            if *stop.borrow_and_update() {
+                return true;
+            }
+        }
+    };
+    let mut stop_signal = std::pin::pin!(stop_signal);
     if stopping {
         // Accepted as the server stops: read what the client has already sent before
         // deciding whether there is a request to serve.
@@ -116,10 +131,9 @@ where
                     }
                 }
             }
-            changed = stop.changed(), if watching_stop => {
-                // An error means the server is gone without a stop: nothing will send one.
-                watching_stop = changed.is_ok() && !*stop.borrow_and_update();
-                if changed.is_ok() && !watching_stop {
+            stopped = stop_signal.as_mut(), if watching_stop => {
+                watching_stop = false;
+                if stopped {
                     stopping = true;
                     activity.draining.store(true, Relaxed);
                 }
