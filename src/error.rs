@@ -479,18 +479,9 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
 
 /// `n` in decimal.
 fn push_number(out: &mut String, n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.push_str(std::str::from_utf8(&digits[at..]).unwrap_or_default());
+    let mut buf = [0; 20];
+    let digits = header_bytes::decimal(n, &mut buf);
+    out.push_str(std::str::from_utf8(digits).unwrap_or_default());
 }
 
 thread_local! {

@@ -35,18 +35,22 @@ pub fn bytes(bytes: &[u8]) -> Bytes {
 
 /// `n` in decimal as a header value.
 pub fn number(n: u64) -> HeaderValue {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
+    value(decimal(n, &mut [0; 20])).expect("digits are a valid header value")
+}
+
+/// `n` in decimal, written at the end of `buf`.
+pub fn decimal(n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
     let mut rest = n;
     loop {
         at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
+        buf[at] = b'0' + (rest % 10) as u8;
         rest /= 10;
         if rest == 0 {
             break;
         }
     }
-    value(&digits[at..]).expect("digits are a valid header value")
+    &buf[at..]
 }
 
 #[cfg(test)]
