@@ -146,6 +146,15 @@ rss_kib() {
 }
 CLK_TCK=$(getconf CLK_TCK)
 
+# A port already taken (a gateway left running) would have something else measured in a
+# system's place: refuse to start.
+for port in 3000 3001 8080 8081 8082 8083 9901; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        log "port $port is already in use on 127.0.0.1 (ss -ltnp shows by what); stop it first"
+        exit 1
+    fi
+done
+
 taskset -c "$GEN_CPU" "$UPSTREAM" 127.0.0.1:3000 &
 UPSTREAM_PID=$!
 taskset -c "$GEN_CPU" python3 "$HERE/two_segment_upstream.py" 127.0.0.1:3001 &
