@@ -1,7 +1,8 @@
 //! Short byte strings made per request (header values: a generated request ID, a large
-//! `Remaining` count; an error body) on shared bytes without an allocation each: written into a per-thread chunk and split off
-//! it, as hyper's parser splits header values off its read buffer. A value holds a reference
-//! to its chunk; a chunk is freed when its last value is dropped.
+//! `Remaining` count; an error body) on shared bytes without an allocation each: written into
+//! a per-thread chunk and split off it, as hyper's parser splits header values off its read
+//! buffer. A value holds a reference to its chunk; a chunk is freed when its last value is
+//! dropped.
 
 use std::cell::RefCell;
 

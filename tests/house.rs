@@ -23,8 +23,8 @@ use std::path::Path;
 /// below the rest of `proxy`). `lib` and `main` are the two crate roots. A new top-level
 /// module must be placed here, or the import check fails naming it.
 const FLOORS: &[(&str, u8)] = &[
-    // 1: configuration; imports nothing of the crate. Per-request header values on shared
-    // bytes (a leaf).
+    // 1: configuration; imports nothing of the crate. Per-request byte strings (header values,
+    // error bodies) on shared bytes (a leaf).
     ("config", 1),
     ("header_bytes", 1),
     // 2: request ids, metrics, access log, logging.

@@ -2,9 +2,10 @@
 
 use std::fmt;
 
-use crate::header_bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use rand::RngCore;
+
+use crate::header_bytes;
 
 /// The base62 alphabet used for generated keys and request IDs.
 pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";

@@ -278,9 +278,12 @@ impl Pool {
         self.len() == 0
     }
 
-    /// Worker `index`'s idle connections.
+    /// Worker `index`'s idle connections (the first list for a worker started after the pool
+    /// was made).
     fn shard(&self, index: usize) -> std::sync::MutexGuard<'_, Vec<Parked>> {
-        self.idle[index % self.idle.len()]
+        self.idle
+            .get(index)
+            .unwrap_or(&self.idle[0])
             .0
             .lock()
             .unwrap_or_else(|e| e.into_inner())
