@@ -142,6 +142,11 @@ impl RequestBody {
         self.inner.filter(|_| !self.touched)
     }
 
+    /// Whether the body was ever polled.
+    pub fn touched(&self) -> bool {
+        self.touched
+    }
+
     /// When the body last moved, for a streamed body.
     pub fn progress(&self) -> Option<Arc<BodyProgress>> {
         self.progress.clone()
@@ -312,62 +317,38 @@ async fn discard(mut body: Incoming) -> bool {
         .unwrap_or(false)
 }
 
-/// The connection an upstream body arrives on, when the body drives it: the plain-http pool's
-/// connections (`proxy::pool`) are polled from the request's own task, the body's part
-/// included.
-pub trait Carrier: Send {
-    /// Lets the connection read (and write) what it can; `Ready` once it is done (closed or
-    /// failed: what it read is already in the body).
-    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+/// A body read off an upstream connection by tollgate itself: the plain-http pools'
+/// (`proxy::pool`), whose body carries its connection and puts it back when it ends.
+pub type CarriedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
-    /// Until the next [`Carrier::poll_drive`], what the connection does wakes nobody: the body
-    /// is about to take what it has, which it does not need to be woken for.
-    fn quiet(&mut self);
+/// The body of an upstream response: hyper's (hyper-util's client: https upstreams,
+/// upgrades), or one a plain-http pool's connection reads ([`CarriedBody`]).
+pub struct UpstreamBody(Upstream);
 
-    /// The body has ended: the connection may serve another request. (Nothing watches it
-    /// until then, so the task reading the body is not woken by it any more.)
-    fn release(self: Box<Self>);
-}
-
-/// The body of an upstream response, and the connection it arrives on when the body drives
-/// it ([`Carrier`]). The connection is released when the body has ended and closed when the
-/// body is dropped before its end.
-pub struct UpstreamBody {
-    incoming: Incoming,
-    carrier: Option<Box<dyn Carrier>>,
+enum Upstream {
+    Hyper(Incoming),
+    Carried(CarriedBody),
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
-            .field("carried", &self.carrier.is_some())
+            .field("carried", &matches!(self.0, Upstream::Carried(_)))
             .finish()
     }
 }
 
 impl From<Incoming> for UpstreamBody {
-    /// A body whose connection runs elsewhere (hyper-util's client's).
+    /// A body hyper-util's client reads.
     fn from(incoming: Incoming) -> Self {
-        Self {
-            incoming,
-            carrier: None,
-        }
+        Self(Upstream::Hyper(incoming))
     }
 }
 
 impl UpstreamBody {
-    /// `incoming`, arriving on `carrier`, which it drives.
-    pub fn carried(incoming: Incoming, carrier: Box<dyn Carrier>) -> Self {
-        Self {
-            incoming,
-            carrier: Some(carrier),
-        }
-    }
-
-    fn release(&mut self) {
-        if let Some(carrier) = self.carrier.take() {
-            carrier.release();
-        }
+    /// A body a pooled connection reads.
+    pub fn carried(body: CarriedBody) -> Self {
+        Self(Upstream::Carried(body))
     }
 
     /// Reads what has already arrived, without waiting: a body that arrived whole (a short
@@ -380,60 +361,31 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        // While this body drives its connection, its bytes come only from the connection's
-        // polls here, so the body's channel is polled with nothing to wake, and the connection
-        // quiet (a wake would poll the client's connection again for nothing); the connection
-        // is polled, with this task's context, when the channel has nothing.
-        let mut quiet = Context::from_waker(std::task::Waker::noop());
-        let polled = match &mut this.carrier {
-            None => Pin::new(&mut this.incoming).poll_frame(cx),
-            Some(carrier) => {
-                carrier.quiet();
-                match Pin::new(&mut this.incoming).poll_frame(&mut quiet) {
-                    Poll::Pending => {
-                        if carrier.poll_drive(cx).is_ready() {
-                            // Done: what it read is in the channel.
-                            this.carrier = None;
-                            Pin::new(&mut this.incoming).poll_frame(cx)
-                        } else {
-                            Pin::new(&mut this.incoming).poll_frame(&mut quiet)
-                        }
-                    }
-                    ready => ready,
-                }
-            }
-        };
-        match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Ok(_))) if this.incoming.is_end_stream() => this.release(),
-            Poll::Ready(Some(Err(_))) => this.carrier = None,
-            _ => {}
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Upstream::Hyper(incoming) => Pin::new(incoming)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(Into::into))),
+            Upstream::Carried(body) => body.as_mut().poll_frame(cx),
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.incoming.is_end_stream()
+        match &self.0 {
+            Upstream::Hyper(incoming) => incoming.is_end_stream(),
+            Upstream::Carried(body) => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.incoming.size_hint()
-    }
-}
-
-impl Drop for UpstreamBody {
-    fn drop(&mut self) {
-        // A body that ended without being polled to its end (an empty one, which hyper never
-        // polls): its connection is released all the same.
-        if self.carrier.is_some() && self.incoming.is_end_stream() {
-            self.release();
+        match &self.0 {
+            Upstream::Hyper(incoming) => incoming.size_hint(),
+            Upstream::Carried(body) => body.size_hint(),
         }
     }
 }
@@ -571,7 +523,7 @@ impl Body for ResponseBody {
                     }
                     Some(Ok(_)) => {}
                 }
-                Poll::Ready(polled.map(|frame| frame.map_err(Into::into)))
+                Poll::Ready(polled)
             }
         }
     }

@@ -6,6 +6,7 @@ use hyper_util::client::legacy::Error as ClientError;
 
 use super::Upstream;
 use super::pool::PoolError;
+use super::wire::WireError;
 use crate::body::RequestBodyError;
 use crate::error::{FailureKind, GatewayError};
 use crate::observability::metrics::Metrics;
@@ -56,7 +57,9 @@ fn classify_error(error: &(dyn std::error::Error + 'static), connect: bool) -> F
         } else {
             FailureKind::ConnectRefused
         }
-    } else if find_hyper(error).is_some_and(|h| h.is_parse() || h.is_parse_status()) {
+    } else if find_hyper(error).is_some_and(|h| h.is_parse() || h.is_parse_status())
+        || find::<WireError>(error).is_some_and(|w| matches!(w, WireError::Invalid(_)))
+    {
         FailureKind::InvalidResponse
     } else {
         // Closed or reset after connecting, before a complete response head.
@@ -141,10 +144,17 @@ fn source_io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::
 }
 
 fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    find(error)
+}
+
+/// The first error of type `E` in `error`'s source chain.
+fn find<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
     let mut current = Some(error);
     while let Some(e) = current {
-        if let Some(h) = e.downcast_ref::<hyper::Error>() {
-            return Some(h);
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
         }
         current = e.source();
     }

@@ -22,6 +22,7 @@ pub mod resolve;
 pub mod targets;
 pub mod tls;
 pub mod upgrade;
+pub mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,44 +1,45 @@
-//! The connection pool of a plain-http upstream target: HTTP/1.1 keep-alive connections
-//! driven by hyper's low-level client, from the request's own task.
+//! The connection pool of a plain-http upstream target: HTTP/1.1 keep-alive connections that
+//! tollgate speaks itself ([`super::wire`]), driven from the request's own task.
 //!
 //! A connection is either idle, parked in the pool (nobody polls it), or checked out by one
-//! request, which owns it: the request's task writes the request and reads the response head
-//! by polling hyper's connection itself, and the response body ([`UpstreamBody`]) carries the
-//! connection on, polling it as the client reads, until the body ends and the connection goes
-//! back to the pool. There is no task per connection and no hand-off between tasks: a request
-//! costs no wake-up of another task, no channel hop to it and back, and no second scheduling
-//! of the body's bytes (as Pingora drives its upstream connections).
+//! request, which owns it: the request's task writes the request head (and the body's first
+//! bytes, in the same write when they are there), reads the response head, and the response
+//! body ([`UpstreamBody`]) carries the connection on, reading the socket as the client reads
+//! and sending the rest of the request's body, until the body ends and the connection goes
+//! back to the pool. There is no task per connection, no hand-off between tasks and no
+//! channel: a request costs no wake-up of another task and no second scheduling of its
+//! bytes (as Pingora drives its upstream connections). The bytes read stay where they were
+//! read: the response's field values and body chunks are slices of the connection's buffer.
 //!
-//! A parked connection is not watched. A checkout polls it once before use: one the upstream
-//! closed (or that has bytes nobody asked for) shows up then and is dropped, and the request
-//! goes on the next one. The housekeeping tick does the same for every idle connection, and
-//! closes those idle past the idle timeout. Checkout takes the most recently parked
-//! connection, so a light load keeps reusing a few and the rest go idle and close.
+//! A parked connection is not watched. A checkout looks at it once before use: one the
+//! upstream closed (or that has bytes nobody asked for) shows up then and is dropped, and the
+//! request goes on the next one. The housekeeping tick does the same for every idle
+//! connection, and closes those idle past the idle timeout. Checkout takes the most recently
+//! parked connection, so a light load keeps reusing a few and the rest go idle and close.
 //!
-//! https upstreams (which may negotiate h2) and upgrade requests still go through
-//! hyper-util's client.
+//! https upstreams (which may negotiate h2) and upgrade requests go through hyper-util's
+//! client.
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::io::IoSlice;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures_util::task::AtomicWaker;
-use http::{Request, Response};
-use hyper::client::conn::http1::{self, SendRequest};
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{Method, Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::quickack::{Deferred, QuickAck};
-use crate::body::{Carrier, RequestBody, UpstreamBody};
+use super::quickack;
+use super::wire::{self, Decoded, Framing, Head, Sending, WireError};
+use crate::body::{BoxError, RequestBody, UpstreamBody};
 use crate::server::workers;
-
-/// hyper's side of one upstream connection: polled, it writes requests and reads responses.
-type Driver = http1::Connection<TokioIo<QuickAck>, RequestBody>;
 
 /// One upstream target's idle connections.
 pub struct Pool {
@@ -58,117 +59,351 @@ pub struct Pool {
 #[derive(Default)]
 struct Shard(Mutex<Vec<Parked>>);
 
-/// One keep-alive connection: the handle requests are given to, and the state machine that
-/// carries them over the socket. Boxed, so checking out and parking move a pointer.
+/// A read asks the socket for at least this much room at first; a read that fills all the
+/// room it had doubles it, up to [`MAX_READ`] (a large body is read in large pieces).
+const MIN_READ: usize = 16 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// A body chunk up to this size is copied behind the head or its chunk-size line, to go in
+/// the same write; a larger one is written from its own bytes.
+const COPY_CHUNK: usize = 8 * 1024;
+
+/// At most this much is queued for one write.
+const MAX_QUEUED: usize = 64 * 1024;
+
+/// One keep-alive connection. Boxed, so checking out and parking move a pointer.
 struct Conn {
-    sender: SendRequest<RequestBody>,
-    /// `None` once it has finished (closed or failed): dropping it answers a request it never
-    /// took, with the request.
-    driver: Option<Driver>,
+    stream: TcpStream,
+    /// Read and not yet taken: a response's head and body bytes.
+    buf: BytesMut,
+    /// How much room the next read asks for.
+    read_size: usize,
+    /// To write: the request head, chunk-size lines and small chunks, from `out_at` on; then
+    /// `data` (a large chunk, uncopied), then `tail` (its CRLF).
+    out: Vec<u8>,
+    out_at: usize,
+    data: Bytes,
+    tail: &'static [u8],
+    /// The request's body while it is being sent, and how.
+    body: Option<RequestBody>,
+    sending: Sending,
+    /// Some byte of the current request was written.
+    written: bool,
+    /// Bytes were read since the connection last waited: the upstream may be owed an ACK.
+    unacked: bool,
+    /// Cleared when the connection must not carry another request (its request's body could
+    /// not be sent whole).
+    reusable: bool,
     /// Set through [`Retire`]: the connection is not parked again.
     retired: Arc<AtomicBool>,
     /// Where it is parked when its response ends (weak: the pool holds its idle connections).
     pool: Weak<Pool>,
     /// The worker whose runtime the socket is registered with, whose idle list it goes to.
     home: usize,
-    /// Whether the socket owes the upstream an ACK (see [`super::quickack`]).
-    ack: Arc<Deferred>,
-    /// What hyper's side of the connection wakes: the relay to the task driving it.
-    relay: Arc<Relay>,
-    /// `relay` as a waker, made once.
-    relay_waker: Waker,
-}
-
-/// Wakes the task that drives a connection, while armed.
-///
-/// hyper's side of a connection leaves wakers behind that have nothing left to say: its body
-/// channel wakes the sender's last task whenever the body takes a chunk, even after the
-/// sender is gone. Woken for that, the task that drives the connection (the client's
-/// connection task) would be polled again for nothing. So hyper is given this relay, and it
-/// is disarmed whenever the task polls the body's channel or hands the connection on: only
-/// what the connection does while armed (its socket, above all) wakes the task. A wake missed
-/// while disarmed costs nothing: the connection is polled again, armed, before the task waits
-/// on it (see `UpstreamBody::poll_frame`).
-#[derive(Default)]
-struct Relay {
-    armed: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl Wake for Relay {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        if self.armed.load(Ordering::Acquire) {
-            self.task.wake();
-        }
-    }
 }
 
 impl Conn {
-    /// Polls the connection once: whether it is still open and ready for a request. An idle
-    /// connection the upstream closed, or one with bytes it was not asked for, finishes here.
-    ///
-    /// Polled without a task to wake: nothing watches a parked connection, and the request
-    /// that checks it out must not be woken by its own hand-over (it polls the connection
-    /// right after, with its own context).
-    fn usable(&mut self) -> bool {
-        let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.poll_drive(&mut cx).is_pending()
-            && self.sender.is_ready()
-            && !self.retired.load(Ordering::Relaxed)
+    /// Whether the connection is still open, with nothing unasked for to read: an idle one
+    /// the upstream closed, or one it sent bytes on, is dropped. No system call when nothing
+    /// happened on the socket since it was last read.
+    fn usable(&self) -> bool {
+        !self.retired.load(Ordering::Relaxed)
+            && matches!(
+                self.stream.try_read(&mut [0u8; 1]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            )
+    }
+
+    /// Whether the request has been sent whole.
+    fn sent(&self) -> bool {
+        self.body.is_none() && !self.queued()
+    }
+
+    fn queued(&self) -> bool {
+        self.out_at < self.out.len() || !self.data.is_empty() || !self.tail.is_empty()
+    }
+
+    /// Sends what it can of the request: what is queued, then the body's frames as they
+    /// come. `Ready(Ok)` once it is sent whole.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), WireError>> {
+        loop {
+            if self.data.is_empty()
+                && self.out.len() - self.out_at < MAX_QUEUED
+                && let Some(body) = &mut self.body
+            {
+                match Pin::new(&mut *body).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        let ended = body.is_end_stream();
+                        if let Ok(data) = frame.into_data() {
+                            self.queue(data);
+                        }
+                        if ended {
+                            self.end_body();
+                        }
+                        continue;
+                    }
+                    Poll::Ready(None) => {
+                        self.end_body();
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        self.body = None;
+                        self.reusable = false;
+                        return Poll::Ready(Err(WireError::RequestBody(error)));
+                    }
+                    Poll::Pending => {}
+                }
+            }
+            if !self.queued() {
+                return match self.body {
+                    None => Poll::Ready(Ok(())),
+                    Some(_) => Poll::Pending,
+                };
+            }
+            if let Err(error) = ready!(self.poll_write(cx)) {
+                self.body = None;
+                self.reusable = false;
+                self.out.clear();
+                self.out_at = 0;
+                self.data.clear();
+                self.tail = b"";
+                return Poll::Ready(Err(error.into()));
+            }
+        }
+    }
+
+    /// Queues a chunk of the body, framed.
+    fn queue(&mut self, mut data: Bytes) {
+        match &mut self.sending {
+            Sending::Nothing => return,
+            // Past the declared length nothing is sent (as hyper does).
+            Sending::Length(left) => {
+                data.truncate((*left).min(data.len() as u64) as usize);
+                *left -= data.len() as u64;
+                if data.is_empty() {
+                    return;
+                }
+            }
+            Sending::Chunked => {
+                if data.is_empty() {
+                    return;
+                }
+                wire::encode_chunk_size(&mut self.out, data.len());
+            }
+        }
+        let tail: &'static [u8] = match self.sending {
+            Sending::Chunked => b"\r\n",
+            _ => b"",
+        };
+        if data.len() <= COPY_CHUNK {
+            self.out.extend_from_slice(&data);
+            self.out.extend_from_slice(tail);
+        } else {
+            self.data = data;
+            self.tail = tail;
+        }
+    }
+
+    /// The body has ended: the last chunk is queued.
+    fn end_body(&mut self) {
+        self.body = None;
+        match self.sending {
+            Sending::Chunked => self.out.extend_from_slice(b"0\r\n\r\n"),
+            // A body shorter than its length: the upstream waits for the rest, which never
+            // comes on this connection.
+            Sending::Length(left) if left > 0 => self.reusable = false,
+            _ => {}
+        }
+    }
+
+    /// Writes what is queued.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.queued() {
+            let slices = [
+                IoSlice::new(&self.out[self.out_at..]),
+                IoSlice::new(&self.data),
+                IoSlice::new(self.tail),
+            ];
+            let mut n = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices))?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.written = true;
+            let from_out = n.min(self.out.len() - self.out_at);
+            self.out_at += from_out;
+            n -= from_out;
+            let from_data = n.min(self.data.len());
+            self.data.advance(from_data);
+            self.tail = &self.tail[n - from_data..];
+        }
+        self.out.clear();
+        self.out_at = 0;
+        Poll::Ready(Ok(()))
+    }
+
+    /// Reads more into `buf`: how much (0 when the upstream has closed).
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Result<usize, WireError>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let room = self.buf.capacity() - self.buf.len();
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.buf) {
+            Poll::Ready(Ok(n)) => {
+                self.unacked |= n > 0;
+                if n == room {
+                    self.read_size = (self.read_size * 2).min(MAX_READ);
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
+            Poll::Pending => {
+                // It waits for more of a response after having read part of it: the upstream
+                // may be holding the rest back until that part is acknowledged (Nagle's
+                // algorithm against a delayed ACK). After a response read whole it does not
+                // wait, and the next request carries the ACK: no `setsockopt` then.
+                if std::mem::take(&mut self.unacked) {
+                    quickack::acknowledge(&self.stream);
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    /// Reads the response head (skipping interim 1xx responses but a 101).
+    fn poll_head(
+        &mut self,
+        cx: &mut Context<'_>,
+        method: &Method,
+    ) -> Poll<Result<Head, WireError>> {
+        loop {
+            if !self.buf.is_empty()
+                && let Some(head) = wire::parse_head(&mut self.buf, method)?
+            {
+                if head.status.is_informational() && head.status != 101 {
+                    continue;
+                }
+                return Poll::Ready(Ok(head));
+            }
+            if ready!(self.poll_read(cx))? == 0 {
+                return Poll::Ready(Err(WireError::Closed));
+            }
+        }
     }
 }
 
-/// A checked-out connection travels in its response's body, which polls it as the client
-/// reads and hands it back here at the end.
-impl Carrier for Conn {
-    fn poll_drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(driver) = &mut self.driver else {
-            return Poll::Ready(());
+/// The body of a response on a pooled connection, which it carries: read from the socket as
+/// the client reads it, and parked again when it has ended.
+struct PoolBody {
+    conn: Option<Box<Conn>>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl PoolBody {
+    /// The body has been read whole: the connection goes back to the pool if it can carry
+    /// another request (the response allowed it, the request went whole, no byte is left
+    /// over, nobody retired it), else it closes.
+    fn finish(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
         };
-        self.relay.task.register(cx.waker());
-        self.relay.armed.store(true, Ordering::Release);
-        let mut cx = Context::from_waker(&self.relay_waker);
-        let mut polled = Pin::new(&mut *driver).poll(&mut cx);
-        // It read part of a response and waits for the rest: the upstream may be holding the
-        // rest back until it is acknowledged (Nagle's algorithm against a delayed ACK), so
-        // acknowledge now, from the wait of one more poll. After a response read whole it
-        // waits for the next request, which carries the ACK: no `setsockopt` then.
-        if polled.is_pending() && self.ack.take_due() && !self.sender.is_ready() {
-            self.ack.acknowledge_next_wait(true);
-            polled = Pin::new(&mut *driver).poll(&mut cx);
-            self.ack.acknowledge_next_wait(false);
+        if !conn.sent() {
+            // The rest of the request may be there already (the body's end, above all).
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            let _ = conn.poll_upload(&mut cx);
         }
-        ready!(polled).ok();
-        self.driver = None;
-        Poll::Ready(())
-    }
-
-    fn quiet(&mut self) {
-        self.relay.armed.store(false, Ordering::Release);
-    }
-
-    fn release(mut self: Box<Self>) {
-        self.quiet();
-        // The task that read the body may be gone by the next checkout.
-        drop(self.relay.task.take());
-        // Parked when hyper's side is waiting for the next request, as it is once a response
-        // was read whole and the request written whole; else it gets one more poll to get
-        // there. One that does not (the upstream answered before it took the whole request
-        // body, or closed) is dropped: it holds the client's body, which must not wait for a
-        // checkout. The checkout polls a parked one again before use.
-        if let Some(pool) = self.pool.upgrade()
-            && self.driver.is_some()
-            && !self.retired.load(Ordering::Relaxed)
-            && (self.sender.is_ready() || self.usable())
+        if self.keep_alive
+            && conn.reusable
+            && conn.sent()
+            && conn.buf.is_empty()
+            && !conn.retired.load(Ordering::Relaxed)
+            && let Some(pool) = conn.pool.upgrade()
         {
-            pool.shard(self.home).push(Parked {
-                conn: self,
+            conn.written = false;
+            pool.shard(conn.home).push(Parked {
+                conn,
                 since: Instant::now(),
             });
+        }
+    }
+
+    fn fail(&mut self, error: WireError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(error.into())))
+    }
+}
+
+impl Body for PoolBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        // The request's body may still be on its way (an upstream that answers as it reads).
+        // A socket that fails to take it is left to the reads below to report.
+        if !conn.sent()
+            && let Poll::Ready(Err(error @ WireError::RequestBody(_))) = conn.poll_upload(cx)
+        {
+            return this.fail(error);
+        }
+        loop {
+            match this.framing.decode(&mut conn.buf) {
+                Ok(Decoded::Data(data)) => {
+                    if this.framing.is_done() {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Trailers(trailers)) => {
+                    this.finish();
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+                Ok(Decoded::End) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => match ready!(conn.poll_read(cx)) {
+                    Ok(0) if this.framing == Framing::Close => {
+                        this.framing = Framing::Done;
+                        this.keep_alive = false;
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(0) => return this.fail(WireError::Closed),
+                    Ok(_) => {}
+                    Err(error) => return this.fail(error),
+                },
+                Err(error) => return this.fail(error),
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn.is_none() || self.framing.is_done()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for PoolBody {
+    fn drop(&mut self) {
+        // A body that ended without being polled to its end (an empty one, which hyper never
+        // polls): its connection is released all the same. One dropped before its end
+        // closes.
+        if self.framing.is_done() {
+            self.finish();
         }
     }
 }
@@ -206,8 +441,8 @@ pub enum PoolError {
     /// No connection could be made (refused, unreachable, DNS, or `connect_timeout`, which is
     /// a `TimedOut` io error): nothing was sent.
     Connect(std::io::Error),
-    /// The connection failed after the request was handed to it.
-    Send(hyper::Error),
+    /// The exchange failed after the connection took the request.
+    Send(WireError),
 }
 
 /// A request that got no response head: why, and the request itself when it never left
@@ -254,8 +489,8 @@ impl StdError for PoolError {
 }
 
 /// What one exchange on a connection gave: the response head (the connection travels on in
-/// its body), or the failure with the request when the connection never took it.
-type Exchanged = Result<Response<UpstreamBody>, (hyper::Error, Option<Request<RequestBody>>)>;
+/// its body), or the failure with the request when not a byte of it was written.
+type Exchanged = Result<Response<UpstreamBody>, (WireError, Option<Request<RequestBody>>)>;
 
 impl Pool {
     /// A pool for `host:port`.
@@ -291,9 +526,9 @@ impl Pool {
 
     /// Sends `request` (origin-form URI, `Host` set) on an idle connection, or on a new one,
     /// and returns the response head; its body carries the connection and puts it back here
-    /// when it ends. A pooled connection the upstream closed before taking the request gives
-    /// it back, and it goes on a new connection, as hyper-util's `retry_canceled_requests`
-    /// does.
+    /// when it ends. A pooled connection that fails before a byte of the request was written
+    /// gives it back, and it goes on a new connection, as hyper-util's
+    /// `retry_canceled_requests` does.
     pub async fn send(
         self: &Arc<Self>,
         request: Request<RequestBody>,
@@ -306,7 +541,7 @@ impl Pool {
                     // Never written: safe to send again, whatever the method, on a new
                     // connection (so this happens at most once).
                     Err((error, Some(back))) => {
-                        tracing::debug!(%error, "pooled upstream connection closed before taking the request; resending on a new one");
+                        tracing::debug!(%error, "pooled upstream connection failed before taking the request; resending on a new one");
                         back
                     }
                     Err((error, None)) => return Err(PoolError::Send(error).into()),
@@ -344,45 +579,63 @@ impl Pool {
     /// are dropped.
     fn checkout(&self) -> Option<Box<Conn>> {
         loop {
-            let mut conn = self.shard(workers::current()).pop()?.conn;
+            let conn = self.shard(workers::current()).pop()?.conn;
             if conn.usable() {
                 return Some(conn);
             }
         }
     }
 
-    /// Hands `request` to `conn` and drives the connection from this task until the response
-    /// head is in.
+    /// Writes `request` on `conn` and reads the response head, from this task.
     async fn exchange(mut conn: Box<Conn>, request: Request<RequestBody>) -> Exchanged {
-        let pending = conn.sender.try_send_request(request);
-        let mut pending = std::pin::pin!(pending);
-        let head = std::future::poll_fn(|cx| {
-            // The answer comes from the connection, polled here and only here: once that poll
-            // is done it is there or not, so no task needs waking for it (a wake would poll
-            // this request's whole connection again for nothing). Once the connection has
-            // finished (closed, or failed), hyper has answered, with the request itself when
-            // it never took it.
-            let driven = conn.poll_drive(cx);
-            let mut quiet = Context::from_waker(std::task::Waker::noop());
-            match pending.as_mut().poll(&mut quiet) {
-                Poll::Pending if driven.is_ready() => pending.as_mut().poll(cx),
-                polled => polled,
+        let (mut parts, body) = request.into_parts();
+        let sending = wire::request_framing(&mut parts, &body);
+        wire::encode_head(&mut conn.out, &parts);
+        conn.sending = sending;
+        // A body with nothing to send stays here, to go back with the request if need be.
+        let mut unsent = match sending {
+            Sending::Nothing => Some(body),
+            _ => {
+                conn.body = Some(body);
+                None
             }
+        };
+        let head = std::future::poll_fn(|cx| {
+            match conn.poll_upload(cx) {
+                // Not a byte went out: the connection was dead before it took the request
+                // (an idle one the upstream closed as it was checked out).
+                Poll::Ready(Err(WireError::Io(_))) if !conn.written => {
+                    return Poll::Ready(Err(WireError::Closed));
+                }
+                Poll::Ready(Err(error @ WireError::RequestBody(_))) => {
+                    return Poll::Ready(Err(error));
+                }
+                // A socket that stopped taking the request may still have an answer to read
+                // (an early 413, say); the read below says.
+                _ => {}
+            }
+            conn.poll_head(cx, &parts.method)
         })
         .await;
         match head {
-            Ok(response) => {
-                // Handed to the body, which polls the connection when it has nothing to give.
-                conn.quiet();
-                Ok(response.map(|incoming| match conn.driver {
-                    Some(_) => UpstreamBody::carried(incoming, conn),
-                    None => UpstreamBody::from(incoming),
-                }))
+            Ok(head) => {
+                let mut response = Response::new(UpstreamBody::carried(Box::pin(PoolBody {
+                    conn: Some(conn),
+                    framing: head.framing,
+                    keep_alive: head.keep_alive,
+                })));
+                *response.status_mut() = head.status;
+                *response.version_mut() = head.version;
+                *response.headers_mut() = head.headers;
+                Ok(response)
             }
-            Err(mut error) => {
-                let back = error.take_message();
-                Err((error.into_error(), back))
+            Err(error) if !conn.written => {
+                let body = unsent
+                    .take()
+                    .or_else(|| conn.body.take().filter(|b| !b.touched()));
+                Err((error, body.map(|body| Request::from_parts(parts, body))))
             }
+            Err(error) => Err((error, None)),
         }
     }
 
@@ -393,7 +646,7 @@ impl Pool {
 
     fn close_idle_at(&self, now: Instant) {
         for index in 0..self.idle.len() {
-            self.shard(index).retain_mut(|parked| {
+            self.shard(index).retain(|parked| {
                 now.duration_since(parked.since) < self.idle_timeout && parked.conn.usable()
             });
         }
@@ -410,20 +663,22 @@ impl Pool {
             })?
             .map_err(PoolError::Connect)?;
         stream.set_nodelay(true).map_err(PoolError::Connect)?;
-        let (io, ack) = QuickAck::deferred(stream);
-        let (sender, driver) = http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(PoolError::Send)?;
-        let relay = Arc::new(Relay::default());
         Ok(Box::new(Conn {
-            sender,
-            driver: Some(driver),
+            stream,
+            buf: BytesMut::new(),
+            read_size: MIN_READ,
+            out: Vec::with_capacity(1024),
+            out_at: 0,
+            data: Bytes::new(),
+            tail: b"",
+            body: None,
+            sending: Sending::Nothing,
+            written: false,
+            unacked: false,
+            reusable: true,
             retired: Arc::new(AtomicBool::new(false)),
             pool: Arc::downgrade(self),
             home: workers::current(),
-            ack,
-            relay_waker: Waker::from(relay.clone()),
-            relay,
         }))
     }
 }
@@ -432,6 +687,7 @@ impl Pool {
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+    use hyper_util::rt::TokioIo;
     use std::sync::atomic::AtomicUsize;
 
     /// An upstream on keep-alive connections, counting the connections it accepted: `/` is
@@ -604,5 +860,216 @@ mod tests {
             0,
             "the upstream closed it: gone at the next tick"
         );
+    }
+
+    /// An upstream on raw sockets: for each connection, answers every request head (and the
+    /// body its framing says) with `answer`, and sends everything it read to `seen`.
+    async fn raw_upstream(
+        answer: &'static [u8],
+    ) -> (
+        std::net::SocketAddr,
+        Arc<AtomicUsize>,
+        tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let seen_tx = seen_tx.clone();
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        got.extend_from_slice(&buf[..n]);
+                        // A request is whole at the end of its chunks, or its length past
+                        // the blank line.
+                        let text = String::from_utf8_lossy(&got).into_owned();
+                        let Some(head_end) = text.find("\r\n\r\n").map(|at| at + 4) else {
+                            continue;
+                        };
+                        let length = text[..head_end]
+                            .split("\r\n")
+                            .find_map(|line| line.strip_prefix("content-length: "))
+                            .map_or(0, |n| n.parse::<usize>().unwrap());
+                        let whole = if text[..head_end].contains("transfer-encoding: chunked") {
+                            text.ends_with("0\r\n\r\n")
+                        } else {
+                            got.len() >= head_end + length
+                        };
+                        if whole {
+                            let _ = seen_tx.send(std::mem::take(&mut got));
+                            if stream.write_all(answer).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted, seen)
+    }
+
+    #[tokio::test]
+    async fn a_chunked_response_arrives_with_its_trailers_and_its_connection_is_reused() {
+        let (addr, accepted, _seen) = raw_upstream(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nx-up: 1\r\n\r\n\
+              3\r\nabc\r\n2;ext\r\nde\r\n0\r\nx-sum: 5\r\n\r\n",
+        )
+        .await;
+        let pool = pool(addr);
+        for _ in 0..2 {
+            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            assert_eq!(response.status(), 200, "the interim 100 is skipped");
+            assert_eq!(response.headers()["x-up"], "1");
+            let collected = response.into_body().collect().await.unwrap();
+            assert_eq!(collected.trailers().unwrap()["x-sum"], "5");
+            assert_eq!(&collected.to_bytes()[..], b"abcde");
+            assert_eq!(pool.len(), 1);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_read_to_the_close_is_whole_and_its_connection_not_reused() {
+        let (addr, accepted, _seen) = raw_upstream(b"HTTP/1.1 200 OK\r\n\r\nuntil the end").await;
+        // The raw upstream keeps the socket open; this one closes after its answer.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closing = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.0 200 OK\r\n\r\nall of it").await;
+            }
+        });
+        let pool = self::pool(closing);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"all of it");
+        assert_eq!(
+            pool.len(),
+            0,
+            "a body framed by the close leaves nothing to reuse"
+        );
+
+        // Read as far as it came, never ended: the connection is dropped with the body.
+        let pool = self::pool(addr);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        drop(response);
+        assert_eq!(pool.len(), 0);
+        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        drop(response);
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_body_of_unknown_length_goes_up_in_chunks_and_a_known_one_with_its_length() {
+        let (addr, _, mut seen) = raw_upstream(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+        let pool = pool(addr);
+        // A body of unknown length: the client's chunks, as hyper's server hands them on.
+        let (mut client, body) = chunked_client_body().await;
+        let mut request = get("/up");
+        *request.method_mut() = http::Method::POST;
+        *request.body_mut() = body;
+        let sending = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.send(request).await.ok().map(|(r, _)| r.status()) }
+        });
+        use tokio::io::AsyncWriteExt;
+        client.write_all(b"6\r\nhello \r\n").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let big = format!("4e20\r\n{}\r\n0\r\n\r\n", "w".repeat(20_000));
+        client.write_all(big.as_bytes()).await.unwrap();
+        assert_eq!(sending.await.unwrap(), Some(http::StatusCode::NO_CONTENT));
+        let got = seen.recv().await.unwrap();
+        let (head, body) = got.split_at(got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4);
+        let head = String::from_utf8_lossy(head);
+        assert!(head.starts_with("POST /up HTTP/1.1\r\n"), "{head}");
+        assert!(
+            head.contains("\r\ntransfer-encoding: chunked\r\n"),
+            "{head}"
+        );
+        assert!(!head.contains("content-length"), "{head}");
+        let mut framing = Framing::Chunked(wire::Chunk::Size);
+        let mut buf = BytesMut::from(body);
+        let mut sent = Vec::new();
+        loop {
+            match framing.decode(&mut buf).unwrap() {
+                Decoded::Data(data) => sent.extend_from_slice(&data),
+                Decoded::End => break,
+                _ => panic!("the upload's chunks end with a last chunk"),
+            }
+        }
+        assert_eq!(sent, [&b"hello "[..], &[b'w'; 20_000][..]].concat());
+
+        // A known length goes as it is, with its Content-Length, head and body in one write.
+        let (mut client, body) = client_body(b"content-length: 5\r\n\r\nabcde").await;
+        client.flush().await.unwrap();
+        let mut request = get("/known");
+        *request.method_mut() = http::Method::PUT;
+        *request.body_mut() = body;
+        request
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(5));
+        let (response, _) = pool.send(request).await.ok().unwrap();
+        assert_eq!(response.status(), 204);
+        let got = String::from_utf8(seen.recv().await.unwrap()).unwrap();
+        assert!(got.starts_with("PUT /known HTTP/1.1\r\n"), "{got}");
+        assert!(got.ends_with("content-length: 5\r\n\r\nabcde"), "{got}");
+    }
+
+    async fn chunked_client_body() -> (TcpStream, RequestBody) {
+        client_body(b"transfer-encoding: chunked\r\n\r\n").await
+    }
+
+    /// A client's request body as hyper's server hands it over (a request head ending in
+    /// `rest`, sent on a socket the test goes on writing the body to).
+    async fn client_body(rest: &[u8]) -> (TcpStream, RequestBody) {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (body_tx, body_rx) = tokio::sync::oneshot::channel();
+        let body_tx = Arc::new(Mutex::new(Some(body_tx)));
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let body_tx = body_tx.clone();
+                async move {
+                    if let Some(tx) = body_tx.lock().unwrap().take() {
+                        let _ = tx.send(req.into_body());
+                    }
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Empty::<
+                        bytes::Bytes,
+                    >::new()))
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client
+            .write_all(b"POST / HTTP/1.1\r\nhost: x\r\n")
+            .await
+            .unwrap();
+        client.write_all(rest).await.unwrap();
+        let incoming = body_rx.await.unwrap();
+        (
+            client,
+            RequestBody::new(incoming, u64::MAX, Duration::from_secs(30)),
+        )
     }
 }

@@ -9,17 +9,15 @@
 //! ACK decision, so it is asked for each time the connection waits for more after having read
 //! something: the moment an ACK the upstream may be waiting for is still held back.
 //!
-//! The plain-http pool's connections ([`QuickAck::deferred`]) acknowledge only when they wait
-//! for more of a response: after a response read whole the next request carries the ACK, so
-//! a response that arrives in one piece costs no `setsockopt`. hyper-util's connections
-//! (https upstreams, upgrades; through [`QuickAckConnector`]) cannot tell the two waits
-//! apart and acknowledge at every wait after a read.
+//! The plain-http pool's connections call [`acknowledge`] only when they wait for more of a
+//! response: after a response read whole the next request carries the ACK, so a response
+//! that arrives in one piece costs no `setsockopt`. hyper-util's connections (https
+//! upstreams, upgrades; through [`QuickAckConnector`]) cannot tell the two waits apart and
+//! acknowledge at every wait after a read.
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use hyper_util::rt::TokioIo;
@@ -32,31 +30,6 @@ pub struct QuickAck {
     stream: TcpStream,
     /// Bytes were read since the last wait: an ACK may be pending.
     read: bool,
-    /// Set when whoever drives the connection decides (see [`QuickAck::deferred`]).
-    deferred: Option<Arc<Deferred>>,
-}
-
-/// The decision to acknowledge, left to whoever drives the connection: it knows whether the
-/// connection waits for more of a response (acknowledge) or for nothing (a response read
-/// whole: the next request carries the ACK, and the `setsockopt` is saved).
-#[derive(Debug, Default)]
-pub struct Deferred {
-    /// The connection read something, then waited.
-    due: AtomicBool,
-    /// Acknowledge at the next wait.
-    now: AtomicBool,
-}
-
-impl Deferred {
-    /// Whether the connection read something, then waited, since the last call.
-    pub fn take_due(&self) -> bool {
-        self.due.swap(false, Ordering::Relaxed)
-    }
-
-    /// Whether the next wait acknowledges (poll the connection again in between).
-    pub fn acknowledge_next_wait(&self, now: bool) {
-        self.now.store(now, Ordering::Relaxed);
-    }
 }
 
 impl QuickAck {
@@ -65,31 +38,19 @@ impl QuickAck {
         Self {
             stream,
             read: false,
-            deferred: None,
         }
-    }
-
-    /// Wraps `stream`; it only records that an ACK may be due, and acknowledges when told.
-    pub fn deferred(stream: TcpStream) -> (Self, Arc<Deferred>) {
-        let deferred = Arc::new(Deferred::default());
-        let io = Self {
-            stream,
-            read: false,
-            deferred: Some(deferred.clone()),
-        };
-        (io, deferred)
     }
 }
 
-impl QuickAck {
-    /// Acknowledges what was read (on Linux; elsewhere the option does not exist).
-    fn acknowledge(&self) {
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            // A failure only means a delayed ACK, as without the option.
-            let _ = socket2::SockRef::from(&self.stream).set_tcp_quickack(true);
-        }
+/// Acknowledges what `stream` has read, now (on Linux; elsewhere the option does not exist).
+pub fn acknowledge(stream: &TcpStream) {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        // A failure only means a delayed ACK, as without the option.
+        let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
     }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = stream;
 }
 
 impl AsyncRead for QuickAck {
@@ -102,15 +63,7 @@ impl AsyncRead for QuickAck {
         let polled = Pin::new(&mut self.stream).poll_read(cx, buf);
         match polled {
             Poll::Ready(Ok(())) if buf.filled().len() > before => self.read = true,
-            Poll::Pending => {
-                let read = std::mem::take(&mut self.read);
-                match &self.deferred {
-                    Some(deferred) if deferred.now.load(Ordering::Relaxed) => self.acknowledge(),
-                    Some(deferred) if read => deferred.due.store(true, Ordering::Relaxed),
-                    None if read => self.acknowledge(),
-                    _ => {}
-                }
-            }
+            Poll::Pending if std::mem::take(&mut self.read) => acknowledge(&self.stream),
             _ => {}
         }
         polled
