@@ -186,6 +186,8 @@ pub fn prepare_request(
     authority: Option<&Authority>,
     from_h2: bool,
 ) {
+    // The forwarding fields and the request ID below, in one growth of the map at most.
+    headers.reserve(4);
     remove_hop_by_hop(headers);
     // An HTTP/1.1 client's Cookie lines go as it sent them, as nginx passes them (RFC 6265
     // allows it one), and its requests skip the lookup.

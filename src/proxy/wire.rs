@@ -220,7 +220,9 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the gateway adds on the way to the client (the rate-limit fields, the
+    // request ID): the map is not grown, and rehashed, for them.
+    let mut headers = HeaderMap::with_capacity(count + 8);
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let name = HeaderName::from_bytes(name)
