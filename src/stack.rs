@@ -527,7 +527,8 @@ impl Gateway {
             idle_timeout: server.idle_timeout,
             normalize_5xx: snapshot.config.errors.normalize_upstream_5xx,
         };
-        let sent = Instant::now();
+        // Durations for the metrics are read off the TSC (quanta), not the system clock.
+        let sent = quanta::Instant::now();
         // Boxed: forwarding's state is kilobytes, and inline it would be copied with every
         // move of the request's future (into hyper, through the panic and span wrappers), on
         // every path, rejections included.
@@ -558,7 +559,7 @@ impl Handler for Gateway {
     ) -> Response<ResponseBody> {
         // One snapshot for the whole request, however long it takes: a reload mid-request does
         // not change its config, and everything per-request borrows from it.
-        let started = Instant::now();
+        let started = quanta::Instant::now();
         let _in_flight = self.metrics.in_flight();
         let snapshot = self.snapshot.load_full();
         // Only with `auth.store = "redis"`; one load for the whole request, like the snapshot.
