@@ -223,6 +223,8 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     // Room for what the gateway adds on the way to the client (the rate-limit fields, the
     // request ID): the map is not grown, and rehashed, for them.
     let mut headers = HeaderMap::with_capacity(count + 8);
+    // The framing fields, read as the fields go into the map (no lookups afterwards).
+    let mut fields = FramingFields::default();
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let name = HeaderName::from_bytes(name)
@@ -230,9 +232,10 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
         let value = head.slice(value_at as usize..(value_at + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| WireError::Invalid("invalid header field value"))?;
+        fields.read(&name, &value);
         headers.append(name, value);
     }
-    let (framing, keep_alive) = response_framing(status, version, &headers, request_method)?;
+    let (framing, keep_alive) = fields.framing(status, version, request_method)?;
     Ok(Some(Head {
         status,
         version,
@@ -242,80 +245,97 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     }))
 }
 
-/// How a response's body is framed (RFC 9112 6.3), and whether its connection stays open.
-fn response_framing(
-    status: StatusCode,
-    version: Version,
-    headers: &HeaderMap,
-    request_method: &Method,
-) -> Result<(Framing, bool), WireError> {
-    let keep_alive = match version {
-        Version::HTTP_10 => connection_says(headers, "keep-alive"),
-        _ => !connection_says(headers, "close"),
-    };
-    if status == StatusCode::SWITCHING_PROTOCOLS {
-        return Ok((Framing::Done, false));
+/// What a response head's framing fields say: `Content-Length` (every line and list item
+/// the same number), whether the last `Transfer-Encoding` coding is `chunked`, and the
+/// `Connection` options.
+#[derive(Default)]
+struct FramingFields {
+    length: Option<u64>,
+    bad_length: Option<&'static str>,
+    /// `Some(last coding is chunked)` when there is a `Transfer-Encoding`.
+    chunked: Option<bool>,
+    close: bool,
+    keep_alive: bool,
+}
+
+impl FramingFields {
+    fn read(&mut self, name: &HeaderName, value: &HeaderValue) {
+        if name == CONTENT_LENGTH {
+            for item in value.as_bytes().split(|&b| b == b',') {
+                let item = item.trim_ascii();
+                if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                    self.bad_length = Some("invalid Content-Length");
+                    return;
+                }
+                let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+                match self.length {
+                    Some(seen) if seen != n => self.bad_length = Some("conflicting Content-Length"),
+                    _ => self.length = Some(n),
+                }
+            }
+        } else if name == TRANSFER_ENCODING {
+            let last = value
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .unwrap_or_default();
+            self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == CONNECTION {
+            for option in value.as_bytes().split(|&b| b == b',') {
+                let option = option.trim_ascii();
+                self.close |= option.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= option.eq_ignore_ascii_case(b"keep-alive");
+            }
+        }
     }
-    if *request_method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
-        return Ok((Framing::Done, keep_alive));
-    }
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
-    if codings.peek().is_some() {
-        if version == Version::HTTP_10 {
-            return Err(WireError::Invalid(
+
+    /// How the body is framed (RFC 9112 6.3), and whether the connection stays open.
+    fn framing(
+        &self,
+        status: StatusCode,
+        version: Version,
+        request_method: &Method,
+    ) -> Result<(Framing, bool), WireError> {
+        let keep_alive = match version {
+            Version::HTTP_10 => self.keep_alive,
+            _ => !self.close,
+        };
+        if status == StatusCode::SWITCHING_PROTOCOLS {
+            return Ok((Framing::Done, false));
+        }
+        if *request_method == Method::HEAD
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return Ok((Framing::Done, keep_alive));
+        }
+        match self.chunked {
+            Some(_) if version == Version::HTTP_10 => Err(WireError::Invalid(
                 "Transfer-Encoding in an HTTP/1.0 response",
-            ));
+            )),
+            Some(true) => Ok((Framing::Chunked(Chunk::Size), keep_alive)),
+            Some(false) => Ok((Framing::Close, false)),
+            None => match (self.bad_length, self.length) {
+                (Some(why), _) => Err(WireError::Invalid(why)),
+                (None, Some(0)) => Ok((Framing::Done, keep_alive)),
+                (None, Some(length)) => Ok((Framing::Length(length), keep_alive)),
+                (None, None) => Ok((Framing::Close, false)),
+            },
         }
-        let last = codings
-            .last()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .map(str::trim);
-        return Ok(match last {
-            Some(last) if last.eq_ignore_ascii_case("chunked") => {
-                (Framing::Chunked(Chunk::Size), keep_alive)
-            }
-            _ => (Framing::Close, false),
-        });
-    }
-    match content_length(headers) {
-        Ok(Some(0)) => Ok((Framing::Done, keep_alive)),
-        Ok(Some(length)) => Ok((Framing::Length(length), keep_alive)),
-        Ok(None) => Ok((Framing::Close, false)),
-        Err(why) => Err(WireError::Invalid(why)),
     }
 }
 
-/// Whether a `Connection` field lists `option`.
-fn connection_says(headers: &HeaderMap, option: &str) -> bool {
-    headers.get_all(CONNECTION).iter().any(|value| {
-        value
-            .to_str()
-            .is_ok_and(|v| v.split(',').any(|o| o.trim().eq_ignore_ascii_case(option)))
-    })
-}
-
-/// The `Content-Length`, if any: every line and list item must be the same number.
+/// The `Content-Length` of a request, if any: every line and list item the same number.
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut found = None;
+    let mut fields = FramingFields::default();
     for value in headers.get_all(CONTENT_LENGTH) {
-        for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
-                return Err("invalid Content-Length");
-            }
-            let n = item.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            match found {
-                Some(seen) if seen != n => return Err("conflicting Content-Length"),
-                _ => found = Some(n),
-            }
-        }
+        fields.read(&CONTENT_LENGTH, value);
     }
-    Ok(found)
+    match fields.bad_length {
+        Some(why) => Err(why),
+        None => Ok(fields.length),
+    }
 }
 
 /// What a body's decoder gave.
