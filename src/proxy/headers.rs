@@ -47,8 +47,11 @@ pub type IdentityHeaders<'a> = (
 /// sent (so they cannot be spoofed). Names are lower case in a `HeaderMap`, so a client's
 /// copy is found in any spelling; `_` spellings go in [`drop_underscored`].
 pub fn set_identity(headers: &mut HeaderMap, identity: Option<IdentityHeaders<'_>>) {
-    headers.remove(&X_TOLLGATE_KEY_ID);
-    headers.remove(&X_TOLLGATE_PLAN);
+    // With an identity, its inserts below replace every copy the client sent.
+    if identity.is_none() {
+        headers.remove(&X_TOLLGATE_KEY_ID);
+        headers.remove(&X_TOLLGATE_PLAN);
+    }
     // Almost no request has one: one pass over the names, no allocation.
     if headers
         .keys()
