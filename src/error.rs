@@ -464,10 +464,12 @@ impl ErrorRenderer {
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    // Codes, request IDs and most messages need no escape: copied as they are.
-    if s.bytes()
-        .all(|b| b >= 0x20 && b != b'"' && b != b'\\' && b < 0x7f)
-    {
+    // Codes, request IDs and most messages need no escape: copied as they are. Checked
+    // without an early exit, so the check runs on whole vectors of bytes.
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\') & (b < 0x7f)
+    });
+    if plain {
         out.reserve(s.len() + 2);
         out.push(b'"');
         out.extend_from_slice(s.as_bytes());
