@@ -114,6 +114,20 @@ impl Conn {
             )
     }
 
+    /// Lets go of buffers a large response or upload grew, before the connection is parked:
+    /// an idle connection keeps at most a first read's room.
+    fn shed(&mut self) {
+        // Reads past the first room grew the buffer (up to `MAX_READ`): a body that large
+        // costs far more than the next request's fresh buffer.
+        if self.read_size > MIN_READ {
+            self.buf = BytesMut::new();
+            self.read_size = MIN_READ;
+        }
+        if self.out.capacity() > COPY_CHUNK {
+            self.out = Vec::with_capacity(1024);
+        }
+    }
+
     /// Whether the request has been sent whole.
     fn sent(&self) -> bool {
         self.body.is_none() && !self.queued()
@@ -320,6 +334,7 @@ impl PoolBody {
             && let Some(pool) = conn.pool.upgrade()
         {
             conn.written = false;
+            conn.shed();
             pool.shard(conn.home).push(Parked {
                 conn,
                 since: Instant::now(),
@@ -789,6 +804,13 @@ mod tests {
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
         assert_eq!(pool.len(), 1);
+        let parked = &pool.shard(0)[0].conn;
+        assert!(
+            parked.buf.capacity() == 0 && parked.read_size == MIN_READ,
+            "a parked connection keeps no large buffer: {} bytes, reads of {}",
+            parked.buf.capacity(),
+            parked.read_size
+        );
         assert_eq!(
             accepted.load(Ordering::SeqCst),
             2,
