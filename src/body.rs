@@ -41,20 +41,6 @@ pub enum RequestBodyError {
     Client(#[from] hyper::Error),
 }
 
-impl RequestBodyError {
-    /// Finds a `RequestBodyError` in an error's source chain (hyper wraps body errors).
-    pub fn find<'a>(
-        mut error: &'a (dyn std::error::Error + 'static),
-    ) -> Option<&'a RequestBodyError> {
-        loop {
-            if let Some(found) = error.downcast_ref::<RequestBodyError>() {
-                return Some(found);
-            }
-            error = error.source()?;
-        }
-    }
-}
-
 /// When a request body last moved (was created, or handed the upstream a frame), shared with
 /// the forwarder: an upstream's `timeout` for the response head counts from the last bytes of
 /// the request, so an upload that takes longer than `timeout` but keeps moving is not cut off.

@@ -42,7 +42,8 @@ pub fn classify_pool(error: &PoolError) -> Failure {
 }
 
 fn classify_error(error: &(dyn std::error::Error + 'static), connect: bool) -> Failure {
-    if let Some(body_error) = RequestBodyError::find(error) {
+    // hyper wraps body errors: the client's body failing is found down the source chain.
+    if let Some(body_error) = find::<RequestBodyError>(error) {
         return Failure::ClientBody(match body_error {
             RequestBodyError::TooLarge { limit } => ClientBodyFailure::TooLarge(*limit),
             RequestBodyError::Stalled => ClientBodyFailure::Stalled,
@@ -57,7 +58,7 @@ fn classify_error(error: &(dyn std::error::Error + 'static), connect: bool) -> F
         } else {
             FailureKind::ConnectRefused
         }
-    } else if find_hyper(error).is_some_and(|h| h.is_parse() || h.is_parse_status())
+    } else if find::<hyper::Error>(error).is_some_and(|h| h.is_parse() || h.is_parse_status())
         || find::<WireError>(error).is_some_and(|w| matches!(w, WireError::Invalid(_)))
     {
         FailureKind::InvalidResponse
@@ -130,21 +131,10 @@ pub fn replayable(method: &Method, body_empty: bool) -> bool {
         )
 }
 
+/// The kind of the first io::Error in `error`'s source chain: the connector wraps its timer's
+/// `Elapsed` in a TimedOut io::Error, and a refusal is ConnectionRefused.
 fn source_io_kind(error: &(dyn std::error::Error + 'static)) -> Option<std::io::ErrorKind> {
-    let mut current = Some(error);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            // The connector wraps its timer's `Elapsed` in a TimedOut io::Error; a refusal
-            // is ConnectionRefused. The first io::Error in the chain decides.
-            return Some(io.kind());
-        }
-        current = e.source();
-    }
-    None
-}
-
-fn find_hyper<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
-    find(error)
+    find::<std::io::Error>(error).map(std::io::Error::kind)
 }
 
 /// The first error of type `E` in `error`'s source chain.

@@ -333,7 +333,6 @@ impl PoolBody {
             && !conn.retired.load(Ordering::Relaxed)
             && let Some(pool) = conn.pool.upgrade()
         {
-            conn.written = false;
             conn.shed();
             pool.shard(conn.home).push(Parked {
                 conn,
@@ -384,9 +383,9 @@ impl Body for PoolBody {
                     return Poll::Ready(None);
                 }
                 Ok(Decoded::More) => match ready!(conn.poll_read(cx)) {
+                    // A body read to the close: its connection never has keep-alive.
                     Ok(0) if this.framing == Framing::Close => {
                         this.framing = Framing::Done;
-                        this.keep_alive = false;
                         this.finish();
                         return Poll::Ready(None);
                     }
@@ -607,6 +606,7 @@ impl Pool {
         let sending = wire::request_framing(&mut parts, &body);
         wire::encode_head(&mut conn.out, &parts);
         conn.sending = sending;
+        conn.written = false;
         // A body with nothing to send stays here, to go back with the request if need be.
         let mut unsent = match sending {
             Sending::Nothing => Some(body),
