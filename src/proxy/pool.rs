@@ -20,7 +20,6 @@
 //! https upstreams (which may negotiate h2) and upgrade requests go through hyper-util's
 //! client.
 
-use std::error::Error as StdError;
 use std::fmt;
 use std::io::IoSlice;
 use std::pin::Pin;
@@ -91,6 +90,9 @@ struct Conn {
     written: bool,
     /// Bytes were read since the connection last waited: the upstream may be owed an ACK.
     unacked: bool,
+    /// Quick ACKs asked for (what the tests look at).
+    #[cfg(test)]
+    acks: usize,
     /// Cleared when the connection must not carry another request (its request's body could
     /// not be sent whole).
     reusable: bool,
@@ -277,6 +279,10 @@ impl Conn {
                 // wait, and the next request carries the ACK: no `setsockopt` then.
                 if std::mem::take(&mut self.unacked) {
                     quickack::acknowledge(&self.stream);
+                    #[cfg(test)]
+                    {
+                        self.acks += 1;
+                    }
                 }
                 Poll::Pending
             }
@@ -450,13 +456,15 @@ impl fmt::Debug for Pool {
 }
 
 /// Why a request got no response head.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum PoolError {
     /// No connection could be made (refused, unreachable, DNS, or `connect_timeout`, which is
     /// a `TimedOut` io error): nothing was sent.
-    Connect(std::io::Error),
+    #[error("could not connect to the upstream")]
+    Connect(#[source] std::io::Error),
     /// The exchange failed after the connection took the request.
-    Send(WireError),
+    #[error("upstream connection failed")]
+    Send(#[source] WireError),
 }
 
 /// A request that got no response head: why, and the request itself when it never left
@@ -481,24 +489,6 @@ impl PoolError {
     /// Whether the request never left tollgate because no connection could be made.
     pub fn is_connect(&self) -> bool {
         matches!(self, PoolError::Connect(_))
-    }
-}
-
-impl fmt::Display for PoolError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            PoolError::Connect(_) => f.write_str("could not connect to the upstream"),
-            PoolError::Send(_) => f.write_str("upstream connection failed"),
-        }
-    }
-}
-
-impl StdError for PoolError {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match self {
-            PoolError::Connect(e) => Some(e),
-            PoolError::Send(e) => Some(e),
-        }
     }
 }
 
@@ -607,6 +597,9 @@ impl Pool {
         wire::encode_head(&mut conn.out, &parts);
         conn.sending = sending;
         conn.written = false;
+        // What the last response left unacknowledged goes with this request's ACK: only a
+        // wait for more of this response asks for a quick one.
+        conn.unacked = false;
         // A body with nothing to send stays here, to go back with the request if need be.
         let mut unsent = match sending {
             Sending::Nothing => Some(body),
@@ -690,6 +683,8 @@ impl Pool {
             sending: Sending::Nothing,
             written: false,
             unacked: false,
+            #[cfg(test)]
+            acks: 0,
             reusable: true,
             retired: Arc::new(AtomicBool::new(false)),
             pool: Arc::downgrade(self),
@@ -1093,5 +1088,47 @@ mod tests {
             client,
             RequestBody::new(incoming, u64::MAX, Duration::from_secs(30)),
         )
+    }
+
+    #[tokio::test]
+    async fn a_quick_ack_is_asked_for_only_while_a_response_is_held_back() {
+        // Responses that arrive whole: the next request carries the ACK.
+        let (addr, _) = upstream().await;
+        let pool = pool(addr);
+        for _ in 0..3 {
+            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            let _ = response.into_body().collect().await.unwrap();
+        }
+        assert_eq!(
+            pool.shard(0)[0].conn.acks,
+            0,
+            "no setsockopt for whole responses"
+        );
+
+        // A head, then its body only later: the wait for the body asks for one.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            loop {
+                if matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {
+                    return;
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = stream.write_all(b"ok").await;
+            }
+        });
+        let pool = self::pool(addr);
+        for round in 1..=2 {
+            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"ok");
+            assert_eq!(pool.shard(0)[0].conn.acks, round, "one per held-back body");
+        }
     }
 }

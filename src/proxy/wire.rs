@@ -8,7 +8,6 @@
 //! connection's close. A response head is parsed by httparse, within hyper's limits (100
 //! fields, 400 KiB), and its field values stay slices of the bytes read.
 
-use std::fmt;
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -25,43 +24,20 @@ pub const MAX_HEADERS: usize = 100;
 pub const MAX_HEAD: usize = 8192 + 4096 * 100;
 
 /// Why an exchange on a connection failed.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum WireError {
     /// The upstream's response cannot be read as HTTP/1.1 (answered `invalid_response`).
+    #[error("invalid response from the upstream: {0}")]
     Invalid(&'static str),
     /// The upstream closed the connection before the message was complete.
+    #[error("connection closed before the message completed")]
     Closed,
     /// The socket failed.
-    Io(std::io::Error),
+    #[error("upstream connection error")]
+    Io(#[from] std::io::Error),
     /// The client's body failed on its way up.
-    RequestBody(RequestBodyError),
-}
-
-impl fmt::Display for WireError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            WireError::Invalid(why) => write!(f, "invalid response from the upstream: {why}"),
-            WireError::Closed => f.write_str("connection closed before the message completed"),
-            WireError::Io(_) => f.write_str("upstream connection error"),
-            WireError::RequestBody(_) => f.write_str("request body failed"),
-        }
-    }
-}
-
-impl std::error::Error for WireError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            WireError::Io(e) => Some(e),
-            WireError::RequestBody(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<std::io::Error> for WireError {
-    fn from(error: std::io::Error) -> Self {
-        WireError::Io(error)
-    }
+    #[error("request body failed")]
+    RequestBody(#[source] RequestBodyError),
 }
 
 /// How a request's body goes on the wire.
