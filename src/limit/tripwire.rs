@@ -10,6 +10,7 @@
 
 use std::net::IpAddr;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
@@ -30,6 +31,12 @@ pub fn limit_key(ip: IpAddr) -> IpAddr {
 /// Most client IPs one tripwire tracks at once (about 100 bytes each).
 pub const MAX_TRACKED_IPS: usize = 100_000;
 
+/// [`IpTripwire`]'s `last_block_end` before any block.
+const NO_BLOCK: u64 = 0;
+/// `last_block_end` of a block whose end lies before the tripwire was made, or too far
+/// ahead: every request is looked up.
+const UNKNOWN_END: u64 = u64::MAX;
+
 /// Shortest gap between two sweeps of a full table.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -45,6 +52,11 @@ struct Entry {
 pub struct IpTripwire {
     entries: DashMap<IpAddr, Entry>,
     capacity: usize,
+    /// When the last block set so far ends, in nanoseconds after `base` ([`NO_BLOCK`]: none
+    /// was ever set, [`UNKNOWN_END`]: one ends at an instant it cannot express). Until some IP
+    /// is blocked, and once every block has ended, a request is let through without a lookup.
+    last_block_end: AtomicU64,
+    base: Instant,
     last_sweep: Mutex<Option<Instant>>,
     /// Set when a full table held only blocks: until this next sweep, no new IP can get in,
     /// so a flood of new IPs does not scan the whole table for each of them.
@@ -66,6 +78,8 @@ impl IpTripwire {
         Self {
             entries: DashMap::new(),
             capacity,
+            last_block_end: AtomicU64::new(NO_BLOCK),
+            base: Instant::now(),
             last_sweep: Mutex::new(None),
             no_room_until: Mutex::new(None),
             #[cfg(test)]
@@ -75,6 +89,10 @@ impl IpTripwire {
 
     /// How much longer `ip` is blocked, if it is (an IPv6 address counts as its /64).
     pub fn blocked(&self, ip: IpAddr, now: Instant) -> Option<Duration> {
+        let last_end = self.last_block_end.load(Ordering::Acquire);
+        if last_end == NO_BLOCK || self.nanos(now).is_some_and(|now| now >= last_end) {
+            return None;
+        }
         let entry = self.entries.get(&limit_key(ip))?;
         let until = entry.blocked_until?;
         (until > now).then(|| until - now)
@@ -113,10 +131,19 @@ impl IpTripwire {
         }
         entry.count += 1;
         if entry.count >= rule.count.get() {
-            entry.blocked_until = Some(now + rule.block_for);
+            let until = now + rule.block_for;
+            entry.blocked_until = Some(until);
+            let end = self.nanos(until).unwrap_or(UNKNOWN_END);
+            self.last_block_end.fetch_max(end, Ordering::AcqRel);
             return true;
         }
         false
+    }
+
+    /// `at` in nanoseconds after `base`; `None` before it.
+    fn nanos(&self, at: Instant) -> Option<u64> {
+        at.checked_duration_since(self.base)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(UNKNOWN_END))
     }
 
     /// Drops entries whose window and block have both passed.
@@ -207,6 +234,32 @@ mod tests {
         );
         // After the block, counting starts over.
         assert!(!t.record(ip(1), t0 + Duration::from_secs(303), &r));
+    }
+
+    #[test]
+    fn a_shorter_later_block_does_not_end_an_earlier_longer_one() {
+        let t = IpTripwire::default();
+        let t0 = Instant::now();
+        assert_eq!(t.blocked(ip(1), t0), None, "nothing blocked yet");
+        assert!(t.record(ip(1), t0, &rule(1)));
+        let short = Tripwire {
+            block_for: Duration::from_secs(10),
+            ..rule(1)
+        };
+        assert!(t.record(ip(2), t0 + Duration::from_secs(5), &short));
+        let later = t0 + Duration::from_secs(100);
+        assert_eq!(t.blocked(ip(2), later), None);
+        assert_eq!(t.blocked(ip(1), later), Some(Duration::from_secs(200)));
+        assert_eq!(t.blocked(ip(1), t0 + Duration::from_secs(300)), None);
+    }
+
+    #[test]
+    fn a_block_from_before_the_tripwire_was_made_still_counts() {
+        let t0 = Instant::now();
+        let t = IpTripwire::default();
+        let before = t0.checked_sub(Duration::from_secs(1000)).unwrap_or(t0);
+        assert!(t.record(ip(1), before, &rule(1)));
+        assert!(t.blocked(ip(1), before + Duration::from_secs(1)).is_some());
     }
 
     #[test]
