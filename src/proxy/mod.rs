@@ -24,6 +24,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod wire;
 
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -598,11 +599,12 @@ impl Deadline {
     /// Awaits `future` until the deadline; `None` when it passed first. While a body is still
     /// moving the deadline moves with it, so only a stall of `timeout` (the upstream stopped
     /// reading, or has not answered since the last bytes) times out.
-    async fn run<F: Future>(&self, future: F) -> Option<F::Output> {
-        let mut future = std::pin::pin!(future);
+    /// `future` comes pinned where the caller made it: taken by value, it would be held
+    /// twice in this state machine (as the argument and pinned), and copied on each move.
+    async fn run<F: Future>(&self, mut future: Pin<&mut F>) -> Option<F::Output> {
         let mut at = self.at;
         loop {
-            match tokio::time::timeout_at(at, &mut future).await {
+            match tokio::time::timeout_at(at, future.as_mut()).await {
                 Ok(output) => return Some(output),
                 Err(_) => {
                     // After a stall of the whole process (a busy host), the timer and the
@@ -652,14 +654,14 @@ async fn attempt(
     };
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
-        Transport::Pool(pool) => match deadline.run(Pool::send(pool, request)).await {
+        Transport::Pool(pool) => match deadline.run(pin!(Pool::send(pool, request))).await {
             Some(Ok((response, retire))) => Ok((response, Some(retire))),
             Some(Err(PoolFailure { error, request })) => {
                 Err((log(classify_pool(&error), &error), request))
             }
             None => Err(timed_out()),
         },
-        Transport::Client(client) => match deadline.run(client.request(request)).await {
+        Transport::Client(client) => match deadline.run(pin!(client.request(request))).await {
             Some(Ok(response)) => Ok((response.map(UpstreamBody::from), None)),
             Some(Err(error)) => Err((log(classify(&error), &error), None)),
             None => Err(timed_out()),
