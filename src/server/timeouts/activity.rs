@@ -42,8 +42,9 @@ pub struct Activity {
     pub(super) draining: AtomicBool,
     /// Response bodies that yielded a frame (or a head) and were not polled since.
     pub(super) waiting_bodies: AtomicUsize,
-    /// The last time the connection asked any response body for more, or one started waiting.
-    /// On HTTP/1.1 a connection sends one response at a time, so this is that body's wait.
+    /// While bodies wait: the last time the connection asked one of them for more, or one
+    /// started waiting with none waiting before. On HTTP/1.1 a connection sends one response
+    /// at a time, so this is when that body began its wait.
     pub(super) body_progress: AtomicU64,
     /// HTTP/2: when each stream's body began to wait, by slot ([`NOT_WAITING`] when it is
     /// not waiting), so the deadline follows the longest wait, not the latest progress.
@@ -189,8 +190,11 @@ impl Activity {
     }
 
     pub(super) fn body_polled(&self) {
-        self.waiting_bodies.fetch_sub(1, Relaxed);
-        self.body_progress.store(self.now(), Relaxed);
+        // With no body left waiting, nothing reads `body_progress` until one waits again,
+        // which sets it: an HTTP/1.1 response (one body at a time) reads no clock here.
+        if self.waiting_bodies.fetch_sub(1, Relaxed) > 1 {
+            self.body_progress.store(self.now(), Relaxed);
+        }
     }
 
     pub(super) fn waits(&self) -> std::sync::MutexGuard<'_, Waits> {
