@@ -23,6 +23,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -580,6 +581,15 @@ fn http1_bytes(response: Response<ResponseBody>) -> Option<Bytes> {
     Some(Bytes::from(out))
 }
 
+/// `Box::pin(make())`, with the box allocated before the future is made, so that the future
+/// is built in the box. `Box::pin(future)` builds it on the stack and copies all of it into
+/// the box: the whole size of its largest state (kilobytes for a request's), whatever state
+/// it starts in.
+#[inline(always)]
+pub fn in_box<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 /// Runs one request through `handler` inside its span, turning a panic into a 500 envelope,
 /// and stamps `X-Request-Id` on whatever comes back.
 async fn respond<H: Handler>(
@@ -607,7 +617,7 @@ async fn respond<H: Handler>(
 
     // Boxed: the handler's future is kilobytes; inline, the wrappers below and hyper would
     // copy it with each move, and every request's future would be twice its size.
-    let outcome = AssertUnwindSafe(Box::pin(handler.handle(request, &ctx)))
+    let outcome = AssertUnwindSafe(in_box(|| handler.handle(request, &ctx)))
         .catch_unwind()
         .instrument(span.clone())
         .await;
