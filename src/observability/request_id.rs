@@ -18,7 +18,10 @@ pub const MAX_LEN: usize = 128;
 
 /// Random base62 characters after `req_` in a generated ID (~143 bits).
 const GENERATED_CHARS: usize = 24;
-const _: () = assert!(GENERATED_CHARS.is_multiple_of(6), "six characters per 64-bit draw");
+const _: () = assert!(
+    GENERATED_CHARS.is_multiple_of(6),
+    "six characters per 64-bit draw"
+);
 
 /// The ID of one request: in the response header, the upstream request, every log line and
 /// the error body. Holds a validated `HeaderValue`, so cloning is a reference-count bump.
