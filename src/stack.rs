@@ -375,16 +375,8 @@ impl Gateway {
             server.underscores_in_headers,
             &snapshot.config.auth.header,
         );
-        headers::set_identity(
-            request.headers_mut(),
-            identity.as_ref().map(|i| {
-                (
-                    &i.record.id_header,
-                    &i.record.plan_header,
-                    i.record.metadata_headers(),
-                )
-            }),
-        );
+        // The identity itself goes with the request to the upstream (see `headers::Added`).
+        headers::strip_identity(request.headers_mut());
         self.dispatch(resolved, request, body, ctx, client, snapshot, exchange)
             .await
     }
@@ -522,6 +514,13 @@ impl Gateway {
                 trusted_peer: is_trusted_peer(ctx.peer, &server.trusted_proxies),
             },
             request_id: &ctx.request_id,
+            identity: exchange.key.map(|record| {
+                (
+                    &record.id_header,
+                    &record.plan_header,
+                    record.metadata_headers(),
+                )
+            }),
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: server.body_read_timeout,
             idle_timeout: server.idle_timeout,

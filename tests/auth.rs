@@ -266,6 +266,11 @@ async fn credentials_are_stripped_and_identity_headers_cannot_be_spoofed() {
     );
     assert_eq!(h["x-tollgate-key-id"], "acme-prod");
     assert_eq!(h["x-tollgate-plan"], "pro");
+    assert_eq!(
+        r.json()["repeated"],
+        serde_json::json!([]),
+        "client copies forwarded"
+    );
     assert!(!r.text().contains(GOOD));
 
     let bearer = format!("Bearer {GOOD}");

@@ -45,6 +45,7 @@ async fn proxies_to_the_upstream_with_forwarding_headers() {
     assert_eq!(h["x-forwarded-proto"], "http");
     assert_eq!(h["x-forwarded-host"], "gateway.test");
     assert_eq!(h["host"], up.to_string());
+    assert_eq!(echo["repeated"], serde_json::json!([]));
     assert!(
         h.get("x-client-hop").is_none(),
         "hop-by-hop header forwarded: {}",
@@ -76,12 +77,16 @@ async fn x_forwarded_proto_and_host_are_kept_only_from_a_trusted_proxy() {
         let sent = [
             ("X-Forwarded-Proto", "https"),
             ("X-Forwarded-Host", "api.example.com"),
+            ("X-Request-Id", "client-id-1"),
         ];
         let r = get(gw.addr, "/v1/x", &sent).await;
         assert_eq!(r.status, 200, "{}", r.shown());
         let h = &r.json()["headers"];
         assert_eq!(h["x-forwarded-proto"], proto, "{server:?}");
         assert_eq!(h["x-forwarded-host"], host, "{server:?}");
+        assert_eq!(h["x-request-id"], "client-id-1", "{server:?}");
+        // One line each: the client's copies are replaced, not added to.
+        assert_eq!(r.json()["repeated"], serde_json::json!([]), "{server:?}");
         // A value that is no scheme is not passed on, even from a trusted proxy.
         let r = get(gw.addr, "/v1/x", &[("X-Forwarded-Proto", "gopher")]).await;
         assert_eq!(

@@ -4,6 +4,8 @@
 use http::header::{
     CONNECTION, CONTENT_LENGTH, COOKIE, HOST, TE, TRAILER, TRANSFER_ENCODING, UPGRADE,
 };
+use std::borrow::Cow;
+
 use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -42,36 +44,72 @@ pub type IdentityHeaders<'a> = (
     &'a [(HeaderName, HeaderValue)],
 );
 
-/// Sets `X-Tollgate-Key-Id`, `X-Tollgate-Plan` and the `X-Tollgate-Key-Meta-*` fields to an
-/// authenticated request's key id, plan and metadata, after removing any copy the client
-/// sent (so they cannot be spoofed). Names are lower case in a `HeaderMap`, so a client's
-/// copy is found in any spelling; `_` spellings go in [`drop_underscored`].
-pub fn set_identity(headers: &mut HeaderMap, identity: Option<IdentityHeaders<'_>>) {
-    // With an identity, its inserts below replace every copy the client sent.
-    if identity.is_none() {
-        headers.remove(&X_TOLLGATE_KEY_ID);
-        headers.remove(&X_TOLLGATE_PLAN);
+/// Removes every copy of `X-Tollgate-Key-Id`, `X-Tollgate-Plan` and the
+/// `X-Tollgate-Key-Meta-*` fields the client sent, so they cannot be spoofed: the gateway
+/// alone sets them ([`Added`]). Names are lower case in a `HeaderMap`, so a client's copy is
+/// found in any spelling; `_` spellings go in [`drop_underscored`].
+pub fn strip_identity(headers: &mut HeaderMap) {
+    // Almost no request has one: one pass over the names (a custom name is compared only
+    // with names of its length), no hashed lookup, no allocation.
+    let ours = |name: &HeaderName| {
+        *name == X_TOLLGATE_KEY_ID
+            || *name == X_TOLLGATE_PLAN
+            || name.as_str().starts_with(KEY_META_PREFIX)
+    };
+    if !headers.keys().any(ours) {
+        return;
     }
-    // Almost no request has one: one pass over the names, no allocation.
-    if headers
-        .keys()
-        .any(|name| name.as_str().starts_with(KEY_META_PREFIX))
-    {
-        let spoofed: Vec<HeaderName> = headers
-            .keys()
-            .filter(|name| name.as_str().starts_with(KEY_META_PREFIX))
-            .cloned()
-            .collect();
-        for name in spoofed {
-            headers.remove(name);
-        }
+    let spoofed: Vec<HeaderName> = headers.keys().filter(|name| ours(name)).cloned().collect();
+    for name in spoofed {
+        headers.remove(name);
     }
-    if let Some((key_id, plan, metadata)) = identity {
-        headers.insert(&X_TOLLGATE_KEY_ID, key_id.clone());
-        headers.insert(&X_TOLLGATE_PLAN, plan.clone());
-        for (name, value) in metadata {
+}
+
+/// The fields tollgate sets on a request it forwards, kept beside the request's header map:
+/// a pooled connection writes them after the map's own, and saves a hashed insert for each
+/// (custom names are hashed byte by byte); other transports insert them
+/// ([`Added::insert_into`]). The client's copies are gone from the map by then
+/// ([`prepare_request`], [`strip_identity`]).
+#[derive(Debug, Clone, Default)]
+pub struct Added<'a> {
+    forwarded_for: Option<Cow<'a, HeaderValue>>,
+    forwarded_proto: Option<HeaderValue>,
+    forwarded_host: Option<HeaderValue>,
+    request_id: Option<&'a HeaderValue>,
+    identity: Option<IdentityHeaders<'a>>,
+}
+
+impl<'a> Added<'a> {
+    /// The fields, by name, in the order they are written.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let (key_id, plan, metadata) = match self.identity {
+            Some((key_id, plan, metadata)) => (Some(key_id), Some(plan), metadata),
+            None => (None, None, &[][..]),
+        };
+        [
+            (&X_FORWARDED_FOR, self.forwarded_for.as_deref()),
+            (&X_FORWARDED_PROTO, self.forwarded_proto.as_ref()),
+            (&X_FORWARDED_HOST, self.forwarded_host.as_ref()),
+            (&X_REQUEST_ID, self.request_id),
+            (&X_TOLLGATE_KEY_ID, key_id),
+            (&X_TOLLGATE_PLAN, plan),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+        .chain(metadata.iter().map(|(name, value)| (name, value)))
+    }
+
+    /// Inserts the fields into `headers`, for a transport that writes the map alone.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        for (name, value) in self.fields() {
             headers.insert(name, value.clone());
         }
+    }
+
+    /// The identity of the key the request authenticated with, if any.
+    pub fn with_identity(mut self, identity: Option<IdentityHeaders<'a>>) -> Self {
+        self.identity = identity;
+        self
     }
 }
 
@@ -180,53 +218,61 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
     .contains(&name)
 }
 
-/// Rewrites a client request's headers for the upstream. `authority` is the request target's
-/// (HTTP/2's `:authority`, which stands in for `Host`); `from_h2` says the client spoke HTTP/2.
-pub fn prepare_request(
+/// Rewrites a client request's headers for the upstream, and says what tollgate adds to
+/// them ([`Added`], without the identity). `authority` is the request target's (HTTP/2's
+/// `:authority`, which stands in for `Host`); `from_h2` says the client spoke HTTP/2. `Host`
+/// stays, for the caller to replace with the upstream's or remove.
+pub fn prepare_request<'a>(
     headers: &mut HeaderMap,
-    client: ClientInfo,
-    request_id: &RequestId,
+    client: ClientInfo<'a>,
+    request_id: &'a RequestId,
     authority: Option<&Authority>,
     from_h2: bool,
-) {
-    // The forwarding fields and the request ID below, in one growth of the map at most.
-    headers.reserve(4);
+) -> Added<'a> {
     remove_hop_by_hop(headers);
     // An HTTP/1.1 client's Cookie lines go as it sent them, as nginx passes them (RFC 6265
     // allows it one), and its requests skip the lookup.
     if from_h2 {
         join_cookies(headers);
     }
+    // One pass over the names for what the client sent of the fields set below: most
+    // requests carry none of them, and then the map needs no hashed lookup at all.
+    let (mut host, mut chained, mut replaced) = (None, false, false);
+    for (name, value) in headers.iter() {
+        if name == HOST {
+            host = Some(value);
+        } else if *name == X_FORWARDED_FOR {
+            chained = true;
+        } else if *name == X_FORWARDED_PROTO || *name == X_FORWARDED_HOST || *name == X_REQUEST_ID {
+            replaced = true;
+        }
+    }
     // The pooled client sets Host from the upstream URL, as nginx's $proxy_host.
-    let host = headers
-        .remove(HOST)
+    let host = host
+        .cloned()
         .or_else(|| authority.and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
     // Like nginx's $proxy_add_x_forwarded_for: the chain so far (every X-Forwarded-For line,
     // in order, as `client_ip` reads them), plus the peer we saw.
-    let peer = client.peer_header.clone();
-    let mut chain = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    let xff = if chain.peek().is_none() {
-        peer
-    } else {
+    let forwarded_for = if chained {
         let mut joined = Vec::with_capacity(64);
-        for value in chain {
+        for value in headers.get_all(&X_FORWARDED_FOR).iter() {
             joined.extend_from_slice(value.as_bytes());
             joined.extend_from_slice(b", ");
         }
-        joined.extend_from_slice(peer.as_bytes());
-        HeaderValue::from_bytes(&joined).unwrap_or(peer)
+        joined.extend_from_slice(client.peer_header.as_bytes());
+        headers.remove(&X_FORWARDED_FOR);
+        HeaderValue::from_bytes(&joined).map_or(Cow::Borrowed(client.peer_header), Cow::Owned)
+    } else {
+        Cow::Borrowed(client.peer_header)
     };
-    headers.insert(&X_FORWARDED_FOR, xff);
     // From a trusted proxy (a TLS-terminating load balancer, say), the scheme and host the
     // client used are that proxy's to tell, as Envoy and Kong keep them; from anyone else
     // they are set from this connection, as nginx sets them.
-    let passed_on = |name: &HeaderName| {
-        client
-            .trusted_peer
-            .then(|| headers.get(name).cloned())
-            .flatten()
+    let mut passed_on = |name: &HeaderName| {
+        let value = replaced.then(|| headers.remove(name)).flatten();
+        value.filter(|_| client.trusted_peer)
     };
-    let proto = passed_on(&X_FORWARDED_PROTO)
+    let forwarded_proto = passed_on(&X_FORWARDED_PROTO)
         .filter(|v| {
             let v = v.as_bytes();
             v.eq_ignore_ascii_case(b"https") || v.eq_ignore_ascii_case(b"http")
@@ -236,14 +282,19 @@ pub fn prepare_request(
         } else {
             "http"
         }));
-    let host = passed_on(&X_FORWARDED_HOST)
+    let forwarded_host = passed_on(&X_FORWARDED_HOST)
         .filter(|v| !v.is_empty())
         .or(host);
-    headers.insert(&X_FORWARDED_PROTO, proto);
-    if let Some(host) = host {
-        headers.insert(&X_FORWARDED_HOST, host);
+    if replaced {
+        headers.remove(&X_REQUEST_ID);
     }
-    headers.insert(&X_REQUEST_ID, request_id.header_value().clone());
+    Added {
+        forwarded_for: Some(forwarded_for),
+        forwarded_proto: Some(forwarded_proto),
+        forwarded_host,
+        request_id: Some(request_id.header_value()),
+        identity: None,
+    }
 }
 
 /// An HTTP/2 client sends each cookie as a field of its own (RFC 9113 8.2.3); an HTTP/1.1

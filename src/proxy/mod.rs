@@ -115,6 +115,8 @@ pub struct Forward<'a> {
     pub client: ClientInfo<'a>,
     /// Sent upstream as `X-Request-Id`.
     pub request_id: &'a RequestId,
+    /// The key the request authenticated with, for the upstream.
+    pub identity: Option<headers::IdentityHeaders<'a>>,
     /// `server.max_body_bytes`, enforced while the body streams.
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`: a body that stalls this long fails.
@@ -283,13 +285,14 @@ impl Upstream {
         // HTTP/1.0 and h2 clients alike: HTTP/1.1 to the upstream unless ALPN picks h2.
         let from_h2 = parts.version == Version::HTTP_2;
         parts.version = Version::HTTP_11;
-        headers::prepare_request(
+        let added = headers::prepare_request(
             &mut parts.headers,
             how.client,
             how.request_id,
             parts.uri.authority(),
             from_h2,
-        );
+        )
+        .with_identity(how.identity);
         if let Some((protocol, _)) = &upgrade {
             upgrade::restore_headers(&mut parts.headers, protocol.clone());
         }
@@ -330,6 +333,7 @@ impl Upstream {
         let mut outcome = attempt(
             transport,
             Request::from_parts(parts, body),
+            &added,
             &deadline,
             &self.config.name,
         )
@@ -346,8 +350,9 @@ impl Upstream {
                     failed = ?failure,
                     "could not connect to the upstream; retrying once on a fresh connection"
                 );
-                outcome = attempt(transport, request, &deadline, &self.config.name).await;
-                set.observe(index, &outcome, &self.config.name);
+                let name = &self.config.name;
+                outcome = attempt(transport, request, &added, &deadline, name).await;
+                set.observe(index, &outcome, name);
             }
         } else {
             for _ in 0..self.config.retries {
@@ -386,8 +391,9 @@ impl Upstream {
                     upstream_target = %to.label,
                     "upstream target failed before its response head; retrying on another"
                 );
-                outcome = attempt(transport, request, &deadline, &self.config.name).await;
-                set.observe(next, &outcome, &self.config.name);
+                let name = &self.config.name;
+                outcome = attempt(transport, request, &added, &deadline, name).await;
+                set.observe(next, &outcome, name);
                 match &outcome {
                     Ok(_) => self.retries_ok.inc(),
                     Err(_) => self.retries_failed.inc(),
@@ -512,9 +518,10 @@ impl Upstream {
         headers: &mut http::HeaderMap,
         target: PathAndQuery,
     ) -> Result<Transport<'a>, GatewayError> {
-        if let Some(host) = &to.host {
-            headers.insert(HOST, host.clone());
-        }
+        match &to.host {
+            Some(host) => headers.insert(HOST, host.clone()),
+            None => headers.remove(HOST),
+        };
         let clients = to.clients.as_deref();
         Ok(match (upgrading, &to.pool) {
             (true, _) => {
@@ -632,7 +639,8 @@ impl Deadline {
 /// connection), or the classified failure.
 async fn attempt(
     transport: Transport<'_>,
-    request: Request<RequestBody>,
+    mut request: Request<RequestBody>,
+    added: &headers::Added<'_>,
     deadline: &Deadline,
     upstream: &str,
 ) -> Result<(Response<UpstreamBody>, Option<Retire>), Failed> {
@@ -654,17 +662,21 @@ async fn attempt(
     };
     let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
     match transport {
-        Transport::Pool(pool) => match deadline.run(pin!(Pool::send(pool, request))).await {
+        Transport::Pool(pool) => match deadline.run(pin!(pool.send(request, added))).await {
             Some(Ok((response, retire))) => Ok((response, Some(retire))),
             Some(Err(PoolFailure { error, request })) => {
                 Err((log(classify_pool(&error), &error), request))
             }
             None => Err(timed_out()),
         },
-        Transport::Client(client) => match deadline.run(pin!(client.request(request))).await {
-            Some(Ok(response)) => Ok((response.map(UpstreamBody::from), None)),
-            Some(Err(error)) => Err((log(classify(&error), &error), None)),
-            None => Err(timed_out()),
-        },
+        // hyper-util's client writes the map alone.
+        Transport::Client(client) => {
+            added.insert_into(request.headers_mut());
+            match deadline.run(pin!(client.request(request))).await {
+                Some(Ok(response)) => Ok((response.map(UpstreamBody::from), None)),
+                Some(Err(error)) => Err((log(classify(&error), &error), None)),
+                None => Err(timed_out()),
+            }
+        }
     }
 }

@@ -35,6 +35,7 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::headers::Added;
 use super::quickack;
 use super::wire::{self, Decoded, Framing, Head, Sending, WireError};
 use crate::body::{BoxError, RequestBody, UpstreamBody};
@@ -494,7 +495,8 @@ impl PoolError {
 
 /// What one exchange on a connection gave: the response head (the connection travels on in
 /// its body), or the failure with the request when not a byte of it was written.
-type Exchanged = Result<Response<UpstreamBody>, (WireError, Option<Request<RequestBody>>)>;
+type Exchanged = Result<Response<UpstreamBody>, (WireError, Option<Outgoing>)>;
+type Outgoing = Request<RequestBody>;
 
 impl Pool {
     /// A pool for `host:port`.
@@ -536,11 +538,12 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         request: Request<RequestBody>,
+        added: &Added<'_>,
     ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
         let request = match self.checkout() {
             Some(conn) => {
                 let retire = Retire(conn.retired.clone());
-                match Self::exchange(conn, request).await {
+                match Self::exchange(conn, request, added).await {
                     Ok(response) => return Ok((response, retire)),
                     // Never written: safe to send again, whatever the method, on a new
                     // connection (so this happens at most once).
@@ -555,13 +558,14 @@ impl Pool {
         };
         // Boxed: connecting is the rare path, and its state would otherwise make every
         // request's future, moved several times, larger.
-        Box::pin(self.send_on_new_connection(request)).await
+        Box::pin(self.send_on_new_connection(request, added)).await
     }
 
     /// Sends `request` on a new connection.
     async fn send_on_new_connection(
         self: &Arc<Self>,
         request: Request<RequestBody>,
+        added: &Added<'_>,
     ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
         let conn = match self.connect().await {
             Ok(conn) => conn,
@@ -573,7 +577,7 @@ impl Pool {
             }
         };
         let retire = Retire(conn.retired.clone());
-        match Self::exchange(conn, request).await {
+        match Self::exchange(conn, request, added).await {
             Ok(response) => Ok((response, retire)),
             Err((error, _)) => Err(PoolError::Send(error).into()),
         }
@@ -590,11 +594,11 @@ impl Pool {
         }
     }
 
-    /// Writes `request` on `conn` and reads the response head, from this task.
-    async fn exchange(mut conn: Box<Conn>, request: Request<RequestBody>) -> Exchanged {
+    /// Writes `request` and `added` on `conn` and reads the response head, from this task.
+    async fn exchange(mut conn: Box<Conn>, request: Outgoing, added: &Added<'_>) -> Exchanged {
         let (mut parts, body) = request.into_parts();
         let sending = wire::request_framing(&mut parts, &body);
-        wire::encode_head(&mut conn.out, &parts);
+        wire::encode_head(&mut conn.out, &parts, added.fields());
         conn.sending = sending;
         conn.written = false;
         // What the last response left unacknowledged goes with this request's ACK: only a
@@ -754,7 +758,11 @@ mod tests {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = pool.send(get("/")).await.ok().expect("a response");
+            let (response, _) = pool
+                .send(get("/"), &Added::default())
+                .await
+                .ok()
+                .expect("a response");
             assert_eq!(pool.len(), 0, "checked out while its body is unread");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
@@ -767,8 +775,8 @@ mod tests {
         );
 
         // Two at once: two connections, both parked afterwards.
-        let (a, _) = pool.send(get("/")).await.ok().unwrap();
-        let (b, _) = pool.send(get("/")).await.ok().unwrap();
+        let (a, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (b, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let _ = a.into_body().collect().await.unwrap();
         let _ = b.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 2);
@@ -779,12 +787,20 @@ mod tests {
     async fn an_empty_body_releases_its_connection_unpolled_and_an_unfinished_one_closes_it() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = pool.send(get("/empty")).await.ok().unwrap();
+        let (response, _) = pool
+            .send(get("/empty"), &Added::default())
+            .await
+            .ok()
+            .unwrap();
         assert_eq!(response.status(), 204);
         drop(response);
         assert_eq!(pool.len(), 1, "an empty body is at its end without a poll");
 
-        let (response, _) = pool.send(get("/big")).await.ok().unwrap();
+        let (response, _) = pool
+            .send(get("/big"), &Added::default())
+            .await
+            .ok()
+            .unwrap();
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 1 << 20));
@@ -795,7 +811,11 @@ mod tests {
             "a body dropped before its end takes its connection along"
         );
 
-        let (response, _) = pool.send(get("/big")).await.ok().unwrap();
+        let (response, _) = pool
+            .send(get("/big"), &Added::default())
+            .await
+            .ok()
+            .unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
         assert_eq!(pool.len(), 1);
@@ -817,12 +837,12 @@ mod tests {
     async fn a_body_read_as_far_as_it_arrived_releases_its_connection_when_whole() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (mut response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (mut response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         // Not relayed (a normalized 503's page): read without waiting, then dropped.
         response.body_mut().read_arrived();
         drop(response);
         assert_eq!(pool.len(), 1, "the short body had arrived whole: parked");
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "and reused");
     }
@@ -831,11 +851,11 @@ mod tests {
     async fn a_retired_connection_is_not_parked() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, retire) = pool.send(get("/")).await.ok().unwrap();
+        let (response, retire) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         retire.retire();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 0);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -844,7 +864,7 @@ mod tests {
     async fn housekeeping_closes_connections_idle_past_the_timeout_or_closed_upstream() {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         let since = pool.shard(0)[0].since;
         pool.close_idle_at(since + Duration::from_secs(89));
@@ -867,7 +887,7 @@ mod tests {
             }
         });
         let pool = self::pool(addr);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -946,7 +966,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         for _ in 0..2 {
-            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
             assert_eq!(response.status(), 200, "the interim 100 is skipped");
             assert_eq!(response.headers()["x-up"], "1");
             let collected = response.into_body().collect().await.unwrap();
@@ -972,7 +992,7 @@ mod tests {
             }
         });
         let pool = self::pool(closing);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
         assert_eq!(
@@ -983,10 +1003,10 @@ mod tests {
 
         // Read as far as it came, never ended: the connection is dropped with the body.
         let pool = self::pool(addr);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         drop(response);
         assert_eq!(pool.len(), 0);
-        let (response, _) = pool.send(get("/")).await.ok().unwrap();
+        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
         drop(response);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -1002,7 +1022,12 @@ mod tests {
         *request.body_mut() = body;
         let sending = tokio::spawn({
             let pool = pool.clone();
-            async move { pool.send(request).await.ok().map(|(r, _)| r.status()) }
+            async move {
+                pool.send(request, &Added::default())
+                    .await
+                    .ok()
+                    .map(|(r, _)| r.status())
+            }
         });
         use tokio::io::AsyncWriteExt;
         client.write_all(b"6\r\nhello \r\n").await.unwrap();
@@ -1040,7 +1065,7 @@ mod tests {
         request
             .headers_mut()
             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(5));
-        let (response, _) = pool.send(request).await.ok().unwrap();
+        let (response, _) = pool.send(request, &Added::default()).await.ok().unwrap();
         assert_eq!(response.status(), 204);
         let got = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(got.starts_with("PUT /known HTTP/1.1\r\n"), "{got}");
@@ -1096,7 +1121,7 @@ mod tests {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
             let _ = response.into_body().collect().await.unwrap();
         }
         assert_eq!(
@@ -1125,7 +1150,7 @@ mod tests {
         });
         let pool = self::pool(addr);
         for round in 1..=2 {
-            let (response, _) = pool.send(get("/")).await.ok().unwrap();
+            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             assert_eq!(pool.shard(0)[0].conn.acks, round, "one per held-back body");

@@ -116,7 +116,9 @@ async fn probe(
         timeout: check.timeout,
         body: None,
     };
-    let Ok((response, _)) = attempt(transport, request, &deadline, upstream).await else {
+    let Ok((response, _)) =
+        attempt(transport, request, &Default::default(), &deadline, upstream).await
+    else {
         return false;
     };
     let status = response.status().as_u16();

@@ -78,8 +78,13 @@ pub fn request_framing(parts: &mut request::Parts, body: &RequestBody) -> Sendin
     Sending::Chunked
 }
 
-/// Writes a request head (origin-form target, HTTP/1.1) to `out`.
-pub fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
+/// Writes a request head (origin-form target, HTTP/1.1) to `out`: the fields of its map,
+/// then `added`.
+pub fn encode_head<'f>(
+    out: &mut Vec<u8>,
+    parts: &request::Parts,
+    added: impl Iterator<Item = (&'f HeaderName, &'f HeaderValue)>,
+) {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -89,11 +94,17 @@ pub fn encode_head(out: &mut Vec<u8>, parts: &request::Parts) {
         target.as_bytes()
     });
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in &parts.headers {
+    let mut field = |name: &HeaderName, value: &HeaderValue| {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    };
+    for (name, value) in &parts.headers {
+        field(name, value);
+    }
+    for (name, value) in added {
+        field(name, value);
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -634,10 +645,14 @@ mod tests {
             .into_parts();
         parts.uri = http::Uri::from_static("/a/b?c=d");
         let mut out = Vec::new();
-        encode_head(&mut out, &parts);
+        let added = (
+            HeaderName::from_static("x-added"),
+            HeaderValue::from_static("3"),
+        );
+        encode_head(&mut out, &parts, std::iter::once((&added.0, &added.1)));
         assert_eq!(
             out,
-            b"POST /a/b?c=d HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\n\r\n"
+            b"POST /a/b?c=d HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\nx-added: 3\r\n\r\n"
         );
         let mut out = Vec::new();
         encode_chunk_size(&mut out, 0x1a2b);

@@ -65,11 +65,20 @@ pub async fn echo_upstream() -> SocketAddr {
                 )
             })
             .collect();
+        // `headers` keeps one value per name: the names sent more than once are listed too.
+        let mut repeated: Vec<&str> = parts
+            .headers
+            .keys()
+            .filter(|name| parts.headers.get_all(*name).iter().count() > 1)
+            .map(|name| name.as_str())
+            .collect();
+        repeated.sort_unstable();
         let echo = serde_json::json!({
             "method": parts.method.as_str(),
             "path": parts.uri.path(),
             "query": parts.uri.query(),
             "headers": headers,
+            "repeated": repeated,
             "body_len": body.len(),
         });
         Response::builder()
