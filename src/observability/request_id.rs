@@ -33,7 +33,13 @@ impl RequestId {
     /// Two `X-Request-Id` fields get a new one too: which the client meant would be a guess,
     /// and whatever logged the other could not be matched.
     pub fn from_headers(headers: &HeaderMap) -> Self {
-        let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+        // One pass over the names, not a hashed lookup (a custom name is hashed byte by
+        // byte): a request has a handful of fields, and a name of another length or a
+        // standard one is told apart at once.
+        let mut ids = headers
+            .iter()
+            .filter(|(name, _)| **name == X_REQUEST_ID)
+            .map(|(_, value)| value);
         match (ids.next(), ids.next()) {
             (Some(id), None) if is_valid(id.as_bytes()) => Self(id.clone()),
             _ => Self::generate(),

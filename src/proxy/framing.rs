@@ -3,7 +3,7 @@
 //! forwarded. Part of the proxy box, beside the header rewriting that relies on them.
 
 use http::Request;
-use http::header::HOST;
+use http::header::{HOST, TRANSFER_ENCODING};
 
 use crate::error::GatewayError;
 
@@ -16,18 +16,31 @@ use crate::error::GatewayError;
 /// chunk sizes and control bytes in headers.
 pub fn check<B>(request: &Request<B>) -> Result<(), GatewayError> {
     let headers = request.headers();
-    if let Some(why) = super::headers::ambiguous_framing(headers) {
+    // One pass over the names (standard ones, compared as enum tags) instead of a hashed
+    // lookup for each of the two: a request has a handful of fields.
+    let (mut coded, mut host, mut hosts) = (false, None, 0);
+    for (name, value) in headers {
+        if name == TRANSFER_ENCODING {
+            coded = true;
+        } else if name == HOST {
+            host = host.or(Some(value));
+            hosts += 1;
+        }
+    }
+    if let Some(why) = coded
+        .then(|| super::headers::ambiguous_framing(headers))
+        .flatten()
+    {
         return Err(GatewayError::BadRequest(why));
     }
-    let mut hosts = headers.get_all(HOST).iter();
-    match (hosts.next(), hosts.next()) {
+    match (host, hosts > 1) {
         (None, _) if request.version() == http::Version::HTTP_11 => {
             return Err(GatewayError::BadRequest("the Host header is missing"));
         }
-        (Some(_), Some(_)) => {
+        (Some(_), true) => {
             return Err(GatewayError::BadRequest("more than one Host header"));
         }
-        (Some(host), None) if !valid_host(host.as_bytes()) => {
+        (Some(host), false) if !valid_host(host.as_bytes()) => {
             return Err(GatewayError::BadRequest(
                 "the Host header is not a valid host",
             ));
@@ -36,7 +49,7 @@ pub fn check<B>(request: &Request<B>) -> Result<(), GatewayError> {
     }
     // HTTP/1.1's absolute-form target, or HTTP/2's `:authority` (RFC 9113 8.3.1: a `Host`
     // that names another entity makes the request malformed).
-    if let (Some(authority), Some(host)) = (request.uri().authority(), headers.get(HOST))
+    if let (Some(authority), Some(host)) = (request.uri().authority(), host)
         && !host
             .as_bytes()
             .eq_ignore_ascii_case(authority.as_str().as_bytes())
