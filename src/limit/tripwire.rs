@@ -257,9 +257,20 @@ mod tests {
     fn a_block_from_before_the_tripwire_was_made_still_counts() {
         let t0 = Instant::now();
         let t = IpTripwire::default();
-        let before = t0.checked_sub(Duration::from_secs(1000)).unwrap_or(t0);
-        assert!(t.record(ip(1), before, &rule(1)));
-        assert!(t.blocked(ip(1), before + Duration::from_secs(1)).is_some());
+        // A one-second block that ended before the tripwire was made: its end is not
+        // expressible after `base`, and `blocked` must still look it up.
+        let before = t0
+            .checked_sub(Duration::from_secs(2))
+            .expect("the monotonic clock has run two seconds");
+        let short = Tripwire {
+            block_for: Duration::from_secs(1),
+            ..rule(1)
+        };
+        assert!(t.record(ip(1), before, &short));
+        assert_eq!(
+            t.blocked(ip(1), before + Duration::from_millis(500)),
+            Some(Duration::from_millis(500))
+        );
     }
 
     #[test]

@@ -30,10 +30,13 @@ pub(crate) static X_TOLLGATE_PLAN: HeaderName = HeaderName::from_static("x-tollg
 /// naming them in `Connection` (else a client could hide its identity, or the address chain
 /// a trusted proxy built, from the upstream).
 fn protected(name: &HeaderName) -> bool {
-    name == HOST
-        || *name == X_TOLLGATE_KEY_ID
+    name == HOST || *name == X_FORWARDED_FOR || is_identity(name)
+}
+
+/// The identity fields: `X-Tollgate-Key-Id`, `X-Tollgate-Plan`, `X-Tollgate-Key-Meta-*`.
+fn is_identity(name: &HeaderName) -> bool {
+    *name == X_TOLLGATE_KEY_ID
         || *name == X_TOLLGATE_PLAN
-        || *name == X_FORWARDED_FOR
         || name.as_str().starts_with(KEY_META_PREFIX)
 }
 
@@ -51,15 +54,10 @@ pub type IdentityHeaders<'a> = (
 pub fn strip_identity(headers: &mut HeaderMap) {
     // Almost no request has one: one pass over the names (a custom name is compared only
     // with names of its length), no hashed lookup, no allocation.
-    let ours = |name: &HeaderName| {
-        *name == X_TOLLGATE_KEY_ID
-            || *name == X_TOLLGATE_PLAN
-            || name.as_str().starts_with(KEY_META_PREFIX)
-    };
-    if !headers.keys().any(ours) {
+    if !headers.keys().any(is_identity) {
         return;
     }
-    let spoofed: Vec<HeaderName> = headers.keys().filter(|name| ours(name)).cloned().collect();
+    let spoofed: Vec<HeaderName> = headers.keys().filter(|n| is_identity(n)).cloned().collect();
     for name in spoofed {
         headers.remove(name);
     }
