@@ -618,7 +618,7 @@ async fn plaintext_keys_never_reach_the_logs() {
     let up = echo_upstream().await;
     let addr = free_port();
     let admin = free_port();
-    let dead = free_port();
+    let dead = refusing_addr();
     let digest = tollgate::auth::ApiKey::new(VALID).digest();
     let (_dir, path) = temp_config(
         "gw.toml",

@@ -37,10 +37,7 @@ fn value(metrics: &HashMap<String, f64>, series: &str) -> f64 {
 
 async fn gateway() -> TestGateway {
     let up = echo_upstream().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let text = format!(
         r#"
 [plans.tight]

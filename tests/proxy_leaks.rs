@@ -74,10 +74,7 @@ impl KeepAliveClient {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_refused_requests_leak_no_fds_or_memory() {
     let _serial = SERIAL.lock().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let gw = TestGateway::start(config(
         "",
         &format!(

@@ -22,11 +22,7 @@ async fn refused_upstream_is_502_bad_gateway() {
 
 #[tokio::test]
 async fn upstream_refused_is_a_502_envelope() {
-    // Bind and drop to get a port nobody listens on.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead = refusing_addr();
     let gw = proxy_gateway(&format!("http://{dead}"), "", "").await;
     let r = get(gw.addr, "/x", &[]).await;
     assert_status_and_request_id(&r, 502);
