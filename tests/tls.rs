@@ -131,6 +131,36 @@ async fn h2_is_negotiated_by_alpn_and_the_upstream_sees_https() {
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 }
 
+/// Over TLS too, an HTTP/1.1 client that goes away (here without a `close_notify`) while its
+/// request waits on the upstream cancels it at once (hyper watches the TLS stream there).
+#[tokio::test]
+async fn a_tls_client_that_goes_away_cancels_its_upstream_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = make_cert(dir.path(), "a");
+    let (up, mut events) = silent_upstream().await;
+    let gw = TestGateway::start(tls_config(&cert, "", up)).await;
+    let mut stream = connect(gw.addr, &cert.der, &[b"http/1.1"]).await;
+    stream
+        .write_all(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(event.unwrap(), Some("request"));
+    let left = Instant::now();
+    drop(stream);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert_eq!(
+        event.expect("the upstream connection was not closed within 5 s"),
+        Some("closed")
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        left.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn http11_over_tls_when_the_client_offers_only_http11() {
     let dir = tempfile::tempdir().unwrap();

@@ -281,3 +281,46 @@ async fn an_upstream_writing_head_and_body_apart_is_not_held_by_a_delayed_ack() 
         "median {median:?} per request on a reused connection (a delayed ACK is 40 ms): {took:?}"
     );
 }
+
+/// A client that goes away while its request waits on the upstream cancels it: the upstream's
+/// connection is closed at once, long before `timeout`, as nginx does (`proxy_ignore_client_abort
+/// off`). Whether the client closes the socket or only its sending side, and with a body.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    let (up, mut events) = silent_upstream().await;
+    let gw = proxy_gateway(&format!("http://{up}"), "timeout = \"30s\"", "").await;
+    let get = "GET /slow HTTP/1.1\r\nHost: gw\r\n\r\n".to_string();
+    let post = "POST /slow HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello".to_string();
+    for (request, how) in [(&get, "close"), (&get, "half-close"), (&post, "close")] {
+        let mut client = TcpStream::connect(gw.addr).await.unwrap();
+        client.write_all(request.as_bytes()).await.unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert_eq!(
+            event.unwrap(),
+            Some("request"),
+            "{how}: the upstream got the request"
+        );
+        let left = Instant::now();
+        if how == "close" {
+            drop(client);
+        } else {
+            client.shutdown().await.unwrap();
+            // Kept open: only the client's sending side is closed.
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                drop(client);
+            });
+        }
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        assert_eq!(
+            event.expect("the upstream connection was not closed within 5 s"),
+            Some("closed"),
+            "{how}"
+        );
+        assert!(
+            left.elapsed() < Duration::from_secs(2),
+            "{how}: cancelled after {:?}",
+            left.elapsed()
+        );
+    }
+}

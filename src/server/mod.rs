@@ -36,7 +36,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig as TlsServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
@@ -49,7 +48,7 @@ use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::request_id::X_REQUEST_ID;
-use timeouts::{Activity, Bounds, Ended, GuardedIo, Refusal, TrackedBody};
+use timeouts::{Activity, Bounds, ClientTransport, Ended, GuardedIo, Refusal, TrackedBody};
 use workers::Workers;
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
@@ -222,7 +221,11 @@ impl<H: Handler> Server<H> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let (drain_tx, mut drained) = mpsc::channel::<()>(1);
         let accepted = Accepted {
-            builder: Arc::new(connection_builder(&self.settings)),
+            // The listeners speak TLS or not until a restart, so one builder serves them all.
+            builder: Arc::new(connection_builder(
+                &self.settings,
+                self.settings.tls.is_none(),
+            )),
             handler: self.handler.clone(),
             tls: self.settings.tls.as_ref().map(|t| t.server_config.clone()),
             handshake_timeout: self.settings.header_read_timeout,
@@ -293,7 +296,11 @@ impl<H: Handler> Server<H> {
     }
 }
 
-fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
+/// `tells_close`: the transport notices a client that goes away mid-request itself (plain
+/// TCP, see `timeouts::ClientTransport`), so hyper need not read the socket while a request
+/// is in flight to notice it (`half_close`). hyper's watch reads through every layer of the
+/// transport on every poll, and keeps the read buffer of each request from being reused.
+fn connection_builder(settings: &ServerConfig, tells_close: bool) -> auto::Builder<TokioExecutor> {
     let head_limit = settings.max_header_bytes as usize + MAX_URI_BYTES;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -306,7 +313,8 @@ fn connection_builder(settings: &ServerConfig) -> auto::Builder<TokioExecutor> {
         .max_buf_size(MIN_READ_BUFFER.max(2 * head_limit))
         // More fields: hyper's 431, rewritten as tollgate's envelope (see `timeouts`).
         .max_headers(MAX_HEADER_FIELDS)
-        .keep_alive(true);
+        .keep_alive(true)
+        .half_close(tells_close);
     builder
         .http2()
         .timer(TokioTimer::new())
@@ -425,8 +433,13 @@ async fn connection<H: Handler>(
 async fn serve_http<H, T>(accepted: &Accepted<H>, stream: T, peer: SocketAddr, tls: bool)
 where
     H: Handler,
-    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    T: ClientTransport + Unpin + Send + 'static,
 {
+    debug_assert_eq!(
+        T::TELLS_CLOSE,
+        accepted.tls.is_none(),
+        "see connection_builder"
+    );
     let activity = Activity::new();
     let mut io = GuardedIo::new(stream, activity.clone(), accepted.bounds.write_stall)
         .answering(refusals(accepted, peer, tls));

@@ -163,3 +163,36 @@ pub fn refusing_addr() -> SocketAddr {
     HELD.lock().unwrap_or_else(|e| e.into_inner()).push(socket);
     addr
 }
+
+/// An upstream that never answers: it reads each request head and reports it, then reports
+/// when the gateway closes the connection.
+pub async fn silent_upstream() -> (
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (events, received) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let events = events.clone();
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                let mut reported = false;
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                    if !reported && seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        reported = true;
+                        let _ = events.send("request");
+                    }
+                }
+                let _ = events.send("closed");
+            });
+        }
+    });
+    (addr, received)
+}

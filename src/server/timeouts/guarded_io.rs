@@ -15,7 +15,8 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-use super::{Activity, Answer, Refusal};
+use super::activity::PROTOCOL_H1;
+use super::{Activity, Answer, ClientTransport, Refusal};
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 3.4).
 pub(super) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -45,6 +46,10 @@ pin_project_lite::pin_project! {
         open: Option<tokio::sync::oneshot::Sender<()>>,
         // The client closed its side (a read returned nothing).
         eof_seen: bool,
+        // Reads that returned bytes, and the count when a peek last found bytes waiting
+        // (`u64::MAX`: none), for `poll_client_gone`.
+        reads: u64,
+        unread_at: u64,
         // The write side is shut; what the client still sends is read and dropped while
         // `lingering` (see `LINGER_QUIET`).
         shut: bool,
@@ -68,6 +73,8 @@ impl<T> GuardedIo<T> {
             said: false,
             open: None,
             eof_seen: false,
+            reads: 0,
+            unread_at: u64::MAX,
             shut: false,
             lingering: false,
         }
@@ -175,6 +182,29 @@ pub(super) fn hyper_refusal(buf: &[u8]) -> Option<StatusCode> {
     (date.len() == 29 && !date.contains(&b'\n')).then_some(status)
 }
 
+impl<T: ClientTransport> GuardedIo<T> {
+    /// Whether the client went away while an HTTP/1.1 request is in flight (see
+    /// `client_gone`). hyper flushes the transport on every poll of the connection, so this
+    /// is asked whenever the connection's task wakes, and the peek registers that wake-up.
+    fn poll_client_gone(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = self.project();
+        if *this.unread_at == *this.reads
+            || this.activity.in_flight.load(Relaxed) == 0
+            || this.activity.protocol.load(Relaxed) != PROTOCOL_H1
+        {
+            return false;
+        }
+        match this.inner.as_ref().get_ref().poll_gone(cx) {
+            Poll::Ready(true) => true,
+            Poll::Ready(false) => {
+                *this.unread_at = *this.reads;
+                false
+            }
+            Poll::Pending => false,
+        }
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite> GuardedIo<T> {
     /// Writes the answer to a head that timed out, shuts the write side, then discards what
     /// the client still sends until it closes (closing with unread bytes would reset the
@@ -242,12 +272,13 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for GuardedIo<T> {
                 }
             }
         }
+        *this.reads += 1;
         this.activity.bytes_read();
         Poll::Ready(Ok(()))
     }
 }
 
-impl<T: AsyncRead + AsyncWrite> AsyncWrite for GuardedIo<T> {
+impl<T: ClientTransport> AsyncWrite for GuardedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -281,7 +312,15 @@ impl<T: AsyncRead + AsyncWrite> AsyncWrite for GuardedIo<T> {
         self.inner.is_write_vectored()
     }
 
+    /// Also where a client that went away mid-request is noticed (see
+    /// [`Self::poll_client_gone`]).
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if T::TELLS_CLOSE && self.as_mut().poll_client_gone(cx) {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the client closed the connection while its request was in flight",
+            )));
+        }
         ready!(self.as_mut().poll_unsaid(cx))?;
         let polled = self.as_mut().project().inner.poll_flush(cx);
         self.guard_write(cx, polled)

@@ -28,6 +28,7 @@
 //! early, finds the deadline moved, and sleeps again.
 
 mod activity;
+mod client_gone;
 mod driver;
 mod guarded_io;
 #[cfg(test)]
@@ -42,6 +43,7 @@ use http::StatusCode;
 use crate::config::ServerConfig;
 
 pub use activity::{Activity, InFlight};
+pub use client_gone::ClientTransport;
 pub use driver::{Ended, drive};
 pub use guarded_io::GuardedIo;
 pub use tracked_body::TrackedBody;
