@@ -406,3 +406,39 @@ async fn rate_limit_headers_stay_on_upstream_failures() {
     assert_eq!(reply.header("x-ratelimit-limit"), Some("300"));
     assert!(reply.header("x-ratelimit-remaining").is_some());
 }
+
+/// Response-head timers are reused from one attempt to the next on a thread: a short timeout
+/// right after requests with a long one (their timers registered 30 s ahead) still fires on
+/// time, and so does the next one after it fired.
+#[tokio::test]
+async fn a_short_timeout_after_long_ones_fires_on_time() {
+    let echo = echo_upstream().await;
+    let (hang, _) = fault_upstream(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let gw = TestGateway::start(config(
+        "",
+        &format!(
+            "[[upstreams]]\nname = \"echo\"\nurl = \"http://{echo}\"\ntimeout = \"30s\"\n\
+             [[upstreams]]\nname = \"hang\"\nurl = \"http://{hang}\"\ntimeout = \"300ms\"\n\
+             [[routes]]\nprefix = \"/echo/\"\nupstream = \"echo\"\nauth = false\n\
+             [[routes]]\nprefix = \"/hang/\"\nupstream = \"hang\"\nauth = false\n"
+        ),
+    ))
+    .await;
+    for round in 0..2 {
+        for _ in 0..20 {
+            assert_eq!(get(gw.addr, "/echo/x", &[]).await.status, 200);
+        }
+        let started = Instant::now();
+        let reply = get(gw.addr, "/hang/x", &[]).await;
+        let took = started.elapsed();
+        assert_failure(&reply, 504, "gateway_timeout", hang);
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(3),
+            "round {round}: {took:?}"
+        );
+    }
+}

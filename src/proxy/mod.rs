@@ -11,6 +11,7 @@
 //! errors into failure kinds and decides retries, [`upgrade`] tunnels WebSockets.
 
 pub mod classify;
+mod deadline;
 pub mod framing;
 pub mod headers;
 pub mod health;
@@ -24,7 +25,7 @@ pub mod tls;
 pub mod upgrade;
 pub mod wire;
 
-use std::pin::{Pin, pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ use crate::observability::log_throttle::upstream_failures;
 use crate::observability::metrics::Metrics;
 use arc_swap::ArcSwap;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
+use deadline::Deadline;
 use pool::{Pool, PoolFailure, Retire};
 use probe::Background;
 pub use resolve::Resolver;
@@ -593,47 +595,6 @@ enum Transport<'a> {
 
 /// A failed attempt, with the request when it never left tollgate and came back.
 type Failed = (Failure, Option<Box<Request<RequestBody>>>);
-
-/// When the upstream's response head is due: `timeout` after the request started, or after
-/// its body last moved, whichever is later; never while the body waits for the client.
-struct Deadline {
-    at: Instant,
-    timeout: Duration,
-    body: Option<Arc<crate::body::BodyProgress>>,
-}
-
-impl Deadline {
-    /// Awaits `future` until the deadline; `None` when it passed first. While a body is still
-    /// moving the deadline moves with it, so only a stall of `timeout` (the upstream stopped
-    /// reading, or has not answered since the last bytes) times out.
-    /// `future` comes pinned where the caller made it: taken by value, it would be held
-    /// twice in this state machine (as the argument and pinned), and copied on each move.
-    async fn run<F: Future>(&self, mut future: Pin<&mut F>) -> Option<F::Output> {
-        let mut at = self.at;
-        loop {
-            match tokio::time::timeout_at(at, future.as_mut()).await {
-                Ok(output) => return Some(output),
-                Err(_) => {
-                    // After a stall of the whole process (a busy host), the timer and the
-                    // body's next bytes can be due at once: let the connection tasks read
-                    // what has arrived before judging the body stalled.
-                    tokio::task::yield_now().await;
-                    let Some(body) = &self.body else { return None };
-                    // A body waiting for the client is the client's stall: the body's own
-                    // `body_read_timeout` answers it (408), not this one (504).
-                    if body.waiting_on_client() {
-                        at = Instant::now() + self.timeout;
-                        continue;
-                    }
-                    match body.last() + self.timeout {
-                        later if later > at => at = later,
-                        _ => return None,
-                    }
-                }
-            }
-        }
-    }
-}
 
 /// One try: the response head by `deadline` (with, from the pool, a handle to retire its
 /// connection), or the classified failure.

@@ -51,6 +51,9 @@ where
     // The deadline the timer is set to. A later deadline does not reset it (resetting touches
     // the timer wheel): it fires early, the deadline is recomputed, and it is set again.
     let mut armed: Option<u64> = None;
+    // The timer has this task's waker since it was last set: until it fires (the driver
+    // deregisters it, `is_elapsed`), polling it again would only register the same waker.
+    let mut waiting = false;
     // When `shutdown` was called.
     let mut closing_since: Option<u64> = None;
     let mut stopping = *stop.borrow_and_update();
@@ -92,12 +95,20 @@ where
         {
             timer.as_mut().reset(activity.instant(at));
             armed = Some(at);
+            waiting = false;
         }
         tokio::select! {
             biased;
             ended = conn.as_mut() => return Ended::Finished(ended),
             () = std::future::poll_fn(|cx| activity.poll_changed(cx)) => {}
-            () = timer.as_mut(), if armed.is_some() => {
+            () = std::future::poll_fn(|cx| {
+                if waiting && !timer.is_elapsed() {
+                    return Poll::Pending;
+                }
+                let fired = timer.as_mut().poll(cx);
+                waiting = fired.is_pending();
+                fired
+            }), if armed.is_some() => {
                 armed = None;
                 let Some((at, expiry)) = activity.next_deadline(&bounds, closing_since) else {
                     continue;
