@@ -444,13 +444,7 @@ async fn the_binary_serves_the_key_api_and_audits_every_write_without_secrets() 
     use std::io::Read;
     use std::process::{Command, Stdio};
     let up = echo_upstream().await;
-    let free = || {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (addr, admin) = (free(), free());
+    let [addr, admin] = free_addrs();
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
     std::fs::write(&keys, "# managed by the key API\n").unwrap();

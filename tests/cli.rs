@@ -299,13 +299,6 @@ fn gen_key_prints_a_base62_key_and_its_hash() {
     assert_eq!(hash_key(key.as_bytes()), hash);
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A gateway process that is killed if the test fails before stopping it.
 struct ChildGuard(std::process::Child);
 
@@ -406,8 +399,7 @@ async fn sigterm_drains_then_exits_0(workers: usize) {
         }
     })
     .await;
-    let addr = free_port();
-    let admin = free_port();
+    let [addr, admin] = free_addrs();
     let (_dir, path) = temp_config(
         "gw.toml",
         &format!(
@@ -436,8 +428,7 @@ async fn sigterm_drains_then_exits_0(workers: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_a_valid_config_and_keeps_the_old_one_on_errors() {
-    let addr = free_port();
-    let admin = free_port();
+    let [addr, admin] = free_addrs();
     let base = format!("[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n");
     let with_body = |body: &str| {
         format!(
@@ -518,7 +509,7 @@ fn stop(child: ChildGuard, logs: std::thread::JoinHandle<String>) -> String {
 /// counted, and the watcher, still on, picks up the good file written back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watched_config_cut_short_is_refused_and_the_next_good_one_applied() {
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let good = |body: &str| served(addr, admin, "watch = true", body);
     let (_dir, path) = temp_config("gw.toml", &good("one"));
     let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
@@ -553,7 +544,7 @@ async fn a_watched_config_cut_short_is_refused_and_the_next_good_one_applied() {
 /// The same by SIGHUP: an empty file and one cut after `[auth]` are refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_refuses_an_empty_config_and_one_cut_after_auth() {
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let good = |body: &str| served(addr, admin, "", body);
     let (_dir, path) = temp_config("gw.toml", &good("one"));
     let (child, logs) = spawn_collecting_logs(&path, &["--log-format", "json"], addr).await;
@@ -616,8 +607,7 @@ async fn plaintext_keys_never_reach_the_logs() {
     const VALID: &str = "tg_live_LOGCHECKvalid0123456789abcdefghijk";
     const WRONG: &str = "tg_live_LOGCHECKwrong0123456789abcdefghijk";
     let up = echo_upstream().await;
-    let addr = free_port();
-    let admin = free_port();
+    let [addr, admin] = free_addrs();
     let dead = refusing_addr();
     let digest = tollgate::auth::ApiKey::new(VALID).digest();
     let (_dir, path) = temp_config(
@@ -684,8 +674,7 @@ async fn plaintext_keys_never_reach_the_logs() {
 async fn the_access_log_has_one_json_line_per_request_with_the_spec_fields() {
     const KEY: &str = "tg_live_ACCESSLOG0123456789abcdefghijklm";
     let up = echo_upstream().await;
-    let addr = free_port();
-    let admin = free_port();
+    let [addr, admin] = free_addrs();
     let digest = tollgate::auth::ApiKey::new(KEY).digest();
     let (_dir, path) = temp_config(
         "gw.toml",
@@ -951,7 +940,7 @@ fn proxy_config(addr: SocketAddr, admin: SocketAddr, up: SocketAddr, extra: &str
 async fn sighup_reloads_under_load_cut_no_request() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     let (up, counts) = load_upstream().await;
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let version = |n: usize| {
         proxy_config(
             addr,
@@ -1006,7 +995,7 @@ async fn sighup_reloads_under_load_cut_no_request() {
 async fn sigterm_under_load_completes_everything_in_flight_then_refuses() {
     use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
     let (up, counts) = load_upstream().await;
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let (_dir, path) = temp_config("gw.toml", &proxy_config(addr, admin, up, ""));
     let mut child = spawn_gateway(&path);
 

@@ -128,15 +128,6 @@ impl Drop for ChildGuard {
     }
 }
 
-/// A loopback port free now (the child binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `conns` h2c connections, each with `streams` GETs in flight at once, all answered 200.
 async fn h2_burst(addr: SocketAddr, conns: usize, streams: usize) {
     let mut connections = tokio::task::JoinSet::new();
@@ -182,7 +173,7 @@ async fn h2_burst(addr: SocketAddr, conns: usize, streams: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_of_an_h2_burst_is_returned_when_idle() {
     let _serial = SERIAL.lock().await;
-    let (port, admin) = (free_port(), free_port());
+    let [port, admin] = free_addrs().map(|addr| addr.port());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tollgate.toml");
     std::fs::write(

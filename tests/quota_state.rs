@@ -19,13 +19,6 @@ fn tollgate() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
 /// A config with a quota of 5 a month on key `q`'s plan and a fixed-response route.
 fn config_text(addr: SocketAddr, admin: SocketAddr, state_file: Option<&Path>) -> String {
     let state = state_file
@@ -116,7 +109,7 @@ fn used_in_file(path: &Path) -> Option<u64> {
 async fn quota_counts_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let config = dir.path().join("tollgate.toml");
     std::fs::write(&config, config_text(addr, admin, Some(&state))).unwrap();
 
@@ -143,7 +136,7 @@ async fn quota_counts_survive_a_restart() {
 async fn sigkill_loses_at_most_what_came_after_the_last_periodic_write() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state.json");
-    let (addr, admin) = (free_port(), free_port());
+    let [addr, admin] = free_addrs();
     let config = dir.path().join("tollgate.toml");
     std::fs::write(&config, config_text(addr, admin, Some(&state))).unwrap();
 
@@ -177,7 +170,8 @@ fn a_corrupt_state_file_is_refused_at_start_with_its_path_and_reason() {
     let state = dir.path().join("state.json");
     std::fs::write(&state, "{\"version\":1,\"quotas\":{\"q\":").unwrap();
     let config = dir.path().join("tollgate.toml");
-    std::fs::write(&config, config_text(free_port(), free_port(), Some(&state))).unwrap();
+    let [addr, admin] = free_addrs();
+    std::fs::write(&config, config_text(addr, admin, Some(&state))).unwrap();
     let out = tollgate()
         .arg("--config")
         .arg(&config)
@@ -204,7 +198,8 @@ fn a_corrupt_state_file_is_refused_at_start_with_its_path_and_reason() {
 fn check_warns_about_a_quota_without_a_state_file() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("tollgate.toml");
-    std::fs::write(&config, config_text(free_port(), free_port(), None)).unwrap();
+    let [addr, admin] = free_addrs();
+    std::fs::write(&config, config_text(addr, admin, None)).unwrap();
     let out = tollgate()
         .arg("check")
         .arg("--config")
@@ -219,7 +214,8 @@ fn check_warns_about_a_quota_without_a_state_file() {
     );
     // With a state file: no warning.
     let state = dir.path().join("state.json");
-    std::fs::write(&config, config_text(free_port(), free_port(), Some(&state))).unwrap();
+    let [addr, admin] = free_addrs();
+    std::fs::write(&config, config_text(addr, admin, Some(&state))).unwrap();
     let out = tollgate()
         .arg("check")
         .arg("--config")

@@ -196,3 +196,13 @@ pub async fn silent_upstream() -> (
     });
     (addr, received)
 }
+
+/// `N` distinct loopback addresses free now, for a child process to bind a moment later. The
+/// listeners are held until all are picked: successive binds to port 0 can hand out the port
+/// just freed, and a child given one port twice cannot start.
+pub fn free_addrs<const N: usize>() -> [SocketAddr; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr"))
+}
