@@ -13,9 +13,12 @@
 //!
 //! [`GuardedIo`]: super::GuardedIo
 
+use std::io;
+use std::mem::MaybeUninit;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// A client connection's transport, and whether it can tell that the client closed.
@@ -26,14 +29,36 @@ pub trait ClientTransport: AsyncRead + AsyncWrite {
 
     /// `Ready(true)`: the client closed its side (or the connection failed). `Ready(false)`:
     /// bytes wait to be read, so this cannot tell until they are. `Pending`: neither, and
-    /// the task is woken when that changes.
-    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<bool>;
+    /// the task is woken when that changes. `watching`: the last call returned `Pending` and
+    /// nothing was read since, so the wake-up it registered still stands (only readiness
+    /// takes it, and then the socket is readable).
+    fn poll_gone(&self, cx: &mut Context<'_>, watching: bool) -> Poll<bool>;
 }
 
 impl ClientTransport for TcpStream {
     const TELLS_CLOSE: bool = true;
 
-    fn poll_gone(&self, cx: &mut Context<'_>) -> Poll<bool> {
+    fn poll_gone(&self, cx: &mut Context<'_>, watching: bool) -> Poll<bool> {
+        if watching {
+            // A look without registering the wake-up again (which takes the socket's waiter
+            // lock): the peek runs only if the socket is readable.
+            let mut peeked = false;
+            let looked = self.try_io(Interest::READABLE, || {
+                peeked = true;
+                SockRef::from(self).peek(&mut [MaybeUninit::uninit()])
+            });
+            match looked {
+                Ok(0) => return Poll::Ready(true),
+                Ok(_) => return Poll::Ready(false),
+                // Not readable: still registered.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !peeked => {
+                    return Poll::Pending;
+                }
+                // Readable for nothing (the wake-up was spent): register again below.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Poll::Ready(true),
+            }
+        }
         let mut byte = [0u8; 1];
         let mut buf = ReadBuf::new(&mut byte);
         // Pending without a syscall while the socket is not readable: a read that did not
@@ -46,7 +71,7 @@ impl ClientTransport for TcpStream {
 impl ClientTransport for tokio_rustls::server::TlsStream<TcpStream> {
     const TELLS_CLOSE: bool = false;
 
-    fn poll_gone(&self, _: &mut Context<'_>) -> Poll<bool> {
+    fn poll_gone(&self, _: &mut Context<'_>, _: bool) -> Poll<bool> {
         Poll::Pending
     }
 }
@@ -55,7 +80,7 @@ impl ClientTransport for tokio_rustls::server::TlsStream<TcpStream> {
 impl ClientTransport for tokio::io::DuplexStream {
     const TELLS_CLOSE: bool = false;
 
-    fn poll_gone(&self, _: &mut Context<'_>) -> Poll<bool> {
+    fn poll_gone(&self, _: &mut Context<'_>, _: bool) -> Poll<bool> {
         Poll::Pending
     }
 }

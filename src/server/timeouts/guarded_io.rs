@@ -46,10 +46,12 @@ pin_project_lite::pin_project! {
         open: Option<tokio::sync::oneshot::Sender<()>>,
         // The client closed its side (a read returned nothing).
         eof_seen: bool,
-        // Reads that returned bytes, and the count when a peek last found bytes waiting
-        // (`u64::MAX`: none), for `poll_client_gone`.
+        // Reads that returned bytes, the count when a peek last found bytes waiting, and the
+        // count when a peek last registered a wake-up (`u64::MAX`: none), for
+        // `poll_client_gone`.
         reads: u64,
         unread_at: u64,
+        watched_at: u64,
         // The write side is shut; what the client still sends is read and dropped while
         // `lingering` (see `LINGER_QUIET`).
         shut: bool,
@@ -75,6 +77,7 @@ impl<T> GuardedIo<T> {
             eof_seen: false,
             reads: 0,
             unread_at: u64::MAX,
+            watched_at: u64::MAX,
             shut: false,
             lingering: false,
         }
@@ -194,13 +197,18 @@ impl<T: ClientTransport> GuardedIo<T> {
         {
             return false;
         }
-        match this.inner.as_ref().get_ref().poll_gone(cx) {
+        let watching = *this.watched_at == *this.reads;
+        match this.inner.as_ref().get_ref().poll_gone(cx, watching) {
             Poll::Ready(true) => true,
             Poll::Ready(false) => {
                 *this.unread_at = *this.reads;
+                *this.watched_at = u64::MAX;
                 false
             }
-            Poll::Pending => false,
+            Poll::Pending => {
+                *this.watched_at = *this.reads;
+                false
+            }
         }
     }
 }
