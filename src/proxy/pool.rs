@@ -745,6 +745,14 @@ mod tests {
         request
     }
 
+    /// `pool.send` with nothing added to the request's fields.
+    async fn send(
+        pool: &Arc<Pool>,
+        request: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
+        pool.send(request, &Added::default()).await
+    }
+
     fn pool(addr: std::net::SocketAddr) -> Arc<Pool> {
         Arc::new(Pool::new(
             addr.to_string(),
@@ -758,11 +766,7 @@ mod tests {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = pool
-                .send(get("/"), &Added::default())
-                .await
-                .ok()
-                .expect("a response");
+            let (response, _) = send(&pool, get("/")).await.ok().expect("a response");
             assert_eq!(pool.len(), 0, "checked out while its body is unread");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
@@ -775,8 +779,8 @@ mod tests {
         );
 
         // Two at once: two connections, both parked afterwards.
-        let (a, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
-        let (b, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (a, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (b, _) = send(&pool, get("/")).await.ok().unwrap();
         let _ = a.into_body().collect().await.unwrap();
         let _ = b.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 2);
@@ -787,20 +791,12 @@ mod tests {
     async fn an_empty_body_releases_its_connection_unpolled_and_an_unfinished_one_closes_it() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = pool
-            .send(get("/empty"), &Added::default())
-            .await
-            .ok()
-            .unwrap();
+        let (response, _) = send(&pool, get("/empty")).await.ok().unwrap();
         assert_eq!(response.status(), 204);
         drop(response);
         assert_eq!(pool.len(), 1, "an empty body is at its end without a poll");
 
-        let (response, _) = pool
-            .send(get("/big"), &Added::default())
-            .await
-            .ok()
-            .unwrap();
+        let (response, _) = send(&pool, get("/big")).await.ok().unwrap();
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 1 << 20));
@@ -811,11 +807,7 @@ mod tests {
             "a body dropped before its end takes its connection along"
         );
 
-        let (response, _) = pool
-            .send(get("/big"), &Added::default())
-            .await
-            .ok()
-            .unwrap();
+        let (response, _) = send(&pool, get("/big")).await.ok().unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
         assert_eq!(pool.len(), 1);
@@ -837,12 +829,12 @@ mod tests {
     async fn a_body_read_as_far_as_it_arrived_releases_its_connection_when_whole() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (mut response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (mut response, _) = send(&pool, get("/")).await.ok().unwrap();
         // Not relayed (a normalized 503's page): read without waiting, then dropped.
         response.body_mut().read_arrived();
         drop(response);
         assert_eq!(pool.len(), 1, "the short body had arrived whole: parked");
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "and reused");
     }
@@ -851,11 +843,11 @@ mod tests {
     async fn a_retired_connection_is_not_parked() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, retire) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, retire) = send(&pool, get("/")).await.ok().unwrap();
         retire.retire();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 0);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -864,7 +856,7 @@ mod tests {
     async fn housekeeping_closes_connections_idle_past_the_timeout_or_closed_upstream() {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         let since = pool.shard(0)[0].since;
         pool.close_idle_at(since + Duration::from_secs(89));
@@ -887,7 +879,7 @@ mod tests {
             }
         });
         let pool = self::pool(addr);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -966,7 +958,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         for _ in 0..2 {
-            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
             assert_eq!(response.status(), 200, "the interim 100 is skipped");
             assert_eq!(response.headers()["x-up"], "1");
             let collected = response.into_body().collect().await.unwrap();
@@ -992,7 +984,7 @@ mod tests {
             }
         });
         let pool = self::pool(closing);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
         assert_eq!(
@@ -1003,10 +995,10 @@ mod tests {
 
         // Read as far as it came, never ended: the connection is dropped with the body.
         let pool = self::pool(addr);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         drop(response);
         assert_eq!(pool.len(), 0);
-        let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
         drop(response);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -1022,12 +1014,7 @@ mod tests {
         *request.body_mut() = body;
         let sending = tokio::spawn({
             let pool = pool.clone();
-            async move {
-                pool.send(request, &Added::default())
-                    .await
-                    .ok()
-                    .map(|(r, _)| r.status())
-            }
+            async move { send(&pool, request).await.ok().map(|(r, _)| r.status()) }
         });
         use tokio::io::AsyncWriteExt;
         client.write_all(b"6\r\nhello \r\n").await.unwrap();
@@ -1065,7 +1052,7 @@ mod tests {
         request
             .headers_mut()
             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(5));
-        let (response, _) = pool.send(request, &Added::default()).await.ok().unwrap();
+        let (response, _) = send(&pool, request).await.ok().unwrap();
         assert_eq!(response.status(), 204);
         let got = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(got.starts_with("PUT /known HTTP/1.1\r\n"), "{got}");
@@ -1121,7 +1108,7 @@ mod tests {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
             let _ = response.into_body().collect().await.unwrap();
         }
         assert_eq!(
@@ -1150,7 +1137,7 @@ mod tests {
         });
         let pool = self::pool(addr);
         for round in 1..=2 {
-            let (response, _) = pool.send(get("/"), &Added::default()).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             assert_eq!(pool.shard(0)[0].conn.acks, round, "one per held-back body");
