@@ -281,36 +281,34 @@ fn combine<C: Clock>(
 }
 
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
-type SharedGcra<C> = RateLimiter<NotKeyed, SharedState, C, StateInformationMiddleware>;
-type PeekGcra<C> = RateLimiter<NotKeyed, Peek, C, StateInformationMiddleware>;
+type SharedGcra<C> = RateLimiter<Access, SharedState, C, StateInformationMiddleware>;
 
-/// A bucket's GCRA state, shared by the limiter that charges it and the one that peeks.
-#[derive(Debug, Default)]
-struct SharedState(Arc<AtomicU64>);
-
-impl StateStore for SharedState {
-    type Key = NotKeyed;
-
-    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        measure(&self.0, f)
-    }
+/// What a call on a bucket's [`SharedGcra`] does: charge the bucket, or look at it and answer
+/// as a charge would, changing nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Access {
+    Charge,
+    Look,
 }
 
-/// Reads a [`SharedState`] and answers as if charging it, without changing it.
-#[derive(Debug)]
-struct Peek(Arc<AtomicU64>);
+/// A bucket's GCRA state. One limiter both charges it and looks at it ([`Access`]), so both
+/// measure time from the limiter's one reference instant: a look sees exactly what a charge
+/// at the same moment would. (Two limiters over one state would each have their own, and a
+/// look would be off by the time between their making.)
+#[derive(Debug, Default)]
+struct SharedState(AtomicU64);
 
-impl StateStore for Peek {
-    type Key = NotKeyed;
+impl StateStore for SharedState {
+    type Key = Access;
 
-    fn measure_and_replace<T, F, E>(&self, _: &NotKeyed, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, access: &Access, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        look(self.0.load(Ordering::Acquire), f)
+        match access {
+            Access::Charge => measure(&self.0, f),
+            Access::Look => look(self.0.load(Ordering::Acquire), f),
+        }
     }
 }
 
@@ -332,26 +330,14 @@ fn longest_wait<C: Clock, S>(
     longest
 }
 
-/// A bucket's state with the limiter that charges it and one that looks without charging.
-/// The charging limiter is made first: its reference instant is then the earlier of the two,
-/// so a look is never more lenient than the charge that follows it.
-fn shared_gcra<C: Clock + Clone>(spec: &BucketSpec, clock: &C) -> (SharedGcra<C>, PeekGcra<C>) {
-    let state = Arc::new(AtomicU64::new(0));
-    let gcra = RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
+/// A bucket's limiter, full.
+fn shared_gcra<C: Clock + Clone>(spec: &BucketSpec, clock: &C) -> SharedGcra<C> {
+    RateLimiter::<Access, _, C, NoOpMiddleware<C::Instant>>::new(
         spec.quota(),
-        SharedState(state.clone()),
+        SharedState::default(),
         clock.clone(),
     )
-    .with_middleware();
-    (
-        gcra,
-        RateLimiter::<NotKeyed, _, C, NoOpMiddleware<C::Instant>>::new(
-            spec.quota(),
-            Peek(state),
-            clock.clone(),
-        )
-        .with_middleware(),
-    )
+    .with_middleware()
 }
 
 type KeyedGcra<K, C> = RateLimiter<K, Shared<K>, C, StateInformationMiddleware>;
@@ -372,7 +358,6 @@ pub struct Limiter<C: Clock = Tsc> {
     /// its look.
     buckets: Box<[Bucket]>,
     gcras: Box<[SharedGcra<C>]>,
-    peeks: Box<[PeekGcra<C>]>,
     specs: Box<[BucketSpec]>,
     clock: C,
 }
@@ -400,15 +385,13 @@ impl<C: Clock + Clone> Limiter<C> {
     fn build(specs: &[BucketSpec], clock: C, more: bool) -> Self {
         let first = specs.first().expect("a limiter needs a bucket");
         let shared = if more { specs } else { &[] };
-        let (gcras, peeks): (Vec<_>, Vec<_>) =
-            shared.iter().map(|s| shared_gcra(s, &clock)).unzip();
+        let gcras: Vec<_> = shared.iter().map(|s| shared_gcra(s, &clock)).collect();
         Self {
             minute: Bucket::new(first, more),
             minute_gcra: RateLimiter::direct_with_clock(first.quota(), clock.clone())
                 .with_middleware(),
             buckets: shared.iter().map(|s| Bucket::new(s, false)).collect(),
             gcras: gcras.into(),
-            peeks: peeks.into(),
             specs: specs.into(),
             clock,
         }
@@ -462,7 +445,7 @@ impl<C: Clock + Clone> Limiter<C> {
         }
         let mut report: Option<Decision> = None;
         for (i, bucket) in self.buckets.iter().enumerate() {
-            let decision = match self.gcras[i].check_n(n) {
+            let decision = match self.gcras[i].check_key_n(&Access::Charge, n) {
                 Ok(Ok(state)) => bucket.admitted(i, &state),
                 // Another request took the tokens since the look (see `check_every_bucket`).
                 Ok(Err(not_until)) => {
@@ -481,8 +464,8 @@ impl<C: Clock + Clone> Limiter<C> {
     /// that is not says nothing). Of several empty buckets, the longest wait.
     pub fn peek_n(&self, n: NonZeroU32) -> Option<Decision> {
         let mut longest: Option<Decision> = None;
-        for (i, (bucket, peek)) in self.buckets.iter().zip(self.peeks.iter()).enumerate() {
-            let refused = match peek.check_n(n) {
+        for (i, (bucket, gcra)) in self.buckets.iter().zip(self.gcras.iter()).enumerate() {
+            let refused = match gcra.check_key_n(&Access::Look, n) {
                 Ok(Ok(_)) => continue,
                 Ok(Err(not_until)) => {
                     bucket.rejected(i, not_until.wait_time_from(self.clock.now()), n.get())
@@ -507,9 +490,9 @@ impl<C: Clock + Clone> Limiter<C> {
             return full;
         }
         let mut report: Option<Decision> = None;
-        for (i, (bucket, peek)) in self.buckets.iter().zip(self.peeks.iter()).enumerate() {
-            let look = peek
-                .check()
+        for (i, (bucket, gcra)) in self.buckets.iter().zip(self.gcras.iter()).enumerate() {
+            let look = gcra
+                .check_key(&Access::Look)
                 .map_err(|not_until| not_until.wait_time_from(self.clock.now()));
             let decision = bucket.looked(i, look);
             if report.is_none_or(|r| decision.remaining < r.remaining) {
@@ -525,11 +508,13 @@ impl<C: Clock + Clone> Limiter<C> {
     fn check_every_bucket(&self) -> Decision {
         // (Two requests racing for a bucket's last token may both pass the look; the loser is
         // then refused by the charge, after the buckets before it were charged.)
-        let looks = self.peeks.iter().map(|peek| peek.check());
+        let looks = self.gcras.iter().map(|gcra| gcra.check_key(&Access::Look));
         if let Some((i, wait)) = longest_wait(looks, &self.clock) {
             return self.buckets[i].rejected(i, wait, 1);
         }
-        combine(&self.buckets, &self.clock, |i| self.gcras[i].check())
+        combine(&self.buckets, &self.clock, |i| {
+            self.gcras[i].check_key(&Access::Charge)
+        })
     }
 
     /// The bucket parameters.
@@ -584,7 +569,8 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
         Self {
             specs: specs.into(),
             buckets: specs.iter().map(|s| Bucket::new(s, false)).collect(),
-            // The charging limiters first, as in `shared_gcra`.
+            // The charging limiters first: each look then measures from a later instant
+            // than its charge, so a look is never more lenient than the charge after it.
             gcras: specs
                 .iter()
                 .zip(&stores)
@@ -905,7 +891,7 @@ mod tests {
             assert_eq!(d.retry_after, Duration::from_secs(20 * 60));
         }
         // The minute bucket gave 3 tokens, not 8: charging it once more leaves 10 - 3 - 1.
-        let minute = l.gcras[0].check().expect("tokens left");
+        let minute = l.gcras[0].check_key(&Access::Charge).expect("tokens left");
         assert_eq!(minute.remaining_burst_capacity(), 6);
         // The hour's next token comes after 20 minutes, and is charged once.
         clock.advance(Duration::from_secs(20 * 60));
@@ -1027,6 +1013,48 @@ mod tests {
         assert!(l.peek_n(NonZeroU32::new(1).unwrap()).is_none());
         assert!(l.peek_n(NonZeroU32::new(2).unwrap()).is_some());
         assert!(l.check().allowed, "peeking charged nothing");
+    }
+
+    /// A clock that moves on by `step` at every read, so that time passes while a limiter is
+    /// being made, as it does when the thread making it is preempted.
+    #[derive(Debug, Clone, Default)]
+    struct Ticking {
+        now: Arc<AtomicU64>,
+        step: Arc<AtomicU64>,
+    }
+
+    impl Clock for Ticking {
+        type Instant = Nanos;
+
+        fn now(&self) -> Nanos {
+            let step = self.step.load(Ordering::Relaxed);
+            Nanos::new(self.now.fetch_add(step, Ordering::Relaxed))
+        }
+    }
+
+    #[test]
+    fn a_look_sees_what_a_charge_left_however_long_the_limiter_took_to_make() {
+        // 60/min: one token a second, 10 deep. Half a second passes at each read of the clock
+        // while the limiter is made, none after.
+        let clock = Ticking::default();
+        clock.step.store(500_000_000, Ordering::Relaxed);
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(600).unwrap(),
+            burst: NonZeroU32::new(600).unwrap(),
+        };
+        let limiters = [
+            Limiter::peekable(&[spec(60, 10)], clock.clone()),
+            Limiter::new(&[spec(60, 10), hour], clock.clone()),
+        ];
+        clock.step.store(0, Ordering::Relaxed);
+        for l in limiters {
+            assert_eq!(l.check().remaining, 9);
+            assert_eq!(l.look().remaining, 9, "the look sees the 9 the charge left");
+            assert_eq!(l.check_n(9).remaining, 0);
+            assert!(l.peek_n(NonZeroU32::new(1).unwrap()).is_some(), "empty");
+            assert!(!l.check().allowed);
+        }
     }
 
     #[test]
