@@ -428,6 +428,8 @@ impl ErrorRenderer {
     fn write_body(&self, out: &mut Vec<u8>, code: &str, message: &str, request_id: &RequestId) {
         out.clear();
         out.reserve(160 + message.len() + self.fields.len());
+        // Request IDs are made of `[A-Za-z0-9._:-]` only (`request_id::is_valid`): nothing in
+        // one needs an escape.
         let id = request_id.as_str();
         match self.style {
             ErrorStyle::Envelope => {
@@ -436,7 +438,7 @@ impl ErrorRenderer {
                 out.extend_from_slice(b",\"message\":");
                 push_json_str(out, message);
                 out.extend_from_slice(b"},\"request_id\":");
-                push_json_str(out, id);
+                push_quoted(out, id);
                 out.extend_from_slice(b",\"timestamp\":\"");
                 push_timestamp(out, SystemTime::now());
                 out.push(b'"');
@@ -447,7 +449,7 @@ impl ErrorRenderer {
                 out.extend_from_slice(b",\"code\":");
                 push_json_str(out, code);
                 out.extend_from_slice(b",\"request_id\":");
-                push_json_str(out, id);
+                push_quoted(out, id);
             }
             ErrorStyle::Simple => {
                 out.extend_from_slice(b"{\"error\":");
@@ -455,7 +457,7 @@ impl ErrorRenderer {
                 out.extend_from_slice(b",\"code\":");
                 push_json_str(out, code);
                 out.extend_from_slice(b",\"success\":false,\"request_id\":");
-                push_json_str(out, id);
+                push_quoted(out, id);
             }
         }
         out.extend_from_slice(self.fields.as_bytes());
@@ -463,8 +465,17 @@ impl ErrorRenderer {
     }
 }
 
+/// `s` in quotes, as it is: for strings that need no escape.
+fn push_quoted(out: &mut Vec<u8>, s: &str) {
+    debug_assert!(!s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\'));
+    out.reserve(s.len() + 2);
+    out.push(b'"');
+    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+}
+
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    // Codes, request IDs and most messages need no escape: copied as they are. Checked
+    // Codes and most messages need no escape: copied as they are. Checked
     // without an early exit, so the check runs on whole vectors of bytes.
     let plain = s.bytes().fold(true, |plain, b| {
         plain & (b >= 0x20) & (b != b'"') & (b != b'\\') & (b < 0x7f)
