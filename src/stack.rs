@@ -35,7 +35,7 @@ use crate::proxy::{ClientInfo, Forward, Resolver, Upstream, classify, framing, h
 use crate::route::{Resolved, Route, Router};
 use crate::server::admin::keys::KeyAdmin;
 use crate::server::client_ip::{client_ip, is_trusted_peer};
-use crate::server::{Handler, RequestContext, head_limits, in_box};
+use crate::server::{Handler, RequestContext, head_limits};
 
 /// Everything derived from one loaded config. Swapped whole on reload; a request keeps the
 /// snapshot it started with.
@@ -528,11 +528,8 @@ impl Gateway {
         };
         // Durations for the metrics are read off the TSC (quanta), not the system clock.
         let sent = quanta::Instant::now();
-        // Boxed: forwarding's state is kilobytes, and inline it would be copied with every
-        // move of the request's future (into hyper, through the panic and span wrappers), on
-        // every path, rejections included. Built in its box: not copied there either.
         let mut sent_to = None;
-        let outcome = in_box(|| upstream.forward(request, body, forward, &mut sent_to)).await;
+        let outcome = upstream.forward(request, body, forward, &mut sent_to).await;
         if AccessInfo::wanted() {
             exchange.upstream_target = sent_to;
         }
