@@ -12,8 +12,8 @@
 use std::cell::Cell;
 use std::hash::Hash;
 use std::num::NonZeroU32;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use governor::clock::Clock;
@@ -24,9 +24,7 @@ use governor::{NotUntil, Quota, RateLimiter};
 use http::HeaderValue;
 
 use super::headers::limit_value;
-use super::ip_table::{
-    BoundedStore, MAX_TRACKED_CLIENTS, Peek as PeekKeyed, Shared, look, measure,
-};
+use super::ip_table::{Access, Accessed, BoundedStore, MAX_TRACKED_CLIENTS, Shared, look, measure};
 pub use super::reason::Reason;
 use crate::config::Plan;
 
@@ -283,14 +281,6 @@ fn combine<C: Clock>(
 type DirectGcra<C> = RateLimiter<NotKeyed, InMemoryState, C, StateInformationMiddleware>;
 type SharedGcra<C> = RateLimiter<Access, SharedState, C, StateInformationMiddleware>;
 
-/// What a call on a bucket's [`SharedGcra`] does: charge the bucket, or look at it and answer
-/// as a charge would, changing nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Access {
-    Charge,
-    Look,
-}
-
 /// A bucket's GCRA state. One limiter both charges it and looks at it ([`Access`]), so both
 /// measure time from the limiter's one reference instant: a look sees exactly what a charge
 /// at the same moment would. (Two limiters over one state would each have their own, and a
@@ -340,8 +330,7 @@ fn shared_gcra<C: Clock + Clone>(spec: &BucketSpec, clock: &C) -> SharedGcra<C> 
     .with_middleware()
 }
 
-type KeyedGcra<K, C> = RateLimiter<K, Shared<K>, C, StateInformationMiddleware>;
-type KeyedPeek<K, C> = RateLimiter<K, PeekKeyed<K>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type KeyedGcra<K, C> = RateLimiter<Accessed<K>, Shared<K>, C, StateInformationMiddleware>;
 
 /// One key's buckets. A plan with only a minute bucket (most plans) has it inline, in the
 /// first cache line: charging it reads that line and nothing else, and builds the
@@ -544,9 +533,10 @@ impl<C: Clock> std::fmt::Debug for Limiter<C> {
 pub struct KeyedLimiter<K: Hash + Eq + Clone, C: Clock = Tsc> {
     specs: Box<[BucketSpec]>,
     buckets: Box<[Bucket]>,
+    /// Each bucket's limiter, which both charges and looks ([`Access`]).
     gcras: Box<[KeyedGcra<K, C>]>,
-    /// With more than one bucket: looks at each table without charging (empty otherwise).
-    peeks: Box<[KeyedPeek<K, C>]>,
+    /// More than one bucket: each is looked at before any is charged.
+    looks_first: bool,
     clock: C,
 }
 
@@ -562,46 +552,38 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
     /// ([`super::ip_table`]).
     pub fn with_capacity(specs: &[BucketSpec], clock: C, capacity: usize) -> Self {
         assert!(!specs.is_empty(), "a limiter needs a bucket");
-        let stores: Vec<_> = specs
-            .iter()
-            .map(|_| Arc::new(BoundedStore::new(capacity)))
-            .collect();
         Self {
             specs: specs.into(),
             buckets: specs.iter().map(|s| Bucket::new(s, false)).collect(),
-            // The charging limiters first: each look then measures from a later instant
-            // than its charge, so a look is never more lenient than the charge after it.
             gcras: specs
                 .iter()
-                .zip(&stores)
-                .map(|(s, store)| {
-                    RateLimiter::<K, _, C, NoOpMiddleware<C::Instant>>::new(
+                .map(|s| {
+                    RateLimiter::<Accessed<K>, _, C, NoOpMiddleware<C::Instant>>::new(
                         s.quota(),
-                        Shared(store.clone()),
+                        Shared(BoundedStore::new(capacity)),
                         clock.clone(),
                     )
                     .with_middleware()
                 })
                 .collect(),
-            peeks: specs
-                .iter()
-                .zip(&stores)
-                .filter(|_| specs.len() > 1)
-                .map(|(s, store)| {
-                    RateLimiter::new(s.quota(), PeekKeyed(store.clone()), clock.clone())
-                })
-                .collect(),
+            looks_first: specs.len() > 1,
             clock,
         }
     }
 
     /// Charges one request from `key` to every bucket, or to none (see [`Limiter::check`]).
     pub fn check(&self, key: &K) -> Decision {
-        let looks = self.peeks.iter().map(|peek| peek.check_key(key));
-        if let Some((i, wait)) = longest_wait(looks, &self.clock) {
-            return self.buckets[i].rejected(i, wait, 1);
+        if self.looks_first {
+            let look = Self::accessed(key, Access::Look);
+            let looks = self.gcras.iter().map(|gcra| gcra.check_key(&look));
+            if let Some((i, wait)) = longest_wait(looks, &self.clock) {
+                return self.buckets[i].rejected(i, wait, 1);
+            }
         }
-        combine(&self.buckets, &self.clock, |i| self.gcras[i].check_key(key))
+        let charge = Self::accessed(key, Access::Charge);
+        combine(&self.buckets, &self.clock, |i| {
+            self.gcras[i].check_key(&charge)
+        })
     }
 
     /// Charges `cost` tokens from `key` to every bucket, or to none. A cost of 0 charges
@@ -613,9 +595,15 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
             Some(n) => n,
         };
         let mut longest: Option<Decision> = None;
-        for (i, peek) in self.peeks.iter().enumerate() {
-            let refused = match peek.check_key_n(key, n) {
-                Ok(Ok(())) => continue,
+        let look = Self::accessed(key, Access::Look);
+        let looked = if self.looks_first {
+            &self.gcras[..]
+        } else {
+            &[]
+        };
+        for (i, gcra) in looked.iter().enumerate() {
+            let refused = match gcra.check_key_n(&look, n) {
+                Ok(Ok(_)) => continue,
                 Ok(Err(not_until)) => {
                     self.buckets[i].rejected(i, not_until.wait_time_from(self.clock.now()), cost)
                 }
@@ -629,8 +617,9 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
             return longest;
         }
         let mut report: Option<Decision> = None;
+        let charge = Self::accessed(key, Access::Charge);
         for (i, bucket) in self.buckets.iter().enumerate() {
-            let decision = match self.gcras[i].check_key_n(key, n) {
+            let decision = match self.gcras[i].check_key_n(&charge, n) {
                 Ok(Ok(state)) => bucket.admitted(i, &state),
                 Ok(Err(not_until)) => {
                     return Some(bucket.rejected(
@@ -646,6 +635,13 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
             }
         }
         report
+    }
+
+    fn accessed(key: &K, access: Access) -> Accessed<K> {
+        Accessed {
+            key: key.clone(),
+            access,
+        }
     }
 
     /// Drops keys whose buckets are full again (idle), and returns how many keys remain.
@@ -683,6 +679,8 @@ impl<K: Hash + Eq + Clone, C: Clock> std::fmt::Debug for KeyedLimiter<K, C> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use governor::clock::FakeRelativeClock;
 
@@ -1058,6 +1056,33 @@ mod tests {
     }
 
     #[test]
+    fn a_client_ip_gets_the_token_its_bucket_has_however_long_the_limiter_took_to_make() {
+        // 60/min, 10 deep, and an hourly bucket: the minute bucket is looked at before it is
+        // charged. Half a second passes at each read of the clock while the limiter is made.
+        let clock = Ticking::default();
+        clock.step.store(500_000_000, Ordering::Relaxed);
+        let hour = BucketSpec {
+            window: Window::Hour,
+            limit: NonZeroU32::new(600).unwrap(),
+            burst: NonZeroU32::new(600).unwrap(),
+        };
+        let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 10), hour], clock.clone());
+        clock.step.store(0, Ordering::Relaxed);
+        assert_eq!(l.check_n(&1, 10).unwrap().remaining, 0);
+        assert!(!l.check(&1).allowed, "empty");
+        // One second later the minute bucket has one token: the look sees it as the charge does.
+        clock.now.fetch_add(1_000_000_000, Ordering::Relaxed);
+        let d = l.check(&1);
+        assert!(d.allowed, "refused for {:?}", d.retry_after);
+        assert!(!l.check(&1).allowed);
+        clock.now.fetch_add(2_000_000_000, Ordering::Relaxed);
+        assert!(
+            l.check_n(&1, 2).unwrap().allowed,
+            "two tokens, two seconds later"
+        );
+    }
+
+    #[test]
     fn a_client_ip_is_charged_the_cost() {
         let clock = FakeRelativeClock::default();
         let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 10)], clock.clone());
@@ -1085,7 +1110,12 @@ mod tests {
             assert!(!d.allowed);
             assert_eq!(d.bucket, 1, "the hourly bucket refuses");
         }
-        let minute = l.gcras[0].check_key(&1).expect("tokens left");
+        let minute = l.gcras[0]
+            .check_key(&KeyedLimiter::<u32, FakeRelativeClock>::accessed(
+                &1,
+                Access::Charge,
+            ))
+            .expect("tokens left");
         assert_eq!(minute.remaining_burst_capacity(), 6);
         // Looking does not add a client to a table.
         assert!(l.check(&2).allowed);

@@ -16,8 +16,8 @@
 
 use std::collections::VecDeque;
 use std::hash::Hash;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use governor::nanos::Nanos;
@@ -174,57 +174,60 @@ impl<K: Hash + Eq + Clone> StateStore for BoundedStore<K> {
     }
 }
 
-/// Reads a [`BoundedStore`] and answers as if charging `key`, without changing (or adding)
-/// anything: how the per-IP limiter looks at its hourly and daily buckets before charging.
-#[derive(Debug)]
-pub struct Peek<K: Hash + Eq>(pub Arc<BoundedStore<K>>);
-
-impl<K: Hash + Eq + Clone> StateStore for Peek<K> {
-    type Key = K;
-
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
-    where
-        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
-    {
-        let state = self
-            .0
-            .map
-            .get(key)
-            .map_or(0, |slot| slot.tat.load(Ordering::Acquire));
-        look(state, f)
-    }
+/// What a call on a bucket's limiter does: charge the bucket, or look at it and answer as a
+/// charge would, changing (and adding) nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    Charge,
+    Look,
 }
 
-/// A [`BoundedStore`] shared with a [`Peek`].
+/// A client's key, with what the call does to its bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Accessed<K> {
+    pub key: K,
+    pub access: Access,
+}
+
+/// A [`BoundedStore`] that one limiter both charges and looks at (its keys are [`Accessed`]),
+/// so that both measure time from the limiter's one reference instant: how the per-IP limiter
+/// looks at its hourly and daily buckets before charging.
 #[derive(Debug)]
-pub struct Shared<K: Hash + Eq>(pub Arc<BoundedStore<K>>);
+pub struct Shared<K: Hash + Eq>(pub BoundedStore<K>);
 
 impl<K: Hash + Eq + Clone> StateStore for Shared<K> {
-    type Key = K;
+    type Key = Accessed<K>;
 
-    fn measure_and_replace<T, F, E>(&self, key: &K, f: F) -> Result<T, E>
+    fn measure_and_replace<T, F, E>(&self, key: &Accessed<K>, f: F) -> Result<T, E>
     where
         F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
     {
-        self.0.measure_and_replace(key, f)
+        match key.access {
+            Access::Charge => self.0.measure_and_replace(&key.key, f),
+            Access::Look => {
+                let state =
+                    (self.0.map.get(&key.key)).map_or(0, |slot| slot.tat.load(Ordering::Acquire));
+                look(state, f)
+            }
+        }
     }
 }
 
-impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<K> for Shared<K> {
+impl<K: Hash + Eq + Clone> ShrinkableKeyedStateStore<Accessed<K>> for Shared<K> {
     fn retain_recent(&self, drop_below: Nanos) {
         self.0.retain_recent(drop_below);
     }
 
     fn shrink_to_fit(&self) {
-        ShrinkableKeyedStateStore::shrink_to_fit(&*self.0);
+        ShrinkableKeyedStateStore::shrink_to_fit(&self.0);
     }
 
     fn len(&self) -> usize {
-        ShrinkableKeyedStateStore::len(&*self.0)
+        ShrinkableKeyedStateStore::len(&self.0)
     }
 
     fn is_empty(&self) -> bool {
-        ShrinkableKeyedStateStore::is_empty(&*self.0)
+        ShrinkableKeyedStateStore::is_empty(&self.0)
     }
 }
 
