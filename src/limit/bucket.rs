@@ -1030,10 +1030,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_look_sees_what_a_charge_left_however_long_the_limiter_took_to_make() {
-        // 60/min: one token a second, 10 deep. Half a second passes at each read of the clock
-        // while the limiter is made, none after.
+    /// A clock moving half a second at each read (until its `step` is set to 0), and an
+    /// hourly bucket deep enough never to be the one that refuses.
+    fn ticking_while_made() -> (Ticking, BucketSpec) {
         let clock = Ticking::default();
         clock.step.store(500_000_000, Ordering::Relaxed);
         let hour = BucketSpec {
@@ -1041,6 +1040,14 @@ mod tests {
             limit: NonZeroU32::new(600).unwrap(),
             burst: NonZeroU32::new(600).unwrap(),
         };
+        (clock, hour)
+    }
+
+    #[test]
+    fn a_look_sees_what_a_charge_left_however_long_the_limiter_took_to_make() {
+        // 60/min: one token a second, 10 deep. Half a second passes at each read of the clock
+        // while the limiter is made, none after.
+        let (clock, hour) = ticking_while_made();
         let limiters = [
             Limiter::peekable(&[spec(60, 10)], clock.clone()),
             Limiter::new(&[spec(60, 10), hour], clock.clone()),
@@ -1059,13 +1066,7 @@ mod tests {
     fn a_client_ip_gets_the_token_its_bucket_has_however_long_the_limiter_took_to_make() {
         // 60/min, 10 deep, and an hourly bucket: the minute bucket is looked at before it is
         // charged. Half a second passes at each read of the clock while the limiter is made.
-        let clock = Ticking::default();
-        clock.step.store(500_000_000, Ordering::Relaxed);
-        let hour = BucketSpec {
-            window: Window::Hour,
-            limit: NonZeroU32::new(600).unwrap(),
-            burst: NonZeroU32::new(600).unwrap(),
-        };
+        let (clock, hour) = ticking_while_made();
         let l: KeyedLimiter<u32, _> = KeyedLimiter::new(&[spec(60, 10), hour], clock.clone());
         clock.step.store(0, Ordering::Relaxed);
         assert_eq!(l.check_n(&1, 10).unwrap().remaining, 0);
