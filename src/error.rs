@@ -475,8 +475,8 @@ fn push_quoted(out: &mut Vec<u8>, s: &str) {
 }
 
 fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    // Codes and most messages need no escape: copied as they are. Checked
-    // without an early exit, so the check runs on whole vectors of bytes.
+    // Codes and most messages need no escape: copied as they are. Checked without an early
+    // exit, so the check runs on whole vectors of bytes.
     let plain = s.bytes().fold(true, |plain, b| {
         plain & (b >= 0x20) & (b != b'"') & (b != b'\\') & (b < 0x7f)
     });

@@ -205,9 +205,8 @@ impl<K: Hash + Eq + Clone> StateStore for Shared<K> {
         match key.access {
             Access::Charge => self.0.measure_and_replace(&key.key, f),
             Access::Look => {
-                let state =
-                    (self.0.map.get(&key.key)).map_or(0, |slot| slot.tat.load(Ordering::Acquire));
-                look(state, f)
+                let slot = self.0.map.get(&key.key);
+                look(slot.map_or(0, |slot| slot.tat.load(Ordering::Acquire)), f)
             }
         }
     }
