@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::redis_server::{RedisProc, free_port, write_file};
+use common::redis_server::{RedisProc, write_file};
 use common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
@@ -228,8 +228,7 @@ struct Process {
 impl Process {
     async fn start(dir: &Path, name: &str, redis: &str) -> Self {
         let up = echo_upstream().await;
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let [addr, admin] = free_addrs();
         let text = format!(
             "[server]\nlisten = \"{addr}\"\n[admin]\nlisten = \"{admin}\"\n{}",
             config_text(redis, 5, up)

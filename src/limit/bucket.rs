@@ -594,27 +594,26 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> KeyedLimiter<K, C> {
             Some(n) if n.get() == 1 => return Some(self.check(key)),
             Some(n) => n,
         };
-        let mut longest: Option<Decision> = None;
-        let look = Self::accessed(key, Access::Look);
-        let looked = if self.looks_first {
-            &self.gcras[..]
-        } else {
-            &[]
-        };
-        for (i, gcra) in looked.iter().enumerate() {
-            let refused = match gcra.check_key_n(&look, n) {
-                Ok(Ok(_)) => continue,
-                Ok(Err(not_until)) => {
-                    self.buckets[i].rejected(i, not_until.wait_time_from(self.clock.now()), cost)
+        if self.looks_first {
+            let look = Self::accessed(key, Access::Look);
+            let mut longest: Option<Decision> = None;
+            for (i, gcra) in self.gcras.iter().enumerate() {
+                let refused = match gcra.check_key_n(&look, n) {
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(not_until)) => self.buckets[i].rejected(
+                        i,
+                        not_until.wait_time_from(self.clock.now()),
+                        cost,
+                    ),
+                    Err(_) => return Some(self.buckets[i].never(i)),
+                };
+                if longest.is_none_or(|l| refused.retry_after > l.retry_after) {
+                    longest = Some(refused);
                 }
-                Err(_) => return Some(self.buckets[i].never(i)),
-            };
-            if longest.is_none_or(|l| refused.retry_after > l.retry_after) {
-                longest = Some(refused);
             }
-        }
-        if longest.is_some() {
-            return longest;
+            if longest.is_some() {
+                return longest;
+            }
         }
         let mut report: Option<Decision> = None;
         let charge = Self::accessed(key, Access::Charge);

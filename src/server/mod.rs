@@ -599,7 +599,7 @@ fn http1_bytes(response: Response<ResponseBody>) -> Option<Bytes> {
 /// the box: the whole size of its largest state (kilobytes for a request's), whatever state
 /// it starts in.
 #[inline(always)]
-pub fn in_box<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+fn in_box<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
