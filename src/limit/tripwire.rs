@@ -47,6 +47,37 @@ struct Entry {
     blocked_until: Option<Instant>,
 }
 
+impl Entry {
+    fn fresh(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            count: 0,
+            blocked_until: None,
+        }
+    }
+
+    /// Counts one event at `now`: the end of the block it trips, if it does. An IP already
+    /// blocked is not counted; a window that has passed, or a block that has ended, starts
+    /// the count again.
+    fn count(&mut self, now: Instant, rule: &Tripwire) -> Option<Instant> {
+        if self.blocked_until.is_some_and(|until| until > now) {
+            return None;
+        }
+        if now.saturating_duration_since(self.window_start) >= rule.window
+            || self.blocked_until.is_some()
+        {
+            *self = Self::fresh(now);
+        }
+        self.count += 1;
+        if self.count < rule.count.get() {
+            return None;
+        }
+        let until = now + rule.block_for;
+        self.blocked_until = Some(until);
+        Some(until)
+    }
+}
+
 /// Counts events per IP and blocks IPs that trip.
 #[derive(Debug)]
 pub struct IpTripwire {
@@ -102,42 +133,38 @@ impl IpTripwire {
     /// event tripped the block.
     pub fn record(&self, ip: IpAddr, now: Instant, rule: &Tripwire) -> bool {
         let ip = limit_key(ip);
-        if !self.entries.contains_key(&ip) && self.entries.len() >= self.capacity {
-            self.sweep_if_due(now, rule);
-            // Still full (a flood from more addresses than the table holds): an IP that is
-            // only being counted makes room, so the flood cannot blind the guard to everyone
-            // else. Blocked IPs stay; if every entry is a block, this one is not tracked.
-            if self.entries.len() >= self.capacity && !self.evict_one_counting(now) {
-                *self.no_room_until.lock().expect("not poisoned") = Some(now + SWEEP_INTERVAL);
-                return false;
+        // An IP already counted (a client's 429s come in runs) is found with one lookup.
+        let counted = self
+            .entries
+            .get_mut(&ip)
+            .map(|mut entry| entry.count(now, rule));
+        let tripped = match counted {
+            Some(tripped) => tripped,
+            None => {
+                if self.entries.len() >= self.capacity {
+                    self.sweep_if_due(now, rule);
+                    // Still full (a flood from more addresses than the table holds): an IP
+                    // that is only being counted makes room, so the flood cannot blind the
+                    // guard to everyone else. Blocked IPs stay; if every entry is a block,
+                    // this one is not tracked.
+                    if self.entries.len() >= self.capacity && !self.evict_one_counting(now) {
+                        *self.no_room_until.lock().expect("not poisoned") =
+                            Some(now + SWEEP_INTERVAL);
+                        return false;
+                    }
+                }
+                self.entries
+                    .entry(ip)
+                    .or_insert(Entry::fresh(now))
+                    .count(now, rule)
             }
-        }
-        let mut entry = self.entries.entry(ip).or_insert(Entry {
-            window_start: now,
-            count: 0,
-            blocked_until: None,
-        });
-        if entry.blocked_until.is_some_and(|until| until > now) {
+        };
+        let Some(until) = tripped else {
             return false;
-        }
-        if now.saturating_duration_since(entry.window_start) >= rule.window
-            || entry.blocked_until.is_some()
-        {
-            *entry = Entry {
-                window_start: now,
-                count: 0,
-                blocked_until: None,
-            };
-        }
-        entry.count += 1;
-        if entry.count >= rule.count.get() {
-            let until = now + rule.block_for;
-            entry.blocked_until = Some(until);
-            let end = self.nanos(until).unwrap_or(UNKNOWN_END);
-            self.last_block_end.fetch_max(end, Ordering::AcqRel);
-            return true;
-        }
-        false
+        };
+        let end = self.nanos(until).unwrap_or(UNKNOWN_END);
+        self.last_block_end.fetch_max(end, Ordering::AcqRel);
+        true
     }
 
     /// `at` in nanoseconds after `base`; `None` before it.
