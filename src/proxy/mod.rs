@@ -12,6 +12,7 @@
 
 pub mod classify;
 mod deadline;
+mod field_names;
 pub mod framing;
 pub mod headers;
 pub mod health;

@@ -14,10 +14,15 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version, request};
 
+use super::field_names;
 use crate::body::{RequestBody, RequestBodyError};
 
 /// The most fields a response head may have (hyper's default).
 pub const MAX_HEADERS: usize = 100;
+
+/// Response heads with at most this many fields (nearly all) keep their field offsets on the
+/// stack while they are parsed.
+const FEW_FIELDS: usize = 16;
 
 /// The largest response head, and the longest chunk-size line or trailer section (hyper's
 /// default read buffer limit).
@@ -166,7 +171,9 @@ pub struct Head {
 /// the head is complete.
 pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<Head>, WireError> {
     // Each field as offsets into `buf`: name start, name length, value start, value length.
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    // A head of a few fields (most) needs only a few of them zeroed first.
+    let mut few = [(0u32, 0u32, 0u32, 0u32); FEW_FIELDS];
+    let mut many = Vec::new();
     let (len, code, minor, count) = {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
@@ -183,6 +190,12 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
             Err(_) => return Err(WireError::Invalid("malformed response head")),
         };
         let base = buf.as_ptr() as usize;
+        let spans = if response.headers.len() <= FEW_FIELDS {
+            &mut few[..]
+        } else {
+            many.resize(response.headers.len(), (0, 0, 0, 0));
+            &mut many[..]
+        };
         for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
             // Within `buf`, far below 4 GiB (MAX_HEAD).
             *span = (
@@ -212,10 +225,15 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     let mut headers = HeaderMap::with_capacity(count + 8);
     // The framing fields, read as the fields go into the map (no lookups afterwards).
     let mut fields = FramingFields::default();
+    let spans = if count <= FEW_FIELDS {
+        &few[..]
+    } else {
+        &many[..]
+    };
     for &(name_at, name_len, value_at, value_len) in &spans[..count] {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
-        let name = HeaderName::from_bytes(name)
-            .map_err(|_| WireError::Invalid("invalid header field name"))?;
+        let name =
+            field_names::name(name).map_err(|_| WireError::Invalid("invalid header field name"))?;
         let value = head.slice(value_at as usize..(value_at + value_len) as usize);
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| WireError::Invalid("invalid header field value"))?;
