@@ -10,7 +10,6 @@
 //! learns on the way (its client, key, bucket decision, upstream answer) is kept in one
 //! [`Exchange`], read at the end for headers, metrics and the access log.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,149 +21,21 @@ use hyper::body::Incoming;
 
 use crate::auth::{Identity, KeyRecord, KeySources, KeyStore, WallClock, expiry};
 use crate::body::{ResponseBody, UnreadBody};
-use crate::config::{Config, KeyConfig, KeyId, KeyStoreKind, PlanName, RouteTarget};
-use crate::error::{ErrorRenderer, GatewayError};
-use crate::limit::bucket::buckets_for;
-use crate::limit::charge::{Layout, QuotaTable};
+use crate::config::{Config, KeyConfig, RouteTarget};
+use crate::error::GatewayError;
 use crate::limit::headers::PolicyHeaders;
-use crate::limit::{Decision, Guard, KeyedLimiter, LimiterBackend};
+use crate::limit::{Decision, Guard};
 use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
-use crate::observability::metrics::{Labels, LimitOutcome, Metrics, SnapshotMetrics};
-use crate::proxy::{ClientInfo, Forward, Resolver, Upstream, classify, framing, headers};
-use crate::route::{Resolved, Route, Router};
+use crate::observability::metrics::{Labels, LimitOutcome, Metrics};
+use crate::proxy::{ClientInfo, Forward, Resolver, classify, framing, headers};
+use crate::route::{Resolved, Route};
 use crate::server::admin::keys::KeyAdmin;
 use crate::server::client_ip::{client_ip, is_trusted_peer};
 use crate::server::{Handler, RequestContext, head_limits};
 
-/// Everything derived from one loaded config. Swapped whole on reload; a request keeps the
-/// snapshot it started with.
-#[derive(Debug)]
-pub struct Snapshot {
-    /// The validated config. Its `keys` are empty: they live on in `keys`, built from them
-    /// (a million keys' config records are a few hundred MB not to keep twice).
-    pub config: Config,
-    /// Compiled routes.
-    pub router: Router,
-    /// Error body writer for `[errors]`.
-    pub renderer: ErrorRenderer,
-    /// API keys by digest.
-    pub keys: KeyStore,
-    /// One pooled client per upstream, by index in `config.upstreams`.
-    pub upstreams: Vec<Upstream>,
-    /// Per-client-IP buckets for public routes (`plans.anonymous`), when that plan exists.
-    pub anonymous: Option<Arc<Anonymous>>,
-    /// Where API keys' buckets live (`limits.backend`); the Redis connection survives reloads.
-    pub backend: LimiterBackend,
-    /// Metric series pre-resolved for this config's routes, plans and upstreams.
-    pub metrics: SnapshotMetrics,
-    /// The anonymous plan's index in `metrics`, when that plan exists.
-    anonymous_plan: Option<usize>,
-    /// Every key's monthly quota count, handed from snapshot to snapshot.
-    pub quotas: Arc<QuotaTable>,
-    /// `auth.store = "redis"`: the keys loaded from Redis, built against this snapshot's
-    /// plans and swapped as Redis changes (see [`Gateway::set_shared_keys`]).
-    pub shared_keys: Option<ArcSwap<KeyStore>>,
-    /// `auth.store = "redis"`: ids of the config's own keys, which a Redis key cannot take.
-    config_key_ids: HashSet<KeyId>,
-}
-
-/// The `plans.anonymous` limiter: governor over dashmap, keyed by client IP.
-#[derive(Debug)]
-pub struct Anonymous {
-    /// Buckets per client IP.
-    pub limiter: KeyedLimiter<IpAddr>,
-    /// Header parts.
-    pub policy: Arc<PolicyHeaders>,
-}
-
-/// The plan public routes are limited by, per client IP.
-pub const ANONYMOUS_PLAN: &str = "anonymous";
-
-impl Snapshot {
-    /// Builds the runtime state for `config`, carrying bucket state over from `previous`
-    /// (keys that still exist with the same limits; the anonymous table if its plan is unchanged).
-    pub fn new(
-        mut config: Config,
-        previous: Option<&Snapshot>,
-        metrics: &Arc<Metrics>,
-        resolver: &Resolver,
-    ) -> Self {
-        let key_list = std::mem::take(&mut config.keys);
-        // Quota counts live for the process: a reload keeps every one.
-        let quotas = previous.map_or_else(Default::default, |p| p.quotas.clone());
-        let redis_store = config.auth.store == KeyStoreKind::Redis;
-        let config_key_ids = if redis_store {
-            key_list.iter().map(|k| k.id.clone()).collect()
-        } else {
-            HashSet::new()
-        };
-        let anonymous = config
-            .plans
-            .get(&PlanName(Arc::from(ANONYMOUS_PLAN)))
-            .map(|plan| buckets_for(plan, None))
-            .map(|specs| match previous.and_then(|p| p.anonymous.as_ref()) {
-                Some(prev) if prev.limiter.specs() == specs.as_slice() => prev.clone(),
-                _ => Arc::new(Anonymous {
-                    limiter: KeyedLimiter::new(&specs, Default::default()),
-                    policy: Arc::new(PolicyHeaders::new(ANONYMOUS_PLAN, &specs)),
-                }),
-            });
-        Self {
-            router: Router::new(&config.routes),
-            renderer: ErrorRenderer::new(&config.errors),
-            keys: KeyStore::build(
-                key_list,
-                &config.plans,
-                Layout {
-                    routes: &config.routes,
-                    quotas: &quotas,
-                },
-                previous.map(|p| &p.keys),
-            ),
-            quotas: quotas.clone(),
-            upstreams: config
-                .upstreams
-                .iter()
-                .map(|u| {
-                    let old =
-                        previous.and_then(|p| p.upstreams.iter().find(|o| o.config.name == u.name));
-                    Upstream::new(u, old, metrics, resolver)
-                })
-                .collect(),
-            anonymous,
-            backend: LimiterBackend::new(
-                &config.limits,
-                &config.redis,
-                previous.map(|p| &p.backend),
-            ),
-            metrics: SnapshotMetrics::new(metrics.clone(), &config),
-            anonymous_plan: config.plans.keys().position(|p| &*p.0 == ANONYMOUS_PLAN),
-            shared_keys: redis_store.then(|| ArcSwap::from_pointee(KeyStore::default())),
-            config_key_ids,
-            config,
-        }
-    }
-
-    /// A store of `keys` (from Redis) for this snapshot: against its plans, keeping the
-    /// buckets of `previous`, leaving out (and logging) keys whose plan is not defined here
-    /// or whose id is one of the config's own.
-    fn shared_store(&self, keys: &[KeyConfig], previous: Option<&KeyStore>) -> KeyStore {
-        let usable: Vec<KeyConfig> = keys
-            .iter()
-            .filter(|k| {
-                let ok = self.config.plans.contains_key(&k.plan)
-                    && !self.config_key_ids.contains(&k.id);
-                if !ok {
-                    tracing::warn!(key_id = &*k.id.0, plan = &*k.plan.0, "key store: a key in Redis is left out: its plan is not defined, or its id is one of the config's keys");
-                }
-                ok
-            })
-            .cloned()
-            .collect();
-        KeyStore::from_keys(usable, &self.config.plans, previous)
-    }
-}
+mod snapshot;
+pub use snapshot::{ANONYMOUS_PLAN, Anonymous, Snapshot};
 
 /// The rate-limit decision of a request and the header parts to report it with, borrowed
 /// from the request's snapshot (no reference counting per request).
@@ -189,6 +60,14 @@ struct Exchange<'s> {
     key_expires_soon: Option<u32>,
     /// The keys shared through Redis, as loaded when the request started.
     shared_keys: Option<&'s KeyStore>,
+}
+
+/// A request the pipeline let through, on its way to the route's target.
+struct Admitted<'s> {
+    resolved: Resolved<'s>,
+    /// Without the credential, and with only the identity headers tollgate sets.
+    request: Request<()>,
+    client: IpAddr,
 }
 
 /// The gateway: the current snapshot, and the pipeline that runs every request against it.
@@ -330,16 +209,15 @@ impl Gateway {
         self.guard.would_limit_count()
     }
 
-    /// The steps of a request, in order. `body` stays with the caller until the request is
-    /// forwarded, so a request answered before that can have it discarded.
-    async fn pipeline<'s>(
+    /// The steps of a request up to its target, in order: everything that may refuse it.
+    /// What is left is the request as the target gets it ([`Self::dispatch`]).
+    async fn admit<'s>(
         &self,
         snapshot: &'s Snapshot,
         mut request: Request<()>,
-        body: &mut Option<Incoming>,
         ctx: &RequestContext,
         exchange: &mut Exchange<'s>,
-    ) -> Result<Response<ResponseBody>, GatewayError> {
+    ) -> Result<Admitted<'s>, GatewayError> {
         let server = &snapshot.config.server;
         // Nothing about an oversized request is worth routing.
         head_limits::check(&request, server)?;
@@ -377,8 +255,11 @@ impl Gateway {
         );
         // The identity itself goes with the request to the upstream (see `headers::Added`).
         headers::strip_identity(request.headers_mut());
-        self.dispatch(resolved, request, body, ctx, client, snapshot, exchange)
-            .await
+        Ok(Admitted {
+            resolved,
+            request,
+            client,
+        })
     }
 
     /// The key of the request, checked against the route's `auth` and scopes; a 401 is
@@ -476,18 +357,22 @@ impl Gateway {
         outcome
     }
 
-    /// The route's target: its fixed response, or the upstream's answer.
-    #[allow(clippy::too_many_arguments)]
+    /// The route's target: its fixed response, or the upstream's answer. `body` stays with
+    /// the caller until the request is forwarded, so a request answered before that can have
+    /// it discarded.
     async fn dispatch<'s>(
         &self,
-        resolved: Resolved<'s>,
-        request: Request<()>,
+        admitted: Admitted<'s>,
         body: &mut Option<Incoming>,
         ctx: &RequestContext,
-        client: IpAddr,
         snapshot: &'s Snapshot,
         exchange: &mut Exchange<'s>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
+        let Admitted {
+            resolved,
+            request,
+            client,
+        } = admitted;
         let route = resolved.route;
         let index = match &route.config.target {
             RouteTarget::Respond(fixed) => {
@@ -569,15 +454,18 @@ impl Handler for Gateway {
         let (head, incoming) = request.into_parts();
         let unread = UnreadBody::of(&head, &incoming);
         let mut body = Some(incoming);
-        let outcome = self
-            .pipeline(
-                &snapshot,
-                Request::from_parts(head, ()),
-                &mut body,
-                ctx,
-                &mut exchange,
-            )
-            .await;
+        // Two awaits, not one inside the other: the forwarding state is made in place here,
+        // where nesting it in the admission's would copy all of it (kilobytes) once made.
+        let outcome = match self
+            .admit(&snapshot, Request::from_parts(head, ()), ctx, &mut exchange)
+            .await
+        {
+            Ok(admitted) => {
+                self.dispatch(admitted, &mut body, ctx, &snapshot, &mut exchange)
+                    .await
+            }
+            Err(error) => Err(error),
+        };
         let forwarded_ok = outcome.is_ok() && body.is_none();
         let mut response = match outcome {
             Ok(response) => response,
