@@ -58,6 +58,11 @@ where
     let mut closing_since: Option<u64> = None;
     let mut stopping = *stop.borrow_and_update();
     let mut watching_stop = !stopping;
+    // Whether the stop has been sent, read without the wait: an atomic read of the channel's
+    // version, where polling the wait takes the channel's waiter lock.
+    let sent = stop.clone();
+    // The wait has registered this task's waker, which the stop wakes.
+    let mut registered = false;
     // One wait for the stop for the whole connection, not one per turn of the loop below:
     // each new wait registers with (and each dropped one leaves) the stop channel's waiter
     // list, which every connection shares. True when the stop came; false when the server is
@@ -142,7 +147,15 @@ where
                     }
                 }
             }
-            stopped = stop_signal.as_mut(), if watching_stop => {
+            // Polled once to register, then only once the stop was sent: the connection's
+            // task wakes for every read and write, and the wait's waker stays registered.
+            stopped = std::future::poll_fn(|cx| {
+                if registered && matches!(sent.has_changed(), Ok(false)) {
+                    return Poll::Pending;
+                }
+                registered = true;
+                stop_signal.as_mut().poll(cx)
+            }), if watching_stop => {
                 watching_stop = false;
                 if stopped {
                     stopping = true;
