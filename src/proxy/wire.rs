@@ -497,6 +497,38 @@ mod tests {
     }
 
     #[test]
+    fn every_field_of_a_head_is_kept_however_many_it_has() {
+        // Up to FEW_FIELDS the offsets stay on the stack, beyond them in a Vec; the last
+        // allowed count and one over the limit too.
+        for count in [0, 1, FEW_FIELDS, FEW_FIELDS + 1, 40, MAX_HEADERS] {
+            let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+            for i in 0..count {
+                raw.push_str(&format!("X-Field-{i}: value {i}\r\n"));
+            }
+            raw.push_str("\r\n");
+            let head = parse(raw.as_bytes(), Method::GET).unwrap().unwrap();
+            let fields: Vec<_> = head
+                .headers
+                .iter()
+                .map(|(name, value)| (name.as_str().to_owned(), value.to_str().unwrap().to_owned()))
+                .collect();
+            let want: Vec<_> = (0..count)
+                .map(|i| (format!("x-field-{i}"), format!("value {i}")))
+                .collect();
+            assert_eq!(fields, want, "{count} fields");
+        }
+        let mut raw = String::from("HTTP/1.1 200 OK\r\n");
+        for i in 0..=MAX_HEADERS {
+            raw.push_str(&format!("X-Field-{i}: {i}\r\n"));
+        }
+        raw.push_str("\r\n");
+        assert!(matches!(
+            parse(raw.as_bytes(), Method::GET),
+            Err(WireError::Invalid("too many response header fields"))
+        ));
+    }
+
+    #[test]
     fn a_response_head_is_parsed_with_its_framing_and_keep_alive() {
         let raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nx-a: 2\r\n\r\nhello";
         let mut buf = BytesMut::from(&raw[..]);
