@@ -18,6 +18,7 @@ CONNS=${CONNS:-64}
 SECS=${SECS:-4}
 SUT_CPU=${SUT_CPU:-0}
 GEN_CPU=${GEN_CPU:-1}
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 
 (cd "$ROOT" && cargo build --release --bin tollgate-bench-upstream >&2)
 WORK=$(mktemp -d /tmp/tollgate-ab.XXXXXX)
@@ -29,7 +30,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-taskset -c "$GEN_CPU" "$ROOT/target/release/tollgate-bench-upstream" 127.0.0.1:3000 &
+taskset -c "$GEN_CPU" "$TARGET/release/tollgate-bench-upstream" 127.0.0.1:3000 &
 PIDS+=($!)
 wrk_json() { # seconds
     taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -d"$1s" -s "$HERE/keys.lua" \
