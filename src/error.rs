@@ -481,11 +481,7 @@ fn push_json_str(out: &mut Vec<u8>, s: &str) {
         plain & (b >= 0x20) & (b != b'"') & (b != b'\\') & (b < 0x7f)
     });
     if plain {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        return;
+        return push_quoted(out, s);
     }
     serde_json::to_writer(&mut *out, s).expect("writing a str to a Vec cannot fail");
 }

@@ -59,7 +59,7 @@ pub fn name(raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
 
 /// `raw`'s slot: from its length and its first, middle and last bytes.
 fn slot_of(raw: &[u8]) -> usize {
-    let byte = |at: usize| usize::from(raw[at] | 0x20);
+    let byte = |at: usize| usize::from(raw[at]);
     let mixed = raw.len().wrapping_mul(0x9e37)
         ^ byte(0)
         ^ (byte(raw.len() / 2) << 3)

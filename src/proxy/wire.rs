@@ -174,7 +174,7 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     // A head of a few fields (most) needs only a few of them zeroed first.
     let mut few = [(0u32, 0u32, 0u32, 0u32); FEW_FIELDS];
     let mut many = Vec::new();
-    let (len, code, minor, count) = {
+    let (len, code, minor, spans) = {
         let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut response = httparse::Response::new(&mut []);
         let parser = httparse::ParserConfig::default();
@@ -190,10 +190,11 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
             Err(_) => return Err(WireError::Invalid("malformed response head")),
         };
         let base = buf.as_ptr() as usize;
-        let spans = if response.headers.len() <= FEW_FIELDS {
+        let count = response.headers.len();
+        let spans = if count <= FEW_FIELDS {
             &mut few[..]
         } else {
-            many.resize(response.headers.len(), (0, 0, 0, 0));
+            many.resize(count, (0, 0, 0, 0));
             &mut many[..]
         };
         for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
@@ -206,12 +207,7 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
             );
         }
         let code = response.code.unwrap_or(0);
-        (
-            len,
-            code,
-            response.version.unwrap_or(1),
-            response.headers.len(),
-        )
+        (len, code, response.version.unwrap_or(1), &spans[..count])
     };
     let head = buf.split_to(len).freeze();
     let status = StatusCode::from_u16(code).map_err(|_| WireError::Invalid("invalid status"))?;
@@ -222,15 +218,10 @@ pub fn parse_head(buf: &mut BytesMut, request_method: &Method) -> Result<Option<
     };
     // Room for what the gateway adds on the way to the client (the rate-limit fields, the
     // request ID): the map is not grown, and rehashed, for them.
-    let mut headers = HeaderMap::with_capacity(count + 8);
+    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
     // The framing fields, read as the fields go into the map (no lookups afterwards).
     let mut fields = FramingFields::default();
-    let spans = if count <= FEW_FIELDS {
-        &few[..]
-    } else {
-        &many[..]
-    };
-    for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+    for &(name_at, name_len, value_at, value_len) in spans {
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let name =
             field_names::name(name).map_err(|_| WireError::Invalid("invalid header field name"))?;
