@@ -49,7 +49,7 @@ use crate::observability::metrics::Metrics;
 use arc_swap::ArcSwap;
 use classify::{Failure, classify, classify_pool, error_chain, needs_detail};
 use deadline::Deadline;
-use pool::{Pool, PoolFailure, Retire};
+use pool::{Outgoing, Pool, Retire};
 use probe::Background;
 pub use resolve::Resolver;
 use targets::{Target, TargetSet, Tried};
@@ -333,9 +333,12 @@ impl Upstream {
             timeout: self.config.timeout,
             body: body.progress(),
         };
+        // The request stays in this slot: each attempt borrows it, and one that never left
+        // tollgate is back in it afterwards.
+        let mut request = Some(Request::from_parts(parts, body));
         let mut outcome = attempt(
             transport,
-            Request::from_parts(parts, body),
+            &mut request,
             &added,
             &deadline,
             &self.config.name,
@@ -343,23 +346,28 @@ impl Upstream {
         .await;
         set.observe(index, &outcome, &self.config.name);
         if !several {
-            if let Err((failure, returned)) = &mut outcome
+            if let Err(failure) = &outcome
                 && self.config.retries > 0
                 && replayable
                 && may_retry(&method, true, *failure)
-                && let Some(request) = returned.take().map(|r| *r).or(replay.take())
+                && {
+                    if request.is_none() {
+                        request = replay.take();
+                    }
+                    request.is_some()
+                }
             {
                 tracing::debug!(
                     failed = ?failure,
                     "could not connect to the upstream; retrying once on a fresh connection"
                 );
                 let name = &self.config.name;
-                outcome = attempt(transport, request, &added, &deadline, name).await;
+                outcome = attempt(transport, &mut request, &added, &deadline, name).await;
                 set.observe(index, &outcome, name);
             }
         } else {
             for _ in 0..self.config.retries {
-                let Err((failure, returned)) = &mut outcome else {
+                let Err(failure) = &outcome else {
                     break;
                 };
                 if !classify::may_retry_elsewhere(&method, body_empty, *failure) {
@@ -369,7 +377,7 @@ impl Upstream {
                     break;
                 };
                 // What the failed attempt gave back (its body unread), else the copy.
-                let Some(mut request) = returned.take().map(|r| *r).or_else(|| {
+                let Some(next_request) = request.take().or_else(|| {
                     replay
                         .as_ref()
                         .map(|r| head_copy(r.method(), r.uri(), r.version(), r.headers()))
@@ -380,22 +388,22 @@ impl Upstream {
                 let to = &set.targets[next];
                 *sent_to = Some(to.label.clone());
                 permit.count_on(&to.load);
-                let target = request
+                let target = next_request
                     .uri()
                     .path_and_query()
                     .cloned()
                     .ok_or(GatewayError::Internal)?;
-                let (mut head, body) = request.into_parts();
+                let (mut head, body) = next_request.into_parts();
                 let transport =
                     self.aim(to, upgrading, &mut head.uri, &mut head.headers, target)?;
-                request = Request::from_parts(head, body);
+                request = Some(Request::from_parts(head, body));
                 tracing::debug!(
                     failed = ?failure,
                     upstream_target = %to.label,
                     "upstream target failed before its response head; retrying on another"
                 );
                 let name = &self.config.name;
-                outcome = attempt(transport, request, &added, &deadline, name).await;
+                outcome = attempt(transport, &mut request, &added, &deadline, name).await;
                 set.observe(next, &outcome, name);
                 match &outcome {
                     Ok(_) => self.retries_ok.inc(),
@@ -403,8 +411,10 @@ impl Upstream {
                 };
             }
         }
-        let (mut response, retire) = outcome.map_err(|(failure, returned)| {
-            *client_body = returned.and_then(|request| request.into_body().into_unread());
+        let (mut response, retire) = outcome.map_err(|failure| {
+            *client_body = request
+                .take()
+                .and_then(|request| request.into_body().into_unread());
             failure.into_error()
         })?;
         // A response that is refused below ends its connection's use (see `Retire`).
@@ -594,18 +604,17 @@ enum Transport<'a> {
     Client(&'a Client<Connector, RequestBody>),
 }
 
-/// A failed attempt, with the request when it never left tollgate and came back.
-type Failed = (Failure, Option<Box<Request<RequestBody>>>);
-
-/// One try: the response head by `deadline` (with, from the pool, a handle to retire its
-/// connection), or the classified failure.
+/// One try of the request in `request`: the response head by `deadline` (with, from the
+/// pool, a handle to retire its connection), or the classified failure. A request that never
+/// left tollgate (the pool could not connect, or a pooled connection was dead before it took
+/// a byte) is left in `request`, to be tried again; otherwise the slot is empty afterwards.
 async fn attempt(
     transport: Transport<'_>,
-    mut request: Request<RequestBody>,
+    request: &mut Option<Outgoing>,
     added: &headers::Added<'_>,
     deadline: &Deadline,
     upstream: &str,
-) -> Result<(Response<UpstreamBody>, Option<Retire>), Failed> {
+) -> Result<(Response<UpstreamBody>, Option<Retire>), Failure> {
     let log = |failure: Failure, error: &(dyn std::error::Error + 'static)| {
         if needs_detail(failure, error) {
             // A bad certificate fails every request: one line a second, with the count.
@@ -622,22 +631,31 @@ async fn attempt(
         }
         failure
     };
-    let timed_out = || (Failure::Upstream(FailureKind::Timeout), None);
+    let timed_out = Failure::Upstream(FailureKind::Timeout);
     match transport {
-        Transport::Pool(pool) => match deadline.run(pin!(pool.send(request, added))).await {
-            Some(Ok((response, retire))) => Ok((response, Some(retire))),
-            Some(Err(PoolFailure { error, request })) => {
-                Err((log(classify_pool(&error), &error), request))
+        Transport::Pool(pool) => {
+            match deadline.run(pin!(pool.send(request, added))).await {
+                Some(Ok((response, retire))) => return Ok((response, Some(retire))),
+                Some(Err(error)) => return Err(log(classify_pool(&error), &error)),
+                None => {}
             }
-            None => Err(timed_out()),
-        },
-        // hyper-util's client writes the map alone.
+            // Timed out (the send, and its borrow of the slot, ended with the match): a
+            // request still connecting when the deadline passed is not tried again.
+            *request = None;
+            Err(timed_out)
+        }
+        // hyper-util's client writes the map alone, and gives nothing back.
         Transport::Client(client) => {
+            // Callers fill the slot; an empty one is answered as the pool answers it (a
+            // connection that closed before it took anything).
+            let Some(mut request) = request.take() else {
+                return Err(Failure::Upstream(FailureKind::Reset));
+            };
             added.insert_into(request.headers_mut());
             match deadline.run(pin!(client.request(request))).await {
                 Some(Ok(response)) => Ok((response.map(UpstreamBody::from), None)),
-                Some(Err(error)) => Err((log(classify(&error), &error), None)),
-                None => Err(timed_out()),
+                Some(Err(error)) => Err(log(classify(&error), &error)),
+                None => Err(timed_out),
             }
         }
     }

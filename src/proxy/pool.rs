@@ -468,24 +468,6 @@ pub enum PoolError {
     Send(#[source] WireError),
 }
 
-/// A request that got no response head: why, and the request itself when it never left
-/// (no connection could be made), so it can be tried again without a copy.
-pub struct PoolFailure {
-    /// What went wrong.
-    pub error: PoolError,
-    /// The request, when it was never handed to a connection.
-    pub request: Option<Box<Request<RequestBody>>>,
-}
-
-impl From<PoolError> for PoolFailure {
-    fn from(error: PoolError) -> Self {
-        Self {
-            error,
-            request: None,
-        }
-    }
-}
-
 impl PoolError {
     /// Whether the request never left tollgate because no connection could be made.
     pub fn is_connect(&self) -> bool {
@@ -493,10 +475,10 @@ impl PoolError {
     }
 }
 
-/// What one exchange on a connection gave: the response head (the connection travels on in
-/// its body), or the failure with the request when not a byte of it was written.
-type Exchanged = Result<Response<UpstreamBody>, (WireError, Option<Outgoing>)>;
-type Outgoing = Request<RequestBody>;
+/// A request on its way to the upstream. Callers keep it in a slot of their own
+/// (`&mut Option<Outgoing>`) and lend the slot down: the request is moved once, where it is
+/// written, and one that never left is put back there, not handed up through every layer.
+pub type Outgoing = Request<RequestBody>;
 
 impl Pool {
     /// A pool for `host:port`.
@@ -530,56 +512,50 @@ impl Pool {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends `request` (origin-form URI, `Host` set) on an idle connection, or on a new one,
-    /// and returns the response head; its body carries the connection and puts it back here
-    /// when it ends. A pooled connection that fails before a byte of the request was written
-    /// gives it back, and it goes on a new connection, as hyper-util's
-    /// `retry_canceled_requests` does.
+    /// Sends the request in `request` (origin-form URI, `Host` set) on an idle connection, or
+    /// on a new one, and returns the response head; its body carries the connection and puts
+    /// it back here when it ends. The request is taken from the slot once it is handed to a
+    /// connection. A pooled connection that fails before a byte of the request was written
+    /// puts it back, and it goes on a new connection, as hyper-util's
+    /// `retry_canceled_requests` does. When no connection can be made the request stays in
+    /// the slot, so the caller can try it again without a copy.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<RequestBody>,
+        request: &mut Option<Outgoing>,
         added: &Added<'_>,
-    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
-        let request = match self.checkout() {
-            Some(conn) => {
-                let retire = Retire(conn.retired.clone());
-                match Self::exchange(conn, request, added).await {
-                    Ok(response) => return Ok((response, retire)),
-                    // Never written: safe to send again, whatever the method, on a new
-                    // connection (so this happens at most once).
-                    Err((error, Some(back))) => {
-                        tracing::debug!(%error, "pooled upstream connection failed before taking the request; resending on a new one");
-                        back
-                    }
-                    Err((error, None)) => return Err(PoolError::Send(error).into()),
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolError> {
+        if let Some(conn) = self.checkout() {
+            let retire = Retire(conn.retired.clone());
+            match Self::exchange(conn, request, added).await {
+                Ok(response) => return Ok((response, retire)),
+                // Never written: safe to send again, whatever the method, on a new
+                // connection (so this happens at most once).
+                Err(error) if request.is_some() => {
+                    tracing::debug!(%error, "pooled upstream connection failed before taking the request; resending on a new one");
                 }
+                Err(error) => return Err(PoolError::Send(error)),
             }
-            None => request,
-        };
+        }
         // Boxed: connecting is the rare path, and its state would otherwise make every
-        // request's future, moved several times, larger.
+        // request's future larger.
         Box::pin(self.send_on_new_connection(request, added)).await
     }
 
-    /// Sends `request` on a new connection.
+    /// Sends the request in `request` on a new connection.
     async fn send_on_new_connection(
         self: &Arc<Self>,
-        request: Request<RequestBody>,
+        request: &mut Option<Outgoing>,
         added: &Added<'_>,
-    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
-        let conn = match self.connect().await {
-            Ok(conn) => conn,
-            Err(error) => {
-                return Err(PoolFailure {
-                    error,
-                    request: Some(Box::new(request)),
-                });
-            }
-        };
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolError> {
+        let conn = self.connect().await?;
         let retire = Retire(conn.retired.clone());
         match Self::exchange(conn, request, added).await {
             Ok(response) => Ok((response, retire)),
-            Err((error, _)) => Err(PoolError::Send(error).into()),
+            Err(error) => {
+                // A fresh connection that failed is not tried again: what it left is dropped.
+                *request = None;
+                Err(PoolError::Send(error))
+            }
         }
     }
 
@@ -594,9 +570,18 @@ impl Pool {
         }
     }
 
-    /// Writes `request` and `added` on `conn` and reads the response head, from this task.
-    async fn exchange(mut conn: Box<Conn>, request: Outgoing, added: &Added<'_>) -> Exchanged {
-        let (mut parts, body) = request.into_parts();
+    /// Writes the request in `request` and `added` on `conn` and reads the response head, from
+    /// this task. When not a byte of it was written, the request goes back into `request`.
+    async fn exchange(
+        mut conn: Box<Conn>,
+        request: &mut Option<Outgoing>,
+        added: &Added<'_>,
+    ) -> Result<Response<UpstreamBody>, WireError> {
+        // The callers lend a filled slot; an empty one is a connection that took nothing.
+        let Some(outgoing) = request.take() else {
+            return Err(WireError::Closed);
+        };
+        let (mut parts, body) = outgoing.into_parts();
         let sending = wire::request_framing(&mut parts, &body);
         wire::encode_head(&mut conn.out, &parts, added.fields());
         conn.sending = sending;
@@ -645,9 +630,10 @@ impl Pool {
                 let body = unsent
                     .take()
                     .or_else(|| conn.body.take().filter(|b| !b.touched()));
-                Err((error, body.map(|body| Request::from_parts(parts, body))))
+                *request = body.map(|body| Request::from_parts(parts, body));
+                Err(error)
             }
-            Err(error) => Err((error, None)),
+            Err(error) => Err(error),
         }
     }
 
@@ -749,8 +735,8 @@ mod tests {
     async fn send(
         pool: &Arc<Pool>,
         request: Request<RequestBody>,
-    ) -> Result<(Response<UpstreamBody>, Retire), PoolFailure> {
-        pool.send(request, &Added::default()).await
+    ) -> Result<(Response<UpstreamBody>, Retire), PoolError> {
+        pool.send(&mut Some(request), &Added::default()).await
     }
 
     fn pool(addr: std::net::SocketAddr) -> Arc<Pool> {
@@ -766,7 +752,7 @@ mod tests {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = send(&pool, get("/")).await.ok().expect("a response");
+            let (response, _) = send(&pool, get("/")).await.expect("a response");
             assert_eq!(pool.len(), 0, "checked out while its body is unread");
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
@@ -779,8 +765,8 @@ mod tests {
         );
 
         // Two at once: two connections, both parked afterwards.
-        let (a, _) = send(&pool, get("/")).await.ok().unwrap();
-        let (b, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (a, _) = send(&pool, get("/")).await.unwrap();
+        let (b, _) = send(&pool, get("/")).await.unwrap();
         let _ = a.into_body().collect().await.unwrap();
         let _ = b.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 2);
@@ -791,12 +777,12 @@ mod tests {
     async fn an_empty_body_releases_its_connection_unpolled_and_an_unfinished_one_closes_it() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = send(&pool, get("/empty")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/empty")).await.unwrap();
         assert_eq!(response.status(), 204);
         drop(response);
         assert_eq!(pool.len(), 1, "an empty body is at its end without a poll");
 
-        let (response, _) = send(&pool, get("/big")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/big")).await.unwrap();
         let mut body = response.into_body();
         let first = body.frame().await.unwrap().unwrap();
         assert!(first.data_ref().is_some_and(|d| d.len() < 1 << 20));
@@ -807,7 +793,7 @@ mod tests {
             "a body dropped before its end takes its connection along"
         );
 
-        let (response, _) = send(&pool, get("/big")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/big")).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(body.len(), 1 << 20, "a streamed body arrives whole");
         assert_eq!(pool.len(), 1);
@@ -829,12 +815,12 @@ mod tests {
     async fn a_body_read_as_far_as_it_arrived_releases_its_connection_when_whole() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (mut response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (mut response, _) = send(&pool, get("/")).await.unwrap();
         // Not relayed (a normalized 503's page): read without waiting, then dropped.
         response.body_mut().read_arrived();
         drop(response);
         assert_eq!(pool.len(), 1, "the short body had arrived whole: parked");
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "and reused");
     }
@@ -843,11 +829,11 @@ mod tests {
     async fn a_retired_connection_is_not_parked() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, retire) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, retire) = send(&pool, get("/")).await.unwrap();
         retire.retire();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 0);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -856,7 +842,7 @@ mod tests {
     async fn housekeeping_closes_connections_idle_past_the_timeout_or_closed_upstream() {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         let _ = response.into_body().collect().await.unwrap();
         let since = pool.shard(0)[0].since;
         pool.close_idle_at(since + Duration::from_secs(89));
@@ -879,7 +865,7 @@ mod tests {
             }
         });
         let pool = self::pool(addr);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 1);
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -958,7 +944,7 @@ mod tests {
         .await;
         let pool = pool(addr);
         for _ in 0..2 {
-            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.unwrap();
             assert_eq!(response.status(), 200, "the interim 100 is skipped");
             assert_eq!(response.headers()["x-up"], "1");
             let collected = response.into_body().collect().await.unwrap();
@@ -984,7 +970,7 @@ mod tests {
             }
         });
         let pool = self::pool(closing);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&body[..], b"all of it");
         assert_eq!(
@@ -995,10 +981,10 @@ mod tests {
 
         // Read as far as it came, never ended: the connection is dropped with the body.
         let pool = self::pool(addr);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         drop(response);
         assert_eq!(pool.len(), 0);
-        let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
         drop(response);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
@@ -1052,7 +1038,7 @@ mod tests {
         request
             .headers_mut()
             .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(5));
-        let (response, _) = send(&pool, request).await.ok().unwrap();
+        let (response, _) = send(&pool, request).await.unwrap();
         assert_eq!(response.status(), 204);
         let got = String::from_utf8(seen.recv().await.unwrap()).unwrap();
         assert!(got.starts_with("PUT /known HTTP/1.1\r\n"), "{got}");
@@ -1108,7 +1094,7 @@ mod tests {
         let (addr, _) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.unwrap();
             let _ = response.into_body().collect().await.unwrap();
         }
         assert_eq!(
@@ -1137,7 +1123,7 @@ mod tests {
         });
         let pool = self::pool(addr);
         for round in 1..=2 {
-            let (response, _) = send(&pool, get("/")).await.ok().unwrap();
+            let (response, _) = send(&pool, get("/")).await.unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(&body[..], b"ok");
             assert_eq!(pool.shard(0)[0].conn.acks, round, "one per held-back body");

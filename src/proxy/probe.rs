@@ -116,8 +116,14 @@ async fn probe(
         timeout: check.timeout,
         body: None,
     };
-    let Ok((response, _)) =
-        attempt(transport, request, &Default::default(), &deadline, upstream).await
+    let Ok((response, _)) = attempt(
+        transport,
+        &mut Some(request),
+        &Default::default(),
+        &deadline,
+        upstream,
+    )
+    .await
     else {
         return false;
     };

@@ -13,7 +13,6 @@ use std::time::Instant;
 use http::uri::Scheme;
 use http::{HeaderValue, Uri};
 
-use super::Failed;
 use super::classify::Failure;
 use super::health::{Ejection, Health, State};
 use super::pool::Pool;
@@ -275,14 +274,14 @@ impl TargetSet {
     }
 
     /// Counts an attempt's outcome toward its target's passive health.
-    pub(super) fn observe<T>(&self, index: usize, outcome: &Result<T, Failed>, upstream: &str) {
+    pub(super) fn observe<T>(&self, index: usize, outcome: &Result<T, Failure>, upstream: &str) {
         if !self.ejection.enabled() {
             return;
         }
         let target = &self.targets[index];
         let failure = match outcome {
             Ok(_) => return target.health.success(),
-            Err((Failure::Upstream(kind), _)) => *kind,
+            Err(Failure::Upstream(kind)) => *kind,
             Err(_) => return,
         };
         if !matches!(

@@ -48,7 +48,9 @@ use crate::observability::RequestId;
 use crate::observability::access::AccessInfo;
 use crate::observability::log_throttle::upstream_failures;
 use crate::observability::request_id::X_REQUEST_ID;
-use timeouts::{Activity, Bounds, ClientTransport, Ended, GuardedIo, Refusal, TrackedBody};
+use timeouts::{
+    Activity, Bounds, ClientTransport, Ended, GuardedIo, InFlight, Refusal, TrackedBody,
+};
 use workers::Workers;
 
 /// hyper's read buffer never goes below this, so oversized heads still reach our own checks
@@ -450,23 +452,17 @@ where
     let peer_header = HeaderValue::from_maybe_shared(Bytes::from_owner(peer.ip().to_string()))
         .expect("an IP is a valid header value");
     let service = service_fn(move |request| {
-        let handler = handler.clone();
-        let peer_header = peer_header.clone();
         // Counted from here, not from when the handler runs: a request waiting on a slow
         // upstream is in flight, and the idle timer must not touch its connection.
         let in_flight = requests.request_started();
-        let http1 = request.version() < http::Version::HTTP_2;
-        async move {
-            let mut response = respond(&*handler, request, peer, peer_header, tls).await;
-            // Stopping: this is the connection's last request, and the client hears it now
-            // (the shutdown may reach hyper only after this head is written).
-            if http1 && in_flight.draining() {
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, in_flight)))
-        }
+        // The request's future is `respond`'s own, not one wrapping it: hyper moves it into
+        // its slot once, and nothing copies the request into an inner future first.
+        respond(
+            handler.clone(),
+            request,
+            (peer, peer_header.clone(), tls),
+            in_flight,
+        )
     });
     let connection = accepted
         .builder
@@ -604,14 +600,17 @@ fn in_box<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
 }
 
 /// Runs one request through `handler` inside its span, turning a panic into a 500 envelope,
-/// and stamps `X-Request-Id` on whatever comes back.
+/// stamps `X-Request-Id` on whatever comes back, and hands the response to hyper with its
+/// body tracked by the connection's timers (`in_flight`). The client is the connection's
+/// peer, its address as a header value (shared by the connection's requests), and whether it
+/// came over TLS.
 async fn respond<H: Handler>(
-    handler: &H,
+    handler: Arc<H>,
     request: Request<Incoming>,
-    peer: SocketAddr,
-    peer_header: HeaderValue,
-    tls: bool,
-) -> Response<ResponseBody> {
+    (peer, peer_header, tls): (SocketAddr, HeaderValue, bool),
+    in_flight: InFlight,
+) -> Result<Response<TrackedBody>, Infallible> {
+    let http1 = request.version() < http::Version::HTTP_2;
     // For the access log's latency: the TSC (quanta), not the system clock.
     let started = quanta::Instant::now();
     let ctx = RequestContext {
@@ -649,8 +648,9 @@ async fn respond<H: Handler>(
     response
         .headers_mut()
         .insert(&X_REQUEST_ID, ctx.request_id.header_value().clone());
-    let info = response.extensions_mut().remove::<AccessInfo>();
     if let Some((method, path)) = access {
+        // Taken only when logged: the handler adds it only then.
+        let info = response.extensions_mut().remove::<AccessInfo>();
         let info = info.as_ref();
         span.in_scope(|| {
             tracing::info!(
@@ -675,5 +675,12 @@ async fn respond<H: Handler>(
             )
         });
     }
-    response
+    // Stopping: this is the connection's last request, and the client hears it now (the
+    // shutdown may reach hyper only after this head is written).
+    if http1 && in_flight.draining() {
+        response
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    Ok(response.map(|body| TrackedBody::new(body, in_flight)))
 }
