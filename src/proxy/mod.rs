@@ -240,7 +240,7 @@ impl Upstream {
         self.slots.in_use()
     }
 
-    /// Forwards `request` and returns the upstream's response with its body streaming, or
+    /// Forwards `request` (taken from the caller once it passes the gates) and returns the upstream's response with its body streaming, or
     /// the failure the client gets instead.
     ///
     /// `client_body` is taken once the request passes this upstream's gates; a request that
@@ -249,7 +249,7 @@ impl Upstream {
     /// sent to, for the access log.
     pub async fn forward(
         &self,
-        mut request: Request<()>,
+        request: &mut Request<()>,
         client_body: &mut Option<Incoming>,
         how: Forward<'_>,
         sent_to: &mut Option<Arc<str>>,
@@ -271,9 +271,10 @@ impl Upstream {
 
         // The client's upgrade handle lives in the request's extensions: take it before the
         // request is taken apart.
-        let upgrade = upgrade::requested(&request)
-            .map(|protocol| (protocol, hyper::upgrade::on(&mut request)));
-        let (mut parts, ()) = request.into_parts();
+        let upgrade = upgrade::requested(request)
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut *request)));
+        // Taken from the caller's place only here: the head is copied with each move.
+        let (mut parts, ()) = std::mem::take(request).into_parts();
         let mut tried = Tried::default();
         let set = self.set.load_full();
         let index = (set.pick(&tried, &self.config.name))

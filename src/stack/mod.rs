@@ -62,11 +62,9 @@ struct Exchange<'s> {
     shared_keys: Option<&'s KeyStore>,
 }
 
-/// A request the pipeline let through, on its way to the route's target.
+/// What admitting a request found out, for its way to the route's target.
 struct Admitted<'s> {
     resolved: Resolved<'s>,
-    /// Without the credential, and with only the identity headers tollgate sets.
-    request: Request<()>,
     client: IpAddr,
 }
 
@@ -210,19 +208,21 @@ impl Gateway {
     }
 
     /// The steps of a request up to its target, in order: everything that may refuse it.
-    /// What is left is the request as the target gets it ([`Self::dispatch`]).
+    /// What is left in `request` is the request as the target gets it ([`Self::dispatch`]):
+    /// without the credential, and with only the identity headers tollgate sets. Borrowed,
+    /// not moved in and out: the head is copied with each move.
     async fn admit<'s>(
         &self,
         snapshot: &'s Snapshot,
-        mut request: Request<()>,
+        request: &mut Request<()>,
         ctx: &RequestContext,
         exchange: &mut Exchange<'s>,
     ) -> Result<Admitted<'s>, GatewayError> {
         let server = &snapshot.config.server;
         // Nothing about an oversized request is worth routing.
-        head_limits::check(&request, server)?;
+        head_limits::check(request, server)?;
         // Framing two parsers could read differently is refused, never forwarded.
-        framing::check(&request)?;
+        framing::check(request)?;
         // A blocked client IP is answered before any key is looked at (key guessing).
         let now = Instant::now();
         let client = client_ip(ctx.peer, request.headers(), &server.trusted_proxies);
@@ -230,12 +230,12 @@ impl Gateway {
         let limits = &snapshot.config.limits;
         self.guard.admit(client, now, limits, &snapshot.metrics)?;
         // Routed in normal form, so a path cannot reach a route the upstream would not serve.
-        let resolved = snapshot.router.resolve(&mut request)?;
+        let resolved = snapshot.router.resolve(request)?;
         exchange.labels.route = Some(resolved.route.index);
         resolved.route.check_method(request.method())?;
         // Who is asking, and may it use this route (401/403); a 401 counts against the IP.
         let identity =
-            self.authenticate(&request, resolved.route, client, now, snapshot, exchange)?;
+            self.authenticate(request, resolved.route, client, now, snapshot, exchange)?;
         // Only now is a bucket charged: 401/403 never cost a token.
         self.charge(
             identity.as_ref(),
@@ -247,7 +247,7 @@ impl Gateway {
         )
         .await?;
         // What the upstream may see: no credential, and only the identity tollgate vouches for.
-        crate::auth::strip_credentials(&mut request, &snapshot.config.auth);
+        crate::auth::strip_credentials(request, &snapshot.config.auth);
         headers::drop_underscored(
             request.headers_mut(),
             server.underscores_in_headers,
@@ -255,11 +255,7 @@ impl Gateway {
         );
         // The identity itself goes with the request to the upstream (see `headers::Added`).
         headers::strip_identity(request.headers_mut());
-        Ok(Admitted {
-            resolved,
-            request,
-            client,
-        })
+        Ok(Admitted { resolved, client })
     }
 
     /// The key of the request, checked against the route's `auth` and scopes; a 401 is
@@ -363,16 +359,13 @@ impl Gateway {
     async fn dispatch<'s>(
         &self,
         admitted: Admitted<'s>,
+        request: &mut Request<()>,
         body: &mut Option<Incoming>,
         ctx: &RequestContext,
         snapshot: &'s Snapshot,
         exchange: &mut Exchange<'s>,
     ) -> Result<Response<ResponseBody>, GatewayError> {
-        let Admitted {
-            resolved,
-            request,
-            client,
-        } = admitted;
+        let Admitted { resolved, client } = admitted;
         let route = resolved.route;
         let index = match &route.config.target {
             RouteTarget::Respond(fixed) => {
@@ -454,15 +447,23 @@ impl Handler for Gateway {
         let (head, incoming) = request.into_parts();
         let unread = UnreadBody::of(&head, &incoming);
         let mut body = Some(incoming);
+        let mut request = Request::from_parts(head, ());
         // Two awaits, not one inside the other: the forwarding state is made in place here,
         // where nesting it in the admission's would copy all of it (kilobytes) once made.
         let outcome = match self
-            .admit(&snapshot, Request::from_parts(head, ()), ctx, &mut exchange)
+            .admit(&snapshot, &mut request, ctx, &mut exchange)
             .await
         {
             Ok(admitted) => {
-                self.dispatch(admitted, &mut body, ctx, &snapshot, &mut exchange)
-                    .await
+                self.dispatch(
+                    admitted,
+                    &mut request,
+                    &mut body,
+                    ctx,
+                    &snapshot,
+                    &mut exchange,
+                )
+                .await
             }
             Err(error) => Err(error),
         };
