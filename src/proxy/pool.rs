@@ -236,12 +236,19 @@ impl Conn {
     /// Writes what is queued.
     fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         while self.queued() {
-            let slices = [
-                IoSlice::new(&self.out[self.out_at..]),
-                IoSlice::new(&self.data),
-                IoSlice::new(self.tail),
-            ];
-            let mut n = ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices))?;
+            let head = &self.out[self.out_at..];
+            // A head alone (most requests have no body) goes in a plain `write`: the kernel
+            // takes one buffer faster than a vector with empty entries.
+            let mut n = if self.data.is_empty() && self.tail.is_empty() {
+                ready!(Pin::new(&mut self.stream).poll_write(cx, head))?
+            } else {
+                let slices = [
+                    IoSlice::new(head),
+                    IoSlice::new(&self.data),
+                    IoSlice::new(self.tail),
+                ];
+                ready!(Pin::new(&mut self.stream).poll_write_vectored(cx, &slices))?
+            };
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
