@@ -240,8 +240,9 @@ impl Upstream {
         self.slots.in_use()
     }
 
-    /// Forwards `request` (taken from the caller once it passes the gates) and returns the upstream's response with its body streaming, or
-    /// the failure the client gets instead.
+    /// Forwards `request` (taken from the caller's place once it passes this upstream's gates)
+    /// and returns the upstream's response with its body streaming, or the failure the client
+    /// gets instead.
     ///
     /// `client_body` is taken once the request passes this upstream's gates; a request that
     /// never left tollgate (refused at a gate, or its connect failed) gives it back unread.

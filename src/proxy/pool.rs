@@ -483,8 +483,8 @@ impl PoolError {
 }
 
 /// A request on its way to the upstream. Callers keep it in a slot of their own
-/// (`&mut Option<Outgoing>`) and lend the slot down: the request is moved once, where it is
-/// written, and one that never left is put back there, not handed up through every layer.
+/// (`&mut Option<Outgoing>`) and lend the slot down: the request is taken out only where it
+/// is written, and one that never left is put back there, not handed up through every layer.
 pub type Outgoing = Request<RequestBody>;
 
 impl Pool {
