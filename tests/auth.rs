@@ -317,6 +317,38 @@ async fn a_bearer_key_among_several_authorization_lines_is_not_forwarded() {
     assert_eq!(h["x-tollgate-key-id"], "acme-prod");
 }
 
+/// An upgrade request goes through hyper-util's client, which writes the header map as it
+/// is: the credential fields are removed from it there, as the pool leaves them out.
+#[tokio::test]
+async fn the_credential_is_not_forwarded_with_an_upgrade_request_either() {
+    let (gw, _) = setup("", "", "").await;
+    let upgrade = [("Connection", "upgrade"), ("Upgrade", "websocket")];
+    let bearer = format!("Bearer {GOOD}");
+    for credential in [("X-API-Key", GOOD), ("Authorization", bearer.as_str())] {
+        let r = get(gw.addr, "/v1/x", &[upgrade[0], upgrade[1], credential]).await;
+        assert_eq!(r.status, 200, "{}", r.shown());
+        let h = &r.json()["headers"];
+        assert_eq!(h["upgrade"], "websocket", "sent as an upgrade");
+        assert!(!r.text().contains(GOOD), "key forwarded upstream");
+        assert!(h.get("x-api-key").is_none() && h.get("authorization").is_none());
+        assert_eq!(h["x-tollgate-key-id"], "acme-prod");
+    }
+    // Other schemes of `Authorization` are the upstream's.
+    let r = get(
+        gw.addr,
+        "/v1/x",
+        &[
+            upgrade[0],
+            upgrade[1],
+            ("Authorization", "Basic dXNlcjpwYXNz"),
+            ("X-API-Key", GOOD),
+        ],
+    )
+    .await;
+    assert_eq!(r.json()["headers"]["authorization"], "Basic dXNlcjpwYXNz");
+    assert!(!r.text().contains(GOOD), "key forwarded upstream");
+}
+
 /// Naming the identity headers in `Connection` (hop-by-hop, so removed by proxies) must not
 /// keep them from the upstream.
 #[tokio::test]

@@ -5,9 +5,10 @@
 use std::borrow::Cow;
 
 use http::header::AUTHORIZATION;
-use http::{HeaderMap, HeaderValue, Request, Uri};
+use http::{HeaderMap, Request, Uri};
 
 use crate::config::AuthConfig;
+pub use crate::config::credential::bearer_token;
 use crate::error::GatewayError;
 
 /// Where the credential was found.
@@ -93,20 +94,6 @@ pub fn extract<'a>(
     Ok(found)
 }
 
-/// The token of `Bearer <token>` (scheme case-insensitive), or `None` for other schemes.
-pub fn bearer_token(value: &[u8]) -> Option<&[u8]> {
-    let value = trim(value);
-    if value.len() < 6 || !value[..6].eq_ignore_ascii_case(b"bearer") {
-        return None;
-    }
-    let rest = &value[6..];
-    match rest.first() {
-        None => Some(rest),
-        Some(b' ' | b'\t') => Some(trim(rest)),
-        Some(_) => None,
-    }
-}
-
 fn trim(mut b: &[u8]) -> &[u8] {
     while let [first, rest @ ..] = b {
         if first.is_ascii_whitespace() {
@@ -172,32 +159,12 @@ fn hex(b: u8) -> Option<u8> {
     (b as char).to_digit(16).map(|d| d as u8)
 }
 
-/// Removes the credential before forwarding, unless `auth.forward_key`: the key header, a
-/// Bearer `Authorization`, and the query parameter.
-pub fn strip_credentials<B>(request: &mut Request<B>, auth: &AuthConfig) {
+/// Removes the query parameter credential before forwarding, unless `auth.forward_key`.
+/// Credential header fields stay in the map: the transport leaves them out as it writes the
+/// request ([`AuthConfig::is_credential`]).
+pub fn strip_query_credential<B>(request: &mut Request<B>, auth: &AuthConfig) {
     if auth.forward_key {
         return;
-    }
-    let headers = request.headers_mut();
-    headers.remove(&auth.header);
-    // Every Bearer line goes, wherever it is among the `Authorization` lines (the key may
-    // have come from any of them); other schemes are the upstream's business and stay.
-    if auth.bearer
-        && headers
-            .get_all(AUTHORIZATION)
-            .iter()
-            .any(|v| bearer_token(v.as_bytes()).is_some())
-    {
-        let kept: Vec<HeaderValue> = headers
-            .get_all(AUTHORIZATION)
-            .iter()
-            .filter(|v| bearer_token(v.as_bytes()).is_none())
-            .cloned()
-            .collect();
-        headers.remove(AUTHORIZATION);
-        for value in kept {
-            headers.append(AUTHORIZATION, value);
-        }
     }
     if let (Some(param), Some(query)) = (&auth.query_param, request.uri().query()) {
         // Only rebuild the URI when the parameter is actually there.

@@ -15,7 +15,7 @@ pub use expiry::WallClock;
 pub use key::{ApiKey, KeyDigest};
 pub use store::{KeyRecord, KeyStore};
 
-pub use extract::strip_credentials;
+pub use extract::strip_query_credential;
 use extract::{CredentialSource, Presented};
 use http::{HeaderMap, Uri};
 

@@ -10,6 +10,7 @@
 //! identifiers every floor above shares (plan name, key id, key digest, window), and [`tls`]
 //! loads the certificates `[server.tls]` names.
 
+pub mod credential;
 pub mod file;
 pub mod keys_edit;
 mod parse;

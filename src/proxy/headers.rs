@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ClientInfo;
 // The key's metadata, one field per entry: `X-Tollgate-Key-Meta-<Name>`.
+use crate::config::AuthConfig;
 use crate::config::KEY_META_HEADER_PREFIX as KEY_META_PREFIX;
 use crate::observability::RequestId;
 use crate::observability::request_id::X_REQUEST_ID;
@@ -68,6 +69,10 @@ pub fn strip_identity(headers: &mut HeaderMap) {
 /// (custom names are hashed byte by byte); other transports insert them
 /// ([`Added::insert_into`]). The client's copies are gone from the map by then
 /// ([`prepare_request`], [`strip_identity`]).
+///
+/// The client's credential fields are still in the map: a pooled connection leaves them out
+/// as it writes it ([`Added::withholds`]), and saves their hashed removal; other transports
+/// remove them first.
 #[derive(Debug, Clone, Default)]
 pub struct Added<'a> {
     forwarded_for: Option<Cow<'a, HeaderValue>>,
@@ -75,6 +80,8 @@ pub struct Added<'a> {
     forwarded_host: Option<HeaderValue>,
     request_id: Option<&'a HeaderValue>,
     identity: Option<IdentityHeaders<'a>>,
+    /// `[auth]`, whose credential fields are withheld; `None` with `auth.forward_key`.
+    credential: Option<&'a AuthConfig>,
 }
 
 impl<'a> Added<'a> {
@@ -97,8 +104,19 @@ impl<'a> Added<'a> {
         .chain(metadata.iter().map(|(name, value)| (name, value)))
     }
 
-    /// Inserts the fields into `headers`, for a transport that writes the map alone.
+    /// Whether the map's field `name: value` is left out of the request: a credential.
+    #[inline]
+    pub fn withholds(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        self.credential
+            .is_some_and(|auth| auth.is_credential(name, value))
+    }
+
+    /// Removes the credential fields from `headers` and inserts the added ones, for a
+    /// transport that writes the map alone.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
+        if let Some(auth) = self.credential {
+            auth.remove_credentials(headers);
+        }
         for (name, value) in self.fields() {
             headers.insert(name, value.clone());
         }
@@ -107,6 +125,12 @@ impl<'a> Added<'a> {
     /// The identity of the key the request authenticated with, if any.
     pub fn with_identity(mut self, identity: Option<IdentityHeaders<'a>>) -> Self {
         self.identity = identity;
+        self
+    }
+
+    /// Withholds the credential fields `auth` names (`None`: `auth.forward_key`).
+    pub fn with_credential(mut self, auth: Option<&'a AuthConfig>) -> Self {
+        self.credential = auth;
         self
     }
 }
@@ -292,6 +316,7 @@ pub fn prepare_request<'a>(
         forwarded_host,
         request_id: Some(request_id.header_value()),
         identity: None,
+        credential: None,
     }
 }
 

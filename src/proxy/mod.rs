@@ -120,6 +120,9 @@ pub struct Forward<'a> {
     pub request_id: &'a RequestId,
     /// The key the request authenticated with, for the upstream.
     pub identity: Option<headers::IdentityHeaders<'a>>,
+    /// `[auth]`, whose credential fields the upstream does not see; `None` with
+    /// `auth.forward_key`.
+    pub credential: Option<&'a crate::config::AuthConfig>,
     /// `server.max_body_bytes`, enforced while the body streams.
     pub max_body_bytes: u64,
     /// `server.body_read_timeout`: a body that stalls this long fails.
@@ -297,7 +300,8 @@ impl Upstream {
             parts.uri.authority(),
             from_h2,
         )
-        .with_identity(how.identity);
+        .with_identity(how.identity)
+        .with_credential(how.credential);
         if let Some((protocol, _)) = &upgrade {
             upgrade::restore_headers(&mut parts.headers, protocol.clone());
         }

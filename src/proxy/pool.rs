@@ -590,7 +590,12 @@ impl Pool {
         };
         let (mut parts, body) = outgoing.into_parts();
         let sending = wire::request_framing(&mut parts, &body);
-        wire::encode_head(&mut conn.out, &parts, added.fields());
+        wire::encode_head(
+            &mut conn.out,
+            &parts,
+            |name, value| added.withholds(name, value),
+            added.fields(),
+        );
         conn.sending = sending;
         conn.written = false;
         // What the last response left unacknowledged goes with this request's ACK: only a

@@ -83,11 +83,12 @@ pub fn request_framing(parts: &mut request::Parts, body: &RequestBody) -> Sendin
     Sending::Chunked
 }
 
-/// Writes a request head (origin-form target, HTTP/1.1) to `out`: the fields of its map,
-/// then `added`.
+/// Writes a request head (origin-form target, HTTP/1.1) to `out`: the fields of its map but
+/// those `withheld` says, then `added`.
 pub fn encode_head<'f>(
     out: &mut Vec<u8>,
     parts: &request::Parts,
+    withheld: impl Fn(&HeaderName, &HeaderValue) -> bool,
     added: impl Iterator<Item = (&'f HeaderName, &'f HeaderValue)>,
 ) {
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -106,7 +107,9 @@ pub fn encode_head<'f>(
         out.extend_from_slice(b"\r\n");
     };
     for (name, value) in &parts.headers {
-        field(name, value);
+        if !withheld(name, value) {
+            field(name, value);
+        }
     }
     for (name, value) in added {
         field(name, value);
@@ -679,6 +682,7 @@ mod tests {
     fn request_heads_are_written_in_origin_form_with_chunk_sizes_in_hex() {
         let (mut parts, _) = http::Request::post("http://up/a/b?c=d")
             .header("host", "up")
+            .header("x-withheld", "w")
             .header("x-two", "1")
             .header("x-two", "2")
             .body(())
@@ -690,7 +694,13 @@ mod tests {
             HeaderName::from_static("x-added"),
             HeaderValue::from_static("3"),
         );
-        encode_head(&mut out, &parts, std::iter::once((&added.0, &added.1)));
+        let withheld = |name: &HeaderName, _: &HeaderValue| name == "x-withheld";
+        encode_head(
+            &mut out,
+            &parts,
+            withheld,
+            std::iter::once((&added.0, &added.1)),
+        );
         assert_eq!(
             out,
             b"POST /a/b?c=d HTTP/1.1\r\nhost: up\r\nx-two: 1\r\nx-two: 2\r\nx-added: 3\r\n\r\n"

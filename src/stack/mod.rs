@@ -246,8 +246,9 @@ impl Gateway {
             exchange,
         )
         .await?;
-        // What the upstream may see: no credential, and only the identity tollgate vouches for.
-        crate::auth::strip_credentials(request, &snapshot.config.auth);
+        // What the upstream may see: no credential (the header fields are left out as the
+        // request is written, see `headers::Added`), and only the identity tollgate vouches for.
+        crate::auth::strip_query_credential(request, &snapshot.config.auth);
         headers::drop_underscored(
             request.headers_mut(),
             server.underscores_in_headers,
@@ -399,6 +400,7 @@ impl Gateway {
                     record.metadata_headers(),
                 )
             }),
+            credential: Some(&snapshot.config.auth).filter(|auth| !auth.forward_key),
             max_body_bytes: server.max_body_bytes,
             body_read_timeout: server.body_read_timeout,
             idle_timeout: server.idle_timeout,
