@@ -1,6 +1,7 @@
 //! [`Activity`]: what one connection's timers watch, written by its transport, its response
 //! bodies and the service, read by the driver; and [`InFlight`], one request's share of it.
 
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -24,6 +25,44 @@ pub(super) struct Waits {
     pub(super) since: Vec<u64>,
     /// Slots of bodies that ended, for the next ones.
     pub(super) free: Vec<usize>,
+}
+
+thread_local! {
+    /// While a connection's driver polls it ([`PollClock`]): `Some`, with the time once read.
+    static POLL_TIME: Cell<Option<Option<Instant>>> = const { Cell::new(None) };
+}
+
+/// One poll of a connection by its driver, in which the clock is read at most once: what an
+/// HTTP/1.1 connection tells its [`Activity`] in one poll (a head's first bytes read, a
+/// response handed over, its body polled, the request ended) happens within microseconds,
+/// and its timers count seconds. Outside a poll (HTTP/2 streams run in tasks of their own, a
+/// timer that fired) the clock is read each time.
+pub(super) struct PollClock(Option<Option<Instant>>);
+
+impl PollClock {
+    /// Until the guard drops, [`Activity`] reads the clock once.
+    pub(super) fn enter() -> Self {
+        Self(POLL_TIME.replace(Some(None)))
+    }
+
+    /// The time: the one read in this poll, or now.
+    fn now() -> Instant {
+        POLL_TIME.with(|time| match time.get() {
+            Some(Some(read)) => read,
+            Some(None) => {
+                let now = Instant::now();
+                time.set(Some(Some(now)));
+                now
+            }
+            None => Instant::now(),
+        })
+    }
+}
+
+impl Drop for PollClock {
+    fn drop(&mut self) {
+        POLL_TIME.set(self.0);
+    }
 }
 
 /// What one connection's timers watch. Times are nanoseconds since `epoch`.
@@ -94,7 +133,8 @@ impl Activity {
     }
 
     pub(super) fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        let since = PollClock::now().saturating_duration_since(self.epoch);
+        u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub(super) fn instant(&self, nanos: u64) -> Instant {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use super::activity::PollClock;
 use super::{Activity, Bounds, Expiry, LINGER};
 
 /// How a driven connection ended.
@@ -104,7 +105,10 @@ where
         }
         tokio::select! {
             biased;
-            ended = conn.as_mut() => return Ended::Finished(ended),
+            ended = std::future::poll_fn(|cx| {
+                let _clock = PollClock::enter();
+                conn.as_mut().poll(cx)
+            }) => return Ended::Finished(ended),
             () = std::future::poll_fn(|cx| activity.poll_changed(cx)) => {}
             () = std::future::poll_fn(|cx| {
                 if waiting && !timer.is_elapsed() {

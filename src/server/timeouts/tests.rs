@@ -172,3 +172,27 @@ async fn the_preface_decides_the_protocol_even_byte_by_byte() {
         assert_ne!(protocol, PROTOCOL_UNKNOWN);
     }
 }
+
+/// Within one poll of a connection the clock is read once: what happens in it is stamped
+/// with one time. Outside a poll, and in the next one, the time is read again.
+#[tokio::test]
+async fn within_one_poll_of_a_connection_the_clock_is_read_once() {
+    use super::activity::PollClock;
+    let activity = fresh();
+    let pause = || std::thread::sleep(Duration::from_millis(2));
+    let (first, second) = {
+        let _poll = PollClock::enter();
+        let first = activity.now();
+        pause();
+        (first, activity.now())
+    };
+    assert_eq!(first, second, "one read per poll");
+    pause();
+    let outside = activity.now();
+    assert!(outside >= second + 2_000_000, "read again outside a poll");
+    pause();
+    assert!(activity.now() >= outside + 2_000_000, "and each time");
+    let _poll = PollClock::enter();
+    let next = activity.now();
+    assert!(next >= outside + 2_000_000, "the next poll reads it again");
+}
