@@ -308,18 +308,22 @@ async fn discard(mut body: Incoming) -> bool {
 pub type CarriedBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
 
 /// The body of an upstream response: hyper's (hyper-util's client: https upstreams,
-/// upgrades), or one a plain-http pool's connection reads ([`CarriedBody`]).
+/// upgrades), one a plain-http pool's connection reads ([`CarriedBody`]), or one that pool
+/// read whole with the head ([`UpstreamBody::arrived`]).
 pub struct UpstreamBody(Upstream);
 
 enum Upstream {
     Hyper(Incoming),
     Carried(CarriedBody),
+    /// Read whole; `None` once polled.
+    Arrived(Option<Bytes>),
 }
 
 impl std::fmt::Debug for UpstreamBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamBody")
             .field("carried", &matches!(self.0, Upstream::Carried(_)))
+            .field("arrived", &matches!(self.0, Upstream::Arrived(_)))
             .finish()
     }
 }
@@ -335,6 +339,20 @@ impl UpstreamBody {
     /// A body a pooled connection reads.
     pub fn carried(body: CarriedBody) -> Self {
         Self(Upstream::Carried(body))
+    }
+
+    /// A body that arrived whole with its head, its connection already back in the pool.
+    pub fn arrived(body: Bytes) -> Self {
+        Self(Upstream::Arrived(Some(body)))
+    }
+
+    /// The body's bytes, when it arrived whole with its head ([`Self::arrived`]); else the
+    /// body as it was.
+    pub fn into_arrived(self) -> Result<Bytes, Self> {
+        match self.0 {
+            Upstream::Arrived(Some(body)) => Ok(body),
+            _ => Err(self),
+        }
     }
 
     /// Reads what has already arrived, without waiting: a body that arrived whole (a short
@@ -358,6 +376,7 @@ impl Body for UpstreamBody {
                 .poll_frame(cx)
                 .map(|frame| frame.map(|f| f.map_err(Into::into))),
             Upstream::Carried(body) => body.as_mut().poll_frame(cx),
+            Upstream::Arrived(body) => Poll::Ready(body.take().map(|b| Ok(Frame::data(b)))),
         }
     }
 
@@ -365,6 +384,7 @@ impl Body for UpstreamBody {
         match &self.0 {
             Upstream::Hyper(incoming) => incoming.is_end_stream(),
             Upstream::Carried(body) => body.is_end_stream(),
+            Upstream::Arrived(body) => body.is_none(),
         }
     }
 
@@ -372,6 +392,9 @@ impl Body for UpstreamBody {
         match &self.0 {
             Upstream::Hyper(incoming) => incoming.size_hint(),
             Upstream::Carried(body) => body.size_hint(),
+            Upstream::Arrived(body) => {
+                SizeHint::with_exact(body.as_ref().map_or(0, |b| b.len() as u64))
+            }
         }
     }
 }

@@ -494,10 +494,13 @@ impl Upstream {
             head.headers
                 .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
         }
-        Ok(Response::from_parts(
-            head,
-            ResponseBody::upstream(body, Some(permit), self.config.timeout),
-        ))
+        // A body that arrived whole with the head is sent as it is: the upstream is done with
+        // the request, so its `max_inflight` slot is free now, and there is no stall to time.
+        let body = match body.into_arrived() {
+            Ok(whole) => ResponseBody::full(whole),
+            Err(body) => ResponseBody::upstream(body, Some(permit), self.config.timeout),
+        };
+        Ok(Response::from_parts(head, body))
     }
 
     /// The path and query to request upstream: the upstream URL's base path, then the

@@ -30,15 +30,19 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Method, Request, Response};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+mod body;
+
+use body::PoolBody;
+
 use super::headers::Added;
 use super::quickack;
-use super::wire::{self, Decoded, Framing, Head, Sending, WireError};
-use crate::body::{BoxError, RequestBody, UpstreamBody};
+use super::wire::{self, Head, Sending, WireError};
+use crate::body::{RequestBody, UpstreamBody};
 use crate::server::workers;
 
 /// One upstream target's idle connections.
@@ -319,123 +323,6 @@ impl Conn {
     }
 }
 
-/// The body of a response on a pooled connection, which it carries: read from the socket as
-/// the client reads it, and parked again when it has ended.
-struct PoolBody {
-    conn: Option<Box<Conn>>,
-    framing: Framing,
-    keep_alive: bool,
-}
-
-impl PoolBody {
-    /// The body has been read whole: the connection goes back to the pool if it can carry
-    /// another request (the response allowed it, the request went whole, no byte is left
-    /// over, nobody retired it), else it closes.
-    fn finish(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        if !conn.sent() {
-            // The rest of the request may be there already (the body's end, above all).
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            let _ = conn.poll_upload(&mut cx);
-        }
-        if self.keep_alive
-            && conn.reusable
-            && conn.sent()
-            && conn.buf.is_empty()
-            && !conn.retired.load(Ordering::Relaxed)
-            && let Some(pool) = conn.pool.upgrade()
-        {
-            conn.shed();
-            pool.shard(conn.home).push(Parked {
-                conn,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    fn fail(&mut self, error: WireError) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.conn = None;
-        Poll::Ready(Some(Err(error.into())))
-    }
-}
-
-impl Body for PoolBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let Some(conn) = this.conn.as_mut() else {
-            return Poll::Ready(None);
-        };
-        // The request's body may still be on its way (an upstream that answers as it reads).
-        // A socket that fails to take it is left to the reads below to report.
-        if !conn.sent()
-            && let Poll::Ready(Err(error @ WireError::RequestBody(_))) = conn.poll_upload(cx)
-        {
-            return this.fail(error);
-        }
-        loop {
-            match this.framing.decode(&mut conn.buf) {
-                Ok(Decoded::Data(data)) => {
-                    if this.framing.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Ok(Decoded::Trailers(trailers)) => {
-                    this.finish();
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
-                }
-                Ok(Decoded::End) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Ok(Decoded::More) => match ready!(conn.poll_read(cx)) {
-                    // A body read to the close: its connection never has keep-alive.
-                    Ok(0) if this.framing == Framing::Close => {
-                        this.framing = Framing::Done;
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(0) => return this.fail(WireError::Closed),
-                    Ok(_) => {}
-                    Err(error) => return this.fail(error),
-                },
-                Err(error) => return this.fail(error),
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.conn.is_none() || self.framing.is_done()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Done => SizeHint::with_exact(0),
-            Framing::Length(left) => SizeHint::with_exact(left),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
-impl Drop for PoolBody {
-    fn drop(&mut self) {
-        // A body that ended without being polled to its end (an empty one, which hyper never
-        // polls): its connection is released all the same. One dropped before its end
-        // closes.
-        if self.framing.is_done() {
-            self.finish();
-        }
-    }
-}
-
 struct Parked {
     conn: Box<Conn>,
     since: Instant,
@@ -628,11 +515,16 @@ impl Pool {
         .await;
         match head {
             Ok(head) => {
-                let mut response = Response::new(UpstreamBody::carried(Box::pin(PoolBody {
+                let mut body = PoolBody {
                     conn: Some(conn),
                     framing: head.framing,
                     keep_alive: head.keep_alive,
-                })));
+                };
+                let body = match body.arrived_whole() {
+                    Some(whole) => UpstreamBody::arrived(whole),
+                    None => UpstreamBody::carried(Box::pin(body)),
+                };
+                let mut response = Response::new(body);
                 *response.status_mut() = head.status;
                 *response.version_mut() = head.version;
                 *response.headers_mut() = head.headers;
@@ -698,6 +590,7 @@ impl Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::wire::{Decoded, Framing};
     use http_body_util::BodyExt;
     use hyper_util::rt::TokioIo;
     use std::sync::atomic::AtomicUsize;
@@ -764,10 +657,10 @@ mod tests {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
         for _ in 0..3 {
-            let (response, _) = send(&pool, get("/")).await.expect("a response");
+            let (response, _) = send(&pool, get("/big")).await.expect("a response");
             assert_eq!(pool.len(), 0, "checked out while its body is unread");
             let body = response.into_body().collect().await.unwrap().to_bytes();
-            assert_eq!(&body[..], b"ok");
+            assert_eq!(body.len(), 1 << 20);
             assert_eq!(pool.len(), 1, "parked once the body has ended");
         }
         assert_eq!(
@@ -777,12 +670,34 @@ mod tests {
         );
 
         // Two at once: two connections, both parked afterwards.
-        let (a, _) = send(&pool, get("/")).await.unwrap();
-        let (b, _) = send(&pool, get("/")).await.unwrap();
+        let (a, _) = send(&pool, get("/big")).await.unwrap();
+        let (b, _) = send(&pool, get("/big")).await.unwrap();
         let _ = a.into_body().collect().await.unwrap();
         let _ = b.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 2);
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A body that came whole with its head is taken off the connection at once, and the
+    /// connection is parked before the response is handed on: the next request can have it
+    /// while this one's body is still on its way to the client.
+    #[tokio::test]
+    async fn a_body_that_arrived_with_its_head_frees_its_connection_at_once() {
+        let (addr, accepted) = upstream().await;
+        let pool = pool(addr);
+        let (first, _) = send(&pool, get("/")).await.unwrap();
+        assert_eq!(pool.len(), 1, "parked with the head");
+        let (second, _) = send(&pool, get("/")).await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the second took it");
+        for response in [first, second] {
+            assert_eq!(response.body().size_hint().exact(), Some(2));
+            let body = response.into_body().into_arrived().expect("arrived whole");
+            assert_eq!(&body[..], b"ok");
+        }
+        // A body longer than what came with the head is read through the connection.
+        let (big, _) = send(&pool, get("/big")).await.unwrap();
+        assert_eq!(pool.len(), 0);
+        assert!(big.into_body().into_arrived().is_err());
     }
 
     #[tokio::test]
@@ -841,13 +756,22 @@ mod tests {
     async fn a_retired_connection_is_not_parked() {
         let (addr, accepted) = upstream().await;
         let pool = pool(addr);
-        let (response, retire) = send(&pool, get("/")).await.unwrap();
+        let (response, retire) = send(&pool, get("/big")).await.unwrap();
         retire.retire();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(pool.len(), 0);
         let (response, _) = send(&pool, get("/")).await.unwrap();
         let _ = response.into_body().collect().await.unwrap();
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
+
+        // Retired after it was parked with its head (a body that came whole): never used
+        // again either.
+        let (_, retire) = send(&pool, get("/")).await.unwrap();
+        assert_eq!(pool.len(), 1);
+        retire.retire();
+        let (response, _) = send(&pool, get("/")).await.unwrap();
+        let _ = response.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 3, "a new connection");
     }
 
     #[tokio::test]
