@@ -10,8 +10,8 @@ use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::ClientInfo;
-// The key's metadata, one field per entry: `X-Tollgate-Key-Meta-<Name>`.
 use crate::config::AuthConfig;
+// The key's metadata, one field per entry: `X-Tollgate-Key-Meta-<Name>`.
 use crate::config::KEY_META_HEADER_PREFIX as KEY_META_PREFIX;
 use crate::observability::RequestId;
 use crate::observability::request_id::X_REQUEST_ID;
