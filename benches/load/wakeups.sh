@@ -50,9 +50,7 @@ start() { # gateway: starts it, its pid in $pid
     pid=$!
     PIDS+=("$pid")
 }
-load() { # port seconds
-    taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -d"$2s" -s "$HERE/keys.lua" "http://127.0.0.1:$1/v1/bench"
-}
+WRK=(taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -s "$HERE/keys.lua")
 switches() { awk -F, '$3 == "context-switches" {print $1}' "$1"; }
 
 printf 'gateway\tround\trequests\tupstream cs/req\twrk cs/req\n'
@@ -64,12 +62,12 @@ for round in $(seq "$ROUNDS"); do
             curl -s -o /dev/null "http://127.0.0.1:${PORT[$gateway]}/" && break
             sleep 0.1
         done
-        load "${PORT[$gateway]}" 1 >/dev/null
+        url="http://127.0.0.1:${PORT[$gateway]}/v1/bench"
+        "${WRK[@]}" -d1s "$url" >/dev/null
         perf stat -x, -e context-switches -p "$UPSTREAM" -o "$WORK/up.txt" -- sleep "$SECS" &
         perf_pid=$!
         json=$(perf stat -x, -e context-switches -o "$WORK/wrk.txt" -- \
-            taskset -c "$GEN_CPU" wrk -t1 -c"$CONNS" -d"${SECS}s" -s "$HERE/keys.lua" \
-            "http://127.0.0.1:${PORT[$gateway]}/v1/bench" | grep '^{')
+            "${WRK[@]}" -d"${SECS}s" "$url" | grep '^{')
         wait "$perf_pid"
         kill "$pid"
         wait "$pid" 2>/dev/null || true

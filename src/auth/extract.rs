@@ -76,7 +76,7 @@ pub fn extract<'a>(
             }
         } else if *name == config.header {
             offer(
-                Cow::Borrowed(trim(value.as_bytes())),
+                Cow::Borrowed(value.as_bytes().trim_ascii()),
                 CredentialSource::Header,
             )?;
         }
@@ -92,24 +92,6 @@ pub fn extract<'a>(
         }
     }
     Ok(found)
-}
-
-fn trim(mut b: &[u8]) -> &[u8] {
-    while let [first, rest @ ..] = b {
-        if first.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    while let [rest @ .., last] = b {
-        if last.is_ascii_whitespace() {
-            b = rest;
-        } else {
-            break;
-        }
-    }
-    b
 }
 
 /// `a=1&b=2` as raw (undecoded) name/value pairs.

@@ -56,7 +56,7 @@ impl PoolBody {
     pub(super) fn arrived_whole(&mut self) -> Option<Bytes> {
         let conn = self.conn.as_mut()?;
         match self.framing {
-            Framing::Length(len) if len > 0 && conn.buf.len() as u64 >= len && conn.sent() => {}
+            Framing::Length(len) if conn.buf.len() as u64 >= len && conn.sent() => {}
             _ => return None,
         }
         let Ok(Decoded::Data(data)) = self.framing.decode(&mut conn.buf) else {
