@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # User-space instructions per request of one or more tollgate builds, counted by callgrind
 # under compare.sh's load (1000 keys rotated, keep-alive, every request charged and proxied to
-# tollgate-bench-upstream; or, with PASS=limited, every request over its limit: the 429 path).
+# tollgate-bench-upstream; or, with PASS=limited, every request over its limit: the 429 path;
+# PASS=keyed, a fixed route answered by tollgate itself, the keys as before; PASS=public, that
+# route with `auth = false` and no key sent).
 #
 # Instruction counts repeat to within a fraction of a per cent whatever else the machine is
 # doing, where wall-clock CPU figures on a shared VM drift 2x; on VMs where `perf stat` has no
@@ -12,7 +14,7 @@
 # Usage (from anywhere; needs valgrind, wrk, python3):
 #   benches/load/instructions.sh [TOLLGATE...]      default: the release build
 #   copy each build's target/release/tollgate aside first (the path is reused by every build).
-# Knobs (environment): SECS=15 CONNS=16 PASS=proxied|limited
+# Knobs (environment): SECS=15 CONNS=16 PASS=proxied|limited|keyed|public
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -34,9 +36,17 @@ WORK=$(mktemp -d /tmp/tollgate-instructions.XXXXXX)
 cp "$HERE/tollgate.toml" "$HERE/tollgate-keys.toml" "$WORK/"
 # Ports of their own, so a compare.sh run beside this one is not measured instead.
 sed -i 's/127.0.0.1:8080/127.0.0.1:18080/; s/127.0.0.1:9901/127.0.0.1:19901/; s/127.0.0.1:3000/127.0.0.1:13000/' "$WORK/tollgate.toml"
-if [[ $PASS == limited ]]; then
-    sed -i '/BENCH_RPM/s/= [0-9]*/= 1/' "$WORK/tollgate.toml"
-fi
+case $PASS in
+    limited) sed -i '/BENCH_RPM/s/= [0-9]*/= 1/' "$WORK/tollgate.toml" ;;
+    keyed | public)
+        # Everything up to the upstreams, then one route that answers itself.
+        sed -i '/^\[\[upstreams\]\]/,$d' "$WORK/tollgate.toml"
+        printf '[[routes]]\nprefix = "/"\nauth = %s\nrespond = { status = 200, body = "ok" }\n' \
+            "$([[ $PASS == public ]] && echo false || echo true)" >>"$WORK/tollgate.toml"
+        ;;
+esac
+# A public route still checks a key that is sent: its load sends none.
+export NO_KEY=$([[ $PASS == public ]] && echo 1 || echo 0)
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
