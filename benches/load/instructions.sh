@@ -46,7 +46,8 @@ case $PASS in
         ;;
 esac
 # A public route still checks a key that is sent: its load sends none.
-export NO_KEY=$([[ $PASS == public ]] && echo 1 || echo 0)
+NO_KEY=$([[ $PASS == public ]] && echo 1 || echo 0)
+export NO_KEY
 PIDS=()
 cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done

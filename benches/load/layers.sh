@@ -143,7 +143,7 @@ for round in $(seq "$ROUNDS"); do
         if [ "$SWITCHES" = 1 ]; then
             perf stat -x, -e context-switches -p "$UPSTREAM" -o "$WORK/up.txt" -- sleep "$SECS" &
             perf_pid=$!
-            counted=(perf stat -x, -e context-switches -o "$WORK/wrk.txt" --)
+            counted=(perf stat "-x," -e context-switches -o "$WORK/wrk.txt" --)
         fi
         before=$(ticks "$serving")
         json=$("${counted[@]}" "${wrk[@]}" -d"${SECS}s" "$url" | grep '^{')
