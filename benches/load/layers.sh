@@ -56,10 +56,10 @@ HYPER=$TARGET/release/tollgate-bench-upstream
 WORK=$(mktemp -d /tmp/tollgate-layers.XXXXXX)
 mkdir -p "$WORK/tmp" "$WORK/logs"
 cp "$HERE"/{tollgate.toml,tollgate-keys.toml,nginx.conf,keys.nginx.map,haproxy.cfg,keys.haproxy.map} "$WORK/"
-# The fixed routes: compare.sh's config up to its upstreams, then one route answering itself.
+# The fixed routes: compare.sh's config up to its upstreams, then fixed-route.toml.
 fixed_route() { # auth (true|false) -> the config on stdout
     sed '/^\[\[upstreams\]\]/,$d' "$HERE/tollgate.toml"
-    printf '[[routes]]\nprefix = "/"\nauth = %s\nrespond = { status = 200, body = "ok" }\n' "$1"
+    sed "s/^auth = true$/auth = $1/" "$HERE/fixed-route.toml"
 }
 fixed_route false >"$WORK/public.toml"
 fixed_route true >"$WORK/keyed.toml"
